@@ -77,3 +77,119 @@ def test_save_grid(tmp_path):
     assert grid.shape == (14, 16, 3)
     assert (grid[2:6, 2:7] == 0).all() and (grid[2:6, 9:14] == 255).all() and (grid[8:12, 2:7] == 128).all()
     assert (grid[0:2] == 0).all() and (grid[8:12, 9:14] == 0).all()  # padding and the empty slot
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+def _png(path, pil):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+    return path
+
+
+def _level(v):
+    """The [-1, 1] value of the 8-bit level v."""
+    return v / 127.5 - 1
+
+
+def test_image_folder_modes_and_corrupt_files(tmp_path):
+    root = tmp_path / "imgs"
+    _png(root / "b_cls" / "0_gray.png", Image.new("L", (8, 8), 100))
+    _png(root / "b_cls" / "1_rgba.png", Image.new("RGBA", (8, 8), (255, 0, 0, 128)))
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal.save(root / "b_cls" / "2_palette.png", transparency=1)  # index 1 (green) is transparent
+    _png(root / "b_cls" / "3_cmyk.tif", Image.new("CMYK", (8, 8), (0, 255, 255, 0)))
+    _png(root / "b_cls" / "4_gray16.png", Image.fromarray(np.full((8, 8), 257 * 40, np.uint16)))
+    good = _png(root / "a_cls" / "0.png", Image.new("RGB", (8, 8), (10, 20, 30)))
+    (root / "a_cls" / "1_truncated.png").write_bytes(good.read_bytes()[:40])
+    (root / "a_cls" / "2_not_an_image.JPEG").write_bytes(b"hello")
+    _png(root / "a_cls" / "3.png", Image.new("RGB", (8, 8), (200, 150, 100)))
+    (root / "a_cls" / "notes.txt").write_text("not an image extension: ignored")
+
+    ds = data.ImageFolder(root, 8, augment="center", flip=False)
+    assert ds.classes == ["a_cls", "b_cls"] and len(ds) == 9
+    with pytest.warns(UserWarning, match="unreadable image") as record:
+        items = [ds[i] for i in range(len(ds))]
+    assert len([w for w in record if "unreadable" in str(w.message)]) == 1 and ds.skipped == 2
+    assert all(x.shape == (3, 8, 8) for x, _ in items)
+    assert [y for _, y in items] == [0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+    def rgb(i, y=4, x=4):
+        return items[i][0][:, y, x]
+    expect = torch.tensor
+    assert torch.allclose(rgb(0), _level(expect([10., 20, 30])))
+    # both unreadable files are replaced by the next readable one, index 3
+    assert torch.equal(items[1][0], items[3][0]) and torch.equal(items[2][0], items[3][0])
+    assert torch.allclose(rgb(3), _level(expect([200., 150, 100])))
+    assert torch.allclose(rgb(4), _level(expect([100., 100, 100])))  # grayscale -> 3 equal channels
+    # red at alpha 128/255 over white: 255 in red, 255 * 127/255 = 127 in green and blue (+-1 rounding)
+    assert torch.allclose(rgb(5), _level(expect([255., 127, 127])), atol=1.01 / 127.5)
+    assert torch.allclose(rgb(6, 0, 0), _level(expect([0., 0, 255])))  # opaque palette entry
+    assert torch.allclose(rgb(6), _level(expect([255., 255, 255])))  # transparent entry -> white
+    assert torch.allclose(rgb(7), _level(expect([255., 0, 0])))  # CMYK (0, 255, 255, 0) is red
+    assert torch.allclose(rgb(8), _level(expect([40., 40, 40])))  # 16-bit 257 * 40 -> 40, not clipped
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(data.UserError, match="does not exist"):
+        data.ImageFolder(tmp_path / "nowhere", 8)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(data.UserError, match="no images"):
+        data.ImageFolder(tmp_path / "empty", 8)
+    _png(tmp_path / "flat" / "x.png", Image.new("RGB", (8, 8)))
+    with pytest.raises(data.UserError, match="one sub-folder per class"):
+        data.ImageFolder(tmp_path / "flat", 8)
+    with pytest.raises(data.UserError, match="synthetic:N"):
+        data.image_dataset("synthetic:lots", 8)
+    assert len(data.image_dataset("synthetic:7", 8)) == 7 and len(data.image_dataset("synthetic", 8)) == 10000
+
+
+def test_center_crop_geometry():
+    # 512 x 256: red | green | blue bands at x < 128, 128 <= x < 384, x >= 384. To 64 px: BOX-halve twice
+    # (shorter side 256 -> 128 -> 64, both >= 2 * 64 before halving), then keep the central 64 of 128
+    # columns = original columns 128..383, the green band exactly.
+    a = np.zeros((256, 512, 3), np.uint8)
+    a[:, :128, 0], a[:, 128:384, 1], a[:, 384:, 2] = 255, 255, 255
+    out = np.asarray(data.center_crop_arr(Image.fromarray(a), 64))
+    assert out.shape == (64, 64, 3) and (out == [0, 255, 0]).all()
+    # 200 x 300 (portrait), markers: halve once to 100 x 150 (200 >= 128, 100 < 128), bicubic to 64 x 96,
+    # keep rows 16..79 of 96 = original rows 50..249: a row band at y in [50, 250) survives whole
+    a = np.zeros((300, 200, 3), np.uint8)
+    a[50:250] = 255
+    out = np.asarray(data.center_crop_arr(Image.fromarray(a), 64)).astype(int)
+    assert out.shape == (64, 64, 3)
+    assert (out[2:-2] == 255).all() and out.min() >= 200  # only bicubic ringing at the cut edges
+    # already the right size: untouched
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(data.center_crop_arr(img, 32)), np.asarray(img))
+
+
+def test_random_resize_crop():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    first = [np.asarray(data.random_resize_crop(img, 32)) for _ in range(8)]
+    torch.manual_seed(0)
+    again = [np.asarray(data.random_resize_crop(img, 32)) for _ in range(8)]
+    assert all(o.shape == (32, 32, 3) for o in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # torch's RNG governs it
+    assert len({o.tobytes() for o in first}) > 4  # and it does vary
+    # max_scale 1 on a square image of the final size: no resize, the only crop is the image itself
+    sq = img.crop((0, 0, 32, 32))
+    assert np.array_equal(np.asarray(data.random_resize_crop(sq, 32, max_scale=1.0)), np.asarray(sq))
+
+
+def test_ten_crop_geometry():
+    # a 7 x 7 image whose pixel value is its index y * 7 + x; crops of 4: corners at offsets 0 and 3,
+    # centre at round(1.5) = 2; the second five are the same crops of the mirror image
+    x = torch.arange(49.).view(7, 7).expand(3, 7, 7)
+    v = data.code_views(x, 4, ten_crop=True)
+    assert v.shape == (10, 3, 4, 4)
+    mirror = x.flip(-1)
+    for k, (y0, x0) in enumerate([(0, 0), (0, 3), (3, 0), (3, 3), (2, 2)]):
+        assert torch.equal(v[k], x[:, y0:y0 + 4, x0:x0 + 4])
+        assert torch.equal(v[5 + k], mirror[:, y0:y0 + 4, x0:x0 + 4])
+    assert v[0, 0, 0, 0] == 0 and v[5, 0, 0, 0] == 6 and v[3, 0, 3, 3] == 48  # spot checks by hand
+    two = data.code_views(x[:, :4, :4], 4)
+    assert two.shape == (2, 3, 4, 4) and torch.equal(two[1], two[0].flip(-1)) and two[1, 0, 0, 0] == 3
