@@ -1,7 +1,15 @@
 """data.py: the synthetic dataset, image folders and the ADM crop, code extraction and its reader."""
+import dataclasses
+import json
+import os
+import pickle
+import socket
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -38,19 +46,20 @@ def test_synthetic_shape_range_labels(size):
         ds[30]
 
 
-def _bright_colour_histogram(x):
-    """4x4x4 RGB histogram of the pixels brighter than the darkest foreground, normalised."""
-    rgb = ((x + 1) * 127.5).permute(1, 2, 0).reshape(-1, 3)
-    fg = rgb[rgb.max(1).values > 120]
-    bins = (fg // 64).long().clamp(max=3)
-    h = torch.bincount(bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2], minlength=64).float()
-    return h / h.sum().clamp(min=1)
+def _bright_colour_histograms(x):
+    """[B, 3, H, W] -> [B, 64]: 4x4x4 RGB histograms of the pixels brighter than any background, normalised."""
+    rgb = ((x + 1) * 127.5).permute(0, 2, 3, 1).reshape(len(x), -1, 3)
+    bins = (rgb // 64).long().clamp(max=3)
+    cell = bins[..., 0] * 16 + bins[..., 1] * 4 + bins[..., 2] + 64 * torch.arange(len(x))[:, None]
+    bright = rgb.amax(-1) > 120
+    h = torch.bincount(cell[bright], minlength=64 * len(x)).view(len(x), 64).float()
+    return h / h.sum(1, keepdim=True).clamp(min=1)
 
 
 def test_synthetic_classes_separable_by_nearest_class_mean():
     """A nearest-class-mean classifier on colour histograms of 300 images labels 200 held-out ones."""
     ds = SyntheticShapes(500, 32, seed=3)
-    feats = torch.stack([_bright_colour_histogram(ds[i][0]) for i in range(500)])
+    feats = _bright_colour_histograms(torch.stack([ds[i][0] for i in range(500)]))
     labels = torch.arange(500) % 10
     means = torch.stack([feats[:300][labels[:300] == c].mean(0) for c in range(10)])
     pred = torch.cdist(feats[300:], means).argmin(1)
@@ -193,3 +202,142 @@ def test_ten_crop_geometry():
     assert v[0, 0, 0, 0] == 0 and v[5, 0, 0, 0] == 6 and v[3, 0, 3, 3] == 48  # spot checks by hand
     two = data.code_views(x[:, :4, :4], 4)
     assert two.shape == (2, 3, 4, 4) and torch.equal(two[1], two[0].flip(-1)) and two[1, 0, 0, 0] == 3
+
+
+# ---------------------------------------------------------------------------------------------- code extraction
+
+class HashTokenizer(torch.nn.Module):
+    """A stand-in with VQModel's interface (encode, config.codebook_size, weights): each 4x4 patch's
+    mean colour hashed over the whole codebook, so codes above 32767 exercise the uint16 round trip.
+    Counts the images it encodes, to see what a resumed extraction recomputes."""
+
+    def __init__(self, codebook_size=65536, salt=0.0):
+        super().__init__()
+        self.config = SimpleNamespace(codebook_size=codebook_size)
+        self.mix = torch.nn.Parameter(torch.tensor([7919.0, 104729.0, 31.0 + salt]), requires_grad=False)
+        self.encoded = 0
+
+    def encode(self, images):
+        self.encoded += len(images)
+        q = ((F.avg_pool2d(images, 4) + 1) * 127.5).round().long()
+        return (q * self.mix.long()[None, :, None, None]).sum(1) % self.config.codebook_size
+
+
+def _expected_codes(vq, n, size, ten_crop=False, crop=None):
+    ds = SyntheticShapes(n, crop or size)
+    return torch.stack([vq.encode(data.code_views(ds[i][0], size, ten_crop)).flatten(1) for i in range(n)])
+
+
+@pytest.mark.parametrize("vocab,dtype", [(65536, np.uint16), (70000, np.int32)])
+def test_extract_codes_and_reader(tmp_path, vocab, dtype):
+    vq = HashTokenizer(vocab)
+    meta = data.extract_codes(vq, "synthetic:10", tmp_path / "c", image_size=16, batch_size=4)
+    codes, labels = np.load(tmp_path / "c" / "codes.npy"), np.load(tmp_path / "c" / "labels.npy")
+    want = _expected_codes(vq, 10, 16)
+    assert codes.dtype == dtype and codes.shape == (10, 2, 16) and labels.dtype == np.int16
+    assert want.max() > 32767 and torch.equal(torch.from_numpy(codes.astype(np.int64)), want)
+    assert labels.tolist() == [i % 10 for i in range(10)]
+    assert meta == json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert (meta["vocab_size"], meta["grid"], meta["n_aug"], meta["count"]) == (vocab, [4, 4], 2, 10)
+    assert meta["tokenizer_checksum"] == data.tokenizer_checksum(vq) != data.tokenizer_checksum(HashTokenizer(vocab, 1))
+    assert not (tmp_path / "c" / "parts").exists()
+
+    ds = data.CodesDataset(tmp_path / "c", vocab_size=vocab, grid=4, tokenizer_checksum=meta["tokenizer_checksum"])
+    ds = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives: a path, not the data
+    torch.manual_seed(0)
+    seen = set()
+    for i in range(10):
+        for _ in range(6):
+            c, y = ds[i]
+            assert c.dtype == torch.int64 and c.shape == (16,) and y.dtype == torch.int64 and y == i % 10
+            view = [k for k in range(2) if torch.equal(c, want[i, k])]
+            assert view, "a code row that the tokenizer did not produce"
+            seen.add(view[0])
+    assert seen == {0, 1}  # both the image and its mirror are drawn
+
+
+def test_extract_ten_crop_codes(tmp_path):
+    """Ten crops of the int(16 * 1.25) = 20 px centre crop; view 4 (the centre) is pixels 2..17."""
+    vq = HashTokenizer()
+    meta = data.extract_codes(vq, "synthetic:4", tmp_path, image_size=16, ten_crop=True, crop_range=1.25, batch_size=3)
+    codes = torch.from_numpy(np.load(tmp_path / "codes.npy").astype(np.int64))
+    assert meta["n_aug"] == 10 and codes.shape == (4, 10, 16)
+    assert torch.equal(codes, _expected_codes(vq, 4, 16, ten_crop=True, crop=20))
+    x = SyntheticShapes(4, 20)[1][0]
+    assert torch.equal(codes[1, 4], vq.encode(x[None, :, 2:18, 2:18]).flatten())
+    assert torch.equal(codes[1, 5], vq.encode(x.flip(-1)[None, :, :16, :16]).flatten())
+
+
+def test_extract_resumes_after_interruption(tmp_path):
+    data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "full", image_size=16, batch_size=3)
+    assert data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", 16, batch_size=3, max_batches=2) is None
+    assert json.loads((tmp_path / "cut" / "parts" / "progress-0-of-1.json").read_text())["done"] == 6
+    with pytest.raises(data.UserError, match="did not finish"):
+        data.CodesDataset(tmp_path / "cut")
+    with pytest.raises(data.UserError, match="unfinished extraction with other settings"):
+        data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", image_size=32, batch_size=3)
+    vq = HashTokenizer()
+    data.extract_codes(vq, "synthetic:10", tmp_path / "cut", image_size=16, batch_size=3)
+    assert vq.encoded == 1 + 4 * 2  # the grid probe, then only the 4 missing images x 2 views
+    for name in ("codes.npy", "labels.npy", "meta.json"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    vq = HashTokenizer()
+    data.extract_codes(vq, "synthetic:10", tmp_path / "cut", image_size=16, batch_size=3)
+    assert vq.encoded == 1  # finished: nothing recomputed
+    with pytest.raises(data.UserError, match="tokenizer_checksum"):
+        data.extract_codes(HashTokenizer(salt=1), "synthetic:10", tmp_path / "cut", image_size=16)
+
+
+def test_codes_dataset_errors(tmp_path):
+    vq = HashTokenizer()
+    data.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
+    with pytest.raises(data.UserError, match="vocab size 65536, but 16384"):
+        data.CodesDataset(tmp_path / "c", vocab_size=16384)
+    with pytest.raises(data.UserError, match=r"token grid \[4, 4\], but \[16, 16\]"):
+        data.CodesDataset(tmp_path / "c", grid=16)
+    with pytest.raises(data.UserError, match="re-extract"):
+        data.CodesDataset(tmp_path / "c", tokenizer_checksum=data.tokenizer_checksum(HashTokenizer(salt=1)))
+    assert len(data.CodesDataset(tmp_path / "c", 65536, (4, 4), data.tokenizer_checksum(vq))) == 3
+    with pytest.raises(data.UserError, match="does not exist"):
+        data.CodesDataset(tmp_path / "nowhere")
+    with pytest.raises(data.UserError, match="holds no codes"):
+        data.CodesDataset(tmp_path)
+
+
+def _extract_as_rank(rank, out, port):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    data.extract_codes(HashTokenizer(), "synthetic:9", out, image_size=16, batch_size=2)
+
+
+def test_extract_two_processes_equal_one(tmp_path):
+    """torch.distributed (gloo): 2 ranks each encode a shard (rows 0-3 and 4-8) into one identical folder."""
+    data.extract_codes(HashTokenizer(), "synthetic:9", tmp_path / "one", image_size=16, batch_size=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_extract_as_rank, args=(str(tmp_path / "two"), port), nprocs=2)
+    for name in ("codes.npy", "labels.npy", "meta.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert not (tmp_path / "two" / "parts").exists()
+
+
+def test_extract_with_the_real_tokenizer(tmp_path):
+    """The CLI on a saved random tiny VQModel: codes equal VQModel.encode of each view; the checksum is
+    that of the weights, whichever file holds them."""
+    import tokenizer
+    from common import save_atomic
+    torch.manual_seed(0)
+    cfg = tokenizer.vq_config("VQ-tiny")
+    vq = tokenizer.VQModel(cfg).eval()
+    save_atomic({"model": vq.state_dict(), "config": dataclasses.asdict(cfg), "kind": "vq"}, tmp_path / "vq.pt")
+    data.main(["extract", "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:5", "--out",
+               str(tmp_path / "c"), "--image-size", "16", "--batch-size", "1", "--num-workers", "0", "--device", "cpu"])
+    down = 16 // cfg.downsample
+    ds = data.CodesDataset(tmp_path / "c", cfg.codebook_size, down, data.tokenizer_checksum(vq))
+    codes = torch.from_numpy(np.load(tmp_path / "c" / "codes.npy").astype(np.int64))
+    with torch.no_grad():
+        want = _expected_codes(vq, 5, 16)
+    assert codes.shape == (5, 2, down * down) and torch.equal(codes, want)
+    assert ds.meta["vocab_size"] == cfg.codebook_size and ds.meta["labels_dtype"] == "int16"
