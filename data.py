@@ -1,10 +1,13 @@
 """Images in, codes out: the embedded synthetic dataset, image folders, and code extraction.
 
-Read top to bottom: a PNG grid writer every script shares; SyntheticShapes, ten classes of coloured shapes
-drawn on the fly so every command runs with nothing downloaded; (then image folders with the ADM centre
-crop, and the extraction of tokenizer codes that the GPT trains on).
+Read top to bottom: the picture helpers every script shares (PNG grids); SyntheticShapes, ten classes of
+coloured shapes drawn on the fly so every command runs with nothing downloaded; image folders in the
+ImageNet layout with the ADM centre crop and the tokenizer's random crop (REFERENCE 2, 6); then the
+extraction of tokenizer codes that the GPT trains on, and CodesDataset that reads them back.
 
-    python data.py preview --out shapes.png      # a grid of synthetic examples, one row per class
+    python data.py preview --out shapes.png                                   # synthetic examples by class
+    python data.py extract --vq-ckpt vq_ds16_c2i.pt --data /imagenet/train --out codes/in256 --ten-crop
+    torchrun --nproc_per_node 8 data.py extract ...                           # the same, sharded over 8 GPUs
 """
 import argparse
 import hashlib
@@ -24,7 +27,7 @@ from common import UserError, cli, pick_device, save_file_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------
-# PNG grids: the one picture writer used by sample.py, the demo and the previews below
+# Pictures: tensors <-> PIL, and the one PNG grid writer used by sample.py, the demo and the previews below
 
 def pil_to_tensor(pil):
     """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
@@ -152,7 +155,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __init__(self, num_images, image_size=64, seed=0):
         if num_images < 1 or image_size < 8:
-            raise UserError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, got {num_images}, {image_size}")
+            raise UserError(f"SyntheticShapes needs num_images >= 1 and image_size >= 8, "
+                            f"got {num_images} and {image_size}")
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
 
     def __len__(self):
@@ -232,8 +236,8 @@ class ImageFolder(torch.utils.data.Dataset):
     synsets are. Item -> (image float32 [3, image_size, image_size] in [-1, 1], label int).
 
     augment: "center" (the ADM centre crop) or "random_resize_crop" (the tokenizer's); flip: a random
-    horizontal flip with probability 1/2. Files are only opened when read, so a folder of a million images
-    is indexed in seconds; a file that cannot be decoded (corrupt, truncated, not an image) is replaced by
+    horizontal flip with probability 1/2. Indexing lists file names only; images are decoded when read, and
+    a file that cannot be decoded (corrupt, truncated, not an image) is replaced by
     the next readable index, counted in `.skipped` (per process: each DataLoader worker keeps its own) and
     reported by one warning per process, so a bad file costs one substitute image, never a crashed run."""
 
@@ -303,7 +307,8 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = spec.partition(":")[2] or "10000"
         if not n.isdigit() or int(n) < 1:
-            raise UserError(f"--data {spec!r}: write synthetic:N with N a positive number of images, e.g. synthetic:5000")
+            raise UserError(f"--data {spec!r}: write synthetic:N with N a positive number of images, "
+                            "e.g. synthetic:5000")
         return SyntheticShapes(int(n), image_size, seed)
     return ImageFolder(spec, image_size, augment, flip)
 
@@ -381,6 +386,7 @@ def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1,
 
 
 def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_workers, device, max_batches):
+    data, out = str(data), str(out)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     crop = int(image_size * crop_range) if ten_crop else image_size
     base = image_dataset(data, crop, augment="center", flip=False)
@@ -391,7 +397,8 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
     codes_dtype = np.uint16 if vocab <= 2 ** 16 else np.int32  # 16,384 codes: 2 bytes each, not 8
     labels_dtype = np.int16 if base.num_classes <= 2 ** 15 else np.int64
     meta = dict(vocab_size=vocab, grid=grid, image_size=image_size, n_aug=n_aug, count=n,
-                tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop, crop_range=crop_range if ten_crop else None,
+                tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop,
+                crop_range=crop_range if ten_crop else None,
                 codes_dtype=np.dtype(codes_dtype).name, labels_dtype=np.dtype(labels_dtype).name,
                 data=data if isinstance(base, SyntheticShapes) else os.path.abspath(data),
                 num_classes=base.num_classes, classes=list(base.classes))
@@ -405,6 +412,7 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
             raise UserError(f"{out} already holds finished codes with {key}={found.get(key)!r} (this run: "
                             f"{meta[key]!r}); choose another --out or delete {out}")
         if rank == 0:
+            shutil.rmtree(parts, ignore_errors=True)  # left over if a run stopped right after meta.json
             print(f"{out} already holds these codes; nothing to do")
         return meta
     tag = f"{rank}-of-{world}"
@@ -427,17 +435,19 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
     if done < hi - lo:
         os.makedirs(parts, exist_ok=True)
         mode = "r+" if done else "w+"
-        codes = np.lib.format.open_memmap(os.path.join(parts, f"codes-{tag}.npy"), mode, codes_dtype, (hi - lo, n_aug, length))
+        codes = np.lib.format.open_memmap(os.path.join(parts, f"codes-{tag}.npy"), mode, codes_dtype,
+                                          (hi - lo, n_aug, length))
         labels = np.lib.format.open_memmap(os.path.join(parts, f"labels-{tag}.npy"), mode, labels_dtype, (hi - lo,))
         rows = torch.utils.data.Subset(_Views(base, image_size, ten_crop), range(lo + done, hi))
-        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers)
-        bar = tqdm(total=hi - lo, initial=done, unit="img", desc=f"codes {data}", disable=rank != 0)
+        loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers,
+                                             pin_memory=str(device).startswith("cuda"))
+        bar = tqdm(total=hi - lo, initial=done, unit="img", desc="codes", disable=rank != 0)
         for b, (views, y) in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 bar.close()
                 return None
-            with torch.no_grad():
-                c = vq.encode(views.flatten(0, 1).to(device)).view(len(y), n_aug, length)
+            with torch.no_grad():  # fp32: under bf16 a near-tie between two codes could flip
+                c = vq.encode(views.flatten(0, 1).to(device, non_blocking=True)).view(len(y), n_aug, length)
             codes[done:done + len(y)] = c.cpu().numpy().astype(codes_dtype)
             labels[done:done + len(y)] = y.numpy().astype(labels_dtype)
             codes.flush()
@@ -492,7 +502,8 @@ class CodesDataset(torch.utils.data.Dataset):
             raise UserError(f"codes folder {folder!r} does not exist; make it with {fix}")
         if not os.path.exists(os.path.join(folder, "meta.json")):
             if os.path.isdir(os.path.join(folder, "parts")):
-                raise UserError(f"the code extraction into {folder!r} did not finish; rerun the same extract command to resume it")
+                raise UserError(f"the code extraction into {folder!r} did not finish; "
+                                "rerun the same extract command to resume it")
             raise UserError(f"{folder!r} holds no codes (no meta.json); make them with {fix}")
         with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)

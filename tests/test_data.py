@@ -270,7 +270,8 @@ def test_extract_ten_crop_codes(tmp_path):
 
 def test_extract_resumes_after_interruption(tmp_path):
     data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "full", image_size=16, batch_size=3)
-    assert data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", 16, batch_size=3, max_batches=2) is None
+    cut = data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", 16, batch_size=3, max_batches=2)
+    assert cut is None
     assert json.loads((tmp_path / "cut" / "parts" / "progress-0-of-1.json").read_text())["done"] == 6
     with pytest.raises(data.UserError, match="did not finish"):
         data.CodesDataset(tmp_path / "cut")
