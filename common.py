@@ -105,6 +105,9 @@ def save_file_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
