@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import UserError, cli, pick_device, save_file_atomic
-from data import make_grid, save_grid
+from data import make_grid, save_grid, tokenizer_checksum
 from model import GPT
 from tokenizer import VQModel
 
@@ -135,7 +135,35 @@ def load_models(gpt_path, vq_path, image_size=None):
     if gpt.config.vocab_size != vq.config.codebook_size:
         raise UserError(f"the GPT {gpt_path} predicts {gpt.config.vocab_size} codes but the tokenizer "
                         f"{vq_path} has {vq.config.codebook_size}: pass the tokenizer the GPT was trained with")
+    meta = training_meta(gpt_path)
+    if meta.get("image_size") and meta.get("grid"):
+        trained, grid = meta["grid"][0], meta["image_size"] // ds  # this tokenizer's grid at that size
+        if grid != trained:
+            raise UserError(f"the GPT {gpt_path} learned {trained}x{trained} grids of {meta['image_size']} px "
+                            f"images, but the tokenizer {vq_path} cuts them into {grid}x{grid}: pass the "
+                            "tokenizer the GPT was trained with")
+        if image_size is not None and image_size // ds != trained:
+            raise UserError(f"--image-size {image_size} means {image_size // ds}x{image_size // ds} tokens, but "
+                            f"the GPT {gpt_path} learned {trained}x{trained}: drop --image-size or use "
+                            f"{trained * ds}")
+    if meta.get("tokenizer_checksum") and meta["tokenizer_checksum"] != tokenizer_checksum(vq):
+        raise UserError(f"the GPT {gpt_path} was trained on the codes of another tokenizer than {vq_path} "
+                        "(weights checksum differs): pass the tokenizer its codes were extracted with")
     return gpt, vq, gpt_path, vq_path
+
+
+def training_meta(path):
+    """The receipt train.py keeps in our GPT checkpoints: vocab, grid, image size and weights checksum of
+    the tokenizer whose codes it learned (official files have none). Read with mmap, so the weights are
+    not loaded a second time. from_pretrained has already read the file; mmap needs torch's zip format
+    (torch >= 1.6), and files older than that carry no receipt anyway."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def check_writable(path):
@@ -157,7 +185,8 @@ def pictures(args, gpt, vq, sample_kw):
     """One row per class (rows of 8 for a single class), batches seeded by (seed, batch index)."""
     labels = [c for c in args.classes for _ in range(args.n)]
     L = gpt.config.block_size
-    steps = sorted({math.ceil(k * L / args.progress_frames) for k in range(1, min(args.progress_frames, L) + 1)})
+    frames = min(args.progress_frames, L)
+    steps = [math.ceil(k * L / frames) for k in range(1, frames + 1)]  # tokens written at each frame
     images, shots = [], []
     for b in range(0, len(labels), args.batch_size):
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b // args.batch_size))
