@@ -1,0 +1,544 @@
+"""FID, sFID, Inception Score, precision and recall: the ADM evaluator's numbers, in PyTorch.
+
+    python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz       # IS, FID, sFID, precision, recall
+    python fid.py reference.npz --save-stats reference_stats.npz    # cache statistics for later runs
+
+The paper's ImageNet metrics (paper 3.2) come from ADM's TensorFlow evaluator, which runs the 2015-12-05
+Inception-v3 graph. Below is that graph written out in PyTorch, loading the standard port of its weights
+(pt_inception-2015-12-05-6726825d.pth, the file pytorch-fid uses) unchanged, then the metrics computed from
+its features the way ADM computes them. Inputs: an .npz with uint8 N x H x W x 3 images under `arr_0` (the
+ADM sample format), a folder of images, a statistics .npz (ADM's reference batches, or our --save-stats),
+or, from Python, arrays, tensors or an iterable of batches.
+"""
+import argparse
+import math
+import os
+import re
+import sys
+import urllib.parse
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_file_atomic, unwrap_state_dict
+
+WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+# -----------------------------------------------------------------------------------------------------------
+# The network: Inception-v3 as frozen in the 2015-12-05 TensorFlow graph. Module and parameter names follow
+# torchvision's Inception3, which is what the standard weight file's keys were written from.
+
+
+class BasicConv2d(nn.Module):
+    """Convolution without bias, batch norm, ReLU: every conv of the graph. eps 0.001 is the graph's own."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def tf_avg_pool(x):
+    # TensorFlow's 'SAME' average pool divides each window by the number of real pixels under it; PyTorch by
+    # default also counts the zero padding, which dims every border pixel. count_include_pad=False is TF's rule.
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):  # 35x35 blocks: TF mixed, mixed_1, mixed_2
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):  # 35 -> 17 reduction: TF mixed_3
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), b3, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionC(nn.Module):  # 17x17 blocks with factorised 7x7 convolutions: TF mixed_4 .. mixed_7
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            d = conv(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(tf_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):  # 17 -> 8 reduction: TF mixed_8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b3 = self.branch3x3_2(self.branch3x3_1(x))
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):  # 8x8 blocks with split 1x3 / 3x1 outputs: TF mixed_9, mixed_10
+    def __init__(self, cin, pool):
+        super().__init__()
+        self.pool = pool
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
+        # The 2015 graph's last block (mixed_10) pools with a 3x3 MAX pool where the paper and the other
+        # blocks average: a quirk of that graph, kept because the reference statistics were made with it.
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == "max" else tf_avg_pool(x)
+        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
+
+
+class FIDInception(nn.Module):
+    """The FID Inception-v3. forward(images in [0, 1], N x 3 x H x W, any size) returns the three feature
+    sets the metrics use: pool (N x 2048), logits (N x 1008) and spatial (N x 2023)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, c7=128)
+        self.Mixed_6c = InceptionC(768, c7=160)
+        self.Mixed_6d = InceptionC(768, c7=160)
+        self.Mixed_6e = InceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, pool="avg")
+        self.Mixed_7c = InceptionE(2048, pool="max")
+        # 1008 outputs, not 1000: the 2015 graph's classifier has 1008 rows (the 1000 ImageNet classes plus
+        # unused padding entries of its label map). IS is taken over all of them, as ADM does.
+        self.fc = nn.Linear(2048, 1008)
+
+    def logits(self, pool):
+        # ADM takes the graph's softmax/logits/MatMul, i.e. pool_3 times the weights BEFORE the bias is added;
+        # the bias is loaded (the file has it) but IS never uses it.
+        return pool @ self.fc.weight.T
+
+    def forward(self, x):
+        # The standard port's input convention: bilinear resize to 299 (align_corners False, no antialias),
+        # then [0, 1] -> [-1, 1]. TF's own resize differs slightly, a known tiny gap of every PyTorch port.
+        x = resize299(x) * 2 - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        # sFID's features are TF's 'mixed_6/conv': the 1x1 branch of Mixed_6d (conv+BN+ReLU), first 7 of its
+        # 192 channels, 17x17 -> 2023 numbers, flattened in TF's N H W C order so that mu_s / sigma_s of the ADM
+        # reference batches line up coordinate by coordinate. (The branch is a 1x1 conv: recomputing it here
+        # costs ~1% of the forward.)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7].permute(0, 2, 3, 1).flatten(1)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
+        pool = x.mean((2, 3))  # TF 'pool_3': the 8x8 average, 2048-d
+        return {"pool": pool, "logits": self.logits(pool), "spatial": spatial}
+
+    @classmethod
+    def from_pretrained(cls, path=None):
+        """The net with the standard weights: the file at `path`, else the cached or downloaded one."""
+        sd = unwrap_state_dict(load_checkpoint(path or download_weights()))
+        net = cls()
+        # BatchNorm's num_batches_tracked counts training steps and is never read at evaluation; a file
+        # written before torch 0.4.1 lacks it, so absent counters are filled in. Every real weight stays strict.
+        for k, v in net.state_dict().items():
+            if k.endswith("num_batches_tracked"):
+                sd.setdefault(k, v)
+        load_weights(net, sd, "Inception", hint=f"expected the FID Inception file {os.path.basename(WEIGHTS_URL)}")
+        return net.eval().requires_grad_(False)
+
+
+def resize299(x):
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+def download_weights(url=WEIGHTS_URL, cache_dir=None):
+    """Path of the weight file in torch's hub cache (where pytorch-fid keeps it too), downloaded if absent.
+    The file name carries the first digits of its SHA-256, which the download checks."""
+    cache_dir = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    dst = os.path.join(cache_dir, name)
+    if os.path.isfile(dst):
+        return dst
+    sha = re.search(r"-([a-f0-9]+)\.", name)
+    print(f"downloading the FID Inception weights to {dst}", file=sys.stderr)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.hub.download_url_to_file(url, dst, hash_prefix=sha.group(1) if sha else None)
+    except Exception as e:  # offline, proxy, disk full, checksum mismatch
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot download {name} ({reason}); fetch {url} by hand and pass --inception PATH "
+                        f"or place it at {dst}") from None
+    return dst
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Inputs -> batches of float images in [0, 1], N x 3 x H x W
+
+
+def to_float_images(batch, what="images"):
+    """A uint8 N x H x W x 3 array/tensor (ADM's format) or a float N x 3 x H x W tensor in [0, 1]."""
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not torch.is_tensor(batch):
+        raise UserError(f"{what}: expected an array or tensor of images, got {type(batch).__name__}")
+    if batch.dtype == torch.uint8:
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise UserError(f"{what}: uint8 images must be N x H x W x 3, got shape {tuple(batch.shape)}")
+        return batch.permute(0, 3, 1, 2).float().div(255)
+    if batch.is_floating_point():
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise UserError(f"{what}: float images must be N x 3 x H x W in [0, 1], got shape {tuple(batch.shape)}")
+        return batch.float()
+    raise UserError(f"{what}: images must be uint8 (N x H x W x 3) or float in [0, 1] (N x 3 x H x W), "
+                    f"got {batch.dtype}")
+
+
+def _npz_images(path, batch_size):
+    """(count, batches) of arr_0, streamed from the zip member: 50k ImageNet samples are ~10 GB in memory."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read {path!r} as an .npz file ({e}); check the file") from None
+    if "arr_0.npy" not in z.namelist():
+        z.close()
+        raise UserError(f"{path!r} has no 'arr_0' array; save samples with np.savez(path, uint8_nhwc_images)")
+    f = z.open("arr_0.npy")
+    version = np.lib.format.read_magic(f)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    shape, fortran, dtype = read_header.get(version, np.lib.format.read_array_header_2_0)(f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        raise UserError(f"{path!r}: arr_0 must hold uint8 images N x H x W x 3 (ADM's format), "
+                        f"found {dtype} {tuple(shape)}")
+    per_image = int(np.prod(shape[1:]))
+
+    def batches():
+        with z, f:
+            for start in range(0, shape[0], batch_size):
+                n = min(batch_size, shape[0] - start)
+                data = f.read(n * per_image)
+                if len(data) != n * per_image:
+                    raise UserError(f"{path!r} is truncated at image {start}; re-save it")
+                yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
+
+    return shape[0], batches()
+
+
+def _folder_images(path, batch_size):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+    def batches():
+        for start in range(0, len(files), batch_size):
+            imgs = [np.asarray(Image.open(p).convert("RGB")) for p in files[start:start + batch_size]]
+            if len({im.shape for im in imgs}) == 1:
+                yield np.stack(imgs)
+            else:  # mixed sizes cannot be stacked; the net resizes each to 299 anyway, so do that first
+                yield torch.cat([resize299(to_float_images(im[None])) for im in imgs])
+
+    return len(files), batches()
+
+
+def image_batches(source, batch_size):
+    """(count or None, iterator of image batches) for a path (.npz or folder), one array/tensor holding all
+    images, or an iterable of such batches (for example a decoder's outputs, streamed)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            return _folder_images(path, batch_size)
+        if not os.path.isfile(path):
+            raise UserError(f"{path!r} does not exist; give an .npz of samples or a folder of images")
+        if not path.endswith(".npz"):
+            raise UserError(f"{path!r} is neither an .npz file nor a folder of images")
+        return _npz_images(path, batch_size)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return len(source), (source[i:i + batch_size] for i in range(0, len(source), batch_size))
+    return None, iter(source)
+
+
+def compute_features(net, source, batch_size=64, device="cpu", progress=True):
+    """Inception features of every image in `source`: a dict of float32 numpy arrays pool (N x 2048),
+    logits (N x 1008) and spatial (N x 2023), from one pass through the net."""
+    return batch_features(net, *image_batches(source, batch_size), device, progress)
+
+
+@torch.inference_mode()
+def batch_features(net, count, batches, device="cpu", progress=True):
+    net = net.to(device).eval()
+    out = {"pool": [], "logits": [], "spatial": []}
+    bar = tqdm(total=count, unit="img", desc="Inception features", disable=not progress)
+    # cuDNN would run these fp32 convolutions in TF32 on recent GPUs; the reference numbers are full fp32.
+    with bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        for batch in batches:
+            x = to_float_images(batch).to(device)
+            for k, v in net(x).items():
+                out[k].append(v.float().cpu().numpy())
+            bar.update(len(x))
+    if not out["pool"]:
+        raise UserError("no images found in the input")
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def statistics(features):
+    """Mean and covariance (float64) of N x D features: the Gaussian that FID fits to a set of images."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise UserError(f"need at least 2 feature vectors for a covariance, got shape {features.shape}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2):
+        |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr( (sigma1 sigma2)^(1/2) ).
+    On pool_3 features this is FID (paper 3.2; on the 2023-d spatial features, sFID): lower is better, 0 for
+    identical statistics, no upper bound, in squared Inception-feature units. ImageNet 256 (50k samples vs
+    ADM's reference): BigGAN ~7, LlamaGen-B 5.46, LlamaGen-3B 2.18; rFID of VQ-16 2.19 against the val set.
+
+    The square-root trace is computed from the symmetric form tr((s1^(1/2) sigma2 s1^(1/2))^(1/2)), which has
+    the same eigenvalues as sigma1 sigma2, with two symmetric eigendecompositions. ADM (and pytorch-fid) run
+    scipy's general sqrtm on the non-symmetric product instead; it returns complex round-off and fails on
+    singular products, hence their eps * I retry. Here both matrices are positive semi-definite, so the
+    eigenvalues are real and >= 0 up to round-off; zeroing that round-off makes rank-deficient covariances
+    (fewer images than dimensions) exact with no eps, and it is ~6x faster at 2048-d. Equal to
+    ADM's value up to rounding (tests/test_fid.py)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise UserError(f"statistics do not match: means {mu1.shape} vs {mu2.shape}, covariances "
+                        f"{sigma1.shape} vs {sigma2.shape}; compare features of the same kind")
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(_drop_round_off(w))) @ v.T
+    m = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(_drop_round_off(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _drop_round_off(eigenvalues):
+    # A symmetric eigensolver's error is ~ n * machine eps * the largest eigenvalue; anything below that is a
+    # zero (or a negative) made of round-off. Its square root would add sqrt(round-off) ~ 1e-8 per eigenvalue.
+    floor = len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(initial=0.0), 0.0)
+    return np.where(eigenvalues > floor, eigenvalues, 0.0)
+
+
+def sfid(spatial1, spatial2):
+    """sFID (Nash et al. 2021, used in paper 3.2): FID on the 2023-d mixed_6/conv spatial features, which keep
+    where things are in the image and so also penalise wrong layouts. Same units as FID; lower is better."""
+    return frechet_distance(*statistics(spatial1), *statistics(spatial2))
+
+
+def rfid(reconstructions, originals, net, batch_size=64, device="cpu"):
+    """rFID of a tokenizer (paper 3.1): FID of its reconstructions against the very images it encoded (for
+    ImageNet, the 50k val crops, not ADM's reference batch). VQ-16: 2.19. Either argument is anything
+    compute_features accepts."""
+    a = compute_features(net, reconstructions, batch_size, device)["pool"]
+    b = compute_features(net, originals, batch_size, device)["pool"]
+    return frechet_distance(*statistics(a), *statistics(b))
+
+
+def inception_score(logits, split_size=5000):
+    """Inception Score exp(E_x KL(p(y|x) || p(y))): high when each image is confidently one class and the
+    classes are diverse. Between 1 (every prediction identical) and the number of classes (1008). Computed
+    over splits of 5000 as ADM does (10 splits for the standard 50k samples); returns (mean, std) over splits.
+    ImageNet 256 with CFG: LlamaGen-B 193.61, LlamaGen-3B 263.33 (paper Table 6)."""
+    logits = np.asarray(logits, np.float64)
+    scores = []
+    for start in range(0, len(logits), split_size):
+        part = logits[start:start + split_size]
+        log_p = part - _logsumexp(part, axis=1)  # log p(y|x), in log space so one-hot predictions stay exact
+        log_marginal = _logsumexp(log_p, axis=0) - math.log(len(part))  # log p(y)
+        kl = (np.exp(log_p) * (log_p - log_marginal)).sum(1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _logsumexp(x, axis):
+    top = x.max(axis=axis, keepdims=True)
+    return top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))
+
+
+def _squared_distances(a, b):
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min_(0)
+
+
+def _rows_per_block(n_cols, block_rows):
+    return block_rows or max(1, (1 << 26) // max(n_cols, 1))  # 2^26 floats: a 256 MB distance block
+
+
+def manifold_radii(features, k=3, block_rows=None):
+    """Squared distance from each feature vector to its k-th nearest neighbour in the same set (itself
+    excluded): the radius of its ball in the k-NN estimate of the set's manifold."""
+    n = len(features)
+    if n <= k:
+        raise UserError(f"precision/recall need more than k={k} images per set, got {n}")
+    rows = _rows_per_block(n, block_rows)
+    # the (k+1)-th smallest: the smallest is the point to itself, as in ADM (duplicates count as neighbours)
+    return torch.cat([_squared_distances(features[i:i + rows], features).topk(k + 1, dim=1, largest=False)
+                      .values[:, k] for i in range(0, n, rows)])
+
+
+def precision_recall(real, fake, k=3, block_rows=None, device="cpu"):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) on pool_3 features, as ADM computes them.
+    precision: share of generated images inside the real images' manifold (a union of k-NN balls), i.e.
+    fidelity; recall: share of real images inside the generated manifold, i.e. coverage/diversity. Both in
+    [0, 1], higher is better. ImageNet 256 vs ADM's 10k reference: LlamaGen-B 0.83 / 0.45, LlamaGen-3B 0.81 / 0.58.
+    Distances are computed in row blocks (at most ~256 MB each), so 50k x 10k fits in memory. ADM uses float16
+    distances where they are finite; these are float32, so a point on a ball's very edge may land differently."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
+    r_real, r_fake = manifold_radii(real, k, block_rows), manifold_radii(fake, k, block_rows)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
+    rows = _rows_per_block(len(real), block_rows)
+    for i in range(0, len(fake), rows):
+        d = _squared_distances(fake[i:i + rows], real)  # block of fake rows x all real columns
+        fake_in[i:i + rows] = (d <= r_real[None]).any(1)
+        real_in |= (d <= r_fake[i:i + rows, None]).any(0)
+    return fake_in.float().mean().item(), real_in.float().mean().item()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Statistics files and the command line
+
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool")  # ADM's reference-batch names, plus our pool features
+
+
+def load_input(path, get_net, batch_size, device):
+    """Everything the metrics need from one CLI argument, as a dict with some of mu, sigma, mu_s, sigma_s,
+    pool: from images (an .npz with arr_0, or a folder), from precomputed statistics, or both. An ADM
+    reference batch has both: its stored mu/sigma (over the whole train set) are used as they are, and its
+    arr_0 images give the pool features for precision/recall."""
+    found = {}
+    if os.path.isfile(path) and path.endswith(".npz"):
+        try:
+            with np.load(path) as npz:
+                found = {k: npz[k] for k in STAT_KEYS if k in npz.files}
+                has_images = "arr_0" in npz.files
+        except Exception as e:
+            raise UserError(f"cannot read {path!r} as an .npz file ({e}); check the file") from None
+        if not has_images and "mu" not in found:
+            raise UserError(f"{path!r} holds neither images ('arr_0') nor statistics ('mu', 'sigma'); "
+                            f"give an ADM sample/reference .npz or one written by --save-stats")
+        if "mu" in found and "sigma" not in found:
+            raise UserError(f"{path!r} has 'mu' but no 'sigma'; re-create the statistics file")
+        if not has_images:
+            return found
+    count, batches = image_batches(path, batch_size)  # a bad input fails here, before the weights load
+    feats = batch_features(get_net(), count, batches, device)
+    stats = dict(zip(("mu", "sigma"), statistics(feats["pool"])))
+    stats.update(zip(("mu_s", "sigma_s"), statistics(feats["spatial"])))
+    return {**stats, **found, "pool": feats["pool"]}  # stored statistics win over recomputed ones
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="generated images: .npz with uint8 N x H x W x 3 'arr_0', a folder of "
+                   "images, or a statistics .npz")
+    p.add_argument("reference", nargs="?", help="reference: ADM batch such as VIRTUAL_imagenet256_labeled.npz "
+                   "(its stored statistics are used), images, or a statistics .npz; omit it with --save-stats "
+                   "to only cache the statistics of the first argument")
+    p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch's hub cache, "
+                   "downloaded there when missing)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64, ADM's)")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="write the first argument's mu, sigma, mu_s, "
+                   "sigma_s and pool features here, reusable in place of its images")
+    args = p.parse_args()
+    if args.reference is None and not args.save_stats:
+        raise UserError("give a reference to compare against, or --save-stats OUT.npz to cache statistics")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    net = None
+
+    def get_net():  # loaded only when some input needs it: two statistics files need no Inception at all
+        nonlocal net
+        net = net or FIDInception.from_pretrained(args.inception)
+        return net
+
+    samples = load_input(args.samples, get_net, args.batch_size, device)
+    if args.save_stats:
+        save_file_atomic(args.save_stats, lambda f: np.savez(f, **samples))
+        print(f"statistics of {args.samples} saved to {args.save_stats}")
+    if args.reference is None:
+        return
+    ref = load_input(args.reference, get_net, args.batch_size, device)
+    if "pool" in samples:
+        logits = get_net().logits(torch.from_numpy(samples["pool"]).float()).numpy()
+        print("Inception Score: %.4f (std %.4f over splits)" % inception_score(logits))
+    print(f"FID: {frechet_distance(samples['mu'], samples['sigma'], ref['mu'], ref['sigma']):.4f}")
+    if "mu_s" in samples and "mu_s" in ref:
+        print(f"sFID: {frechet_distance(samples['mu_s'], samples['sigma_s'], ref['mu_s'], ref['sigma_s']):.4f}")
+    if "pool" in samples and "pool" in ref:
+        precision, recall = precision_recall(ref["pool"], samples["pool"], device=device)
+        print(f"Precision: {precision:.4f}\nRecall: {recall:.4f}")
+    else:
+        print("Precision/Recall: skipped (needs images or pool features on both sides)")
+
+
+if __name__ == "__main__":
+    cli(main)
