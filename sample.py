@@ -44,9 +44,9 @@ DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's Im
 # ----------------------------------------------------------------------------------------------------------
 # Sampling: codes from the GPT, pixels from the tokenizer
 
-def to_uint8(images):
+def to_pixels(images):
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] by the official rule clamp(127.5 x + 128), truncated:
-    the exact pixels the published FIDs were computed on."""
+    the exact pixels the published FIDs were computed on (data.to_uint8 differs only on exact .5 ties)."""
     return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -66,21 +66,18 @@ def decode(vq, codes, resize_to=None, block_size=None):
     if resize_to and resize_to != x.shape[-1]:
         # as the official evaluation of the 384 px models: bicubic on the float image, then quantised
         x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
-    return to_uint8(x)
+    return to_pixels(x)
 
 
 @torch.no_grad()
 def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                  generator=None, resize_to=None, snapshots=None):
+                  generator=None, resize_to=None, callback=None):
     """Images of the classes `labels` (list or int64 tensor [B]) as uint8 [B, H, W, 3]. The tokenizer runs in
-    float32 whatever the GPT's dtype. `snapshots`: an optional dict {t: None} whose entries are filled with
-    the codes [B, t] written after t tokens (for --progress)."""
+    float32 whatever the GPT's dtype; callback(t, codes[:, :t]) is GPT.generate's, after each token."""
     device = next(gpt.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    keep = None if snapshots is None else (lambda t, codes: snapshots.__setitem__(t, codes.clone())
-                                           if t in snapshots else None)
     codes = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                         top_k=top_k, top_p=top_p, generator=generator, callback=keep)
+                         top_k=top_k, top_p=top_p, generator=generator, callback=callback)
     return decode(vq, codes, resize_to)
 
 
@@ -187,12 +184,19 @@ def pictures(args, gpt, vq, sample_kw):
     L = gpt.config.block_size
     frames = min(args.progress_frames, L)
     steps = [math.ceil(k * L / frames) for k in range(1, frames + 1)]  # tokens written at each frame
-    images, shots = [], []
+    images, shots = [], []  # shots: per batch, {t: the codes [B, t] written after t tokens}
+    bar = tqdm(total=math.ceil(len(labels) / args.batch_size) * L, desc="drawing", unit="tok", dynamic_ncols=True)
     for b in range(0, len(labels), args.batch_size):
+        shots.append({})
+
+        def step(t, codes, shot=shots[-1]):
+            bar.update()
+            if args.progress and t in steps:
+                shot[t] = codes.clone()
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b // args.batch_size))
-        shots.append(dict.fromkeys(steps) if args.progress else None)
-        images.append(sample_images(gpt, vq, labels[b:b + args.batch_size], generator=gen,
-                                    snapshots=shots[-1], **sample_kw))
+        images.append(sample_images(gpt, vq, labels[b:b + args.batch_size], generator=gen, callback=step,
+                                    **sample_kw))
+    bar.close()
     images = np.concatenate(images)
     nrow = args.n if len(args.classes) > 1 and args.n > 1 else 8
     save_grid(as_float(images), args.out, nrow=nrow)
