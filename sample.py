@@ -184,7 +184,7 @@ def pictures(args, gpt, vq, sample_kw):
     L = gpt.config.block_size
     frames = min(args.progress_frames, L)
     steps = [math.ceil(k * L / frames) for k in range(1, frames + 1)]  # tokens written at each frame
-    images, shots = [], []  # shots: per batch, {t: the codes [B, t] written after t tokens}
+    images, shots, t0 = [], [], time.perf_counter()  # shots: per batch, {t: codes [B, t] after t tokens}
     bar = tqdm(total=math.ceil(len(labels) / args.batch_size) * L, desc="drawing", unit="tok", dynamic_ncols=True)
     for b in range(0, len(labels), args.batch_size):
         shots.append({})
@@ -198,6 +198,7 @@ def pictures(args, gpt, vq, sample_kw):
                                     **sample_kw))
     bar.close()
     images = np.concatenate(images)
+    report(0, len(images), time.perf_counter() - t0, L, args)
     nrow = args.n if len(args.classes) > 1 and args.n > 1 else 8
     save_grid(as_float(images), args.out, nrow=nrow)
     if args.progress:
@@ -209,7 +210,6 @@ def pictures(args, gpt, vq, sample_kw):
         durations = [80] * (len(frames) - 1) + [2000]
         save_file_atomic(args.progress, lambda f: frames[0].save(
             f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
-    return images
 
 
 def evaluation(args, gpt, vq, sample_kw, rank, world):
@@ -270,6 +270,7 @@ def evaluation(args, gpt, vq, sample_kw, rank, world):
 
 
 def report(rank, n, seconds, tokens_per_image, args):
+    """Sampling speed (generation + decoding, without file writing) of this process."""
     if rank == 0 and n:
         print(f"{n} images in {seconds:.1f} s on {args.device} ({args.precision}): {seconds / n:.3f} s/image, "
               f"{n * tokens_per_image / seconds:,.0f} tokens/s" + (" per process" if args.world > 1 else ""))
@@ -300,7 +301,7 @@ def get_args(argv=None):
     a("--image-size", type=int, default=None, help="pixels per side, (size/downsample)^2 tokens (default: "
       "the size the GPT was trained at: recorded in ours, _256/_384 in official file names)")
     a("--resize-to", type=int, default=None, help="resize the images bicubically to this size, e.g. 256 for "
-      "384 px models before FID, as the paper did")
+      "384 px models before FID, as the official evaluation did")
     a("--batch-size", type=int, default=32, help="images per forward pass (doubled inside under CFG)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="GPT weights' dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS); "
@@ -370,9 +371,7 @@ def main(argv=None):
     sample_kw = dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, resize_to=args.resize_to)
     if args.num_samples is None:
-        t0 = time.perf_counter()
-        images = pictures(args, gpt, vq, sample_kw)
-        report(0, len(images), time.perf_counter() - t0, gpt.config.block_size, args)
+        pictures(args, gpt, vq, sample_kw)
         print(f"wrote {args.out}" + (f" and {args.progress}" if args.progress else ""))
         return
     if args.world > 1:  # only barriers cross processes, so gloo serves GPUs too; long waits are normal
