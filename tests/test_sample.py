@@ -1,4 +1,5 @@
 """sample.py on tiny random models: 16 px images of 4x4 codes from a 32-code tokenizer, 10 classes."""
+import argparse
 import dataclasses
 import os
 import shutil
@@ -47,11 +48,16 @@ def ck(tmp_path_factory):
     save_vq(d / "vq_ds8.pt", 0, ch_mult=(1, 2, 2, 2))  # 16 px -> 2x2 codes
     save_vq(d / "vq_64.pt", 0, codebook_size=64)
     torch.manual_seed(0)
-    gpt = GPT(gpt_config("nano", n_layer=2, dim=64, vocab_size=VOCAB, block_size=GRID ** 2, num_classes=CLASSES))
+    # one 64-wide head: what from_pretrained infers for an official file of this width
+    gpt = GPT(gpt_config("nano", n_layer=2, dim=64, n_head=1, vocab_size=VOCAB, block_size=GRID ** 2,
+                         num_classes=CLASSES))
     torch.nn.init.normal_(gpt.output.weight, std=0.5)  # non-uniform logits, so classes and seeds matter
     meta = dict(vocab_size=VOCAB, grid=[GRID, GRID], image_size=SIZE, tokenizer_checksum=tokenizer_checksum(vq))
     save_atomic(dict(model=gpt.state_dict(), config=dataclasses.asdict(gpt.config), kind="gpt", meta=meta),
                 d / "gpt.pt")
+    # the same weights as the official releases store them: no config, the trainer's argparse Namespace
+    save_atomic(dict(model=gpt.state_dict(), args=argparse.Namespace(gpt_model="GPT-tiny"), steps=1), d / "c2i_tiny.pt")
+    save_atomic(dict(model=vq.state_dict()), d / "vq_official.pt")
     return {p.stem: str(p) for p in d.iterdir()}
 
 
@@ -95,6 +101,15 @@ def test_grid_png_holds_the_samples_one_row_per_class(ck, tmp_path):
     assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
     sample.main(argv + ["--out", str(tmp_path / "seed1.png"), "--seed", "1"])
     assert (tmp_path / "seed1.png").read_bytes() != out.read_bytes()
+
+
+def test_official_format_checkpoints_draw_the_same_pictures(ck, tmp_path):
+    """Official files carry no config: the topology comes from the shapes, the grid from --image-size."""
+    ours, official = tmp_path / "ours.png", tmp_path / "official.png"
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "5", "--n", "2", "--out", str(ours)])
+    sample.main(["--gpt-ckpt", ck["c2i_tiny"], "--vq-ckpt", ck["vq_official"], "--image-size", str(SIZE),
+                 "--class", "5", "--n", "2", "--out", str(official)])
+    assert official.read_bytes() == ours.read_bytes()
 
 
 def test_progress_gif_reveals_the_raster_and_ends_on_the_picture(ck, tmp_path):
