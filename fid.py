@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_file_atomic, unwrap_state_dict
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 # -----------------------------------------------------------------------------------------------------------
@@ -249,7 +250,8 @@ def to_float_images(batch, what="images"):
         return batch.permute(0, 3, 1, 2).float().div(255)
     if batch.is_floating_point():
         if batch.ndim != 4 or batch.shape[1] != 3:
-            raise UserError(f"{what}: float images must be N x 3 x H x W in [0, 1], got shape {tuple(batch.shape)}")
+            raise UserError(f"{what}: float images must be N x 3 x H x W in [0, 1], "
+                            f"got shape {tuple(batch.shape)}")
         return batch.float()
     raise UserError(f"{what}: images must be uint8 (N x H x W x 3) or float in [0, 1] (N x 3 x H x W), "
                     f"got {batch.dtype}")
@@ -269,6 +271,7 @@ def _npz_images(path, batch_size):
     read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     shape, fortran, dtype = read_header.get(version, np.lib.format.read_array_header_2_0)(f)
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
+        f.close(), z.close()
         raise UserError(f"{path!r}: arr_0 must hold uint8 images N x H x W x 3 (ADM's format), "
                         f"found {dtype} {tuple(shape)}")
     per_image = int(np.prod(shape[1:]))
@@ -358,21 +361,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     identical statistics, no upper bound, in squared Inception-feature units. ImageNet 256 (50k samples vs
     ADM's reference): BigGAN ~7, LlamaGen-B 5.46, LlamaGen-3B 2.18; rFID of VQ-16 2.19 against the val set.
 
-    The square-root trace is computed from the symmetric form tr((s1^(1/2) sigma2 s1^(1/2))^(1/2)), which has
-    the same eigenvalues as sigma1 sigma2, with two symmetric eigendecompositions. ADM (and pytorch-fid) run
-    scipy's general sqrtm on the non-symmetric product instead; it returns complex round-off and fails on
-    singular products, hence their eps * I retry. Here both matrices are positive semi-definite, so the
-    eigenvalues are real and >= 0 up to round-off; zeroing that round-off makes rank-deficient covariances
-    (fewer images than dimensions) exact with no eps, and it is ~6x faster at 2048-d. Equal to
-    ADM's value up to rounding (tests/test_fid.py)."""
+    The square-root trace is the sum of the square roots of the eigenvalues of sigma1 sigma2. Writing
+    sigma1 = b b^T (from its eigendecomposition), those are the eigenvalues of the symmetric b^T sigma2 b, so
+    two symmetric eigensolves give them. ADM (and pytorch-fid) run scipy's general sqrtm on the non-symmetric
+    product instead: it leaves complex round-off, fails on singular products (hence their eps * I retry) and
+    took ~6x longer at 2048-d here. Both covariances are positive semi-definite, so every eigenvalue is real
+    and >= 0 up to round-off; zeroing that round-off keeps rank-deficient covariances (fewer images than
+    dimensions) exact with no eps. The result equals ADM's up to rounding (tests/test_fid.py)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise UserError(f"statistics do not match: means {mu1.shape} vs {mu2.shape}, covariances "
                         f"{sigma1.shape} vs {sigma2.shape}; compare features of the same kind")
     w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(_drop_round_off(w))) @ v.T
-    m = root1 @ sigma2 @ root1
+    b = v * np.sqrt(_drop_round_off(w))  # sigma1 = b b^T
+    m = b.T @ sigma2 @ b  # symmetric, with the eigenvalues of sigma1 sigma2 = b (b^T sigma2)
     tr_covmean = np.sqrt(_drop_round_off(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
@@ -445,9 +448,10 @@ def precision_recall(real, fake, k=3, block_rows=None, device="cpu"):
     """Improved precision and recall (Kynkaanniemi et al. 2019) on pool_3 features, as ADM computes them.
     precision: share of generated images inside the real images' manifold (a union of k-NN balls), i.e.
     fidelity; recall: share of real images inside the generated manifold, i.e. coverage/diversity. Both in
-    [0, 1], higher is better. ImageNet 256 vs ADM's 10k reference: LlamaGen-B 0.83 / 0.45, LlamaGen-3B 0.81 / 0.58.
-    Distances are computed in row blocks (at most ~256 MB each), so 50k x 10k fits in memory. ADM uses float16
-    distances where they are finite; these are float32, so a point on a ball's very edge may land differently."""
+    [0, 1], higher is better. ImageNet 256 vs ADM's 10k reference: LlamaGen-B 0.83 / 0.45, LlamaGen-3B
+    0.81 / 0.58. Distances are computed in row blocks (at most ~256 MB each), so 50k x 10k fits in memory.
+    ADM uses float16 distances where they are finite; these are float32, so a point on a ball's very edge
+    may land differently."""
     real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
     r_real, r_fake = manifold_radii(real, k, block_rows), manifold_radii(fake, k, block_rows)
@@ -515,7 +519,7 @@ def main():
     device = pick_device(args.device)
     net = None
 
-    def get_net():  # loaded only when some input needs it: two statistics files need no Inception at all
+    def get_net():  # loaded once, and only if images are to be embedded or pool features scored (IS)
         nonlocal net
         net = net or FIDInception.from_pretrained(args.inception)
         return net
@@ -528,8 +532,12 @@ def main():
         return
     ref = load_input(args.reference, get_net, args.batch_size, device)
     if "pool" in samples:
-        logits = get_net().logits(torch.from_numpy(samples["pool"]).float()).numpy()
-        print("Inception Score: %.4f (std %.4f over splits)" % inception_score(logits))
+        inception = get_net()
+        pool = torch.from_numpy(samples["pool"]).to(inception.fc.weight.device)
+        is_mean, is_std = inception_score(inception.logits(pool).cpu().numpy())
+        print(f"Inception Score: {is_mean:.4f} (std {is_std:.4f} over splits)")
+    else:
+        print("Inception Score: skipped (needs the samples' images or pool features)")
     print(f"FID: {frechet_distance(samples['mu'], samples['sigma'], ref['mu'], ref['sigma']):.4f}")
     if "mu_s" in samples and "mu_s" in ref:
         print(f"sFID: {frechet_distance(samples['mu_s'], samples['sigma_s'], ref['mu_s'], ref['sigma_s']):.4f}")
