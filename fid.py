@@ -293,7 +293,7 @@ def _folder_images(path, batch_size):
 
     def batches():
         for start in range(0, len(files), batch_size):
-            imgs = [np.asarray(Image.open(p).convert("RGB")) for p in files[start:start + batch_size]]
+            imgs = [np.array(Image.open(p).convert("RGB")) for p in files[start:start + batch_size]]
             if len({im.shape for im in imgs}) == 1:
                 yield np.stack(imgs)
             else:  # mixed sizes cannot be stacked; the net resizes each to 299 anyway, so do that first

@@ -260,8 +260,25 @@ def test_every_input_kind_gives_the_same_features(net, two_features, tmp_path):
                          ([imgs[1:]], slice(1, 2))]:
         np.testing.assert_allclose(fid.compute_features(net, source, batch_size=1, progress=False)["pool"],
                                    expected[rows], rtol=1e-5, atol=1e-5)
+    # a folder of mixed sizes: each image is resized on its own, as if it came alone
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(imgs[0]).save(mixed / "0.png")
+    Image.fromarray(imgs[1, :, :60].copy()).save(mixed / "1.png")
+    narrow = fid.compute_features(net, imgs[1:, :, :60], progress=False)["pool"]
+    np.testing.assert_allclose(fid.compute_features(net, str(mixed), progress=False)["pool"],
+                               np.concatenate([expected[:1], narrow]), rtol=1e-5, atol=1e-5)
     with pytest.raises(UserError, match="uint8 images must be N x H x W x 3"):
         fid.compute_features(net, imgs[..., 0], progress=False)
+
+
+def test_rfid_and_sfid_compare_distributions(net):
+    imgs = two_images()
+    floats = torch.from_numpy(imgs[::-1].copy()).permute(0, 3, 1, 2).float() / 255
+    assert fid.rfid(imgs, floats, net) == pytest.approx(0, abs=1e-6)  # same images, other order and format
+    x = np.random.default_rng(0).standard_normal((50, 2023))
+    assert fid.sfid(x, x[::-1]) == pytest.approx(0, abs=1e-9)
+    assert fid.sfid(x, x + 1) == pytest.approx(2023, rel=1e-9)  # a shifted mean only: |dmu|^2
 
 
 # ---------------------------------------------------------------------------------------------- CLI
