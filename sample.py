@@ -52,13 +52,17 @@ def to_pixels(images):
 
 def decode(vq, codes, resize_to=None, block_size=None):
     """Codes [B, t] in raster order -> uint8 [B, H, W, 3]. A partial raster (t < block_size, for the progress
-    animation) is completed with code 0, since the decoder needs a full grid, and the cells not yet
-    written are then painted mid-grey in pixel space; the decoder's receptive field lets the filler tint
-    a few pixels along the frontier. With all tokens written this is the plain decode."""
+    animation) is completed with the codes of a plain grey picture, since the decoder needs a full grid,
+    and the cells not yet written are then painted exactly mid-grey; the decoder's receptive field still
+    lets the written cells change a little as their neighbours arrive. With every token written this is
+    the plain decode."""
     B, t = codes.shape
     L = block_size or t
     g = math.isqrt(L)
-    x = vq.decode(F.pad(codes, (0, L - t)).view(B, g, g)).float()
+    if t < L:
+        grey = vq.encode(torch.zeros(1, 3, g * vq.config.downsample, g * vq.config.downsample, device=codes.device))
+        codes = torch.cat([codes, grey.view(1, L)[:, t:].expand(B, -1)], dim=1)
+    x = vq.decode(codes.view(B, g, g)).float()
     if t < L:
         cell = x.shape[-1] // g
         written = (torch.arange(L, device=x.device) < t).view(g, g)
