@@ -186,10 +186,11 @@ def pictures(args, gpt, vq, sample_kw):
     """One row per class (rows of 8 for a single class), batches seeded by (seed, batch index)."""
     labels = [c for c in args.classes for _ in range(args.n)]
     L = gpt.config.block_size
-    frames = min(args.progress_frames, L)
-    steps = [math.ceil(k * L / frames) for k in range(1, frames + 1)]  # tokens written at each frame
+    n_frames = min(args.progress_frames, L)
+    steps = [math.ceil(k * L / n_frames) for k in range(1, n_frames + 1)]  # tokens written at each frame
     images, shots, t0 = [], [], time.perf_counter()  # shots: per batch, {t: codes [B, t] after t tokens}
-    bar = tqdm(total=math.ceil(len(labels) / args.batch_size) * L, desc="drawing", unit="tok", dynamic_ncols=True)
+    # one step = one more token in every image of the batch
+    bar = tqdm(total=math.ceil(len(labels) / args.batch_size) * L, desc="drawing", unit="step", dynamic_ncols=True)
     for b in range(0, len(labels), args.batch_size):
         shots.append({})
 
