@@ -286,14 +286,15 @@ def main(argv=None):
         raw = torch.compile(raw)
     model = wrap(raw, args, device, world, blocks)
     args.lr = args.lr or 1e-4 * args.batch_size / 256
-    decay = lambda params: [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-                            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(decay(list(model.parameters())), lr=args.lr, betas=(0.9, 0.95), fused=cuda or None)
+    # GPT's AdamW recipe (decay on >= 2-D weights only) serves the tokenizer and its discriminator too
+    adamw = partial(GPT.configure_optimizers, weight_decay=args.weight_decay, learning_rate=args.lr,
+                    betas=(0.9, 0.95), device_type=device.split(":")[0])
+    opt = adamw(model)
     disc = opt_d = None
     if stage.disc is not None:
         stage.crit.to(device)  # the discriminator and the frozen LPIPS network
         disc = wrap(stage.disc, args, device, world, [])
-        opt_d = torch.optim.AdamW(decay(list(disc.parameters())), lr=args.lr, betas=(0.9, 0.95))
+        opt_d = adamw(disc)
 
     # data: per-item seeding makes the stream independent of world size and of restarts
     n_train = len(stage.train_set)
