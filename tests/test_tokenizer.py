@@ -308,19 +308,20 @@ def test_from_pretrained_round_trip_and_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- training
 
 def test_training_beats_untrained():
-    """~300 steps of L2 + codebook losses on SyntheticShapes at 32 px: the reconstruction of held-out
-    images gains >= 5 dB PSNR (measured: ~6.9 -> ~19 dB) and uses more than half the codebook."""
+    """200 steps of L2 + codebook losses on SyntheticShapes at 32 px: held-out reconstructions gain >= 5 dB
+    PSNR (measured: 6.9 -> about 18 dB) and use more than half of the 64 codes (measured: all). The entropy
+    term (ratio 0.1) is what keeps the codes in use over so few steps; without it usage fell to 13-34%."""
     from data import SyntheticShapes
     train = torch.stack([img for img, _ in SyntheticShapes(512, image_size=32, seed=0)])
     held = torch.stack([img for img, _ in SyntheticShapes(64, image_size=32, seed=1)])
     torch.manual_seed(0)
-    m = T.VQModel(T.vq_config("VQ-tiny", codebook_size=64))
+    m = T.VQModel(T.vq_config("VQ-tiny", codebook_size=64, entropy_loss_ratio=0.1))
     with torch.no_grad():
         before = T.psnr(held, m.eval().decode(m.encode(held))).mean().item()
     opt = torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.9, 0.95))
     m.train()
     g = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    for _ in range(200):
         x = train[torch.randint(0, len(train), (16,), generator=g)]
         rec, losses = m(x)
         loss = F.mse_loss(rec, x) + sum(losses.values())
