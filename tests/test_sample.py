@@ -103,6 +103,19 @@ def test_grid_png_holds_the_samples_one_row_per_class(ck, tmp_path):
     assert (tmp_path / "seed1.png").read_bytes() != out.read_bytes()
 
 
+def test_pixels_follow_the_official_rule_resized_before_quantising(ck, tmp_path):
+    """uint8 = clamp(127.5 x + 128) truncated; --resize-to: bicubic on the float decode, then quantised."""
+    gpt, vq = models(ck)
+    codes = gpt.generate(torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(5))
+    x = torch.nn.functional.interpolate(vq.decode(codes.view(2, GRID, GRID)), size=(8, 8), mode="bicubic")
+    expected = torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    got = sample.sample_images(gpt, vq, [1, 2], cfg_scale=2.0, generator=torch.Generator().manual_seed(5), resize_to=8)
+    np.testing.assert_array_equal(got, expected)
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "1", "--n", "3", "--resize-to", "8",
+                 "--out", str(tmp_path / "small.png")])
+    assert Image.open(tmp_path / "small.png").size == (3 * (8 + 2) + 2, 8 + 4)
+
+
 def test_official_format_checkpoints_draw_the_same_pictures(ck, tmp_path):
     """Official files carry no config: the topology comes from the shapes, the grid from --image-size."""
     ours, official = tmp_path / "ours.png", tmp_path / "official.png"
