@@ -56,11 +56,15 @@ def load_checkpoint(path):
 
 def unwrap_state_dict(ckpt):
     """The weights inside any of the containers in use: our own and the official DDP trainer's
-    {"model": ...}, DeepSpeed's {"module": ...}, {"state_dict": ...}, or a bare FSDP consolidated dict."""
+    {"model": ...}, DeepSpeed's {"module": ...}, {"state_dict": ...}, or a bare FSDP consolidated dict.
+    A checkpoint with an "ema" dict (train.py --ema) yields its exponential moving average."""
+    ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
     for key in ("model", "module", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
+    if isinstance(ema, dict):  # trained with --ema: sample from the averaged weights (buffers from "model")
+        ckpt = {**ckpt, **ema}
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
         raise UserError("checkpoint holds no state dict (looked under 'model', 'module', 'state_dict')")
     # torch.compile and DDP wrap parameter names; strip their prefixes so every producer loads the same

@@ -357,8 +357,8 @@ def main(argv=None):
     gpt, vq, args.gpt_ckpt, args.vq_ckpt = load_models(args.gpt_ckpt, args.vq_ckpt, args.image_size)
     args.image_size = math.isqrt(gpt.config.block_size) * vq.config.downsample
     C = gpt.config.num_classes
-    if args.classes is None:
-        args.classes = DEMO_CLASSES if max(DEMO_CLASSES) < C else list(range(C))
+    if args.classes is None:  # evaluation covers every class; pictures show the official demo's
+        args.classes = DEMO_CLASSES if max(DEMO_CLASSES) < C and not args.num_samples else list(range(C))
     bad = [c for c in args.classes if not 0 <= c < C]
     if bad:
         raise UserError(f"class {bad[0]} is outside [0, {C}): this GPT knows {C} classes; pick ids 0..{C - 1}")

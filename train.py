@@ -116,10 +116,14 @@ class Seeded(torch.utils.data.Dataset):
 
 
 def split(ds, val_size):
+    """(train, val): every (n / val_size)-th item is held out, so validation spans all classes of a
+    class-sorted image folder."""
     n = len(ds)
     if n <= val_size:
         raise UserError(f"--data has {n} items, not more than --val-size {val_size}; use more data or lower it")
-    return torch.utils.data.Subset(ds, range(n - val_size)), torch.utils.data.Subset(ds, range(n - val_size, n))
+    val = {i * n // val_size for i in range(val_size)}
+    return (torch.utils.data.Subset(ds, [i for i in range(n) if i not in val]),
+            torch.utils.data.Subset(ds, sorted(val)))
 
 
 # -----------------------------------------------------------------------------
@@ -421,7 +425,7 @@ def main(argv=None):
             val = evaluate()
             if master:
                 rec["val"] = val
-                bar.write(f"step {step}: val {stage.val_metric.__doc__.split(' in ')[0].lower()} {val:.4f}")
+                bar.write(f"step {step}: {stage.val_metric.__doc__.split(' in ')[0].lower()} {val:.4f}")
         if master:
             log.write(json.dumps(rec) + "\n")
             log.flush()
