@@ -3,13 +3,14 @@ replaced by its nearest entry in a learned codebook, and the index of that entry
 decoder turns a grid of codes back into pixels. Also here: the tokenizer's training losses (L2, LPIPS,
 PatchGAN) and the reconstruction metrics (PSNR, SSIM, codebook usage).
 
-Read bottom-up: blocks -> Encoder/Decoder -> VectorQuantizer -> VQModel -> losses -> metrics -> configs.
+Read top to bottom, smallest pieces first: blocks -> Encoder/Decoder -> VectorQuantizer -> VQModel ->
+losses -> metrics -> named configs.
 Key names and shapes equal the official LlamaGen checkpoints (vq_ds16_c2i.pt, vq_ds8_c2i.pt), which load
 with VQModel.from_pretrained.
 """
 import dataclasses
-import math
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 
@@ -201,7 +202,8 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.l2_norm, self.beta, self.entropy_ratio = cfg.codebook_l2_norm, cfg.commit_loss_beta, cfg.entropy_loss_ratio
+        self.l2_norm, self.beta = cfg.codebook_l2_norm, cfg.commit_loss_beta
+        self.entropy_ratio = cfg.entropy_loss_ratio
         # FIFO of the most recent training indices; a float32 buffer saved in the official checkpoints
         self.register_buffer("codebook_used", torch.zeros(self.usage_window))
         # (given its tensor, so nn.Embedding skips its own normal init, which is overwritten at once)
@@ -280,13 +282,14 @@ def config_from_state_dict(sd):
             z_channels=sd["quant_conv.weight"].shape[1],
             enc_num_res_blocks=blocks("encoder.conv_blocks.0.res."),
             dec_num_res_blocks=blocks("decoder.conv_blocks.0.res."))
-    except (KeyError, ValueError, IndexError) as e:
-        raise UserError(f"not a VQ tokenizer state dict (cannot read its topology: {e!r} missing)") from None
+    except (KeyError, ValueError, IndexError):  # a missing weight name, or no encoder/decoder levels at all
+        raise UserError("not a VQ tokenizer state dict (its weight names lack the encoder/decoder/quantize "
+                        "layout); pass a tokenizer checkpoint") from None
 
 
 def config_name(cfg):
     """The registry name of a config, or its non-default fields, for messages."""
-    for name, over in VQ_CONFIGS.items():
+    for name in VQ_CONFIGS:
         if vq_config(name) == cfg:
             return name
     diff = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
@@ -358,8 +361,10 @@ class LPIPS(nn.Module):
     over space and summed. Weights: torchvision's VGG16 (key layout `features.N`) and LPIPS's vgg.pth."""
     vgg_layout = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
     taps = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in `features`
-    files = {"vgg16-397923af.pth": "https://download.pytorch.org/models/vgg16-397923af.pth",
-             "vgg.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"}
+    # file name -> (address, sha256 prefix). vgg.pth is LPIPS v0.1's, byte-identical to LlamaGen's cache copy
+    files = {"vgg16-397923af.pth": ("https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"),
+             "vgg.pth": ("https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+                         "a78928a0")}
 
     def __init__(self):
         super().__init__()
@@ -391,18 +396,22 @@ class LPIPS(nn.Module):
         download = folder is None
         folder = folder or os.path.join(torch.hub.get_dir(), "checkpoints")
         missing = [f for f in cls.files if not os.path.isfile(os.path.join(folder, f))]
+        timeout = socket.getdefaulttimeout()
         try:
+            socket.setdefaulttimeout(60)  # a firewall that drops packets must not hang training forever
             for f in missing if download else ():
                 os.makedirs(folder, exist_ok=True)
-                torch.hub.download_url_to_file(cls.files[f], os.path.join(folder, f),
-                                               hash_prefix="397923af" if f.startswith("vgg16") else None)
-        except Exception as e:  # offline, proxy, disk full
+                url, sha256_prefix = cls.files[f]
+                torch.hub.download_url_to_file(url, os.path.join(folder, f), hash_prefix=sha256_prefix)
+        except Exception as e:  # offline, proxy, disk full, corrupted download
             warnings.warn(f"perceptual (LPIPS) loss OFF: cannot download {missing} ({type(e).__name__}); "
-                          f"put them in a folder and pass its path")
+                          f"fetch {[cls.files[f][0] for f in missing]} into a folder and pass its path")
             return None
+        finally:
+            socket.setdefaulttimeout(timeout)
         if missing and not download:
             warnings.warn(f"perceptual (LPIPS) loss OFF: {missing} not found in {folder!r}; "
-                          f"download them from {[cls.files[f] for f in missing]}")
+                          f"fetch them from {[cls.files[f][0] for f in missing]}")
             return None
         return cls().load(folder)
 
@@ -523,7 +532,9 @@ def ssim(x, y, gaussian=False):
     def blur(t):  # per-channel weighted mean over each window position ("valid" = the border crop)
         return F.conv2d(t, window, groups=C)
     mx, my = blur(x), blur(y)
-    vx, vy, vxy = (cov_norm * (blur(a * b) - ma * mb) for a, b, ma, mb in ((x, x, mx, mx), (y, y, my, my), (x, y, mx, my)))
+    vx = cov_norm * (blur(x * x) - mx * mx)
+    vy = cov_norm * (blur(y * y) - my * my)
+    vxy = cov_norm * (blur(x * y) - mx * my)
     c1, c2 = (0.01 * 2.0) ** 2, (0.03 * 2.0) ** 2
     s = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.mean((2, 3)).mean(1)
