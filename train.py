@@ -54,6 +54,9 @@ def get_args(argv=None):
     a("--disc-weight", type=float, default=0.5, help="tokenizer: weight of the generator's GAN loss")
     a("--perceptual-weight", type=float, default=1.0, help="tokenizer: LPIPS weight (0 = off)")
     a("--lpips", default=None, help="tokenizer: folder with vgg16-397923af.pth and LPIPS vgg.pth")
+    a("--codebook-size", type=int, default=None, help="tokenizer: codes in the codebook (config default)")
+    a("--entropy-loss-ratio", type=float, default=None,
+      help="tokenizer: weight of the entropy loss that spreads use over the codebook (default 0, paper)")
     a("--fsdp", action="store_true", help="shard parameters, grads and optimizer state (FSDP2) per block")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute blocks in backward")
@@ -168,7 +171,8 @@ class VQStage:
     kind, unit, default_epochs = "vq", "img", 40
 
     def __init__(self, args, resumed):
-        self.config = vq_config(args.model)
+        over = dict(codebook_size=args.codebook_size, entropy_loss_ratio=args.entropy_loss_ratio)
+        self.config = vq_config(args.model, **{k: v for k, v in over.items() if v is not None})
         self.model, self.meta = VQModel(self.config), {}
         train = data.image_dataset(args.data, args.image_size, augment="random_resize_crop")
         val = data.image_dataset(args.data, args.image_size, augment="center", flip=False)

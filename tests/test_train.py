@@ -168,3 +168,16 @@ def test_codes_of_another_tokenizer_refuse_to_resume(codes, tmp_path):
     data.extract_codes(PatchColours(), "synthetic:120", other, image_size=16, batch_size=60)
     p = run(GPT_ARGS + ["--data", other, "--max-steps", 2, "--out-dir", out, "--resume"], check=False)
     assert p.returncode == 2 and "grid [8, 8]) than those in" in p.stderr and "grid [4, 4])" in p.stderr
+
+
+def test_ema_is_the_running_average_and_what_sampling_loads(codes, tmp_path):
+    """--ema d: after each step ema = d * ema + (1 - d) * weights; from_pretrained serves the average."""
+    from model import GPT
+    out = tmp_path / "ema"
+    run(GPT_ARGS + ["--data", codes, "--max-steps", 3, "--ema", 0.5, "--ckpt-interval", 1, "--keep-ckpts",
+                    "--out-dir", out])
+    two, three = (load_checkpoint(out / f"ckpt_{s:07d}.pt") for s in (2, 3))
+    k = "layers.0.attention.wqkv.weight"
+    assert torch.allclose(three["ema"][k], 0.5 * two["ema"][k] + 0.5 * three["model"][k], atol=1e-7)
+    assert not torch.allclose(three["ema"][k], three["model"][k])
+    assert torch.equal(GPT.from_pretrained(str(out / "ckpt.pt")).state_dict()[k], three["ema"][k])
