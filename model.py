@@ -34,6 +34,22 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear. A decode step multiplies only a few rows by each weight matrix; for 2-4
+    float32 rows MKL's x @ W^T kernel reaches about half of memory speed on CPU, while the same product
+    computed as (W @ x^T)^T streams W once (GPT-B, batch 1 with CFG: 75 -> 37 ms of matmuls per step on one
+    core). Identical maths, another loop order; every other case is the ordinary F.linear."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if 1 < rows <= 4 and x.device.type == "cpu" and x.dtype == torch.float32:
+            return (self.weight @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
+
+
 # ----------------------------------------------------------------------------------------------- 2D RoPE
 # Position is not a learned table added to the input: each query/key pair is rotated by angles that
 # depend on its grid cell, so the score q.k depends only on the OFFSET between two cells (paper 2.3).
@@ -87,8 +103,8 @@ class Attention(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head or c.n_head, c.dim // c.n_head
-        self.wqkv = nn.Linear(c.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(c.dim, c.dim, bias=False)
+        self.wqkv = Linear(c.dim, (self.n_head + 2 * self.n_kv_head) * self.head_dim)
+        self.wo = Linear(c.dim, c.dim)
         self.attn_dropout_p = c.attn_dropout_p
         self.resid_dropout = nn.Dropout(c.resid_dropout_p)
         self.kv_cache = None  # a KVCache while generate() runs
@@ -113,9 +129,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.w1 = nn.Linear(c.dim, c.ffn_dim, bias=False)
-        self.w3 = nn.Linear(c.dim, c.ffn_dim, bias=False)
-        self.w2 = nn.Linear(c.ffn_dim, c.dim, bias=False)
+        self.w1 = Linear(c.dim, c.ffn_dim)
+        self.w3 = Linear(c.dim, c.ffn_dim)
+        self.w2 = Linear(c.ffn_dim, c.dim)
         self.ffn_dropout = nn.Dropout(c.ffn_dropout_p)
 
     def forward(self, x):
@@ -214,7 +230,7 @@ class GPT(nn.Module):
         rates = torch.linspace(0, c.drop_path_rate, c.n_layer, device="cpu").tolist()
         self.layers = nn.ModuleList(Block(c, p) for p in rates)
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.output = Linear(c.dim, c.vocab_size)
         # a plain float32 attribute, not a buffer: outside the state dict, and .to(bfloat16) cannot round it
         self.freqs_cis = rope_2d_table(math.isqrt(c.block_size), c.dim // c.n_head, c.rope_base, c.cls_token_num)
         for m in self.modules():
