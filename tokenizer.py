@@ -491,11 +491,13 @@ class VQLoss(nn.Module):
         logs["loss"] = loss
         return loss, {k: v.detach() for k, v in logs.items()}
 
-    def discriminator_loss(self, images, recon_detached, step):
-        """-> (loss, logs). Real and fake go through D separately, so BatchNorm sees each on its own."""
+    def discriminator_loss(self, images, recon_detached, step, discriminator=None):
+        """-> (loss, logs). Real and fake go through D separately, so BatchNorm sees each on its own.
+        `discriminator`: self.discriminator wrapped for data parallelism (DDP), if it is."""
         if not self.gan_active(step):
             return images.new_zeros(()), {}
-        logits_real, logits_fake = self.discriminator(images.detach()), self.discriminator(recon_detached.detach())
+        d = discriminator or self.discriminator
+        logits_real, logits_fake = d(images.detach()), d(recon_detached.detach())
         loss = self.disc_weight * hinge_d_loss(logits_real, logits_fake)
         return loss, dict(disc=loss.detach(), logits_real=logits_real.detach().mean(),
                           logits_fake=logits_fake.detach().mean())

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 from common import UserError, cli, load_checkpoint, pick_device, save_atomic
 from model import GPT, GPT_CONFIGS, gpt_config
-from tokenizer import VQ_CONFIGS, VQLoss, VQModel, hinge_d_loss, psnr, vq_config
+from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
 
 def get_args(argv=None):
@@ -198,7 +198,7 @@ class VQStage:
         """Hinge loss of the discriminator on the last micro-batch (skipped before --disc-start, where
         the official recipe multiplies it by zero)."""
         images, recon = self._last
-        return self.crit.disc_weight * hinge_d_loss(disc(images), disc(recon))
+        return self.crit.discriminator_loss(images, recon, step, discriminator=disc)[0]
 
     def val_metric(self, model, batch):
         """Validation PSNR in dB of reconstructions (higher is better)."""
