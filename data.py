@@ -35,9 +35,10 @@ def pil_to_tensor(pil):
 
 
 def to_uint8(images):
-    """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] (rounded, clamped)."""
-    x = (images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5
-    return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] by the official rule clamp(127.5 x + 128),
+    truncated: the exact pixels the published FIDs were computed on (every PNG and .npz here uses it)."""
+    x = (127.5 * images.detach().float() + 128).clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(images, nrow=8, pad=2, pad_value=0):

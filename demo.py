@@ -92,7 +92,7 @@ def main():
     with torch.no_grad():
         codes = vq.encode(x)
         recon = vq.decode(codes)
-    rounded = torch.from_numpy(sample.to_pixels(recon)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rounded = torch.from_numpy(data.to_uint8(recon)).permute(0, 3, 1, 2).float() / 127.5 - 1
     figures.update(psnr=psnr(x.cpu(), rounded).mean().item(), ssim=ssim(x.cpu(), rounded).mean().item(),
                    codebook_usage=codebook_usage_of(codes, vq.config.codebook_size),
                    codebook_size=vq.config.codebook_size)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import UserError, cli, pick_device, save_file_atomic
-from data import make_grid, save_grid, tokenizer_checksum
+from data import make_grid, save_grid, to_uint8, tokenizer_checksum
 from model import GPT
 from tokenizer import VQModel
 
@@ -43,12 +43,6 @@ DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's Im
 
 # ----------------------------------------------------------------------------------------------------------
 # Sampling: codes from the GPT, pixels from the tokenizer
-
-def to_pixels(images):
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] by the official rule clamp(127.5 x + 128), truncated:
-    the exact pixels the published FIDs were computed on (data.to_uint8 differs only on exact .5 ties)."""
-    return (127.5 * images.float() + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
 
 def decode(vq, codes, resize_to=None, block_size=None):
     """Codes [B, t] in raster order -> uint8 [B, H, W, 3]. A partial raster (t < block_size, for the progress
@@ -70,7 +64,7 @@ def decode(vq, codes, resize_to=None, block_size=None):
     if resize_to and resize_to != x.shape[-1]:
         # as the official evaluation of the 384 px models: bicubic on the float image, then quantised
         x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
-    return to_pixels(x)
+    return to_uint8(x)
 
 
 @torch.no_grad()

@@ -506,7 +506,7 @@ class VQLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Reconstruction metrics, per image, with the official evaluation's conventions (REFERENCE 7). Inputs are
 # images in [-1, 1]; they are mapped to [0, 1] first. The official evaluation rounds the reconstruction to
-# uint8 before measuring (as data.to_uint8 does): pass it rounded to reproduce the paper's numbers.
+# uint8 before measuring (data.to_uint8): pass it rounded to reproduce the paper's numbers.
 
 def psnr(x, y):
     """Peak signal-to-noise ratio in dB per image [B], data range 1 on [0, 1] (inf for identical images)."""
