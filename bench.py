@@ -29,12 +29,61 @@ def timed(fn, warmup=1, repeat=3, device="cpu"):
 
 def bench_gpt(args):
     """GPT-B sampling: tokens/s and ms per 256-token image, batch 1 and 16, CFG, fp32/bf16, +-compile."""
-    raise NotImplementedError
+    import copy
+
+    from model import GPT, gpt_config
+    torch.manual_seed(0)
+    base = GPT(gpt_config("B")).eval()  # random weights: the speed does not depend on them
+    cuda = args.device.startswith("cuda")
+    hbm = next((v for k, v in {"A100": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}.items()
+                if cuda and k in torch.cuda.get_device_name()), None)  # bytes/s, SXM parts
+    for compiled in ([False] if args.quick else [False, True]):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = copy.deepcopy(base).to(args.device, dtype)
+            label = f"{str(dtype).removeprefix('torch.')} {'compiled' if compiled else 'eager'}"
+            if compiled:  # only the per-token step: sampling and bookkeeping stay in Python
+                torch._dynamo.reset()  # a fresh recompile budget for each dtype
+                model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
+            for batch in ([1] if args.quick else [1, 16]):
+                cond = torch.arange(batch, device=args.device) * 97 % 1000
+                try:
+                    sec = timed(lambda: model.generate(cond, cfg_scale=4.0), warmup=1,
+                                repeat=1 if args.quick else 2, device=args.device)
+                except Exception as e:  # torch.compile needs a working C++/Triton toolchain
+                    print(f"GPT-B {label}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+                    break
+                floor = ""
+                if hbm and batch == 1:  # each step must read every weight once from GPU memory
+                    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+                    floor = f", bandwidth floor {weight_bytes / hbm * 256 * 1e3:.0f} ms"
+                print(f"GPT-B sample {label:15s} batch {batch:2d}, CFG 4.0: {sec / batch * 1e3:8.0f} ms/image, "
+                      f"{256 * batch / sec:7.1f} tokens/s{floor}", flush=True)
 
 
 def bench_train(args):
     """Training step (forward + backward + AdamW) tokens/s for GPT-B and a small config; MFU on GPUs."""
-    raise NotImplementedError
+    from model import GPT, gpt_config
+    cuda = args.device.startswith("cuda")
+    for name in (["micro"] if args.quick else ["micro", "B"]):
+        torch.manual_seed(0)
+        model = GPT(gpt_config(name)).to(args.device).train()
+        opt = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), args.device.split(":")[0])
+        batch = (32 if cuda else 8) // (4 if args.quick else 1)
+        idx = torch.randint(0, model.config.vocab_size, (batch, model.config.block_size), device=args.device)
+        cond = torch.randint(0, 1000, (batch,), device=args.device)
+
+        def step():
+            with torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=cuda):
+                _, loss = model(idx, cond, targets=idx)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sec = timed(step, warmup=1, repeat=2 if args.quick else 3, device=args.device)
+        tps = batch * model.config.block_size / sec
+        mfu = model.estimate_mfu(tps, args.device)
+        print(f"GPT-{name} train step, batch {batch} x {model.config.block_size} tokens, "
+              f"{'bf16 autocast' if cuda else 'fp32'}: {tps:8.0f} tokens/s, {sec * 1e3:.0f} ms/step"
+              + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""), flush=True)
 
 
 def bench_vq(args):
