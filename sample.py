@@ -332,6 +332,7 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; see --help")
 
 
+@torch.no_grad()  # sampling only: no autograd graph (and none left switched off for the caller)
 def main(argv=None):
     args = get_args(argv)
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -363,7 +364,6 @@ def main(argv=None):
         if path:
             check_writable(path)
 
-    torch.set_grad_enabled(False)
     gpt, vq = gpt.to(device=device, dtype=dtype), vq.to(device)
     if args.compile:  # generation loops over this one-token step; compile it, not the Python loop around it
         gpt.forward_cached = torch.compile(gpt.forward_cached)
