@@ -35,7 +35,7 @@ def bench_gpt(args):
     torch.manual_seed(0)
     base = GPT(gpt_config("B")).eval()  # random weights: the speed does not depend on them
     cuda = args.device.startswith("cuda")
-    hbm = next((v for k, v in {"A100": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}.items()
+    hbm = next((v for k, v in {"A100": 2.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}.items()
                 if cuda and k in torch.cuda.get_device_name()), None)  # bytes/s, SXM parts
     for compiled in ([False] if args.quick else [False, True]):
         for dtype in (torch.float32, torch.bfloat16):
