@@ -1,4 +1,4 @@
-"""The whole LlamaGen pipeline on the embedded dataset, on a laptop CPU in about ten minutes:
+"""The whole LlamaGen pipeline on the embedded dataset, on a laptop CPU in about five minutes (2 cores):
 
     python demo.py                    # 2 CPU cores: a small tokenizer, codes, a small GPT, pictures
     python demo.py --device cuda --scale 8    # the same story, bigger and longer, on a GPU
