@@ -65,7 +65,8 @@ def main():
     device, out, t_start = pick_device(args.device), args.out, time.time()
     os.makedirs(out, exist_ok=True)
     size, spec = args.image_size, f"synthetic:{args.images}"
-    figures = dict(machine=f"{os.cpu_count()} CPU cores" if device == "cpu" else torch.cuda.get_device_name())
+    figures = dict(machine=torch.cuda.get_device_name(device) if device.startswith("cuda")
+                   else f"{device}, {os.cpu_count()} CPU cores")
     common = ["--device", device, "--num-workers", "0", "--seed", str(args.seed), "--val-size", "256"]
 
     def fresh(folder):  # the demo always starts over: its runs are minutes long

@@ -233,6 +233,7 @@ class GPT(nn.Module):
         self.output = Linear(c.dim, c.vocab_size)
         # a plain float32 attribute, not a buffer: outside the state dict, and .to(bfloat16) cannot round it
         self.freqs_cis = rope_2d_table(math.isqrt(c.block_size), c.dim // c.n_head, c.rope_base, c.cls_token_num)
+        self.meta = {}  # from_pretrained: train.py's receipt of the codes learned (tokenizer checksum, grid)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
@@ -324,6 +325,7 @@ class GPT(nn.Module):
         fits = f"GPT-{name}" if name else ", ".join(f"{k}={v}" for k, v in found.items())
         load_weights(model, sd, f"GPT checkpoint {path!r}", ignore=("kv_cache", "freqs_cis"),
                      hint=f"its shapes fit {fits}")
+        model.meta = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
         return model.eval()
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -130,7 +130,7 @@ def load_models(gpt_path, vq_path, image_size=None):
     if gpt.config.vocab_size != vq.config.codebook_size:
         raise UserError(f"the GPT {gpt_path} predicts {gpt.config.vocab_size} codes but the tokenizer "
                         f"{vq_path} has {vq.config.codebook_size}: pass the tokenizer the GPT was trained with")
-    meta = training_meta(gpt_path)
+    meta = gpt.meta
     if meta.get("image_size") and meta.get("grid"):
         trained, grid = meta["grid"][0], meta["image_size"] // ds  # this tokenizer's grid at that size
         if grid != trained:
@@ -145,20 +145,6 @@ def load_models(gpt_path, vq_path, image_size=None):
         raise UserError(f"the GPT {gpt_path} was trained on the codes of another tokenizer than {vq_path} "
                         "(weights checksum differs): pass the tokenizer its codes were extracted with")
     return gpt, vq, gpt_path, vq_path
-
-
-def training_meta(path):
-    """The receipt train.py keeps in our GPT checkpoints: vocab, grid, image size and weights checksum of
-    the tokenizer whose codes it learned (official files have none). Read with mmap, so the weights are
-    not loaded a second time. from_pretrained has already read the file; mmap needs torch's zip format
-    (torch >= 1.6), and files older than that carry no receipt anyway."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return {}
-    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
-    return meta if isinstance(meta, dict) else {}
 
 
 def check_writable(path):

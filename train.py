@@ -64,6 +64,8 @@ def get_args(argv=None):
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="autocast dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS)")
     a("--val-size", type=int, default=256, help="items held out from the end of --data for validation")
+    a("--log-interval", type=int, default=10, help="steps per log.jsonl line, which holds their mean losses "
+      "(the loss is read back only then: a read every step would make the GPU wait)")
     a("--eval-interval", type=int, default=500, help="steps between validation passes")
     a("--ckpt-interval", type=int, default=1000, help="steps between checkpoints")
     a("--keep-ckpts", action="store_true", help="also keep a ckpt_<step>.pt at every checkpoint")
@@ -157,12 +159,13 @@ class GPTStage:
         self.disc = None
 
     def loss(self, model, batch, step):
+        """-> (loss, its parts to log): here the loss alone."""
         codes, labels = batch
-        return model(codes, labels, targets=codes)[1]
+        return model(codes, labels, targets=codes)[1], {}
 
     def val_metric(self, model, batch):
         """Validation cross-entropy in nats per token."""
-        return self.loss(model, batch, 0)
+        return self.loss(model, batch, 0)[0]
 
 
 class VQStage:
@@ -190,15 +193,15 @@ class VQStage:
         self._last = (images, recon.detach())
         # D only scores here; keeping its weights out of this graph keeps DDP's gradient hooks quiet
         self.disc.requires_grad_(False)
-        loss = self.crit.generator_loss(images, recon, codebook_losses, step)[0]
+        loss, logs = self.crit.generator_loss(images, recon, codebook_losses, step)
         self.disc.requires_grad_(True)
-        return loss
+        return loss, logs
 
     def disc_loss(self, disc, step):
         """Hinge loss of the discriminator on the last micro-batch (skipped before --disc-start, where
         the official recipe multiplies it by zero)."""
         images, recon = self._last
-        return self.crit.discriminator_loss(images, recon, step, discriminator=disc)[0]
+        return self.crit.discriminator_loss(images, recon, step, discriminator=disc)
 
     def val_metric(self, model, batch):
         """Validation PSNR in dB of reconstructions (higher is better)."""
@@ -373,13 +376,29 @@ def main(argv=None):
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    sums, counts = {}, {}  # logged scalars summed on the device since the last log line
+
+    def note(logs, weight=1.0):
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float() * weight
+            counts[k] = counts.get(k, 0.0) + weight
+
+    def read_logs():
+        """Means since the last line, averaged over ranks: the one place where the CPU waits for the GPU."""
+        keys = sorted(sums, key=lambda k: (k != "loss", k))  # the same on every rank: they depend on the step
+        means = torch.stack([sums[k] / counts[k] for k in keys])
+        if world > 1:
+            dist.all_reduce(means, op=dist.ReduceOp.AVG)
+        sums.clear()
+        counts.clear()
+        return dict(zip(keys, means.tolist()))
+
     model.train()
-    t0 = time.perf_counter()
+    t0, window = time.perf_counter(), 0
     while step < total:
         lr = lr_at(step, args, total)
         for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
         train_disc = disc is not None and stage.crit.gan_active(step)
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
@@ -388,24 +407,19 @@ def main(argv=None):
             sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
             with sync:
                 with autocast():
-                    loss = stage.loss(model, batch, step) / args.grad_accum
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
+                    loss, logs = stage.loss(model, batch, step)
+                scaler.scale(loss / args.grad_accum).backward()
+            note({"loss": loss, **logs}, 1 / args.grad_accum)
             if train_disc:
                 dsync = contextlib.nullcontext() if last or not isinstance(disc, DDP) else disc.no_sync()
                 with dsync:
                     with autocast():
-                        d_loss = stage.disc_loss(disc, step) / args.grad_accum
-                    scaler.scale(d_loss).backward()
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_val = float(loss_sum)
-        if not math.isfinite(loss_val):
-            raise UserError(f"loss is {loss_val} at step {step}; the last good checkpoint is {ckpt_path}. "
-                            "Lower --lr, or use --precision bf16/fp32, then --resume")
+                        d_loss, d_logs = stage.disc_loss(disc, step)
+                    scaler.scale(d_loss / args.grad_accum).backward()
+                note(d_logs, 1 / args.grad_accum)
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
+        note({"grad_norm": norm.full_tensor() if hasattr(norm, "full_tensor") else norm})  # FSDP: a DTensor
         scaler.step(opt)
         if train_disc:
             scaler.unscale_(opt_d)
@@ -416,25 +430,31 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             torch._foreach_lerp_(ema, [p.detach().float() for p in raw.parameters()], 1 - args.ema)
-        step += 1
-
-        dt, t0 = time.perf_counter() - t0, time.perf_counter()
+        step, window = step + 1, window + 1
+        bar.update(1)
+        evaluating = step % args.eval_interval == 0 or step == total
+        saving = step % args.ckpt_interval == 0 or step == total
+        if not (step % args.log_interval == 0 or evaluating or saving):
+            continue
+        # a log line before every checkpoint, so a diverged run never overwrites the last good one
+        rec = dict(step=step, **read_logs(), lr=lr)
+        if not math.isfinite(rec["loss"]):
+            raise UserError(f"loss is {rec['loss']} by step {step}; the last good checkpoint is {ckpt_path}. "
+                            "Lower --lr, or use --precision bf16/fp32, then --resume")
+        rec[f"{stage.unit}/s"] = units * window / (time.perf_counter() - t0)
+        if cuda and stage.kind == "gpt":
+            rec["mfu"] = getattr(raw, "_orig_mod", raw).estimate_mfu(rec[f"{stage.unit}/s"] / world, device)
+        if evaluating:
+            rec["val"] = evaluate()
         if master:
-            rec = dict(step=step, loss=loss_val, lr=lr, grad_norm=float(norm), **{f"{stage.unit}/s": units / dt})
-            if cuda and stage.kind == "gpt":
-                rec["mfu"] = getattr(raw, "_orig_mod", raw).estimate_mfu(units / dt / world, device)
             bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "step" and v is not None})
-            bar.update(1)
-        if step % args.eval_interval == 0 or step == total:
-            val = evaluate()
-            if master:
-                rec["val"] = val
-                bar.write(f"step {step}: {stage.val_metric.__doc__.split(' in ')[0].lower()} {val:.4f}")
-        if master:
+            if evaluating:
+                bar.write(f"step {step}: {stage.val_metric.__doc__.split(' in ')[0].lower()} {rec['val']:.4f}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
-        if step % args.ckpt_interval == 0 or step == total:
+        if saving:
             save()
+        t0, window = time.perf_counter(), 0  # throughput leaves out validation and checkpoint time
     bar.close()
     if world > 1:
         dist.barrier()

@@ -67,7 +67,7 @@ def assert_same_weights(a, b, tol):
 
 
 GPT_ARGS = ["--model", "nano", "--batch-size", 8, "--val-size", 100, "--num-workers", 0, "--eval-interval", 3,
-            "--lr", 3e-3]
+            "--lr", 3e-3, "--log-interval", 1]
 
 
 def test_ddp_and_fsdp_match_one_process(codes, tmp_path):
@@ -85,6 +85,13 @@ def test_ddp_and_fsdp_match_one_process(codes, tmp_path):
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], abs=1e-5), other
         assert got[-1]["val"] == pytest.approx(ref[-1]["val"], abs=1e-5)
         assert_same_weights(weights(tmp_path / other), weights(tmp_path / "one"), 1e-5)
+    # --log-interval 4 writes lines at steps 3 (validation), 4 and 6 (the end), each the mean since the last
+    run(common + ["--out-dir", tmp_path / "sparse", "--log-interval", 4])
+    sparse = log(tmp_path / "sparse")
+    assert [r["step"] for r in sparse] == [3, 4, 6] and "val" in sparse[0] and "val" not in sparse[1]
+    for r, window in zip(sparse, (ref[0:3], ref[3:4], ref[4:6])):
+        for key in ("loss", "grad_norm"):
+            assert r[key] == pytest.approx(sum(w[key] for w in window) / len(window), abs=1e-5)
 
 
 def test_resume_after_kill_matches_uninterrupted(codes, tmp_path):
@@ -141,7 +148,13 @@ def test_tokenizer_stage(tmp_path):
     assert not torch.equal(d[1][key], d[2][key])  # step 2 trains it
     vq = VQModel.from_pretrained(str(out / "ckpt.pt"))
     assert vq.config == vq_config("VQ-tiny")
-    assert 5 < log(out)[-1]["val"] < 60  # PSNR in dB, a sane value
+    lines = log(out)
+    assert 5 < lines[-1]["val"] < 60  # PSNR in dB, a sane value
+    # the log holds the loss's parts: it is their sum, and the GAN terms appear from --disc-start on
+    assert [("gen_adv" in r, "disc" in r) for r in lines] == [(False, False), (False, False), (True, True)]
+    for r in lines:
+        parts = r["rec"] + r["vq"] + r["commit"] + r["entropy"] + 0.5 * r.get("gen_adv", 0.0)
+        assert r["loss"] == pytest.approx(parts, abs=1e-6)
 
 
 def test_bad_input_messages(codes, tmp_path, capsys):
