@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 import data
+import fid
 import sample
 import train
 from common import cli, pick_device
 from data import CLASS_NAMES, SyntheticShapes
 from model import GPT
-from tokenizer import VQModel, codebook_usage_of, psnr, ssim
+from tokenizer import VQModel
 
 
 class NearestNeighbour:
@@ -89,15 +90,13 @@ def main():
     phase("tokenizer")
     print("== 2. tokenizer on 512 held-out images")
     held = SyntheticShapes(512, size, seed=args.seed + 1)
-    x = torch.stack([held[i][0] for i in range(len(held))]).to(device)
-    with torch.no_grad():
-        codes = vq.encode(x)
-        recon = vq.decode(codes)
-    rounded = torch.from_numpy(data.to_uint8(recon)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    figures.update(psnr=psnr(x.cpu(), rounded).mean().item(), ssim=ssim(x.cpu(), rounded).mean().item(),
-                   codebook_usage=codebook_usage_of(codes, vq.config.codebook_size),
+    m = fid.tokenizer_metrics(vq, held, net=None, batch_size=256, device=device)  # no rFID: needs a download
+    figures.update(psnr=m["psnr"], ssim=m["ssim"], codebook_usage=m["codebook_usage"],
                    codebook_size=vq.config.codebook_size)
-    pairs = torch.stack([x[:16].cpu(), recon[:16].cpu()], 1).flatten(0, 1)  # original, reconstruction, ...
+    x = torch.stack([held[i][0] for i in range(16)]).to(device)
+    with torch.no_grad():
+        recon = vq.decode(vq.encode(x))
+    pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)  # original, reconstruction, ...
     data.save_grid(pairs, os.path.join(out, "reconstructions.png"), nrow=8)
     print(f"PSNR {figures['psnr']:.2f} dB, SSIM {figures['ssim']:.3f}, "
           f"codebook usage {100 * figures['codebook_usage']:.1f}% of {vq.config.codebook_size}")

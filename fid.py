@@ -2,6 +2,7 @@
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz       # IS, FID, sFID, precision, recall
     python fid.py reference.npz --save-stats reference_stats.npz    # cache statistics for later runs
+    python fid.py --vq-ckpt vq_ds16_c2i.pt --data imagenet/val      # a tokenizer: rFID, PSNR, SSIM, usage
 
 The paper's ImageNet metrics (paper 3.2) come from ADM's TensorFlow evaluator, which runs the 2015-12-05
 Inception-v3 graph. Below is that graph written out in PyTorch, loading the standard port of its weights
@@ -26,10 +27,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_file_atomic, unwrap_state_dict
+from data import IMAGE_EXTENSIONS, image_dataset, to_uint8
+from tokenizer import VQModel, codebook_usage_of, psnr, ssim
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 # -----------------------------------------------------------------------------------------------------------
 # The network: Inception-v3 as frozen in the 2015-12-05 TensorFlow graph. Module and parameter names follow
@@ -403,6 +405,39 @@ def rfid(reconstructions, originals, net, batch_size=64, device="cpu"):
     return frechet_distance(*statistics(a), *statistics(b))
 
 
+@torch.inference_mode()
+def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_workers=0):
+    """The tokenizer's figures on `images` (a dataset of ([-1, 1] image, label), e.g. the ImageNet val crops
+    from data.image_dataset), measured as the official evaluation does (REFERENCE 7): every reconstruction
+    rounded to uint8 (data.to_uint8), then rFID against the originals, mean PSNR and SSIM, and codebook usage.
+    One pass over the images, nothing written to disk; net=None skips rFID."""
+    vq = vq.to(device).eval()
+    loader = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers)
+    psnrs, ssims, used, is_original = [], [], [], []
+
+    def pairs():  # per batch: originals then reconstructions, as uint8, so one Inception pass embeds both
+        for x, _ in tqdm(loader, desc="reconstructions", unit="batch", disable=net is not None):
+            x = x.to(device)
+            codes = vq.encode(x)
+            recon = to_uint8(vq.decode(codes))
+            rounded = torch.from_numpy(recon).permute(0, 3, 1, 2).float() / 127.5 - 1
+            psnrs.append(psnr(x.cpu(), rounded))
+            ssims.append(ssim(x.cpu(), rounded))
+            used.append(codes.unique().cpu())
+            is_original.append(np.repeat([True, False], len(x)))
+            yield np.concatenate([to_uint8(x), recon])
+
+    if net is None:
+        rfid_value = None
+        for _ in pairs():
+            pass
+    else:
+        pool, mask = batch_features(net, 2 * len(images), pairs(), device)["pool"], np.concatenate(is_original)
+        rfid_value = frechet_distance(*statistics(pool[~mask]), *statistics(pool[mask]))
+    return dict(rfid=rfid_value, psnr=torch.cat(psnrs).mean().item(), ssim=torch.cat(ssims).mean().item(),
+                codebook_usage=codebook_usage_of(torch.cat(used), vq.config.codebook_size))
+
+
 def inception_score(logits, split_size=5000):
     """Inception Score exp(E_x KL(p(y|x) || p(y))): high when each image is confidently one class and the
     classes are diverse. Between 1 (every prediction identical) and the number of classes (1008). Computed
@@ -500,18 +535,30 @@ def load_input(path, get_net, batch_size, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("samples", help="generated images: .npz with uint8 N x H x W x 3 'arr_0', a folder of "
-                   "images, or a statistics .npz")
+    p.add_argument("samples", nargs="?", help="generated images: .npz with uint8 N x H x W x 3 'arr_0', a "
+                   "folder of images, or a statistics .npz")
     p.add_argument("reference", nargs="?", help="reference: ADM batch such as VIRTUAL_imagenet256_labeled.npz "
                    "(its stored statistics are used), images, or a statistics .npz; omit it with --save-stats "
                    "to only cache the statistics of the first argument")
     p.add_argument("--inception", help="pt_inception-2015-12-05-6726825d.pth (default: torch's hub cache, "
                    "downloaded there when missing)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64, ADM's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64, ADM's)")
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="write the first argument's mu, sigma, mu_s, "
                    "sigma_s and pool features here, reusable in place of its images")
+    t = p.add_argument_group("a tokenizer instead of samples (paper Table 2: rFID, PSNR, SSIM, codebook usage)")
+    t.add_argument("--vq-ckpt", help="tokenizer checkpoint (ours or the official vq_ds16_c2i.pt) to evaluate on --data")
+    t.add_argument("--data", help="images it reconstructs, in class sub-folders (the paper: the 50k ImageNet "
+                   "val images), or synthetic:N")
+    t.add_argument("--image-size", type=int, default=256, help="ADM centre crop size in pixels (default 256)")
+    t.add_argument("--num-images", type=int, default=None, help="only N images, spread evenly over --data")
+    t.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (default 4)")
+    t.add_argument("--no-rfid", action="store_true", help="PSNR, SSIM and usage only: no Inception weights needed")
     args = p.parse_args()
+    if args.vq_ckpt or args.data:
+        return evaluate_tokenizer(args)
+    if args.samples is None:
+        raise UserError("give the samples to score (an .npz or a folder), or --vq-ckpt and --data for a tokenizer")
     if args.reference is None and not args.save_stats:
         raise UserError("give a reference to compare against, or --save-stats OUT.npz to cache statistics")
     if args.batch_size < 1:
@@ -546,6 +593,26 @@ def main():
         print(f"Precision: {precision:.4f}\nRecall: {recall:.4f}")
     else:
         print("Precision/Recall: skipped (needs images or pool features on both sides)")
+
+
+def evaluate_tokenizer(args):
+    if not (args.vq_ckpt and args.data):
+        raise UserError("a tokenizer evaluation needs both --vq-ckpt and --data")
+    if args.samples or args.reference or args.save_stats:
+        raise UserError("--vq-ckpt evaluates a tokenizer on --data alone; drop the sample/reference arguments")
+    device = pick_device(args.device)
+    vq = VQModel.from_pretrained(args.vq_ckpt)
+    images = image_dataset(args.data, args.image_size, augment="center", flip=False)
+    if args.num_images:
+        n = min(args.num_images, len(images))
+        images = torch.utils.data.Subset(images, [i * len(images) // n for i in range(n)])
+    net = None if args.no_rfid else FIDInception.from_pretrained(args.inception)
+    m = tokenizer_metrics(vq, images, net, args.batch_size, device, args.num_workers)
+    print(f"{len(images)} images of {args.data} at {args.image_size} px through {args.vq_ckpt}:")
+    if m["rfid"] is not None:
+        print(f"rFID: {m['rfid']:.4f}")
+    print(f"PSNR: {m['psnr']:.4f} dB\nSSIM: {m['ssim']:.4f}\n"
+          f"codebook usage: {100 * m['codebook_usage']:.2f}% of {vq.config.codebook_size}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ tests/data/inception_parity.pt holds pytorch-fid 0.3.0's outputs (torch 2.14.1) 
 two_images(): pool3, the fc logits WITH bias, and the first 7 channels of Mixed_6d.branch1x1 (N C H W). They
 were generated once in a separate environment that had torchvision; nothing of pytorch-fid is imported here.
 """
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -19,6 +20,8 @@ from PIL import Image
 
 import fid
 from common import UserError, cli
+from data import image_dataset, to_uint8
+from tokenizer import VQModel, psnr, ssim, vq_config
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -279,6 +282,38 @@ def test_rfid_and_sfid_compare_distributions(net):
     x = np.random.default_rng(0).standard_normal((50, 2023))
     assert fid.sfid(x, x[::-1]) == pytest.approx(0, abs=1e-9)
     assert fid.sfid(x, x + 1) == pytest.approx(2023, rel=1e-9)  # a shifted mean only: |dmu|^2
+
+
+def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypatch, capsys, weights_file):
+    """One streamed pass (batches of 5 over 12 images, originals and reconstructions embedded together) gives
+    what the separate pieces give: rfid() on the uint8 reconstructions and originals, tokenizer.psnr/ssim
+    against the uint8-rounded reconstructions, and the share of the codebook used."""
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-tiny")).eval()
+    images = image_dataset("synthetic:12", 32)
+    got = fid.tokenizer_metrics(vq, images, net, batch_size=5)
+
+    x = torch.stack([images[i][0] for i in range(12)])
+    with torch.no_grad():
+        codes = torch.cat([vq.encode(x[i:i + 5]) for i in range(0, 12, 5)])
+        recon = torch.cat([vq.decode(codes[i:i + 5]) for i in range(0, 12, 5)])
+    originals, recon_u8 = to_uint8(x), to_uint8(recon)
+    # the originals survive to_uint8 exactly: they were uint8 pixels to begin with
+    assert np.abs(originals / 127.5 - 1 - x.permute(0, 2, 3, 1).numpy()).max() < 1e-6
+    rounded = torch.from_numpy(recon_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert got["rfid"] == pytest.approx(fid.rfid(recon_u8, originals, net), rel=1e-5) and got["rfid"] > 1
+    assert got["psnr"] == pytest.approx(psnr(x, rounded).mean().item(), abs=1e-9)
+    assert got["ssim"] == pytest.approx(ssim(x, rounded).mean().item(), abs=1e-9)
+    assert got["codebook_usage"] == len(set(codes.flatten().tolist())) / 512
+
+    # the same through the command line, without rFID
+    torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config)}, tmp_path / "vq.pt")
+    code, out, _ = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
+                           "--image-size", "32", "--no-rfid", "--num-workers", "0", "--batch-size", "5")
+    assert code == 0 and "rFID" not in out
+    assert f"PSNR: {got['psnr']:.4f} dB" in out and f"SSIM: {got['ssim']:.4f}" in out
+    code, _, err = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"))
+    assert code == 2 and "needs both --vq-ckpt and --data" in err
 
 
 # ---------------------------------------------------------------------------------------------- CLI
