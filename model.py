@@ -309,6 +309,8 @@ class GPT(nn.Module):
         CPU. The config comes from the checkpoint (ours) or its tensor shapes (official); the token grid
         from image_size // downsample (image size: argument, else "_256"/"_384" in the name, else 256)."""
         ckpt = load_checkpoint(path)
+        if ckpt.get("kind", "gpt") != "gpt":
+            raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a GPT; pass a GPT checkpoint")
         sd = unwrap_state_dict(ckpt)
         found = config_from_state_dict(sd, overrides.get("n_head"))
         saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None

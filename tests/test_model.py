@@ -170,6 +170,9 @@ def test_wrong_or_incomplete_checkpoint_gives_one_clear_error(tmp_path):
     torch.save({"model": {"cls_embedding.cap_proj.fc1.weight": torch.zeros(2, 2)}}, str(tmp_path / "t2i.pt"))
     with pytest.raises(UserError, match="not a class-conditional"):
         GPT.from_pretrained(str(tmp_path / "t2i.pt"))
+    torch.save({"model": {}, "config": {}, "kind": "vq"}, str(tmp_path / "vq.pt"))
+    with pytest.raises(UserError, match="is a 'vq' checkpoint, not a GPT"):
+        GPT.from_pretrained(str(tmp_path / "vq.pt"))
 
 
 # -------------------------------------------------------------------------------------------------- 2D RoPE
