@@ -3,6 +3,7 @@ metrics in closed form, parity with the official LlamaGen code (recorded fixture
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,6 +219,34 @@ def test_lpips_loading_and_invariants(tmp_path):
     # each layer contributes sum_c w_c mean_hw (unit-normalised feature difference)^2 with w >= 0, and
     # |a - b|^2 <= 4 for unit vectors: an upper bound from the head weights alone
     assert torch.all(lp(x, y) <= 4 * sum(w.sum() for w in lin.values()))
+
+
+def test_lpips_matches_official_on_seeded_weights(tmp_path):
+    """tests/data/official_lpips.pt: the distances that LlamaGen's own tokenizer/tokenizer_image/lpips.py
+    (commit ce98ec4, torchvision 0.29.1, torch 2.14.1, eval mode) gives for the seeded weights and images
+    below, recorded once in a separate environment. Ours loads the same weights through its real file
+    loader (torchvision VGG16 names, LPIPS v0.1 head names) and must give the same numbers."""
+    rng = np.random.RandomState(0)  # numpy, so the weights do not depend on the torch version
+    vgg = {}
+    for key, v in T.LPIPS().state_dict().items():  # features.N.weight/bias in torchvision's order
+        if not key.startswith("features."):
+            continue
+        scale = np.sqrt(2.0 / np.prod(v.shape[1:])) if key.endswith("weight") else 0.1
+        vgg[key] = torch.from_numpy((rng.standard_normal(tuple(v.shape)) * scale).astype(np.float32))
+    lin = {f"lin{i}.model.1.weight": torch.from_numpy(rng.uniform(0, 0.2, (1, c, 1, 1)).astype(np.float32))
+           for i, c in enumerate((64, 128, 256, 512, 512))}
+    save_atomic(vgg, str(tmp_path / "vgg16-397923af.pth"))
+    save_atomic(lin, str(tmp_path / "vgg.pth"))
+    rng = np.random.RandomState(1)
+    x = torch.from_numpy(rng.uniform(-1, 1, (3, 3, 48, 40)).astype(np.float32))
+    y = (x + torch.from_numpy(rng.normal(0, 0.3, x.shape).astype(np.float32))).clamp(-1, 1)
+    y[2] = torch.from_numpy(rng.uniform(-1, 1, (3, 48, 40)).astype(np.float32))  # an unrelated image
+    with torch.no_grad():
+        ours = T.LPIPS.from_folder(str(tmp_path)).eval()(x, y)
+    official = torch.load(os.path.join(os.path.dirname(__file__), "data", "official_lpips.pt"),
+                          weights_only=True)["lpips"]
+    assert official[2] > 3 * official[0]  # the unrelated pair is much further apart
+    assert torch.allclose(ours, official, rtol=1e-5, atol=1e-7), (ours, official)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
