@@ -1,9 +1,9 @@
 """Pictures from a trained LlamaGen: the GPT writes a grid of codes one token at a time, the tokenizer's
 decoder turns the grid into pixels (paper 2.1-2.3).
 
-    python sample.py --class 207 360 387 --n 4                 # a PNG grid, one row per class
+    python sample.py --class 0 1 2 --n 4                       # demo models: a PNG grid, one row per class
     python sample.py --class 3 --progress drawing.gif          # watch the raster being written
-    python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt vq_ds16_c2i.pt --class 207 --top-k 2000
+    python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt vq_ds16_c2i.pt --class 207 360 387 --top-k 2000
     torchrun --nproc_per_node=8 sample.py --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt \\
         --num-samples 50000 --cfg-scale 2.0 --out samples.npz  # ADM-format .npz for fid.py
 

@@ -11,7 +11,6 @@ with VQModel.from_pretrained.
 import dataclasses
 import os
 import socket
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -180,8 +179,8 @@ class Decoder(nn.Module):
 # Vector quantizer (paper 2.2)
 #
 # Why low-dimensional, l2-normalised codes: with the classic VQ-VAE codebook (256-d, Euclidean lookup) most
-# entries are never the nearest neighbour of any encoder output, receive no gradient and die, and only a
-# few hundred of 16384 codes end up used (paper Table 2: 0.29% usage at 256-d). Projecting the encoder
+# entries are never the nearest neighbour of any encoder output, receive no gradient and die, and only
+# about 50 of 16384 codes end up used (paper Table 2: 0.29% usage at 256-d). Projecting the encoder
 # output down to 8 dimensions and putting both it and the codes on the unit sphere makes the lookup a
 # cosine similarity over a small, bounded space that the codes cover densely, so almost every code is the
 # winner somewhere (97% usage at 8-d) and reconstruction improves (rFID 2.19 vs 9.21 at 256-d).
@@ -392,7 +391,8 @@ class LPIPS(nn.Module):
     @classmethod
     def from_folder(cls, folder=None):
         """LPIPS from `folder`; with no folder, from torch's cache (downloading the files when online).
-        Returns None, with one warning, when the weights cannot be had."""
+        A UserError names the missing files when the weights cannot be had: training on without the
+        perceptual term would be a different recipe, so that is only done when asked for."""
         download = folder is None
         folder = folder or os.path.join(torch.hub.get_dir(), "checkpoints")
         missing = [f for f in cls.files if not os.path.isfile(os.path.join(folder, f))]
@@ -404,15 +404,14 @@ class LPIPS(nn.Module):
                 url, sha256_prefix = cls.files[f]
                 torch.hub.download_url_to_file(url, os.path.join(folder, f), hash_prefix=sha256_prefix)
         except Exception as e:  # offline, proxy, disk full, corrupted download
-            warnings.warn(f"perceptual (LPIPS) loss OFF: cannot download {missing} ({type(e).__name__}); "
-                          f"fetch {[cls.files[f][0] for f in missing]} into a folder and pass its path")
-            return None
+            problem = f"cannot download {', '.join(missing)} ({type(e).__name__})"
+        else:
+            problem = f"{', '.join(missing)} not found in {folder!r}" if missing and not download else None
         finally:
             socket.setdefaulttimeout(timeout)
-        if missing and not download:
-            warnings.warn(f"perceptual (LPIPS) loss OFF: {missing} not found in {folder!r}; "
-                          f"fetch them from {[cls.files[f][0] for f in missing]}")
-            return None
+        if problem:
+            raise UserError(f"perceptual loss (LPIPS): {problem}; fetch {' and '.join(cls.files[f][0] for f in missing)} "
+                            "into a folder and pass --lpips FOLDER, or train without it: --perceptual-weight 0")
         return cls().load(folder)
 
     def forward(self, x, y):
@@ -466,7 +465,7 @@ class VQLoss(nn.Module):
     disc_weight * hinge GAN loss from step `disc_start` on. Discriminator: disc_weight * hinge loss from
     `disc_start` on (before then it is multiplied by 0, so train.py skips that step: see gan_active).
     Perceptual term: LPIPS weights from `lpips_path` (a folder with vgg16-397923af.pth and vgg.pth) or,
-    without it, from torch's cache / a download; off with one warning when unavailable."""
+    without it, from torch's cache / a download; an error when unavailable (perceptual_weight 0: not used)."""
 
     def __init__(self, disc_start=20000, disc_weight=0.5, perceptual_weight=1.0, lpips_path=None):
         super().__init__()

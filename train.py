@@ -1,7 +1,7 @@
 """One trainer for both stages of LlamaGen: the VQ tokenizer on images, then the GPT on their codes.
 
     python train.py --model VQ-tiny --data synthetic:20000 --image-size 32     # stage 1, one process
-    python data.py extract --vq-ckpt runs/VQ-tiny/ckpt.pt --data synthetic:20000 --out runs/codes
+    python data.py extract --vq-ckpt runs/VQ-tiny/ckpt.pt --data synthetic:20000 --image-size 32 --out runs/codes
     torchrun --nproc_per_node=2 train.py --model nano --data runs/codes        # stage 2, DDP
     torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
         train.py --model XXL --fsdp --data /data/imagenet256_codes
@@ -63,7 +63,7 @@ def get_args(argv=None):
     a("--ema", type=float, default=0.0, help="keep an EMA of the weights with this decay (e.g. 0.9999)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="autocast dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS)")
-    a("--val-size", type=int, default=256, help="items held out from the end of --data for validation")
+    a("--val-size", type=int, default=256, help="items held out for validation: every (N / val-size)-th of --data")
     a("--log-interval", type=int, default=10, help="steps per log.jsonl line, which holds their mean losses "
       "(the loss is read back only then: a read every step would make the GPU wait)")
     a("--eval-interval", type=int, default=500, help="steps between validation passes")

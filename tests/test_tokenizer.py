@@ -202,9 +202,9 @@ def test_vq_loss_schedule():
 
 
 def test_lpips_loading_and_invariants(tmp_path):
-    with pytest.warns(UserWarning, match="LPIPS") as record:
-        assert T.VQLoss(lpips_path=str(tmp_path)).lpips is None  # no files: perceptual term off
-    assert len(record) == 1
+    with pytest.raises(UserError, match=r"LPIPS\): vgg16-397923af.pth, vgg.pth not found .* --perceptual-weight 0"):
+        T.VQLoss(lpips_path=str(tmp_path))  # no files: a clear error, not a silently different recipe
+    assert T.VQLoss(lpips_path=str(tmp_path), perceptual_weight=0).lpips is None  # asked for: off
     torch.manual_seed(0)
     ref = T.LPIPS()
     vgg = {k: v for k, v in ref.state_dict().items() if k.startswith("features.")}
