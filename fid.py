@@ -420,9 +420,9 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
             x = x.to(device)
             codes = vq.encode(x)
             recon = to_uint8(vq.decode(codes))
-            rounded = torch.from_numpy(recon).permute(0, 3, 1, 2).float() / 127.5 - 1
-            psnrs.append(psnr(x.cpu(), rounded))
-            ssims.append(ssim(x.cpu(), rounded))
+            rounded = torch.from_numpy(recon).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            psnrs.append(psnr(x, rounded).cpu())
+            ssims.append(ssim(x, rounded).cpu())
             used.append(codes.unique().cpu())
             is_original.append(np.repeat([True, False], len(x)))
             yield np.concatenate([to_uint8(x), recon])
