@@ -126,6 +126,11 @@ def bench_fid(args):
     t_inc = timed(lambda: fid.compute_features(net, images, batch, args.device, progress=False),
                   warmup=1, repeat=1 if args.quick else 2, device=args.device)
     print(f"Inception features (pool, logits, spatial) at 299 px, batch {batch}: {2 * batch / t_inc:.1f} images/s")
+    from tokenizer import psnr, ssim
+    x = torch.rand(16 if args.quick else 64, 3, 256, 256, device=args.device) * 2 - 1
+    y = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    t_ssim = timed(lambda: (psnr(x, y), ssim(x, y)), warmup=1, repeat=2, device=args.device)
+    print(f"PSNR + SSIM (official 7x7 window) at 256 px: {len(x) / t_ssim:.0f} images/s")
 
 
 BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid}

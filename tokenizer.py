@@ -474,7 +474,9 @@ class VQLoss(nn.Module):
         self.lpips = LPIPS.from_folder(lpips_path) if perceptual_weight > 0 else None
 
     def gan_active(self, step):
-        return self.disc_weight > 0 and step >= self.disc_start
+        """step counts from 0; the official trainer counts the step being taken from 1, so disc_start 20000
+        makes the 20,000th step the first adversarial one, as there."""
+        return self.disc_weight > 0 and step + 1 >= self.disc_start
 
     def generator_loss(self, images, recon, codebook_losses, step):
         """-> (loss, logs of detached scalars). The discriminator's parameters get gradients here too:

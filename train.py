@@ -39,18 +39,22 @@ def get_args(argv=None):
     a("--out-dir", default=None, help="where ckpt.pt and log.jsonl go (default runs/<model>)")
     a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly where it stopped")
     a("--image-size", type=int, default=256, help="tokenizer stage: training resolution in pixels")
-    a("--epochs", type=float, default=None, help="passes over the data (default: 300 GPT, 40 tokenizer, paper 3)")
+    a("--epochs", type=float, default=None, help="passes over the data (default: GPT 300, tokenizer 40)")
     a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    a("--batch-size", type=int, default=256, help="GLOBAL batch: per step, over all ranks and accumulation")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch: per step, over all ranks and accumulation "
+      "(default: GPT 256, tokenizer 128)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
-    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 per 256 of global batch)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 at the default batch size, "
+      "scaled linearly with --batch-size)")
     a("--lr-schedule", choices=["constant", "cosine"], default="constant", help="constant as in the paper")
     a("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay, on >=2-D weights only")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay, on >=2-D weights only "
+      "(default: GPT 0.05, tokenizer 0)")
     a("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0 = off)")
     a("--dropout", type=float, default=None, help="GPT: token/residual/FFN dropout (default 0.1)")
     a("--class-dropout", type=float, default=None, help="GPT: prob. of the null class, for CFG (default 0.1)")
-    a("--disc-start", type=int, default=20000, help="tokenizer: step at which the PatchGAN loss starts")
+    a("--disc-start", type=int, default=20000,
+      help="tokenizer: the first step (counting from 1) with the PatchGAN loss")
     a("--disc-weight", type=float, default=0.5, help="tokenizer: weight of the generator's GAN loss")
     a("--perceptual-weight", type=float, default=1.0, help="tokenizer: LPIPS weight (0 = off)")
     a("--lpips", default=None, help="tokenizer: folder with vgg16-397923af.pth and LPIPS vgg.pth")
@@ -136,7 +140,8 @@ def split(ds, val_size):
 
 class GPTStage:
     """Stage 2 (paper 2.3): next-token prediction over the codes of each image, the class as a prefix."""
-    kind, unit, default_epochs = "gpt", "tok", 300
+    kind, unit = "gpt", "tok"
+    defaults = dict(epochs=300, batch_size=256, weight_decay=0.05)  # paper 3.2 and the official code agree
 
     def __init__(self, args, resumed):
         codes = data.CodesDataset(args.data)
@@ -171,7 +176,10 @@ class GPTStage:
 class VQStage:
     """Stage 1 (paper 2.2): reconstruct images through the quantizer bottleneck; after --disc-start a
     PatchGAN discriminator joins with its own optimizer."""
-    kind, unit, default_epochs = "vq", "img", 40
+    kind, unit = "vq", "img"
+    # The paper says AdamW with weight decay 0.05; the code that trained the released tokenizer uses Adam
+    # without weight decay (REFERENCE 2). We follow the code: AdamW with decay 0 is exactly that Adam.
+    defaults = dict(epochs=40, batch_size=128, weight_decay=0.0)
 
     def __init__(self, args, resumed):
         over = dict(codebook_size=args.codebook_size, entropy_loss_ratio=args.entropy_loss_ratio)
@@ -255,6 +263,14 @@ def main(argv=None):
     master = rank == 0
     args.out_dir = args.out_dir or os.path.join("runs", args.model)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    Stage = GPTStage if args.model in GPT_CONFIGS else VQStage if args.model in VQ_CONFIGS else None
+    if Stage is None:
+        raise UserError(f"unknown --model {args.model!r}; GPT configs: {', '.join(GPT_CONFIGS)}; "
+                        f"tokenizer configs: {', '.join(VQ_CONFIGS)}")
+    for name, value in Stage.defaults.items():  # the two stages' recipes differ
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.lr = args.lr or 1e-4 * args.batch_size / Stage.defaults["batch_size"]
     if args.batch_size % (world * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by world size {world} x --grad-accum "
                         f"{args.grad_accum}; pick a multiple of {world * args.grad_accum}")
@@ -268,13 +284,7 @@ def main(argv=None):
 
     # what differs between the two stages
     torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-    if args.model in GPT_CONFIGS:
-        stage = GPTStage(args, ckpt)
-    elif args.model in VQ_CONFIGS:
-        stage = VQStage(args, ckpt)
-    else:
-        raise UserError(f"unknown --model {args.model!r}; GPT configs: {', '.join(GPT_CONFIGS)}; "
-                        f"tokenizer configs: {', '.join(VQ_CONFIGS)}")
+    stage = Stage(args, ckpt)
 
     # precision: bf16 needs no loss scaling; fp16 does; CPUs train in fp32
     cuda = device.startswith("cuda")
@@ -296,7 +306,6 @@ def main(argv=None):
     if args.compile:
         raw = torch.compile(raw)
     model = wrap(raw, args, device, world, blocks)
-    args.lr = args.lr or 1e-4 * args.batch_size / 256
     # GPT's AdamW recipe (decay on >= 2-D weights only) serves the tokenizer and its discriminator too
     adamw = partial(GPT.configure_optimizers, weight_decay=args.weight_decay, learning_rate=args.lr,
                     betas=(0.9, 0.95), device_type=device.split(":")[0])
@@ -309,7 +318,7 @@ def main(argv=None):
 
     # data: per-item seeding makes the stream independent of world size and of restarts
     n_train = len(stage.train_set)
-    total = args.max_steps or math.ceil((args.epochs or stage.default_epochs) * n_train / args.batch_size)
+    total = args.max_steps or math.ceil(args.epochs * n_train / args.batch_size)
     step = 0
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if ckpt:

@@ -190,15 +190,15 @@ def test_vq_loss_schedule():
     x, r = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     cb = dict(vq=torch.tensor(0.3), commit=torch.tensor(0.075), entropy=torch.tensor(0.0))
     base = F.mse_loss(r, x) + 0.375
-    loss, logs = loss_fn.generator_loss(x, r, cb, step=4)
+    loss, logs = loss_fn.generator_loss(x, r, cb, step=3)  # the 4th step (steps count from 0)
     assert loss.item() == pytest.approx(base.item()) and "gen_adv" not in logs
-    assert loss_fn.discriminator_loss(x, r, step=4)[0].item() == 0  # D's loss x0 before disc_start
+    assert loss_fn.discriminator_loss(x, r, step=3)[0].item() == 0  # D's loss x0 before disc_start
     with torch.no_grad():  # BatchNorm in train mode: the output depends on the batch only
         g_adv = -loss_fn.discriminator(r).mean()
         d_loss = T.hinge_d_loss(loss_fn.discriminator(x), loss_fn.discriminator(r))
-    loss, logs = loss_fn.generator_loss(x, r, cb, step=5)
+    loss, logs = loss_fn.generator_loss(x, r, cb, step=4)  # the 5th step: the first adversarial one
     assert loss.item() == pytest.approx((base + 0.5 * g_adv).item(), rel=1e-5)
-    assert loss_fn.discriminator_loss(x, r, step=5)[0].item() == pytest.approx(0.5 * d_loss.item(), rel=1e-5)
+    assert loss_fn.discriminator_loss(x, r, step=4)[0].item() == pytest.approx(0.5 * d_loss.item(), rel=1e-5)
 
 
 def test_lpips_loading_and_invariants(tmp_path):

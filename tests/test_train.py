@@ -133,6 +133,7 @@ def test_gpt_learns_the_embedded_dataset(codes, tmp_path):
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["config"]["vocab_size"] == 64 and ckpt["config"]["block_size"] == 64
     assert ckpt["config"]["num_classes"] == 10 and ckpt["step"] == 100 and ckpt["samples_seen"] == 100 * 16
+    assert ckpt["args"]["weight_decay"] == 0.05 and ckpt["args"]["epochs"] == 300  # the GPT recipe (paper 3.2)
 
 
 def test_tokenizer_stage(tmp_path):
@@ -140,14 +141,17 @@ def test_tokenizer_stage(tmp_path):
     VQModel.from_pretrained."""
     out = tmp_path / "vq"
     run(["--model", "VQ-tiny", "--data", "synthetic:40", "--image-size", 32, "--batch-size", 4,
-         "--val-size", 8, "--max-steps", 3, "--disc-start", 2, "--perceptual-weight", 0, "--num-workers", 0,
+         "--val-size", 8, "--max-steps", 3, "--disc-start", 3, "--perceptual-weight", 0, "--num-workers", 0,
          "--eval-interval", 3, "--ckpt-interval", 1, "--keep-ckpts", "--out-dir", out])
     d = [load_checkpoint(out / f"ckpt_{s:07d}.pt")["discriminator"] for s in (1, 2, 3)]
     key = next(k for k in d[0] if k.endswith("weight") and d[0][k].dim() == 4)
-    assert torch.equal(d[0][key], d[1][key])  # steps 0 and 1: before --disc-start
-    assert not torch.equal(d[1][key], d[2][key])  # step 2 trains it
+    assert torch.equal(d[0][key], d[1][key])  # steps 1 and 2: before --disc-start 3
+    assert not torch.equal(d[1][key], d[2][key])  # step 3 trains it
     vq = VQModel.from_pretrained(str(out / "ckpt.pt"))
     assert vq.config == vq_config("VQ-tiny")
+    # the tokenizer recipe of the official code: Adam without decay, lr 1e-4 per 128 images, 40 epochs
+    saved = load_checkpoint(out / "ckpt.pt")["args"]
+    assert saved["weight_decay"] == 0 and saved["lr"] == pytest.approx(1e-4 * 4 / 128) and saved["epochs"] == 40
     lines = log(out)
     assert 5 < lines[-1]["val"] < 60  # PSNR in dB, a sane value
     # the log holds the loss's parts: it is their sum, and the GAN terms appear from --disc-start on
