@@ -62,7 +62,8 @@ def decode(vq, codes, resize_to=None, block_size=None):
         written = (torch.arange(L, device=x.device) < t).view(g, g)
         x = x * written.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
     if resize_to and resize_to != x.shape[-1]:
-        # as the official evaluation of the 384 px models: bicubic on the float image, then quantised
+        # as the official evaluation of the 384 px models: bicubic on the unclamped decoder output, then
+        # clamped and quantised (to_uint8)
         x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
     return to_uint8(x)
 

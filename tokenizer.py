@@ -312,10 +312,12 @@ class VQModel(nn.Module):
         return self.quantize.nearest(z)[2].view(B, h, w)
 
     def decode(self, codes):
-        """codes int64 [B, h, w] -> images [B, 3, h*ds, w*ds] clamped to [-1, 1]."""
+        """codes int64 [B, h, w] -> images [B, 3, h*ds, w*ds], about [-1, 1] but not clamped, like the
+        official decode_code: the official evaluation resizes first and clamps when it rounds to uint8
+        (data.to_uint8), and clamping earlier would change the resized pixels."""
         if codes.dim() != 3:
             raise UserError(f"decode expects codes [B, h, w], got shape {tuple(codes.shape)}")
-        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes))).clamp(-1, 1)
+        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
 
     def forward(self, images):
         """Training path: images -> (reconstruction, unclamped; dict of codebook losses vq/commit/entropy)."""

@@ -104,10 +104,13 @@ def test_grid_png_holds_the_samples_one_row_per_class(ck, tmp_path):
 
 
 def test_pixels_follow_the_official_rule_resized_before_quantising(ck, tmp_path):
-    """uint8 = clamp(127.5 x + 128) truncated; --resize-to: bicubic on the float decode, then quantised."""
+    """uint8 = clamp(127.5 x + 128) truncated; --resize-to: bicubic on the unclamped decoder output, then
+    clamped and quantised (sample_c2i_ddp.py's order)."""
     gpt, vq = models(ck)
     codes = gpt.generate(torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(5))
-    x = torch.nn.functional.interpolate(vq.decode(codes.view(2, GRID, GRID)), size=(8, 8), mode="bicubic")
+    raw = vq.decoder(vq.post_quant_conv(vq.quantize.lookup(codes.view(2, GRID, GRID))))
+    assert raw.abs().max() > 1  # so clamping before the resize would give other pixels
+    x = torch.nn.functional.interpolate(raw, size=(8, 8), mode="bicubic")
     expected = torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     got = sample.sample_images(gpt, vq, [1, 2], cfg_scale=2.0, generator=torch.Generator().manual_seed(5), resize_to=8)
     np.testing.assert_array_equal(got, expected)

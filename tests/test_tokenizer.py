@@ -103,7 +103,7 @@ def test_encode_decode_shapes(name, ds, size):
         codes = m.encode(torch.rand(1, 3, size, size) * 2 - 1)
         assert codes.shape == (1, size // ds, size // ds) and codes.dtype == torch.int64
         img = m.decode(codes)
-    assert img.shape == (1, 3, size, size) and img.abs().max() <= 1
+    assert img.shape == (1, 3, size, size)
 
 
 # ---------------------------------------------------------------------------------------------- quantizer
@@ -289,7 +289,7 @@ def test_official_parity(official, tmp_path):
     x = official["images"]
     with torch.no_grad():
         assert torch.equal(m.encode(x), official["codes"])
-        torch.testing.assert_close(m.decode(official["codes"]), official["decoded"].clamp(-1, 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(m.decode(official["codes"]), official["decoded"], atol=1e-5, rtol=0)
     m.train()
     x = x.clone().requires_grad_(True)
     rec, losses = m(x)
