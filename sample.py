@@ -3,7 +3,7 @@ decoder turns the grid into pixels (paper 2.1-2.3).
 
     python sample.py --class 0 1 2 --n 4                       # demo models: a PNG grid, one row per class
     python sample.py --class 3 --progress drawing.gif          # watch the raster being written
-    python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt vq_ds16_c2i.pt --class 207 360 387 --top-k 2000
+    python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt vq_ds16_c2i.pt --class 207 360 387
     torchrun --nproc_per_node=8 sample.py --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt \\
         --num-samples 50000 --cfg-scale 2.0 --out samples.npz  # ADM-format .npz for fid.py
 
@@ -109,7 +109,7 @@ Run the demo to train small models there, or use the official LlamaGen weights (
   tokenizer: {OFFICIAL_VQ}
   GPT (ImageNet classes, _256/_384 = image size): {' '.join(OFFICIAL_GPTS)}
   e.g.  wget {OFFICIAL_URL}{OFFICIAL_VQ} {OFFICIAL_URL}c2i_L_384.pt
-        python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt {OFFICIAL_VQ} --class 207 --top-k 2000"""
+        python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt {OFFICIAL_VQ} --class 207"""
 
 
 def load_models(gpt_path, vq_path, image_size=None):
@@ -199,15 +199,19 @@ def pictures(args, gpt, vq, sample_kw):
 
 
 def evaluation(args, gpt, vq, sample_kw, rank, world):
-    """args.num_samples images, labels cycling through the classes (50 per class for 50k of 1000): batch b
+    """args.num_samples images of labels drawn from the classes: uniformly at random (the official
+    evaluation's protocol), or cycling through them (--labels balanced: 50 per class for 50k of 1000). Batch b
     holds samples [b*bs, (b+1)*bs). Rank r draws every world-th unfinished batch and saves each atomically
     in <out>.parts/; a rerun skips finished ones; rank 0 gathers the final .npz and deletes the parts."""
     N, bs = args.num_samples, args.batch_size
     classes = torch.tensor(args.classes)
-    labels = classes[torch.arange(N) % len(classes)]
+    if args.labels == "balanced":
+        labels = classes[torch.arange(N) % len(classes)]
+    else:  # all drawn up front from --seed, so they do not depend on the number of processes
+        labels = classes[torch.randint(len(classes), (N,), generator=torch.Generator().manual_seed(args.seed))]
     parts, n_batches = args.out + ".parts", math.ceil(N / bs)
     # the settings that decide the pixels: parts made with others must not be mixed in
-    stamp = {k: getattr(args, k) for k in ("num_samples", "classes", "batch_size", "seed",
+    stamp = {k: getattr(args, k) for k in ("num_samples", "classes", "labels", "batch_size", "seed",
                                            "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p",
                                            "image_size", "resize_to", "precision")}
     stamp.update(gpt_ckpt=os.path.abspath(args.gpt_ckpt), vq_ckpt=os.path.abspath(args.vq_ckpt))
@@ -251,7 +255,7 @@ def evaluation(args, gpt, vq, sample_kw, rank, world):
     # arr_0 is what the ADM evaluator reads; it ignores arr_1, the labels
     save_file_atomic(args.out, lambda f: write_npz(f, arr_0=out, arr_1=out_labels))
     shutil.rmtree(parts)
-    print(f"wrote {args.out}: arr_0 {out.dtype} {tuple(out.shape)}, labels (arr_1) cycling through "
+    print(f"wrote {args.out}: arr_0 {out.dtype} {tuple(out.shape)}, labels (arr_1) {args.labels} over "
           f"{len(classes)} classes")
 
 
@@ -272,16 +276,18 @@ def get_args(argv=None):
     a("--vq-ckpt", default=None, help=f"tokenizer: ours or the official {OFFICIAL_VQ} (default: {DEMO_VQ})")
     a("--class", dest="classes", type=int, nargs="+", default=None,
       help="class ids to draw (default: the official demo's 8 ImageNet classes if the GPT has them, else all "
-           "its classes); with --num-samples the labels cycle through them")
+           "its classes); with --num-samples, every class unless given, and the labels are drawn from them")
     a("--n", type=int, default=4, help="pictures per class (default: 4)")
     a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the .npz with "
       "--num-samples (default: samples/samples<N>.npz)")
-    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 1 = off (paper 2.3). "
-      "Pictures: default 4.0, as the official demo. Evaluation: required (paper FIDs: 2.0 for B and L)")
+    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s (paper 2.3): 1 = off, "
+      "0 = the null class alone (unconditional); the official code treats every s <= 1 as off. Pictures: "
+      "default 4.0, as the official demo. Evaluation: required (paper FIDs: 2.0 for B and L)")
     a("--cfg-interval", type=int, default=-1, help="-1: guide every token; k >= 0: only tokens 0..k+1, then "
       "the conditional logits alone (the official semantics)")
     a("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
-    a("--top-k", type=int, default=0, help="sample among the k most likely codes only (0 = all, as for FID)")
+    a("--top-k", type=int, default=None, help="sample among the k most likely codes only, 0 = all (default: "
+      "2000 for pictures, as the official demo; 0 for --num-samples, as the official FID runs)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass (1 = all)")
     a("--seed", type=int, default=0, help="batch b is seeded from (seed, b), whatever the number of processes")
     a("--image-size", type=int, default=None, help="pixels per side, (size/downsample)^2 tokens (default: "
@@ -296,8 +302,10 @@ def get_args(argv=None):
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     a("--progress", default=None, metavar="GIF", help="also write an animation of the rasters being written")
     a("--progress-frames", type=int, default=32, help="frames of --progress, at most one per token (default: 32)")
-    a("--num-samples", type=int, default=None, help="evaluation: write exactly this many images, balanced "
-      "over the classes, as uint8 NHWC arr_0 (labels arr_1) in --out; resumable; run it under torchrun")
+    a("--num-samples", type=int, default=None, help="evaluation: write exactly this many images as uint8 "
+      "NHWC arr_0 (labels arr_1) in --out; resumable; run it under torchrun")
+    a("--labels", choices=["random", "balanced"], default="random", help="evaluation labels: uniformly random "
+      "over the classes, as the official evaluation (default), or cycling through them, N/classes each")
     return p.parse_args(argv)
 
 
@@ -323,6 +331,8 @@ def check_args(args):
 def main(argv=None):
     args = get_args(argv)
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.top_k is None:
+        args.top_k = 0 if args.num_samples else 2000
     check_args(args)
     if args.num_samples is None and args.cfg_scale is None:
         args.cfg_scale = 4.0

@@ -147,12 +147,13 @@ def test_progress_gif_reveals_the_raster_and_ends_on_the_picture(ck, tmp_path):
     assert Image.open(gif).n_frames == GRID ** 2  # at most one frame per token
 
 
-def test_npz_is_balanced_uint8_nhwc_and_round_trips(ck, reference_npz, tmp_path):
+def test_npz_is_uint8_nhwc_with_the_official_random_labels_and_round_trips(ck, reference_npz, tmp_path):
     with np.load(reference_npz) as z:
         images, labels = z["arr_0"], z["arr_1"]
     assert images.shape == (23, SIZE, SIZE, 3) and images.dtype == np.uint8
-    np.testing.assert_array_equal(labels, np.arange(23) % CLASSES)  # the first 23 of 0..9, 0..9, ...
-    assert np.bincount(labels).tolist() == [3, 3, 3] + [2] * 7
+    # uniform labels over every class, all drawn from --seed before any batch
+    np.testing.assert_array_equal(labels, torch.randint(CLASSES, (23,), generator=torch.Generator().manual_seed(0)).numpy())
+    assert len(set(labels.tolist())) > 3
     assert not os.path.exists(str(reference_npz) + ".parts")
     gpt, vq = models(ck)
     for b in (0, 5):  # batch b = samples [4b, 4b + 4), seeded by (0, b)
@@ -162,6 +163,14 @@ def test_npz_is_balanced_uint8_nhwc_and_round_trips(ck, reference_npz, tmp_path)
     again = tmp_path / "again.npz"
     sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--out", str(again)])
     assert again.read_bytes() == reference_npz.read_bytes()
+
+
+def test_balanced_labels_cycle_through_the_classes(ck, tmp_path):
+    out = tmp_path / "balanced.npz"
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--labels", "balanced", "--class", "2", "7",
+                 "9", "--out", str(out)])
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["arr_1"], np.array([2, 7, 9] * 8)[:23])  # 8, 8 and 7 of each
 
 
 def test_resume_after_interruption_gives_identical_bytes(ck, reference_npz, tmp_path, monkeypatch, capsys):
