@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_file_atomic, unwrap_state_dict
 from data import IMAGE_EXTENSIONS, image_dataset, to_uint8
+from sample import decode
 from tokenizer import VQModel, codebook_usage_of, psnr, ssim
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -406,11 +407,13 @@ def rfid(reconstructions, originals, net, batch_size=64, device="cpu"):
 
 
 @torch.inference_mode()
-def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_workers=0):
+def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_workers=0, resize_to=None):
     """The tokenizer's figures on `images` (a dataset of ([-1, 1] image, label), e.g. the ImageNet val crops
     from data.image_dataset), measured as the official evaluation does (REFERENCE 7): every reconstruction
     rounded to uint8 (data.to_uint8), then rFID against the originals, mean PSNR and SSIM, and codebook usage.
-    One pass over the images, nothing written to disk; net=None skips rFID."""
+    resize_to: both bicubically resized first, the reconstruction before it is rounded (paper Table 3 measures
+    its 384 and 512 px tokenizers at 256). One pass over the images, nothing written to disk; net=None skips
+    rFID."""
     vq = vq.to(device).eval()
     loader = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers)
     psnrs, ssims, used, is_original = [], [], [], []
@@ -419,7 +422,9 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
         for x, _ in tqdm(loader, desc="reconstructions", unit="batch", disable=net is not None):
             x = x.to(device)
             codes = vq.encode(x)
-            recon = to_uint8(vq.decode(codes))
+            recon = decode(vq, codes.flatten(1), resize_to)
+            if resize_to:
+                x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
             rounded = torch.from_numpy(recon).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
             psnrs.append(psnr(x, rounded).cpu())
             ssims.append(ssim(x, rounded).cpu())
@@ -551,6 +556,8 @@ def main():
     t.add_argument("--data", help="images it reconstructs, in class sub-folders (the paper: the 50k ImageNet "
                    "val images), or synthetic:N")
     t.add_argument("--image-size", type=int, default=256, help="ADM centre crop size in pixels (default 256)")
+    t.add_argument("--resize-to", type=int, default=None, help="measure at this size: originals and "
+                   "reconstructions resized bicubically, as paper Table 3 measures 384/512 px at 256")
     t.add_argument("--num-images", type=int, default=None, help="only N images, spread evenly over --data")
     t.add_argument("--num-workers", type=int, default=4, help="image-decoding processes (default 4)")
     t.add_argument("--no-rfid", action="store_true", help="PSNR, SSIM and usage only: no Inception weights needed")
@@ -607,8 +614,9 @@ def evaluate_tokenizer(args):
         n = min(args.num_images, len(images))
         images = torch.utils.data.Subset(images, [i * len(images) // n for i in range(n)])
     net = None if args.no_rfid else FIDInception.from_pretrained(args.inception)
-    m = tokenizer_metrics(vq, images, net, args.batch_size, device, args.num_workers)
-    print(f"{len(images)} images of {args.data} at {args.image_size} px through {args.vq_ckpt}:")
+    m = tokenizer_metrics(vq, images, net, args.batch_size, device, args.num_workers, args.resize_to)
+    print(f"{len(images)} images of {args.data} at {args.image_size} px through {args.vq_ckpt}"
+          + (f", measured at {args.resize_to} px:" if args.resize_to else ":"))
     if m["rfid"] is not None:
         print(f"rFID: {m['rfid']:.4f}")
     print(f"PSNR: {m['psnr']:.4f} dB\nSSIM: {m['ssim']:.4f}\n"

@@ -306,6 +306,15 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
     assert got["ssim"] == pytest.approx(ssim(x, rounded).mean().item(), abs=1e-9)
     assert got["codebook_usage"] == len(set(codes.flatten().tolist())) / 512
 
+    # paper Table 3's protocol: originals and reconstructions resized (bicubic) before measuring, the
+    # reconstruction before it is rounded
+    small = fid.tokenizer_metrics(vq, images, None, batch_size=5, resize_to=16)
+    resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bicubic")
+    rounded16 = torch.from_numpy(to_uint8(resize(recon))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert small["rfid"] is None
+    assert small["psnr"] == pytest.approx(psnr(resize(x), rounded16).mean().item(), abs=1e-9)
+    assert small["ssim"] == pytest.approx(ssim(resize(x), rounded16).mean().item(), abs=1e-9)
+
     # the same through the command line, without rFID
     torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config)}, tmp_path / "vq.pt")
     code, out, _ = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
