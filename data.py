@@ -545,6 +545,33 @@ class CodesDataset(torch.utils.data.Dataset):
         return torch.from_numpy(codes[index, view].astype(np.int64)), torch.tensor(int(labels[index]))
 
 
+class MixedCodes(torch.utils.data.Dataset):
+    """Codes folders of the same images made with different crops: each access picks a folder uniformly at
+    random, then one of its views. The official GPTs trained on ten crops at crop_range 1.1 and 1.05 mixed
+    this way, half and half (REFERENCE 6)."""
+
+    def __init__(self, folders):
+        self.parts = [CodesDataset(f) for f in folders]
+        self.meta, self.num_classes = self.parts[0].meta, self.parts[0].num_classes
+        for p in self.parts[1:]:
+            same = all(p.meta[k] == self.meta[k] for k in ("count", "vocab_size", "grid", "tokenizer_checksum"))
+            if not same or not np.array_equal(p._arrays()[1], self.parts[0]._arrays()[1]):
+                raise UserError(f"{p.folder} and {self.parts[0].folder} do not hold codes of the same images "
+                                "by the same tokenizer; extract both from one --data with one tokenizer")
+
+    def __len__(self):
+        return len(self.parts[0])
+
+    def __getitem__(self, index):
+        return self.parts[int(torch.randint(len(self.parts), ()))][index]
+
+
+def codes_dataset(spec):
+    """The dataset behind the GPT's --data: one codes folder, or several joined by commas (MixedCodes)."""
+    folders = [f for f in str(spec).split(",") if f]
+    return CodesDataset(folders[0]) if len(folders) == 1 else MixedCodes(folders)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # command line
 

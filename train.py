@@ -34,7 +34,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help=f"GPT config {list(GPT_CONFIGS)} or tokenizer config {list(VQ_CONFIGS)}")
-    a("--data", required=True, help="GPT: a codes folder from `data.py extract`. Tokenizer: an image folder "
+    a("--data", required=True, help="GPT: a codes folder from `data.py extract` (or several of the same images, "
+      "comma-separated, mixed per item: the official 1.1 and 1.05 ten crops). Tokenizer: an image folder "
       "(class sub-folders) or synthetic[:N], the embedded dataset of N images")
     a("--out-dir", default=None, help="where ckpt.pt and log.jsonl go (default runs/<model>)")
     a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly where it stopped")
@@ -144,7 +145,7 @@ class GPTStage:
     defaults = dict(epochs=300, batch_size=256, weight_decay=0.05)  # paper 3.2 and the official code agree
 
     def __init__(self, args, resumed):
-        codes = data.CodesDataset(args.data)
+        codes = data.codes_dataset(args.data)
         grid = codes.meta["grid"]
         over = dict(vocab_size=codes.meta["vocab_size"], block_size=grid[0] * grid[1],
                     num_classes=codes.meta["num_classes"])

@@ -268,6 +268,25 @@ def test_extract_ten_crop_codes(tmp_path):
     assert torch.equal(codes[1, 5], vq.encode(x.flip(-1)[None, :, :16, :16]).flatten())
 
 
+def test_mixed_crop_folders_draw_from_both(tmp_path):
+    """--data a,b: the official mix of ten-crop codes at crop_range 1.1 and 1.05, one folder per access."""
+    vq = HashTokenizer()
+    for name, crop in (("c110", 1.1), ("c105", 1.05)):
+        data.extract_codes(vq, "synthetic:3", tmp_path / name, image_size=16, ten_crop=True, crop_range=crop)
+    mixed = data.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'c105'}")
+    rows = {name: torch.from_numpy(np.load(tmp_path / name / "codes.npy").astype(np.int64)) for name in ("c110", "c105")}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(40):
+        c, y = mixed[1]
+        assert y == 1
+        seen |= {name for name, r in rows.items() if any(torch.equal(c, v) for v in r[1])}
+    assert len(mixed) == 3 and seen == {"c110", "c105"} and not torch.equal(rows["c110"], rows["c105"])
+    data.extract_codes(vq, "synthetic:4", tmp_path / "other", image_size=16)
+    with pytest.raises(data.UserError, match="do not hold codes of the same images"):
+        data.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'other'}")
+
+
 def test_extract_resumes_after_interruption(tmp_path):
     data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "full", image_size=16, batch_size=3)
     cut = data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", 16, batch_size=3, max_batches=2)
