@@ -185,7 +185,7 @@ def preview(out, image_size=64, per_class=8, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # Image folders (the ImageNet layout: root/<class>/<image>) and the two crops of the official recipe
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")  # pytorch-fid's
 
 
 def _resize_shorter_side(pil, side):
@@ -568,7 +568,10 @@ class MixedCodes(torch.utils.data.Dataset):
 
 def codes_dataset(spec):
     """The dataset behind the GPT's --data: one codes folder, or several joined by commas (MixedCodes)."""
-    folders = [f for f in str(spec).split(",") if f]
+    spec = str(spec)
+    folders = [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]  # a comma in a real path
+    if not folders:
+        raise UserError(f"--data {spec!r} names no codes folder; pass one, or several separated by commas")
     return CodesDataset(folders[0]) if len(folders) == 1 else MixedCodes(folders)
 
 

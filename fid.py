@@ -416,6 +416,8 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
     rFID."""
     vq = vq.to(device).eval()
     loader = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers)
+    # full fp32 convolutions as in batch_features, also without rFID, so --no-rfid leaves the codes unchanged
+    tf32_off = torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
     psnrs, ssims, used, is_original = [], [], [], []
 
     def pairs():  # per batch: originals then reconstructions, as uint8, so one Inception pass embeds both
@@ -434,8 +436,9 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
 
     if net is None:
         rfid_value = None
-        for _ in pairs():
-            pass
+        with tf32_off:
+            for _ in pairs():
+                pass
     else:
         pool, mask = batch_features(net, 2 * len(images), pairs(), device)["pool"], np.concatenate(is_original)
         rfid_value = frechet_distance(*statistics(pool[~mask]), *statistics(pool[mask]))
@@ -607,10 +610,13 @@ def evaluate_tokenizer(args):
         raise UserError("a tokenizer evaluation needs both --vq-ckpt and --data")
     if args.samples or args.reference or args.save_stats:
         raise UserError("--vq-ckpt evaluates a tokenizer on --data alone; drop the sample/reference arguments")
+    for name in ("batch_size", "num_images", "resize_to", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     device = pick_device(args.device)
     vq = VQModel.from_pretrained(args.vq_ckpt)
     images = image_dataset(args.data, args.image_size, augment="center", flip=False)
-    if args.num_images:
+    if args.num_images is not None:
         n = min(args.num_images, len(images))
         images = torch.utils.data.Subset(images, [i * len(images) // n for i in range(n)])
     net = None if args.no_rfid else FIDInception.from_pretrained(args.inception)

@@ -219,6 +219,7 @@ def evaluation(args, gpt, vq, sample_kw, rank, world):
     if os.path.isfile(stamp_path):
         with open(stamp_path) as f:
             old = json.load(f)
+        old.setdefault("labels", "balanced")  # parts written before --labels existed cycled through the classes
         if old != stamp:
             diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items() if old.get(k) != v)
             raise UserError(f"{parts} holds samples made with other settings ({diff}); rerun with the same "

@@ -172,7 +172,7 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # no tanh: roughly [-1, 1], clamped by decode()
+        return self.conv_out(F.silu(self.norm_out(h)))  # no tanh: roughly [-1, 1], clamped by data.to_uint8
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -268,20 +268,28 @@ def main(argv=None):
     if Stage is None:
         raise UserError(f"unknown --model {args.model!r}; GPT configs: {', '.join(GPT_CONFIGS)}; "
                         f"tokenizer configs: {', '.join(VQ_CONFIGS)}")
-    for name, value in Stage.defaults.items():  # the two stages' recipes differ
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    args.lr = args.lr or 1e-4 * args.batch_size / Stage.defaults["batch_size"]
-    if args.batch_size % (world * args.grad_accum):
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by world size {world} x --grad-accum "
-                        f"{args.grad_accum}; pick a multiple of {world * args.grad_accum}")
     if args.resume and not os.path.exists(ckpt_path):
         raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
     if not args.resume and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out-dir")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    # a resumed run keeps its own recipe; a fresh one takes its stage's defaults (the two differ)
+    saved = ckpt["args"] if ckpt else {}
+    for name in ("batch_size", "weight_decay"):  # the data position is step * batch; the optimizer keeps its decay
+        if saved and getattr(args, name) is not None and getattr(args, name) != saved[name]:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                            f"{saved[name]}: a resumed run keeps it; start a new --out-dir to change it")
+    for name, value in {**Stage.defaults, "lr": None}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if saved.get(name) is None else saved[name])
+    args.lr = args.lr or 1e-4 * args.batch_size / Stage.defaults["batch_size"]
+    if args.log_interval < 1:
+        raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
+    if args.batch_size % (world * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by world size {world} x --grad-accum "
+                        f"{args.grad_accum}; pick a multiple of {world * args.grad_accum}")
     if args.fsdp and args.ema:
         raise UserError("--ema with --fsdp is not supported (nor in the official FSDP recipe); drop one")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
 
     # what differs between the two stages
     torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
@@ -429,7 +437,12 @@ def main(argv=None):
                 note(d_logs, 1 / args.grad_accum)
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        note({"grad_norm": norm.full_tensor() if hasattr(norm, "full_tensor") else norm})  # FSDP: a DTensor
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
+        if scaler.is_enabled():  # fp16: the scaler skips steps with inf/nan gradients; average the others
+            finite = torch.isfinite(norm)
+            note({"grad_norm": torch.where(finite, norm, 0.0)}, finite.float())
+        else:  # a non-finite norm here means non-finite weights after this step: caught below
+            note({"grad_norm": norm})
         scaler.step(opt)
         if train_disc:
             scaler.unscale_(opt_d)
@@ -448,9 +461,9 @@ def main(argv=None):
             continue
         # a log line before every checkpoint, so a diverged run never overwrites the last good one
         rec = dict(step=step, **read_logs(), lr=lr)
-        if not math.isfinite(rec["loss"]):
-            raise UserError(f"loss is {rec['loss']} by step {step}; the last good checkpoint is {ckpt_path}. "
-                            "Lower --lr, or use --precision bf16/fp32, then --resume")
+        if not math.isfinite(rec["loss"]) or not (scaler.is_enabled() or math.isfinite(rec["grad_norm"])):
+            raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step {step}; the last good "
+                            f"checkpoint is {ckpt_path}. Lower --lr, or use --precision bf16/fp32, then --resume")
         rec[f"{stage.unit}/s"] = units * window / (time.perf_counter() - t0)
         if cuda and stage.kind == "gpt":
             rec["mfu"] = getattr(raw, "_orig_mod", raw).estimate_mfu(rec[f"{stage.unit}/s"] / world, device)

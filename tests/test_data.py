@@ -285,6 +285,10 @@ def test_mixed_crop_folders_draw_from_both(tmp_path):
     data.extract_codes(vq, "synthetic:4", tmp_path / "other", image_size=16)
     with pytest.raises(data.UserError, match="do not hold codes of the same images"):
         data.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'other'}")
+    with pytest.raises(data.UserError, match="names no codes folder"):
+        data.codes_dataset(",")
+    os.rename(tmp_path / "c110", tmp_path / "c,110")  # a real folder with a comma is one folder
+    assert len(data.codes_dataset(tmp_path / "c,110")) == 3
 
 
 def test_extract_resumes_after_interruption(tmp_path):

@@ -323,6 +323,9 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
     assert f"PSNR: {got['psnr']:.4f} dB" in out and f"SSIM: {got['ssim']:.4f}" in out
     code, _, err = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"))
     assert code == 2 and "needs both --vq-ckpt and --data" in err
+    code, _, err = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
+                           "--num-images", "0")
+    assert code == 2 and "--num-images must be at least 1, got 0" in err
 
 
 # ---------------------------------------------------------------------------------------------- CLI

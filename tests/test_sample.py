@@ -1,7 +1,9 @@
 """sample.py on tiny random models: 16 px images of 4x4 codes from a 32-code tokenizer, 10 classes."""
 import argparse
 import dataclasses
+import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -165,12 +167,23 @@ def test_npz_is_uint8_nhwc_with_the_official_random_labels_and_round_trips(ck, r
     assert again.read_bytes() == reference_npz.read_bytes()
 
 
-def test_balanced_labels_cycle_through_the_classes(ck, tmp_path):
+def test_balanced_labels_cycle_through_the_classes(ck, tmp_path, monkeypatch):
+    argv = ["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--labels", "balanced", "--class", "2", "7", "9"]
     out = tmp_path / "balanced.npz"
-    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--labels", "balanced", "--class", "2", "7",
-                 "9", "--out", str(out)])
+    sample.main(argv + ["--out", str(out)])
     with np.load(out) as z:
         np.testing.assert_array_equal(z["arr_1"], np.array([2, 7, 9] * 8)[:23])  # 8, 8 and 7 of each
+    # parts from before --labels existed (no "labels" in settings.json) were balanced, and resume as such
+    old, real = tmp_path / "old.npz", sample.sample_images
+    monkeypatch.setattr(sample, "sample_images", lambda *a, **k: 1 / 0 if len(os.listdir(str(old) + ".parts")) > 2
+                        else real(*a, **k))
+    with pytest.raises(ZeroDivisionError):  # killed after two batches
+        sample.main(argv + ["--out", str(old)])
+    monkeypatch.setattr(sample, "sample_images", real)
+    settings = pathlib.Path(str(old) + ".parts") / "settings.json"
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "labels"}))
+    sample.main(argv + ["--out", str(old)])
+    assert old.read_bytes() == out.read_bytes()
 
 
 def test_resume_after_interruption_gives_identical_bytes(ck, reference_npz, tmp_path, monkeypatch, capsys):

@@ -187,6 +187,33 @@ def test_codes_of_another_tokenizer_refuse_to_resume(codes, tmp_path):
     assert p.returncode == 2 and "grid [8, 8]) than those in" in p.stderr and "grid [4, 4])" in p.stderr
 
 
+def test_resume_keeps_the_runs_recipe(codes, tmp_path):
+    """Unset flags come from the checkpoint, not from today's defaults; a different batch size or weight
+    decay is refused (the data position is step * batch, and the optimizer state keeps its decay)."""
+    out = tmp_path / "o"
+    run(GPT_ARGS + ["--data", codes, "--max-steps", 1, "--weight-decay", 0.01, "--out-dir", out])
+    i = GPT_ARGS.index("--batch-size")
+    without_batch = GPT_ARGS[:i] + GPT_ARGS[i + 2:]
+    run(without_batch + ["--data", codes, "--max-steps", 2, "--out-dir", out, "--resume"])
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["args"]["batch_size"] == 8 and ckpt["samples_seen"] == 2 * 8 and ckpt["args"]["weight_decay"] == 0.01
+    for flag, value, saved in (("--batch-size", 16, 8), ("--weight-decay", 0.05, 0.01)):
+        p = run(without_batch + ["--data", codes, "--max-steps", 3, "--out-dir", out, "--resume", flag, value],
+                check=False)
+        assert p.returncode == 2 and f"{flag} {value} differs from the checkpoint's {saved}" in p.stderr
+
+
+def test_divergence_stops_before_a_bad_checkpoint(codes, tmp_path):
+    """An absurd learning rate: the run stops with one line naming the last good checkpoint, which holds
+    finite weights (a log line, with its finiteness check, comes before every save)."""
+    out = tmp_path / "o"
+    p = run(GPT_ARGS + ["--data", codes, "--max-steps", 20, "--lr", 1e30, "--ckpt-interval", 1, "--out-dir", out],
+            check=False)
+    assert p.returncode == 2 and f"the last good checkpoint is {out / 'ckpt.pt'}" in p.stderr
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert 1 <= ckpt["step"] < 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_ema_is_the_running_average_and_what_sampling_loads(codes, tmp_path):
     """--ema d: after each step ema = d * ema + (1 - d) * weights; from_pretrained serves the average."""
     from model import GPT
