@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_file_atomic, unwrap_state_dict
 from data import IMAGE_EXTENSIONS, image_dataset, to_uint8
-from sample import decode
+from sample import as_float, decode
 from tokenizer import VQModel, codebook_usage_of, psnr, ssim
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -416,8 +416,6 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
     rFID."""
     vq = vq.to(device).eval()
     loader = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers)
-    # full fp32 convolutions as in batch_features, also without rFID, so --no-rfid leaves the codes unchanged
-    tf32_off = torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
     psnrs, ssims, used, is_original = [], [], [], []
 
     def pairs():  # per batch: originals then reconstructions, as uint8, so one Inception pass embeds both
@@ -427,21 +425,22 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
             recon = decode(vq, codes.flatten(1), resize_to)
             if resize_to:
                 x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
-            rounded = torch.from_numpy(recon).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            rounded = as_float(recon).to(device)
             psnrs.append(psnr(x, rounded).cpu())
             ssims.append(ssim(x, rounded).cpu())
             used.append(codes.unique().cpu())
             is_original.append(np.repeat([True, False], len(x)))
             yield np.concatenate([to_uint8(x), recon])
 
-    if net is None:
-        rfid_value = None
-        with tf32_off:
+    # full fp32 convolutions, as batch_features runs them, so the codes are the same with or without rFID
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        if net is None:
+            rfid_value = None
             for _ in pairs():
                 pass
-    else:
-        pool, mask = batch_features(net, 2 * len(images), pairs(), device)["pool"], np.concatenate(is_original)
-        rfid_value = frechet_distance(*statistics(pool[~mask]), *statistics(pool[mask]))
+        else:
+            pool, mask = batch_features(net, 2 * len(images), pairs(), device)["pool"], np.concatenate(is_original)
+            rfid_value = frechet_distance(*statistics(pool[~mask]), *statistics(pool[mask]))
     return dict(rfid=rfid_value, psnr=torch.cat(psnrs).mean().item(), ssim=torch.cat(ssims).mean().item(),
                 codebook_usage=codebook_usage_of(torch.cat(used), vq.config.codebook_size))
 

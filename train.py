@@ -412,7 +412,7 @@ def main(argv=None):
         return dict(zip(keys, means.tolist()))
 
     model.train()
-    t0, window = time.perf_counter(), 0
+    t0, logged = time.perf_counter(), step  # time and step of the last log line
     while step < total:
         lr = lr_at(step, args, total)
         for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
@@ -453,7 +453,7 @@ def main(argv=None):
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             torch._foreach_lerp_(ema, [p.detach().float() for p in raw.parameters()], 1 - args.ema)
-        step, window = step + 1, window + 1
+        step += 1
         bar.update(1)
         evaluating = step % args.eval_interval == 0 or step == total
         saving = step % args.ckpt_interval == 0 or step == total
@@ -464,7 +464,7 @@ def main(argv=None):
         if not math.isfinite(rec["loss"]) or not (scaler.is_enabled() or math.isfinite(rec["grad_norm"])):
             raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step {step}; the last good "
                             f"checkpoint is {ckpt_path}. Lower --lr, or use --precision bf16/fp32, then --resume")
-        rec[f"{stage.unit}/s"] = units * window / (time.perf_counter() - t0)
+        rec[f"{stage.unit}/s"] = units * (step - logged) / (time.perf_counter() - t0)
         if cuda and stage.kind == "gpt":
             rec["mfu"] = getattr(raw, "_orig_mod", raw).estimate_mfu(rec[f"{stage.unit}/s"] / world, device)
         if evaluating:
@@ -477,7 +477,7 @@ def main(argv=None):
             log.flush()
         if saving:
             save()
-        t0, window = time.perf_counter(), 0  # throughput leaves out validation and checkpoint time
+        t0, logged = time.perf_counter(), step  # throughput leaves out validation and checkpoint time
     bar.close()
     if world > 1:
         dist.barrier()
