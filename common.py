@@ -1,17 +1,20 @@
-"""The few helpers every script shares: the device, safe checkpoint I/O, and one-line errors.
+"""What every script shares: device and precision, safe checkpoint I/O, downloads, one-line errors.
 
-One copy of each, so that train.py, sample.py, data.py and fid.py load, save and fail the same way.
+One copy of each, so that train.py, sample.py, data.py, fid.py and the rest pick their device, load,
+save, download and fail the same way. Nothing here knows about images, codes or models.
 """
 import argparse
 import os
+import socket
 import sys
 import tempfile
 
 import torch
 
 
+# ------------------------------------------------------------------------------------ failing well
 class UserError(ValueError):
-    """Bad input from the user (a path, a flag, a checkpoint). CLIs print it as one line and exit 2."""
+    """Bad input from the user (a path, a flag, a checkpoint): CLIs print one line and exit 2."""
 
 
 def cli(main):
@@ -26,13 +29,22 @@ def cli(main):
         sys.exit(130)
 
 
+def first_line(e):
+    """The first line of an exception's message (or its type): enough to name a cause."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------- device and precision
 def pick_device(name=None):
     """'cuda' if there is a GPU, else Apple's 'mps', else 'cpu'; an explicit name wins."""
     if name and name != "auto":
         if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but this torch sees no CUDA GPU; use --device cpu")
+            raise UserError(f"--device {name} asked for, but this torch sees no CUDA GPU; "
+                            "use --device cpu")
         if name == "mps" and not torch.backends.mps.is_available():
-            raise UserError("--device mps asked for, but MPS is not available here; use --device cpu")
+            raise UserError("--device mps asked for, but MPS is not available here; "
+                            "use --device cpu")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -41,6 +53,34 @@ def pick_device(name=None):
     return "cpu"
 
 
+def setup_device(name=None):
+    """pick_device, then what every GPU process needs: under torchrun each process takes the GPU
+    of its LOCAL_RANK (one process per GPU), and float32 matmuls and convolutions may use TF32 (the
+    official recipe turns it on; about 3 significant digits per product, ample for training and
+    sampling). The metrics turn TF32 back off where they need full float32 (fid.py)."""
+    device = pick_device(name)
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision, device):
+    """--precision -> (name, dtype). "auto" is bf16 on GPUs that have it (no loss scaling needed,
+    the official choice), fp16 on older GPUs, and fp32 on CPUs and MPS, where half precision is not
+    faster."""
+    if precision == "auto":
+        cuda = str(device).startswith("cuda")
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    return precision, DTYPES[precision]
+
+
+# -------------------------------------------------------------------------------- checkpoint files
 def load_checkpoint(path):
     """torch.load with weights_only=True. The official LlamaGen files pickle an argparse.Namespace
     under "args"; it is allow-listed by name instead of turning the safety off."""
@@ -50,31 +90,34 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated download, not a torch file, a pickled class we do not trust
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path!r} ({first}); re-download or re-save it") from None
+        raise UserError(f"cannot read checkpoint {path!r} ({first_line(e)}); "
+                        "re-download or re-save it") from None
 
 
 def unwrap_state_dict(ckpt):
     """The weights inside any of the containers in use: our own and the official DDP trainer's
-    {"model": ...}, DeepSpeed's {"module": ...}, {"state_dict": ...}, or a bare FSDP consolidated dict.
+    {"model": ...}, DeepSpeed's {"module": ...}, {"state_dict": ...}, or a bare FSDP consolidated
+    dict.
     A checkpoint with an "ema" dict (train.py --ema) yields its exponential moving average."""
     ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
     for key in ("model", "module", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]
             break
-    if isinstance(ema, dict):  # trained with --ema: sample from the averaged weights (buffers from "model")
-        ckpt = {**ckpt, **ema}
+    if isinstance(ema, dict):  # trained with --ema: sample from the averaged weights
+        ckpt = {**ckpt, **ema}  # (buffers, which are not averaged, come from "model")
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise UserError("checkpoint holds no state dict (looked under 'model', 'module', 'state_dict')")
-    # torch.compile and DDP wrap parameter names; strip their prefixes so every producer loads the same
+        raise UserError("checkpoint holds no state dict "
+                        "(looked under 'model', 'module', 'state_dict')")
+    # torch.compile and DDP wrap parameter names; strip their prefixes so every producer loads alike
     return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt.items()}
 
 
 def load_weights(module, state_dict, what, ignore=(), hint=""):
-    """Strict loading with a readable failure. Keys matching a prefix/suffix in `ignore` (runtime buffers
-    such as KV caches) are dropped; any other missing, unexpected or wrongly-shaped tensor raises one
-    UserError naming the key, both shapes and `hint` (for example, the config that would fit)."""
+    """Strict loading with a readable failure. Keys containing a string in `ignore` (runtime buffers
+    such as KV caches) are dropped; any other missing, unexpected or wrongly-shaped tensor raises
+    one UserError naming the key, both shapes and `hint` (for example, the config that would
+    fit)."""
     sd = {k: v for k, v in state_dict.items() if not any(s in k for s in ignore)}
     own = module.state_dict()
     hint = f"; {hint}" if hint else ""
@@ -82,31 +125,31 @@ def load_weights(module, state_dict, what, ignore=(), hint=""):
         if k not in sd:
             raise UserError(f"{what}: weight {k!r} missing from the checkpoint{hint}")
         if sd[k].shape != v.shape:
-            raise UserError(f"{what}: {k!r} expected shape {tuple(v.shape)}, found {tuple(sd[k].shape)}{hint}")
+            raise UserError(f"{what}: {k!r} expected shape {tuple(v.shape)}, "
+                            f"found {tuple(sd[k].shape)}{hint}")
     extra = sorted(set(sd) - set(own))
     if extra:
-        raise UserError(f"{what}: unexpected weight {extra[0]!r} (+{len(extra) - 1} more) in the checkpoint{hint}")
+        raise UserError(f"{what}: unexpected weight {extra[0]!r} (+{len(extra) - 1} more) "
+                        f"in the checkpoint{hint}")
     module.load_state_dict(sd, strict=True)
     return module
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash leaves the old file or
-    the new one, never half of one."""
-    save_file_atomic(path, lambda f: torch.save(obj, f))
-
-
-def save_file_atomic(path, write):
-    """Call write(file_object) on a temporary file beside `path`, then rename it over `path`."""
+def save_atomic(what, path):
+    """Write `path` so that a crash leaves the old file or the new one, never half of one: into a
+    temporary file in the same folder, flushed to disk, then renamed over `path` (a rename within
+    one filesystem is atomic). `what` is an object for torch.save, or a function that writes to a
+    file."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     except OSError as e:
-        raise UserError(f"cannot write to {path!r} ({e.strerror}); choose a writable location") from None
+        raise UserError(f"cannot write to {path!r} ({e.strerror}); "
+                        "choose a writable location") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            what(f) if callable(what) else torch.save(what, f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -117,3 +160,25 @@ def save_file_atomic(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def download(url, path, sha256_prefix=None, fix=""):
+    """`path`, downloaded from `url` unless it is already there. The published weight files name the
+    first digits of their SHA-256 (pytorch-fid, torchvision, LPIPS), which the download checks, so a
+    cut-off or tampered file is never used. A 60 s socket timeout keeps a firewall that drops
+    packets from hanging a run forever. Failure: one UserError line naming the file, the cause
+    and `fix`."""
+    if os.path.isfile(path):
+        return path
+    name, timeout = os.path.basename(path), socket.getdefaulttimeout()
+    print(f"downloading {name} to {path}", file=sys.stderr)
+    try:
+        socket.setdefaulttimeout(60)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.hub.download_url_to_file(url, path, hash_prefix=sha256_prefix, progress=False)
+    except Exception as e:  # offline, proxy, disk full, checksum mismatch
+        raise UserError(f"cannot download {name} ({first_line(e)}); {fix or f'fetch {url} by hand'}"
+                        ) from None
+    finally:
+        socket.setdefaulttimeout(timeout)
+    return path

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import UserError, cli, pick_device, save_file_atomic
+from common import UserError, cli, pick_device, save_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def save_grid(images, path, nrow=8):
     if isinstance(images, (list, tuple)):
         images = torch.stack(list(images))
     grid = make_grid(images, nrow)
-    save_file_atomic(path, lambda f: grid.save(f, format="PNG"))
+    save_atomic(lambda f: grid.save(f, format="PNG"), path)
     return grid
 
 
@@ -362,7 +362,7 @@ def _codebook_size(vq):
 
 
 def _write_json(path, obj):
-    save_file_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
 
 
 def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1, batch_size=64, num_workers=0,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_file_atomic, unwrap_state_dict
+from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_atomic, unwrap_state_dict
 from data import IMAGE_EXTENSIONS, image_dataset, to_uint8
 from sample import as_float, decode
 from tokenizer import VQModel, codebook_usage_of, psnr, ssim
@@ -582,7 +582,7 @@ def main():
 
     samples = load_input(args.samples, get_net, args.batch_size, device)
     if args.save_stats:
-        save_file_atomic(args.save_stats, lambda f: np.savez(f, **samples))
+        save_atomic(lambda f: np.savez(f, **samples), args.save_stats)
         print(f"statistics of {args.samples} saved to {args.save_stats}")
     if args.reference is None:
         return

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, cli, pick_device, save_file_atomic
+from common import UserError, cli, pick_device, save_atomic
 from data import make_grid, save_grid, to_uint8, tokenizer_checksum
 from model import GPT
 from tokenizer import VQModel
@@ -194,8 +194,8 @@ def pictures(args, gpt, vq, sample_kw):
             frames.append(make_grid(as_float(partial), nrow))
         # the last frame (all tokens) holds for 2 s, so a looping viewer shows the result
         durations = [80] * (len(frames) - 1) + [2000]
-        save_file_atomic(args.progress, lambda f: frames[0].save(
-            f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
+        save_atomic(lambda f: frames[0].save(
+            f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0), args.progress)
 
 
 def evaluation(args, gpt, vq, sample_kw, rank, world):
@@ -225,7 +225,7 @@ def evaluation(args, gpt, vq, sample_kw, rank, world):
             raise UserError(f"{parts} holds samples made with other settings ({diff}); rerun with the same "
                             "flags to resume, or delete that folder to start over")
     elif rank == 0:
-        save_file_atomic(stamp_path, lambda f: f.write(json.dumps(stamp).encode()))
+        save_atomic(lambda f: f.write(json.dumps(stamp).encode()), stamp_path)
     done = {int(n[:6]) for n in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", n)} if os.path.isdir(parts) else set()
     if world > 1:
         dist.barrier()  # every rank has listed the finished batches before any rank adds one
@@ -237,7 +237,7 @@ def evaluation(args, gpt, vq, sample_kw, rank, world):
         lab = labels[b * bs:(b + 1) * bs]
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b))
         images = sample_images(gpt, vq, lab, generator=gen, **sample_kw)
-        save_file_atomic(os.path.join(parts, f"{b:06d}.npz"), lambda f: write_npz(f, arr_0=images, arr_1=lab.numpy()))
+        save_atomic(lambda f: write_npz(f, arr_0=images, arr_1=lab.numpy()), os.path.join(parts, f"{b:06d}.npz"))
         made += len(lab)
     report(rank, made, time.perf_counter() - t0, gpt.config.block_size, args)
     if world > 1:
@@ -254,7 +254,7 @@ def evaluation(args, gpt, vq, sample_kw, rank, world):
                 out = np.empty((N, *z["arr_0"].shape[1:]), np.uint8)
             out[b * bs:(b + 1) * bs], out_labels[b * bs:(b + 1) * bs] = z["arr_0"], z["arr_1"]
     # arr_0 is what the ADM evaluator reads; it ignores arr_1, the labels
-    save_file_atomic(args.out, lambda f: write_npz(f, arr_0=out, arr_1=out_labels))
+    save_atomic(lambda f: write_npz(f, arr_0=out, arr_1=out_labels), args.out)
     shutil.rmtree(parts)
     print(f"wrote {args.out}: arr_0 {out.dtype} {tuple(out.shape)}, labels (arr_1) {args.labels} over "
           f"{len(classes)} classes")
