@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -29,16 +30,26 @@ from common import UserError, cli, pick_device, save_atomic
 # ----------------------------------------------------------------------------------------------------------
 # Pictures: tensors <-> PIL, and the one PNG grid writer used by sample.py, the demo and the previews below
 
-def pil_to_tensor(pil):
-    """RGB PIL image -> float32 [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.asarray(pil).transpose(2, 0, 1).astype(np.float32, order="C") * (1 / 127.5) - 1)
-
-
-def to_uint8(images):
-    """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] by the official rule clamp(127.5 x + 128),
-    truncated: the exact pixels the published FIDs were computed on (every PNG and .npz here uses it)."""
-    x = (127.5 * images.detach().float() + 128).clamp(0, 255)
+# The official evaluation's pixel rule, the one place it lives: decoder output (about [-1, 1], not
+# clamped) -> optional bicubic resize -> clamp(127.5 x + 128) -> truncate to uint8. The order matters:
+# LlamaGen's sample_c2i_ddp.py resizes its 384 px samples to 256 BEFORE clamping, so clamping first
+# would give other pixels. The published FIDs were computed on exactly these bytes; every PNG, .npz and
+# metric here goes through it. from_uint8 is its inverse on the 256 levels (127.5 x + 128 lands on the
+# level + 0.5, so the round trip is exact).
+def to_uint8(images, resize_to=None):
+    """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] (resized to resize_to first)."""
+    x = images.detach().float()
+    if resize_to and resize_to != x.shape[-1]:
+        x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
+    x = (127.5 * x + 128).clamp(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(pixels):
+    """uint8 pixels [..., H, W, 3] (an array, a tensor or an RGB PIL image) -> float32 tensor
+    [..., 3, H, W] in [-1, 1]."""
+    a = np.asarray(pixels.cpu() if torch.is_tensor(pixels) else pixels)
+    return torch.from_numpy(np.moveaxis(a, -1, -3).astype(np.float32, order="C") * (1 / 127.5) - 1)
 
 
 def make_grid(images, nrow=8, pad=2, pad_value=0):
@@ -172,7 +183,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         bg = _background(self.image_size, rng)
         mask = _draw_mask(label, self.image_size, rng)
         img = Image.composite(Image.new("RGB", bg.size, colour), bg, mask)  # alpha = anti-aliased coverage
-        return pil_to_tensor(img), label
+        return from_uint8(img), label
 
 
 def preview(out, image_size=64, per_class=8, seed=0):
@@ -293,7 +304,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index):
         pil, label = self.load(index)
         crop = center_crop_arr if self.augment == "center" else random_resize_crop
-        x = pil_to_tensor(crop(pil, self.image_size))
+        x = from_uint8(crop(pil, self.image_size))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, label

@@ -131,7 +131,7 @@ def main():
         t0 = time.perf_counter()
         images = sample.sample_images(gpt, vq, labels.to(device), cfg_scale=cfg, generator=gen)
         ms = 1000 * (time.perf_counter() - t0) / len(labels)
-        pixels = sample.as_float(images)
+        pixels = data.from_uint8(images)
         acc = (classify(pixels) == labels).float().mean().item()
         figures[f"class_accuracy_cfg{cfg:g}"], figures[f"ms_per_image_cfg{cfg:g}"] = acc, ms
         data.save_grid(pixels, os.path.join(out, f"samples_cfg{cfg:g}.png"), nrow=args.per_class)

@@ -27,8 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import UserError, cli, load_checkpoint, load_weights, pick_device, save_atomic, unwrap_state_dict
-from data import IMAGE_EXTENSIONS, image_dataset, to_uint8
-from sample import as_float, decode
+from data import IMAGE_EXTENSIONS, from_uint8, image_dataset, to_uint8
 from tokenizer import VQModel, codebook_usage_of, psnr, ssim
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -422,10 +421,10 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
         for x, _ in tqdm(loader, desc="reconstructions", unit="batch", disable=net is not None):
             x = x.to(device)
             codes = vq.encode(x)
-            recon = decode(vq, codes.flatten(1), resize_to)
+            recon = to_uint8(vq.decode(codes), resize_to)
             if resize_to:
                 x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
-            rounded = as_float(recon).to(device)
+            rounded = from_uint8(recon).to(device)
             psnrs.append(psnr(x, rounded).cpu())
             ssims.append(ssim(x, rounded).cpu())
             used.append(codes.unique().cpu())

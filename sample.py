@@ -24,11 +24,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import UserError, cli, pick_device, save_atomic
-from data import make_grid, save_grid, to_uint8, tokenizer_checksum
+from data import from_uint8, make_grid, save_grid, to_uint8, tokenizer_checksum
 from model import GPT
 from tokenizer import VQModel
 
@@ -61,11 +60,7 @@ def decode(vq, codes, resize_to=None, block_size=None):
         cell = x.shape[-1] // g
         written = (torch.arange(L, device=x.device) < t).view(g, g)
         x = x * written.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    if resize_to and resize_to != x.shape[-1]:
-        # as the official evaluation of the 384 px models: bicubic on the unclamped decoder output, then
-        # clamped and quantised (to_uint8)
-        x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
-    return to_uint8(x)
+    return to_uint8(x, resize_to)
 
 
 @torch.no_grad()
@@ -94,11 +89,6 @@ def write_npz(f, **arrays):
         for name, a in arrays.items():
             with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as m:
                 np.lib.format.write_array(m, np.ascontiguousarray(a))
-
-
-def as_float(u8):
-    """uint8 NHWC -> [-1, 1] NCHW for data.make_grid; exact: the PNG holds the very pixels of the .npz."""
-    return torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,12 +176,12 @@ def pictures(args, gpt, vq, sample_kw):
     images = np.concatenate(images)
     report(0, len(images), time.perf_counter() - t0, L, args)
     nrow = args.n if len(args.classes) > 1 and args.n > 1 else 8
-    save_grid(as_float(images), args.out, nrow=nrow)
+    save_grid(from_uint8(images), args.out, nrow=nrow)
     if args.progress:
         frames = []
         for t in steps:  # one grid per snapshot, every image at the same step of its raster
             partial = np.concatenate([decode(vq, s[t], sample_kw["resize_to"], L) for s in shots])
-            frames.append(make_grid(as_float(partial), nrow))
+            frames.append(make_grid(from_uint8(partial), nrow))
         # the last frame (all tokens) holds for 2 s, so a looping viewer shows the result
         durations = [80] * (len(frames) - 1) + [2000]
         save_atomic(lambda f: frames[0].save(

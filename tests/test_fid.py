@@ -20,7 +20,7 @@ from PIL import Image
 
 import fid
 from common import UserError, cli
-from data import image_dataset, to_uint8
+from data import from_uint8, image_dataset, to_uint8
 from tokenizer import VQModel, psnr, ssim, vq_config
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -300,7 +300,7 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
     originals, recon_u8 = to_uint8(x), to_uint8(recon)
     # the originals survive to_uint8 exactly: they were uint8 pixels to begin with
     assert np.abs(originals / 127.5 - 1 - x.permute(0, 2, 3, 1).numpy()).max() < 1e-6
-    rounded = torch.from_numpy(recon_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rounded = from_uint8(recon_u8)  # the inverse of the pixel rule
     assert got["rfid"] == pytest.approx(fid.rfid(recon_u8, originals, net), rel=1e-5) and got["rfid"] > 1
     assert got["psnr"] == pytest.approx(psnr(x, rounded).mean().item(), abs=1e-9)
     assert got["ssim"] == pytest.approx(ssim(x, rounded).mean().item(), abs=1e-9)
@@ -310,7 +310,7 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
     # reconstruction before it is rounded
     small = fid.tokenizer_metrics(vq, images, None, batch_size=5, resize_to=16)
     resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bicubic")
-    rounded16 = torch.from_numpy(to_uint8(resize(recon))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rounded16 = from_uint8(to_uint8(resize(recon)))
     assert small["rfid"] is None
     assert small["psnr"] == pytest.approx(psnr(resize(x), rounded16).mean().item(), abs=1e-9)
     assert small["ssim"] == pytest.approx(ssim(resize(x), rounded16).mean().item(), abs=1e-9)
