@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from common import UserError, load_weights
 from model import (GPT, GPT_CONFIGS, GPTConfig, KVCache, apply_rope, drop_path, filter_logits, gpt_config,
                    rope_2d_table, sample_logits)
@@ -128,16 +129,14 @@ def test_official_checkpoint_containers_load_and_reproduce_logits(tmp_path):
         "ddp.pt": {"model": {**sd, **stray}, "optimizer": {}, "steps": 7, "args": argparse.Namespace(lr=1e-4)},
         "deepspeed.pt": {"module": sd},
         "lightning.pt": {"state_dict": sd},
-        "c2i_tiny_256.pt": {**sd, **stray},  # bare FSDP consolidated dict; image size read from the name
+        "c2i_tiny_256.pt": {**sd, **stray},  # a bare FSDP consolidated dict
     }
     for fname, ckpt in containers.items():
         path = str(tmp_path / fname)
         torch.save(ckpt, path)
         # n_head and the FFN rounding of a non-registry shape are not in the tensors: pass them
-        if fname.endswith("_256.pt"):
-            model = GPT.from_pretrained(path, downsample=64, n_head=2, multiple_of=32)
-        else:
-            model = GPT.from_pretrained(path, image_size=64, n_head=2, multiple_of=32)
+        # official files carry no grid: the caller (sample.py, from the image size) gives it
+        model = GPT.from_pretrained(path, block_size=16, n_head=2, multiple_of=32)
         assert not model.training and model.config.block_size == 16 and model.config.num_classes == 10
         logits, _ = model(fx["codes"], fx["labels"])
         assert (logits - ref["logits"]).abs().max() <= 1e-5, fname
@@ -354,7 +353,7 @@ def test_top_k_top_p_temperature_on_hand_built_logits():
 # ------------------------------------------------------------------------------------ optimiser and FLOPs
 def test_optimizer_groups_flops_and_mfu():
     model = tiny()
-    opt = model.configure_optimizers(0.05, 1e-4, (0.9, 0.95), "cpu")
+    opt = train.configure_optimizers(model, 0.05, 1e-4, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
