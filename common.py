@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import torch
+from tqdm import tqdm
 
 
 # ------------------------------------------------------------------------------------ failing well
@@ -33,6 +34,12 @@ def first_line(e):
     """The first line of an exception's message (or its type): enough to name a cause."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def progress(iterable=None, show=True, **kw):
+    """A tqdm bar for long work, drawn only when stderr is a terminal and `show` (rank 0 under
+    torchrun): redirected to a log file, every redraw of a bar would be kept (146 KB for the demo)."""
+    return tqdm(iterable, disable=None if show else True, dynamic_ncols=True, **kw)
 
 
 # ---------------------------------------------------------------------------- device and precision
