@@ -304,10 +304,10 @@ class GPT(nn.Module):
         return codes
 
     @classmethod
-    def from_pretrained(cls, path, image_size=None, downsample=16, **overrides):
+    def from_pretrained(cls, path, block_size=None, **overrides):
         """Our checkpoints or the official c2i_*.pt releases (any container) -> model in eval mode on the
-        CPU. The config comes from the checkpoint (ours) or its tensor shapes (official); the token grid
-        from image_size // downsample (image size: argument, else "_256"/"_384" in the name, else 256)."""
+        CPU. The config comes from the checkpoint (ours) or its tensor shapes (official); block_size, when
+        given, replaces the saved one (official files save none: GPTConfig's default then)."""
         ckpt = load_checkpoint(path)
         if ckpt.get("kind", "gpt") != "gpt":
             raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a GPT; pass a GPT checkpoint")
@@ -316,11 +316,8 @@ class GPT(nn.Module):
         saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
         names = {f.name for f in fields(GPTConfig)}
         cfg = {k: v for k, v in saved.items() if k in names} if saved else dict(found)
-        if image_size is None and not saved:
-            sizes = re.findall(r"(?<!\d)(256|384|512)(?!\d)", os.path.basename(path))
-            image_size = int(sizes[-1]) if sizes else 256
-        if image_size is not None:
-            cfg["block_size"] = (image_size // downsample) ** 2
+        if block_size is not None:
+            cfg["block_size"] = block_size
         cfg.update(overrides)
         model = cls(GPTConfig(**cfg))
         name = next((k for k, v in GPT_CONFIGS.items() if all(found.get(f) == v[f] for f in v)), None)
