@@ -1,14 +1,28 @@
-"""Pictures from a trained LlamaGen: the GPT writes a grid of codes one token at a time, the tokenizer's
-decoder turns the grid into pixels (paper 2.1-2.3).
+"""Pictures from a trained LlamaGen: the GPT writes a grid of codes one token at a time, the
+tokenizer's decoder turns the grid into pixels (paper 2.1-2.3).
 
-    python sample.py --class 0 1 2 --n 4                       # demo models: a PNG grid, one row per class
+    python sample.py --class 0 1 2 --per-class 4             # demo models: one row per class
     python sample.py --class 3 --progress drawing.gif          # watch the raster being written
     python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt vq_ds16_c2i.pt --class 207 360 387
     torchrun --nproc_per_node=8 sample.py --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt \\
         --num-samples 50000 --cfg-scale 2.0 --out samples.npz  # ADM-format .npz for fid.py
 
-Without --gpt-ckpt/--vq-ckpt it uses the demo's models (results/demo/). Checkpoints are ours (train.py)
-or the official releases; the image size is the one the GPT was trained at unless --image-size says so.
+Without --gpt-ckpt/--vq-ckpt it uses the demo's models (results/demo/). Checkpoints are ours
+(train.py) or the official releases; the image size is the one the GPT was trained at unless
+--image-size says so.
+
+Read top to bottom, in the order the data flows: sample codes, decode them to pixels, save the
+pixels (a PNG grid and its progress GIF, or an evaluation .npz written in resumable parts); then
+loading and checking the models, and the command line.
+
+Two jobs share the code. Pictures (the default) are for looking at: a few classes, strong
+guidance (cfg 4) and top-k 2000, as the official demo draws them. An evaluation set
+(--num-samples) is for measuring: tens of thousands of images with the settings of the paper's
+FID runs (top-k 0, its guidance scales), stored as the ADM evaluator reads them, sharded over
+torchrun processes and resumable batch by batch, since 50,000 images take hours.
+
+Reproducibility is by construction: batch b is seeded from (--seed, b) alone, so a picture does
+not change with the number of processes, the order they finish in, or a resumed run.
 """
 import argparse
 import json
@@ -26,72 +40,247 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import UserError, cli, pick_device, save_atomic
-from data import from_uint8, make_grid, save_grid, to_uint8, tokenizer_checksum
+from common import UserError, cli, resolve_precision, save_atomic, setup_device
+from data import CodesReceipt, from_uint8, make_grid, save_grid, to_uint8
 from model import GPT
-from tokenizer import VQModel
+from tokenizer import VQModel, tokenizer_checksum
 
-DEMO_GPT = "results/demo/gpt.pt"  # written by the demo; the default models when no checkpoint is given
+DEMO_GPT = "results/demo/gpt.pt"  # written by the demo; the default models when none is given
 DEMO_VQ = "results/demo/vq.pt"
 OFFICIAL_URL = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
+# ImageNet's 1000 classes; the number in the name is the image size the GPT was trained at
 OFFICIAL_GPTS = ["c2i_B_256.pt", "c2i_B_384.pt", "c2i_L_256.pt", "c2i_L_384.pt", "c2i_XL_384.pt",
-                 "c2i_XXL_384.pt", "c2i_3B_384.pt"]  # ImageNet 1000 classes; the number is the image size
+                 "c2i_XXL_384.pt", "c2i_3B_384.pt"]
 OFFICIAL_VQ = "vq_ds16_c2i.pt"
 DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's ImageNet classes
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Sampling: codes from the GPT, pixels from the tokenizer
-
-def decode(vq, codes, resize_to=None, block_size=None):
-    """Codes [B, t] in raster order -> uint8 [B, H, W, 3]. A partial raster (t < block_size, for the progress
-    animation) is completed with the codes of a plain grey picture, since the decoder needs a full grid,
-    and the cells not yet written are then painted exactly mid-grey; the decoder's receptive field still
-    lets the written cells change a little as their neighbours arrive. With every token written this is
-    the plain decode."""
-    B, t = codes.shape
-    L = block_size or t
-    g = math.isqrt(L)
-    if t < L:
-        grey = vq.encode(torch.zeros(1, 3, g * vq.config.downsample, g * vq.config.downsample, device=codes.device))
-        codes = torch.cat([codes, grey.view(1, L)[:, t:].expand(B, -1)], dim=1)
-    x = vq.decode(codes.view(B, g, g)).float()
-    if t < L:
-        cell = x.shape[-1] // g
-        written = (torch.arange(L, device=x.device) < t).view(g, g)
-        x = x * written.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    return to_uint8(x, resize_to)
-
+# ------------------------------------------------------------------------------------------------
+# Sampling: codes from the GPT (GPT.generate), then pixels from the tokenizer
 
 @torch.no_grad()
-def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                  generator=None, resize_to=None, callback=None):
-    """Images of the classes `labels` (list or int64 tensor [B]) as uint8 [B, H, W, 3]. The tokenizer runs in
-    float32 whatever the GPT's dtype; callback(t, codes[:, :t]) is GPT.generate's, after each token."""
+def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
+                  top_p=1.0, generator=None, resize_to=None, callback=None):
+    """Images of the classes `labels` (list or int64 tensor [B]) as uint8 [B, H, W, 3]. The
+    sampling knobs are GPT.generate's (cfg_interval's meaning is documented there); callback(t,
+    codes[:, :t]) is called after each token. The tokenizer runs in float32 whatever the GPT's
+    dtype: the decoder is a small share of the time, and its pixels then match any GPU's."""
+    # the labels go where the GPT's weights are, so callers may pass a plain list
     device = next(gpt.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    codes = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
-                         top_k=top_k, top_p=top_p, generator=generator, callback=callback)
+    codes = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                         callback=callback)
     return decode(vq, codes, resize_to)
 
 
 def batch_seed(seed, index):
-    """A seed for batch `index` of a run seeded `seed`. SeedSequence mixes the pair into independent
-    streams (seed + index would make run 1's batch 0 equal run 0's batch 1). A batch's pictures depend on
-    (seed, index, batch size) only, not on how many processes share the work."""
+    """A seed for batch `index` of a run seeded `seed`. SeedSequence mixes the pair into
+    independent streams (seed + index would make run 1's batch 0 equal run 0's batch 1). A batch's
+    pictures depend on (seed, index, batch size) only, not on how many processes share the work."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def decode(vq, codes, resize_to=None):
+    """Codes [B, L] in raster order (L a square number) -> uint8 pixels [B, H, W, 3], by the pixel
+    rule of data.to_uint8 (optionally resized first)."""
+    # the GPT writes a flat raster; the decoder wants the grid back, row by row (paper 2.1)
+    b, length = codes.shape
+    side = math.isqrt(length)
+    return to_uint8(vq.decode(codes.view(b, side, side)).float(), resize_to)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving: a PNG grid (and the animation of its drawing), or an evaluation .npz
+
 def write_npz(f, **arrays):
-    """np.savez (uncompressed, what the ADM evaluator streams) with a fixed timestamp on each member, so
-    the same samples always give the same bytes (np.savez stamps the current time)."""
+    """np.savez (uncompressed, what the ADM evaluator streams) with a fixed timestamp on each
+    member, so the same samples always give the same bytes (np.savez stamps the current time)."""
+    # ZIP64 from the start: 50,000 images of 256 px are 9.8 GB, past the 4 GB of plain zip
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, a in arrays.items():
-            with z.open(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as m:
+            member = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with z.open(member, "w", force_zip64=True) as m:
                 np.lib.format.write_array(m, np.ascontiguousarray(a))
 
 
-# ----------------------------------------------------------------------------------------------------------
+def picture_grid(args, gpt, vq, sample_kw):
+    """args.out: a PNG grid with one row per class (rows of 8 for a single class), batches seeded
+    by (seed, batch index); with --progress, also the GIF of the rasters being written."""
+    labels = [k for k in args.classes for _ in range(args.per_class)]
+    length = gpt.config.block_size
+    steps = progress_steps(length, args.progress_frames) if args.progress else []
+    # shots: per batch, {t: codes [B, t]}; the clock covers sampling and decoding, not saving
+    images, shots, t0 = [], [], time.perf_counter()
+    # one bar step = one more token in every image of the batch
+    n_batches = math.ceil(len(labels) / args.batch_size)
+    bar = tqdm(total=n_batches * length, desc="drawing", unit="step", dynamic_ncols=True)
+    for b in range(0, len(labels), args.batch_size):
+        shots.append({})
+
+        # GPT.generate calls this after every token; it copies the raster at the frames' steps
+        # (the default argument binds this batch's dict, not the loop's last one)
+        def step(t, codes, shot=shots[-1]):
+            bar.update()
+            if t in steps:
+                shot[t] = codes.clone()
+        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b // args.batch_size))
+        images.append(sample_images(gpt, vq, labels[b:b + args.batch_size], generator=gen,
+                                    callback=step, **sample_kw))
+    bar.close()
+    images = np.concatenate(images)
+    report(0, len(images), time.perf_counter() - t0, length, args)
+    # one row per class; a single class (or one picture each) fills rows of 8 instead
+    nrow = args.per_class if len(args.classes) > 1 and args.per_class > 1 else 8
+    save_grid(from_uint8(images), args.out, nrow=nrow)
+    if args.progress:
+        save_progress_gif(vq, shots, steps, length, nrow, sample_kw["resize_to"], args.progress)
+
+
+def progress_steps(length, frames):
+    """Token counts after which the animation takes a frame: `frames` evenly spaced ones, at most
+    one per token, the last one the finished raster."""
+    # ceil spreads the frames evenly and makes the last one land on `length` exactly
+    n = min(frames, length)
+    return [math.ceil(k * length / n) for k in range(1, n + 1)]
+
+
+def raster_so_far(vq, codes, length, resize_to):
+    """Codes [B, t] of a raster still being written -> uint8 [B, H, W, 3] with the cells not yet
+    written painted exactly mid-grey. The decoder needs a full grid, so the missing cells are
+    first filled with the codes of a plain grey picture; its receptive field still lets the written
+    cells change a little as their neighbours arrive."""
+    b, t = codes.shape
+    if t == length:
+        return decode(vq, codes, resize_to)
+    side = math.isqrt(length)
+    pixels = side * vq.config.downsample
+    grey = vq.encode(torch.zeros(1, 3, pixels, pixels, device=codes.device))
+    codes = torch.cat([codes, grey.view(1, length)[:, t:].expand(b, -1)], dim=1)
+    x = vq.decode(codes.view(b, side, side)).float()
+    cell = x.shape[-1] // side
+    written = (torch.arange(length, device=x.device) < t).view(side, side)
+    x = x * written.repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # 0 -> level 128
+    return to_uint8(x, resize_to)
+
+
+def save_progress_gif(vq, shots, steps, length, nrow, resize_to, path):
+    """One grid per step in `steps`, every image at the same point of its raster; the last frame
+    (all tokens) holds for 2 s, so a looping viewer shows the result."""
+    frames = []
+    # the frames are decoded after sampling, from the saved rasters: decoding at every step
+    # inside the loop would cost a decoder pass per token instead of one per frame
+    for t in steps:
+        partial = np.concatenate([raster_so_far(vq, shot[t], length, resize_to) for shot in shots])
+        frames.append(make_grid(from_uint8(partial), nrow))
+    durations = [80] * (len(frames) - 1) + [2000]  # milliseconds per frame
+    # GIF frames hold 256 colours each: Pillow reduces every frame's palette on its own
+    save_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                         duration=durations, loop=0), path)
+
+
+def evaluation_labels(args):
+    """The --num-samples labels: uniformly random over the classes (the official evaluation's
+    protocol), all drawn up front from --seed so they do not depend on the number of processes;
+    or, with --labels balanced, cycling through them (50 per class for 50k of 1000)."""
+    # random labels make the class counts vary a little (about sqrt(N/classes) per class), as in
+    # the published numbers; balanced ones remove that spread from the comparison
+    classes = torch.tensor(args.classes)
+    n = args.num_samples
+    if args.labels == "balanced":
+        return classes[torch.arange(n) % len(classes)]
+    draw = torch.Generator().manual_seed(args.seed)  # on the CPU: the same labels on any device
+    return classes[torch.randint(len(classes), (n,), generator=draw)]
+
+
+def resume_stamp(args, parts, rank):
+    """Record the settings that decide the pixels (the flags get_args declares as such) in
+    <parts>/settings.json, or check them against a stamp already there: parts made with other
+    settings must not be mixed into one .npz."""
+    stamp = {k: getattr(args, k) for k in args.pixel_settings}
+    # every rank reads the stamp; only rank 0 writes it, and the barrier that follows in
+    # evaluation_npz comes before any rank writes a part
+    path = os.path.join(parts, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != stamp:
+            diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
+                             if old.get(k) != v)
+            raise UserError(f"{parts} holds samples made with other settings ({diff}); rerun with "
+                            "the same flags to resume, or delete that folder to start over")
+    elif rank == 0:
+        save_atomic(lambda f: f.write(json.dumps(stamp).encode()), path)
+
+
+def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
+    """args.out: an ADM-format .npz of args.num_samples images (uint8 NHWC arr_0, labels arr_1).
+    Batch b holds samples [b*bs, (b+1)*bs). Rank r draws every world-th unfinished batch and saves
+    each atomically in <out>.parts/; a rerun skips finished ones; rank 0 gathers the final .npz
+    and deletes the parts."""
+    n, bs = args.num_samples, args.batch_size
+    labels = evaluation_labels(args)
+    parts, n_batches = args.out + ".parts", math.ceil(n / bs)
+    resume_stamp(args, parts, rank)
+    done = set()
+    if os.path.isdir(parts):
+        done = {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
+    if world > 1:
+        dist.barrier()  # every rank has listed the finished batches before any rank adds one
+    # round-robin over the batches still missing: each rank gets an equal share, and a rerun
+    # with another number of processes still fits (a batch's pixels do not depend on the rank)
+    todo = [b for b in range(n_batches) if b not in done][rank::world]
+    if rank == 0 and done:
+        print(f"resuming: {len(done)} of {n_batches} batches already in {parts}")
+    t0, made = time.perf_counter(), 0
+    for b in tqdm(todo, disable=rank != 0, desc="sampling", unit="batch", dynamic_ncols=True):
+        batch_labels = labels[b * bs:(b + 1) * bs]
+        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b))
+        images = sample_images(gpt, vq, batch_labels, generator=gen, **sample_kw)
+        # one file per batch, written atomically: a process killed mid-batch loses that batch
+        # only, and a file that exists is always complete
+        save_atomic(lambda f: write_npz(f, arr_0=images, arr_1=batch_labels.numpy()),
+                    os.path.join(parts, f"{b:06d}.npz"))
+        made += len(batch_labels)
+    report(rank, made, time.perf_counter() - t0, gpt.config.block_size, args)
+    if world > 1:  # rank 0 gathers only once every rank's batches are on disk
+        dist.barrier()
+    if rank == 0:
+        gather_parts(args, parts, n_batches)
+
+
+def gather_parts(args, parts, n_batches):
+    """Rank 0's last step: the parts' batches -> one .npz at args.out, then no parts."""
+    n, bs = args.num_samples, args.batch_size
+    # the image array is allocated once the first part shows the image size (after --resize-to)
+    out, out_labels = None, np.empty(n, np.int64)
+    for b in tqdm(range(n_batches), desc="gathering", unit="batch", disable=n_batches < 100):
+        path = os.path.join(parts, f"{b:06d}.npz")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing (did a process fail?); rerun the same command to "
+                            "finish it")
+        with np.load(path) as z:
+            if out is None:
+                out = np.empty((n, *z["arr_0"].shape[1:]), np.uint8)
+            out[b * bs:(b + 1) * bs], out_labels[b * bs:(b + 1) * bs] = z["arr_0"], z["arr_1"]
+    # arr_0 is what the ADM evaluator reads; it ignores arr_1, the labels, which are kept for
+    # class-wise checks (a per-class accuracy, as the demo measures on its pictures)
+    save_atomic(lambda f: write_npz(f, arr_0=out, arr_1=out_labels), args.out)
+    shutil.rmtree(parts)
+    print(f"wrote {args.out}: arr_0 {out.dtype} {tuple(out.shape)}, labels (arr_1) {args.labels} "
+          f"over {len(args.classes)} classes")
+
+
+def report(rank, n, seconds, tokens_per_image, args):
+    """Sampling speed (generation + decoding, without file writing) of this process."""
+    # tokens/s counts image tokens only; under guidance each one costs two rows of the batch
+    if rank == 0 and n:
+        per = " per process" if args.world > 1 else ""
+        print(f"{n} images in {seconds:.1f} s on {args.device} ({args.precision}): "
+              f"{seconds / n:.3f} s/image, {n * tokens_per_image / seconds:,.0f} tokens/s" + per)
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading and checking the inputs
 
 NO_WEIGHTS = f"""no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_GPT}, {DEMO_VQ}.
@@ -102,269 +291,259 @@ Run the demo to train small models there, or use the official LlamaGen weights (
         python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt {OFFICIAL_VQ} --class 207"""
 
 
+def size_in_name(path):
+    """The image size an official file's name states (c2i_L_384.pt -> 384), else None."""
+    # a size standing alone in the name: "c2i_L_384.pt" yes, "run2560.pt" no; the last one wins
+    sizes = re.findall(r"(?<!\d)(256|384|512)(?!\d)", os.path.basename(path))
+    return int(sizes[-1]) if sizes else None
+
+
+def load_gpt(path, image_size, downsample):
+    """(GPT, its codes receipt or None) with the token grid of its images: (image_size //
+    downsample)^2 tokens. The size is --image-size if given; else ours know theirs (the receipt,
+    saved with the config), and an official release states it in its file name (_256, _384;
+    256 if absent). One load in the usual cases; a second only when the name misled the first."""
+    # the first guess needs no receipt: an explicit size, else the name's, else the saved config
+    named = image_size or size_in_name(path)
+    gpt = GPT.from_pretrained(path, block_size=(named // downsample) ** 2 if named else None)
+    receipt = CodesReceipt.from_dict(gpt.meta, path) if gpt.meta else None
+    if image_size is None:
+        h, w = receipt.grid if receipt else ((named or 256) // downsample,) * 2
+        if h * w != gpt.config.block_size:  # one of ours named _256, or an official file unnamed
+            gpt = GPT.from_pretrained(path, block_size=h * w)
+    return gpt, receipt
+
+
 def load_models(gpt_path, vq_path, image_size=None):
-    """Both models on the CPU in eval mode, checked against each other: the GPT's words must be the
-    tokenizer's codes (vocab = codebook size) and its grid a whole number of the tokenizer's cells."""
+    """Both models on the CPU in eval mode, checked against each other: the GPT's words must be
+    the tokenizer's codes (vocab = codebook size), its grid the tokenizer's grid at the trained
+    size, and (for ours) its codes those of these very tokenizer weights."""
     if gpt_path is None and vq_path is None:
         if not (os.path.isfile(DEMO_GPT) and os.path.isfile(DEMO_VQ)):
             raise UserError(NO_WEIGHTS)
         gpt_path, vq_path = DEMO_GPT, DEMO_VQ
     elif gpt_path is None or vq_path is None:
-        raise UserError("pass both --gpt-ckpt and --vq-ckpt: a GPT's codes mean something only to the "
-                        "tokenizer it was trained with")
+        raise UserError("pass both --gpt-ckpt and --vq-ckpt: a GPT's codes mean something only "
+                        "to the tokenizer it was trained with")
+    # the tokenizer first: its downsampling factor turns an image size into the GPT's grid
     vq = VQModel.from_pretrained(vq_path)
     ds = vq.config.downsample
     if image_size is not None and (image_size <= 0 or image_size % ds):
-        raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's downsampling "
-                        f"factor {ds}; use e.g. {max(1, round(image_size / ds)) * ds}")
-    gpt = GPT.from_pretrained(gpt_path, image_size=image_size, downsample=ds)
+        raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's "
+                        f"downsampling factor {ds}; use e.g. {max(1, round(image_size / ds)) * ds}")
+    gpt, receipt = load_gpt(gpt_path, image_size, ds)
+    # official files carry no receipt, but the vocabulary is in the shapes: check at least that
     if gpt.config.vocab_size != vq.config.codebook_size:
-        raise UserError(f"the GPT {gpt_path} predicts {gpt.config.vocab_size} codes but the tokenizer "
-                        f"{vq_path} has {vq.config.codebook_size}: pass the tokenizer the GPT was trained with")
-    meta = gpt.meta
-    if meta.get("image_size") and meta.get("grid"):
-        trained, grid = meta["grid"][0], meta["image_size"] // ds  # this tokenizer's grid at that size
-        if grid != trained:
-            raise UserError(f"the GPT {gpt_path} learned {trained}x{trained} grids of {meta['image_size']} px "
-                            f"images, but the tokenizer {vq_path} cuts them into {grid}x{grid}: pass the "
-                            "tokenizer the GPT was trained with")
-        if image_size is not None and image_size // ds != trained:
-            raise UserError(f"--image-size {image_size} means {image_size // ds}x{image_size // ds} tokens, but "
-                            f"the GPT {gpt_path} learned {trained}x{trained}: drop --image-size or use "
-                            f"{trained * ds}")
-    if meta.get("tokenizer_checksum") and meta["tokenizer_checksum"] != tokenizer_checksum(vq):
-        raise UserError(f"the GPT {gpt_path} was trained on the codes of another tokenizer than {vq_path} "
-                        "(weights checksum differs): pass the tokenizer its codes were extracted with")
+        raise UserError(f"the GPT {gpt_path} predicts {gpt.config.vocab_size} codes but the "
+                        f"tokenizer {vq_path} has {vq.config.codebook_size}: pass the tokenizer "
+                        "the GPT was trained with")
+    if receipt:  # ours: the codes it learned must be this tokenizer's
+        check_receipt(receipt, gpt_path, vq, vq_path, image_size)
     return gpt, vq, gpt_path, vq_path
 
 
+def check_receipt(receipt, gpt_path, vq, vq_path, image_size):
+    """The GPT's codes receipt against this tokenizer and --image-size (one UserError line)."""
+    # the grids: a tokenizer with another downsampling factor (VQ-8 for VQ-16) cuts the same
+    # images into another number of cells, and the GPT's raster positions would mean nothing
+    ds, (trained, _) = vq.config.downsample, receipt.grid
+    grid = receipt.image_size // ds  # this tokenizer's grid at the trained size
+    if grid != trained:
+        raise UserError(f"the GPT {gpt_path} learned {trained}x{trained} grids of "
+                        f"{receipt.image_size} px images, but the tokenizer {vq_path} cuts them "
+                        f"into {grid}x{grid}: pass the tokenizer the GPT was trained with")
+    if image_size is not None and image_size // ds != trained:
+        raise UserError(f"--image-size {image_size} means {image_size // ds}x{image_size // ds} "
+                        f"tokens, but the GPT {gpt_path} learned {trained}x{trained}: drop "
+                        f"--image-size or use {trained * ds}")
+    # the weights: two tokenizers of one topology (another seed, another training run) share the
+    # grid and the vocabulary but not what each code looks like
+    if receipt.tokenizer_checksum != tokenizer_checksum(vq):
+        raise UserError(f"the GPT {gpt_path} was trained on the codes of another tokenizer than "
+                        f"{vq_path} (weights checksum differs): pass the tokenizer its codes "
+                        "were extracted with")
+
+
 def check_writable(path):
-    """Fail before minutes of sampling, not after: the folder must exist (or be creatable) and take a file."""
+    """Fail before minutes of sampling, not after: the folder must exist (or be creatable) and
+    take a file."""
     if os.path.isdir(path):
         raise UserError(f"output {path!r} is a folder; give a file name")
+    # a real file, at once deleted: the only test that catches read-only mounts and full quotas
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UserError(f"cannot write to {path!r} ({e.strerror}); choose a writable location") from None
+        raise UserError(f"cannot write to {path!r} ({e.strerror}); choose a writable "
+                        "location") from None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The two jobs: a picture (+ animation), and an evaluation set sharded over torchrun processes
-
-def pictures(args, gpt, vq, sample_kw):
-    """One row per class (rows of 8 for a single class), batches seeded by (seed, batch index)."""
-    labels = [c for c in args.classes for _ in range(args.n)]
-    L = gpt.config.block_size
-    n_frames = min(args.progress_frames, L)
-    steps = [math.ceil(k * L / n_frames) for k in range(1, n_frames + 1)]  # tokens written at each frame
-    images, shots, t0 = [], [], time.perf_counter()  # shots: per batch, {t: codes [B, t] after t tokens}
-    # one step = one more token in every image of the batch
-    bar = tqdm(total=math.ceil(len(labels) / args.batch_size) * L, desc="drawing", unit="step", dynamic_ncols=True)
-    for b in range(0, len(labels), args.batch_size):
-        shots.append({})
-
-        def step(t, codes, shot=shots[-1]):
-            bar.update()
-            if args.progress and t in steps:
-                shot[t] = codes.clone()
-        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b // args.batch_size))
-        images.append(sample_images(gpt, vq, labels[b:b + args.batch_size], generator=gen, callback=step,
-                                    **sample_kw))
-    bar.close()
-    images = np.concatenate(images)
-    report(0, len(images), time.perf_counter() - t0, L, args)
-    nrow = args.n if len(args.classes) > 1 and args.n > 1 else 8
-    save_grid(from_uint8(images), args.out, nrow=nrow)
-    if args.progress:
-        frames = []
-        for t in steps:  # one grid per snapshot, every image at the same step of its raster
-            partial = np.concatenate([decode(vq, s[t], sample_kw["resize_to"], L) for s in shots])
-            frames.append(make_grid(from_uint8(partial), nrow))
-        # the last frame (all tokens) holds for 2 s, so a looping viewer shows the result
-        durations = [80] * (len(frames) - 1) + [2000]
-        save_atomic(lambda f: frames[0].save(
-            f, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0), args.progress)
-
-
-def evaluation(args, gpt, vq, sample_kw, rank, world):
-    """args.num_samples images of labels drawn from the classes: uniformly at random (the official
-    evaluation's protocol), or cycling through them (--labels balanced: 50 per class for 50k of 1000). Batch b
-    holds samples [b*bs, (b+1)*bs). Rank r draws every world-th unfinished batch and saves each atomically
-    in <out>.parts/; a rerun skips finished ones; rank 0 gathers the final .npz and deletes the parts."""
-    N, bs = args.num_samples, args.batch_size
-    classes = torch.tensor(args.classes)
-    if args.labels == "balanced":
-        labels = classes[torch.arange(N) % len(classes)]
-    else:  # all drawn up front from --seed, so they do not depend on the number of processes
-        labels = classes[torch.randint(len(classes), (N,), generator=torch.Generator().manual_seed(args.seed))]
-    parts, n_batches = args.out + ".parts", math.ceil(N / bs)
-    # the settings that decide the pixels: parts made with others must not be mixed in
-    stamp = {k: getattr(args, k) for k in ("num_samples", "classes", "labels", "batch_size", "seed",
-                                           "cfg_scale", "cfg_interval", "temperature", "top_k", "top_p",
-                                           "image_size", "resize_to", "precision")}
-    stamp.update(gpt_ckpt=os.path.abspath(args.gpt_ckpt), vq_ckpt=os.path.abspath(args.vq_ckpt))
-    stamp_path = os.path.join(parts, "settings.json")
-    if os.path.isfile(stamp_path):
-        with open(stamp_path) as f:
-            old = json.load(f)
-        old.setdefault("labels", "balanced")  # parts written before --labels existed cycled through the classes
-        if old != stamp:
-            diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items() if old.get(k) != v)
-            raise UserError(f"{parts} holds samples made with other settings ({diff}); rerun with the same "
-                            "flags to resume, or delete that folder to start over")
-    elif rank == 0:
-        save_atomic(lambda f: f.write(json.dumps(stamp).encode()), stamp_path)
-    done = {int(n[:6]) for n in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", n)} if os.path.isdir(parts) else set()
-    if world > 1:
-        dist.barrier()  # every rank has listed the finished batches before any rank adds one
-    todo = [b for b in range(n_batches) if b not in done][rank::world]
-    if rank == 0 and done:
-        print(f"resuming: {len(done)} of {n_batches} batches already in {parts}")
-    t0, made = time.perf_counter(), 0
-    for b in tqdm(todo, disable=rank != 0, desc="sampling", unit="batch", dynamic_ncols=True):
-        lab = labels[b * bs:(b + 1) * bs]
-        gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b))
-        images = sample_images(gpt, vq, lab, generator=gen, **sample_kw)
-        save_atomic(lambda f: write_npz(f, arr_0=images, arr_1=lab.numpy()), os.path.join(parts, f"{b:06d}.npz"))
-        made += len(lab)
-    report(rank, made, time.perf_counter() - t0, gpt.config.block_size, args)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return
-    out, out_labels = None, np.empty(N, np.int64)
-    for b in tqdm(range(n_batches), desc="gathering", unit="batch", disable=n_batches < 100):
-        path = os.path.join(parts, f"{b:06d}.npz")
-        if not os.path.isfile(path):
-            raise UserError(f"{path} is missing (did a process fail?); rerun the same command to finish it")
-        with np.load(path) as z:
-            if out is None:
-                out = np.empty((N, *z["arr_0"].shape[1:]), np.uint8)
-            out[b * bs:(b + 1) * bs], out_labels[b * bs:(b + 1) * bs] = z["arr_0"], z["arr_1"]
-    # arr_0 is what the ADM evaluator reads; it ignores arr_1, the labels
-    save_atomic(lambda f: write_npz(f, arr_0=out, arr_1=out_labels), args.out)
-    shutil.rmtree(parts)
-    print(f"wrote {args.out}: arr_0 {out.dtype} {tuple(out.shape)}, labels (arr_1) {args.labels} over "
-          f"{len(classes)} classes")
-
-
-def report(rank, n, seconds, tokens_per_image, args):
-    """Sampling speed (generation + decoding, without file writing) of this process."""
-    if rank == 0 and n:
-        print(f"{n} images in {seconds:.1f} s on {args.device} ({args.precision}): {seconds / n:.3f} s/image, "
-              f"{n * tokens_per_image / seconds:,.0f} tokens/s" + (" per process" if args.world > 1 else ""))
-
-
-# ----------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # command line
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--gpt-ckpt", default=None, help=f"GPT: ours (train.py) or an official c2i_*.pt (default: {DEMO_GPT})")
-    a("--vq-ckpt", default=None, help=f"tokenizer: ours or the official {OFFICIAL_VQ} (default: {DEMO_VQ})")
+def add_pixel_flags(decides):
+    """The flags that decide the pixels, all in the argument group `decides`."""
+    a = decides.add_argument
+    a("--gpt-ckpt", default=None,
+      help=f"GPT: ours (train.py) or an official c2i_*.pt (default: {DEMO_GPT})")
+    a("--vq-ckpt", default=None,
+      help=f"tokenizer: ours or the official {OFFICIAL_VQ} (default: {DEMO_VQ})")
     a("--class", dest="classes", type=int, nargs="+", default=None,
-      help="class ids to draw (default: the official demo's 8 ImageNet classes if the GPT has them, else all "
-           "its classes); with --num-samples, every class unless given, and the labels are drawn from them")
-    a("--n", type=int, default=4, help="pictures per class (default: 4)")
-    a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the .npz with "
-      "--num-samples (default: samples/samples<N>.npz)")
-    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s (paper 2.3): 1 = off, "
-      "0 = the null class alone (unconditional); the official code treats every s <= 1 as off. Pictures: "
-      "default 4.0, as the official demo. Evaluation: required (paper FIDs: 2.0 for B and L)")
-    a("--cfg-interval", type=int, default=-1, help="-1: guide every token; k >= 0: only tokens 0..k+1, then "
-      "the conditional logits alone (the official semantics)")
+      help="class ids to draw (default: the official demo's 8 ImageNet classes if the GPT has "
+           "them, else all its classes); with --num-samples, every class unless given, and the "
+           "labels are drawn from them")
+    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s (paper "
+      "2.3): 1 = off, 0 = the null class alone (unconditional); the official code treats every "
+      "s <= 1 as off. Pictures: default 4.0, as the official demo. --num-samples: required "
+      "(paper FIDs: 2.0 for B and L)")
+    a("--cfg-interval", type=int, default=-1, help="-1: guide every token; k >= 0: only tokens "
+      "0..k+1, then the conditional logits alone (the official semantics)")
     a("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
-    a("--top-k", type=int, default=None, help="sample among the k most likely codes only, 0 = all (default: "
-      "2000 for pictures, as the official demo; 0 for --num-samples, as the official FID runs)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass (1 = all)")
-    a("--seed", type=int, default=0, help="batch b is seeded from (seed, b), whatever the number of processes")
-    a("--image-size", type=int, default=None, help="pixels per side, (size/downsample)^2 tokens (default: "
-      "the size the GPT was trained at: recorded in ours, _256/_384 in official file names)")
-    a("--resize-to", type=int, default=None, help="resize the images bicubically to this size, e.g. 256 for "
-      "384 px models before FID, as the official evaluation did")
-    a("--batch-size", type=int, default=32, help="images per forward pass (doubled inside under CFG)")
+    a("--top-k", type=int, default=None, help="sample among the k most likely codes only, 0 = "
+      "all (default: 2000 for pictures, as the official demo; 0 for --num-samples, as the "
+      "official FID runs)")
+    a("--top-p", type=float, default=1.0,
+      help="nucleus sampling: smallest set with this mass (1 = all)")
+    a("--seed", type=int, default=0,
+      help="batch b is seeded from (seed, b), whatever the number of processes")
+    a("--image-size", type=int, default=None, help="pixels per side, (size/downsample)^2 tokens "
+      "(default: the size the GPT was trained at: recorded in ours, _256/_384 in official file "
+      "names)")
+    a("--resize-to", type=int, default=None, help="resize the images bicubically to this size, "
+      "e.g. 256 for 384 px models before FID, as the official evaluation did")
+    a("--batch-size", type=int, default=32,
+      help="images per forward pass (doubled inside under CFG)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-      help="GPT weights' dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS); "
-           "the tokenizer always decodes in fp32")
-    a("--compile", action="store_true", help="torch.compile the GPT's one-token step (slow start, faster steps)")
+      help="GPT weights' dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on "
+           "CPU/MPS); the tokenizer always decodes in fp32")
+    a("--num-samples", type=int, default=None, help="evaluation: write exactly this many images "
+      "as uint8 NHWC arr_0 (labels arr_1) in --out; resumable; run it under torchrun")
+    a("--labels", choices=["random", "balanced"], default=None, help="with --num-samples: "
+      "uniformly random over the classes, as the official evaluation (default), or cycling "
+      "through them, N/classes each")
+
+
+def get_args(argv=None):
+    """The flags; args.pixel_settings names those that decide the pictures."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The flags that decide the pixels are declared in one group: a --num-samples run records
+    # their values with its parts (resume_stamp), so a resumed run cannot mix other settings in;
+    # the stamp's keys are read off the group, never listed by hand.
+    decides = p.add_argument_group("what the pictures depend on", "a --num-samples run records "
+                                   "these; resuming it needs the same values")
+    add_pixel_flags(decides)
+    pixel_settings = tuple(action.dest for action in decides._group_actions)
+    # the flags below change where the pictures go or how fast they come, not what they show
+    a = p.add_argument
+    a("--per-class", type=int, default=None,
+      help="pictures per class, one row each (default: 4); not with --num-samples")
+    a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the "
+      ".npz with --num-samples (default: samples/samples<N>.npz)")
+    a("--compile", action="store_true",
+      help="torch.compile the GPT's one-token step (slow start, faster steps)")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
-    a("--progress", default=None, metavar="GIF", help="also write an animation of the rasters being written")
-    a("--progress-frames", type=int, default=32, help="frames of --progress, at most one per token (default: 32)")
-    a("--num-samples", type=int, default=None, help="evaluation: write exactly this many images as uint8 "
-      "NHWC arr_0 (labels arr_1) in --out; resumable; run it under torchrun")
-    a("--labels", choices=["random", "balanced"], default="random", help="evaluation labels: uniformly random "
-      "over the classes, as the official evaluation (default), or cycling through them, N/classes each")
-    return p.parse_args(argv)
+    a("--progress", default=None, metavar="GIF",
+      help="also write an animation of the rasters being written")
+    a("--progress-frames", type=int, default=None,
+      help="with --progress: frames, at most one per token (default: 32)")
+    args = p.parse_args(argv)
+    args.pixel_settings = pixel_settings
+    return args
+
+
+# Flags that apply to one mode only: given in the other, they are refused, never ignored (a
+# silently ignored --per-class in an evaluation run would look like a setting that took effect).
+# Rows: (flag, attribute, what it needs, whether that is there); one test per row.
+ONLY_WITH = [("--per-class", "per_class", "pictures, not --num-samples",
+              lambda args: args.num_samples is None),
+             ("--labels", "labels", "--num-samples", lambda args: args.num_samples is not None),
+             ("--progress-frames", "progress_frames", "--progress", lambda args: args.progress)]
 
 
 def check_args(args):
-    if args.num_samples is not None:
+    """One UserError line for a flag out of its range or its mode; then the mode's defaults.
+    Those flags default to None so that "not given" can be told apart from "given as the
+    default"; the values the help promises are filled in here, after the check."""
+    for flag, name, needs, present in ONLY_WITH:
+        if getattr(args, name) is not None and not present(args):
+            raise UserError(f"{flag} only applies with {needs}; drop it")
+    evaluation = args.num_samples is not None
+    args.per_class = 4 if args.per_class is None else args.per_class
+    args.progress_frames = 32 if args.progress_frames is None else args.progress_frames
+    args.labels = args.labels or "random"
+    if args.top_k is None:  # the official demo's 2000 for pictures, all codes for FID
+        args.top_k = 0 if evaluation else 2000
+    if evaluation:
         if args.cfg_scale is None:
-            raise UserError("evaluation runs need an explicit --cfg-scale (paper: 2.0 for B and L, 1.75 for XL "
-                            "and XXL, 1.65 for 3B; 1 = no guidance)")
+            raise UserError("evaluation runs need an explicit --cfg-scale (paper: 2.0 for B and "
+                            "L, 1.75 for XL and XXL, 1.65 for 3B; 1 = no guidance)")
         if args.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
         if args.progress:
             raise UserError("--progress animates pictures; drop it for --num-samples runs")
     elif args.world > 1:
-        raise UserError("torchrun is for --num-samples evaluation runs; draw pictures with plain python")
-    for name, ok in [("n", args.n >= 1), ("batch_size", args.batch_size >= 1), ("top_k", args.top_k >= 0),
-                     ("progress_frames", args.progress_frames >= 1), ("temperature", args.temperature > 0),
-                     ("top_p", 0 < args.top_p <= 1), ("resize_to", args.resize_to is None or args.resize_to > 0)]:
+        raise UserError("torchrun is for --num-samples evaluation runs; draw pictures with "
+                        "plain python")
+    for name, ok in [("per_class", args.per_class >= 1), ("batch_size", args.batch_size >= 1),
+                     ("top_k", args.top_k >= 0), ("progress_frames", args.progress_frames >= 1),
+                     ("temperature", args.temperature > 0), ("top_p", 0 < args.top_p <= 1),
+                     ("resize_to", args.resize_to is None or args.resize_to > 0)]:
         if not ok:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; see --help")
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; "
+                            "see --help")
+    if not evaluation and args.cfg_scale is None:
+        args.cfg_scale = 4.0  # the official demo's guidance for pictures
 
 
 @torch.no_grad()  # sampling only: no autograd graph (and none left switched off for the caller)
 def main(argv=None):
     args = get_args(argv)
+    # torchrun sets RANK and WORLD_SIZE; a plain `python sample.py` is rank 0 of 1
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.top_k is None:
-        args.top_k = 0 if args.num_samples else 2000
     check_args(args)
-    if args.num_samples is None and args.cfg_scale is None:
-        args.cfg_scale = 4.0
-    device = pick_device(args.device)
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    args.device = device
-    if args.precision == "auto":
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    # under torchrun each process takes the GPU of its LOCAL_RANK (common.setup_device)
+    args.device = device = setup_device(args.device)
+    args.precision, dtype = resolve_precision(args.precision, device)
 
-    gpt, vq, args.gpt_ckpt, args.vq_ckpt = load_models(args.gpt_ckpt, args.vq_ckpt, args.image_size)
+    gpt, vq, gpt_path, vq_path = load_models(args.gpt_ckpt, args.vq_ckpt, args.image_size)
+    # absolute paths: the resume stamp must not depend on the working directory
+    args.gpt_ckpt, args.vq_ckpt = os.path.abspath(gpt_path), os.path.abspath(vq_path)
+    # the size actually drawn, resolved from the GPT, is what the resume stamp records
     args.image_size = math.isqrt(gpt.config.block_size) * vq.config.downsample
-    C = gpt.config.num_classes
+    n_classes = gpt.config.num_classes
     if args.classes is None:  # evaluation covers every class; pictures show the official demo's
-        args.classes = DEMO_CLASSES if max(DEMO_CLASSES) < C and not args.num_samples else list(range(C))
-    bad = [c for c in args.classes if not 0 <= c < C]
+        demo = max(DEMO_CLASSES) < n_classes and not args.num_samples
+        args.classes = DEMO_CLASSES if demo else list(range(n_classes))
+    bad = [k for k in args.classes if not 0 <= k < n_classes]
     if bad:
-        raise UserError(f"class {bad[0]} is outside [0, {C}): this GPT knows {C} classes; pick ids 0..{C - 1}")
+        raise UserError(f"class {bad[0]} is outside [0, {n_classes}): this GPT knows {n_classes} "
+                        f"classes; pick ids 0..{n_classes - 1}")
     if args.out is None:
         args.out = (f"samples/samples{args.num_samples}.npz" if args.num_samples else
                     "samples/class" + "-".join(map(str, args.classes)) + ".png")
-    for path in (args.out, args.progress):
+    for path in (args.out, args.progress):  # all checks done before the first token is drawn
         if path:
             check_writable(path)
 
+    # the GPT in --precision, the tokenizer kept in float32 (sample_images says why)
     gpt, vq = gpt.to(device=device, dtype=dtype), vq.to(device)
-    if args.compile:  # generation loops over this one-token step; compile it, not the Python loop around it
+    if args.compile:  # generation loops over this one-token step: compile it, not the loop
         gpt.forward_cached = torch.compile(gpt.forward_cached)
-    sample_kw = dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, temperature=args.temperature,
-                     top_k=args.top_k, top_p=args.top_p, resize_to=args.resize_to)
+    sample_kw = dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     resize_to=args.resize_to)
     if args.num_samples is None:
-        pictures(args, gpt, vq, sample_kw)
+        picture_grid(args, gpt, vq, sample_kw)
         print(f"wrote {args.out}" + (f" and {args.progress}" if args.progress else ""))
         return
-    if args.world > 1:  # only barriers cross processes, so gloo serves GPUs too; long waits are normal
+    # only barriers cross processes, so gloo serves GPUs too; the long timeout covers rank 0's
+    # wait for the slowest rank, which can be hours into a 50,000 image run
+    if args.world > 1:
         dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
-        evaluation(args, gpt, vq, sample_kw, rank, args.world)
+        evaluation_npz(args, gpt, vq, sample_kw, rank, args.world)
     finally:
         if args.world > 1:
             dist.destroy_process_group()

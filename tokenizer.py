@@ -9,6 +9,7 @@ Key names and shapes equal the official LlamaGen checkpoints (vq_ds16_c2i.pt, vq
 with VQModel.from_pretrained.
 """
 import dataclasses
+import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -351,6 +352,18 @@ class VQModel(nn.Module):
         model = cls(config)
         load_weights(model, sd, f"tokenizer {path}", hint=hint)
         return model.eval()
+
+
+def tokenizer_checksum(vq):
+    """sha256 of a tokenizer's weights (its floating-point tensors, in key order): the same for a model
+    whichever file it came from (ours or an official release), so codes can be matched to the
+    tokenizer that decodes them. data.py records it in every codes folder's receipt."""
+    h = hashlib.sha256()
+    for k, v in sorted(vq.state_dict().items()):
+        if v.is_floating_point():
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------

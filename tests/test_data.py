@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
-from data import CLASS_NAMES, SyntheticShapes
+from data import CLASS_NAMES, CodesReceipt, SyntheticShapes
+from tokenizer import tokenizer_checksum
 
 
 # ---------------------------------------------------------------------------------------------- synthetic
@@ -161,18 +162,18 @@ def test_center_crop_geometry():
     # columns = original columns 128..383, the green band exactly.
     a = np.zeros((256, 512, 3), np.uint8)
     a[:, :128, 0], a[:, 128:384, 1], a[:, 384:, 2] = 255, 255, 255
-    out = np.asarray(data.center_crop_arr(Image.fromarray(a), 64))
+    out = np.asarray(data.center_crop(Image.fromarray(a), 64))
     assert out.shape == (64, 64, 3) and (out == [0, 255, 0]).all()
     # 200 x 300 (portrait), markers: halve once to 100 x 150 (200 >= 128, 100 < 128), bicubic to 64 x 96,
     # keep rows 16..79 of 96 = original rows 50..249: a row band at y in [50, 250) survives whole
     a = np.zeros((300, 200, 3), np.uint8)
     a[50:250] = 255
-    out = np.asarray(data.center_crop_arr(Image.fromarray(a), 64)).astype(int)
+    out = np.asarray(data.center_crop(Image.fromarray(a), 64)).astype(int)
     assert out.shape == (64, 64, 3)
     assert (out[2:-2] == 255).all() and out.min() >= 200  # only bicubic ringing at the cut edges
     # already the right size: untouched
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    assert np.array_equal(np.asarray(data.center_crop_arr(img, 32)), np.asarray(img))
+    assert np.array_equal(np.asarray(data.center_crop(img, 32)), np.asarray(img))
 
 
 def test_random_resize_crop():
@@ -206,18 +207,24 @@ def test_ten_crop_geometry():
 
 # ---------------------------------------------------------------------------------------------- code extraction
 
+class Interrupted(Exception):
+    pass
+
+
 class HashTokenizer(torch.nn.Module):
     """A stand-in with VQModel's interface (encode, config.codebook_size, weights): each 4x4 patch's
     mean colour hashed over the whole codebook, so codes above 32767 exercise the uint16 round trip.
     Counts the images it encodes, to see what a resumed extraction recomputes."""
 
-    def __init__(self, codebook_size=65536, salt=0.0):
+    def __init__(self, codebook_size=65536, salt=0.0, interrupt_after=None):
         super().__init__()
         self.config = SimpleNamespace(codebook_size=codebook_size)
         self.mix = torch.nn.Parameter(torch.tensor([7919.0, 104729.0, 31.0 + salt]), requires_grad=False)
-        self.encoded = 0
+        self.encoded, self.interrupt_after = 0, interrupt_after
 
     def encode(self, images):
+        if self.interrupt_after is not None and self.encoded >= self.interrupt_after:
+            raise Interrupted  # as a killed process would stop: between two batches
         self.encoded += len(images)
         q = ((F.avg_pool2d(images, 4) + 1) * 127.5).round().long()
         return (q * self.mix.long()[None, :, None, None]).sum(1) % self.config.codebook_size
@@ -231,7 +238,7 @@ def _expected_codes(vq, n, size, ten_crop=False, crop=None):
 @pytest.mark.parametrize("vocab,dtype", [(65536, np.uint16), (70000, np.int32)])
 def test_extract_codes_and_reader(tmp_path, vocab, dtype):
     vq = HashTokenizer(vocab)
-    meta = data.extract_codes(vq, "synthetic:10", tmp_path / "c", image_size=16, batch_size=4)
+    meta = data.extract_codes(vq, "synthetic:10", tmp_path / "c", image_size=16, batch_size=4).to_dict()
     codes, labels = np.load(tmp_path / "c" / "codes.npy"), np.load(tmp_path / "c" / "labels.npy")
     want = _expected_codes(vq, 10, 16)
     assert codes.dtype == dtype and codes.shape == (10, 2, 16) and labels.dtype == np.int16
@@ -239,7 +246,7 @@ def test_extract_codes_and_reader(tmp_path, vocab, dtype):
     assert labels.tolist() == [i % 10 for i in range(10)]
     assert meta == json.loads((tmp_path / "c" / "meta.json").read_text())
     assert (meta["vocab_size"], meta["grid"], meta["n_aug"], meta["count"]) == (vocab, [4, 4], 2, 10)
-    assert meta["tokenizer_checksum"] == data.tokenizer_checksum(vq) != data.tokenizer_checksum(HashTokenizer(vocab, 1))
+    assert meta["tokenizer_checksum"] == tokenizer_checksum(vq) != tokenizer_checksum(HashTokenizer(vocab, 1))
     assert not (tmp_path / "c" / "parts").exists()
 
     ds = data.CodesDataset(tmp_path / "c", vocab_size=vocab, grid=4, tokenizer_checksum=meta["tokenizer_checksum"])
@@ -259,7 +266,8 @@ def test_extract_codes_and_reader(tmp_path, vocab, dtype):
 def test_extract_ten_crop_codes(tmp_path):
     """Ten crops of the int(16 * 1.25) = 20 px centre crop; view 4 (the centre) is pixels 2..17."""
     vq = HashTokenizer()
-    meta = data.extract_codes(vq, "synthetic:4", tmp_path, image_size=16, ten_crop=True, crop_range=1.25, batch_size=3)
+    meta = data.extract_codes(vq, "synthetic:4", tmp_path, image_size=16, ten_crop=True, crop_range=1.25,
+                              batch_size=3).to_dict()
     codes = torch.from_numpy(np.load(tmp_path / "codes.npy").astype(np.int64))
     assert meta["n_aug"] == 10 and codes.shape == (4, 10, 16)
     assert torch.equal(codes, _expected_codes(vq, 4, 16, ten_crop=True, crop=20))
@@ -293,8 +301,10 @@ def test_mixed_crop_folders_draw_from_both(tmp_path):
 
 def test_extract_resumes_after_interruption(tmp_path):
     data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "full", image_size=16, batch_size=3)
-    cut = data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", 16, batch_size=3, max_batches=2)
-    assert cut is None
+    # the grid probe encodes 1 image, each batch 3 images x 2 views: stop before the third batch
+    with pytest.raises(Interrupted):
+        data.extract_codes(HashTokenizer(interrupt_after=1 + 2 * 6), "synthetic:10", tmp_path / "cut", 16,
+                           batch_size=3)
     assert json.loads((tmp_path / "cut" / "parts" / "progress-0-of-1.json").read_text())["done"] == 6
     with pytest.raises(data.UserError, match="did not finish"):
         data.CodesDataset(tmp_path / "cut")
@@ -320,8 +330,8 @@ def test_codes_dataset_errors(tmp_path):
     with pytest.raises(data.UserError, match=r"token grid \[4, 4\], but \[16, 16\]"):
         data.CodesDataset(tmp_path / "c", grid=16)
     with pytest.raises(data.UserError, match="re-extract"):
-        data.CodesDataset(tmp_path / "c", tokenizer_checksum=data.tokenizer_checksum(HashTokenizer(salt=1)))
-    assert len(data.CodesDataset(tmp_path / "c", 65536, (4, 4), data.tokenizer_checksum(vq))) == 3
+        data.CodesDataset(tmp_path / "c", tokenizer_checksum=tokenizer_checksum(HashTokenizer(salt=1)))
+    assert len(data.CodesDataset(tmp_path / "c", 65536, (4, 4), tokenizer_checksum(vq))) == 3
     with pytest.raises(data.UserError, match="does not exist"):
         data.CodesDataset(tmp_path / "nowhere")
     with pytest.raises(data.UserError, match="holds no codes"):
@@ -359,9 +369,32 @@ def test_extract_with_the_real_tokenizer(tmp_path):
     data.main(["extract", "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:5", "--out",
                str(tmp_path / "c"), "--image-size", "16", "--batch-size", "1", "--num-workers", "0", "--device", "cpu"])
     down = 16 // cfg.downsample
-    ds = data.CodesDataset(tmp_path / "c", cfg.codebook_size, down, data.tokenizer_checksum(vq))
+    ds = data.CodesDataset(tmp_path / "c", cfg.codebook_size, down, tokenizer_checksum(vq))
     codes = torch.from_numpy(np.load(tmp_path / "c" / "codes.npy").astype(np.int64))
     with torch.no_grad():
         want = _expected_codes(vq, 5, 16)
     assert codes.shape == (5, 2, down * down) and torch.equal(codes, want)
-    assert ds.meta["vocab_size"] == cfg.codebook_size and ds.meta["labels_dtype"] == "int16"
+    assert ds.receipt.vocab_size == cfg.codebook_size and ds.receipt.labels_dtype == "int16"
+
+
+def test_codes_receipt_round_trip_and_checks(tmp_path):
+    """meta.json <-> CodesReceipt is lossless; a missing or malformed field, or codes of another
+    tokenizer, is one UserError naming the file or both checksums."""
+    vq = HashTokenizer()
+    receipt = data.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
+    on_disk = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert receipt.to_dict() == on_disk and CodesReceipt.from_dict(on_disk, "meta.json") == receipt
+    assert receipt.grid == (4, 4) and receipt.classes == tuple(CLASS_NAMES)
+    assert data.CodesDataset(tmp_path / "c").receipt == receipt
+    with pytest.raises(data.UserError, match=r"^somewhere.json: the codes receipt lacks 'count'"):
+        CodesReceipt.from_dict({k: v for k, v in on_disk.items() if k != "count"}, "somewhere.json")
+    with pytest.raises(data.UserError, match="grid 'big' is not two numbers"):
+        CodesReceipt.from_dict({**on_disk, "grid": "big"}, "x")
+    receipt.check_same_tokenizer(receipt, "a", "b")  # the same tokenizer: no error
+    other = data.extract_codes(HashTokenizer(salt=1), "synthetic:3", tmp_path / "o", image_size=16)
+    a, b = receipt.tokenizer_checksum[:12], other.tokenizer_checksum[:12]
+    assert a != b
+    with pytest.raises(data.UserError) as e:
+        receipt.check_same_tokenizer(other, mine="ckpt.pt", theirs="codes/o")
+    assert str(e.value).startswith(f"the codes of ckpt.pt come from another tokenizer (tokenizer {a}, "
+                                   f"vocab 65536, grid [4, 4]) than those in codes/o (tokenizer {b}, ")

@@ -3,7 +3,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,9 +14,9 @@ from PIL import Image, ImageSequence
 
 import sample
 from common import cli, save_atomic
-from data import tokenizer_checksum
+from data import CodesReceipt
 from model import GPT, gpt_config
-from tokenizer import VQModel, vq_config
+from tokenizer import VQModel, tokenizer_checksum, vq_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the machine's 2 cores are shared; one thread each
@@ -54,7 +53,10 @@ def ck(tmp_path_factory):
     gpt = GPT(gpt_config("nano", n_layer=2, dim=64, n_head=1, vocab_size=VOCAB, block_size=GRID ** 2,
                          num_classes=CLASSES))
     torch.nn.init.normal_(gpt.output.weight, std=0.5)  # non-uniform logits, so classes and seeds matter
-    meta = dict(vocab_size=VOCAB, grid=[GRID, GRID], image_size=SIZE, tokenizer_checksum=tokenizer_checksum(vq))
+    meta = CodesReceipt(vocab_size=VOCAB, grid=(GRID, GRID), image_size=SIZE, n_aug=2, count=100,
+                        tokenizer_checksum=tokenizer_checksum(vq), ten_crop=False, crop_range=None,
+                        codes_dtype="uint16", labels_dtype="int16", data="synthetic:100",
+                        num_classes=CLASSES, classes=tuple(map(str, range(CLASSES)))).to_dict()
     save_atomic(dict(model=gpt.state_dict(), config=dataclasses.asdict(gpt.config), kind="gpt", meta=meta),
                 d / "gpt.pt")
     # the same weights as the official releases store them: no config, the trainer's argparse Namespace
@@ -86,7 +88,7 @@ def reference_npz(ck, tmp_path_factory):
 
 def test_grid_png_holds_the_samples_one_row_per_class(ck, tmp_path):
     out = tmp_path / "grid.png"
-    argv = ["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "1", "7", "--n", "3", "--batch-size", "4"]
+    argv = ["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "1", "7", "--per-class", "3", "--batch-size", "4"]
     sample.main(argv + ["--out", str(out)])
     grid = np.asarray(Image.open(out).convert("RGB"))
     assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # data.make_grid: 2 px padding
@@ -116,7 +118,7 @@ def test_pixels_follow_the_official_rule_resized_before_quantising(ck, tmp_path)
     expected = torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     got = sample.sample_images(gpt, vq, [1, 2], cfg_scale=2.0, generator=torch.Generator().manual_seed(5), resize_to=8)
     np.testing.assert_array_equal(got, expected)
-    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "1", "--n", "3", "--resize-to", "8",
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "1", "--per-class", "3", "--resize-to", "8",
                  "--out", str(tmp_path / "small.png")])
     assert Image.open(tmp_path / "small.png").size == (3 * (8 + 2) + 2, 8 + 4)
 
@@ -124,15 +126,15 @@ def test_pixels_follow_the_official_rule_resized_before_quantising(ck, tmp_path)
 def test_official_format_checkpoints_draw_the_same_pictures(ck, tmp_path):
     """Official files carry no config: the topology comes from the shapes, the grid from --image-size."""
     ours, official = tmp_path / "ours.png", tmp_path / "official.png"
-    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "5", "--n", "2", "--out", str(ours)])
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "5", "--per-class", "2", "--out", str(ours)])
     sample.main(["--gpt-ckpt", ck["c2i_tiny"], "--vq-ckpt", ck["vq_official"], "--image-size", str(SIZE),
-                 "--class", "5", "--n", "2", "--out", str(official)])
+                 "--class", "5", "--per-class", "2", "--out", str(official)])
     assert official.read_bytes() == ours.read_bytes()
 
 
 def test_progress_gif_reveals_the_raster_and_ends_on_the_picture(ck, tmp_path):
     png, gif = tmp_path / "p.png", tmp_path / "p.gif"
-    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "3", "--n", "2", "--out", str(png),
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "3", "--per-class", "2", "--out", str(png),
                  "--progress", str(gif), "--progress-frames", "5"])
     frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(gif))]
     assert len(frames) == 5  # after ceil(k * 16 / 5) = 4, 7, 10, 13, 16 tokens
@@ -144,7 +146,7 @@ def test_progress_gif_reveals_the_raster_and_ends_on_the_picture(ck, tmp_path):
             cells = frame[2:2 + SIZE, x0:x0 + SIZE].reshape(GRID, 4, GRID, 4, 3).transpose(0, 2, 1, 3, 4).reshape(16, -1)
             assert np.abs(cells[t:].astype(int) - 128).max() <= 2
             assert np.abs(cells[:t].astype(int) - 128).max() > 2
-    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "3", "--n", "1", "--out", str(png),
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "3", "--per-class", "1", "--out", str(png),
                  "--progress", str(gif), "--progress-frames", "100"])
     assert Image.open(gif).n_frames == GRID ** 2  # at most one frame per token
 
@@ -167,23 +169,12 @@ def test_npz_is_uint8_nhwc_with_the_official_random_labels_and_round_trips(ck, r
     assert again.read_bytes() == reference_npz.read_bytes()
 
 
-def test_balanced_labels_cycle_through_the_classes(ck, tmp_path, monkeypatch):
+def test_balanced_labels_cycle_through_the_classes(ck, tmp_path):
     argv = ["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--labels", "balanced", "--class", "2", "7", "9"]
     out = tmp_path / "balanced.npz"
     sample.main(argv + ["--out", str(out)])
     with np.load(out) as z:
         np.testing.assert_array_equal(z["arr_1"], np.array([2, 7, 9] * 8)[:23])  # 8, 8 and 7 of each
-    # parts from before --labels existed (no "labels" in settings.json) were balanced, and resume as such
-    old, real = tmp_path / "old.npz", sample.sample_images
-    monkeypatch.setattr(sample, "sample_images", lambda *a, **k: 1 / 0 if len(os.listdir(str(old) + ".parts")) > 2
-                        else real(*a, **k))
-    with pytest.raises(ZeroDivisionError):  # killed after two batches
-        sample.main(argv + ["--out", str(old)])
-    monkeypatch.setattr(sample, "sample_images", real)
-    settings = pathlib.Path(str(old) + ".parts") / "settings.json"
-    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "labels"}))
-    sample.main(argv + ["--out", str(old)])
-    assert old.read_bytes() == out.read_bytes()
 
 
 def test_resume_after_interruption_gives_identical_bytes(ck, reference_npz, tmp_path, monkeypatch, capsys):
@@ -275,5 +266,32 @@ def test_default_models_are_the_demos_else_where_to_download(ck, tmp_path, monke
     os.makedirs(os.path.dirname(sample.DEMO_GPT))
     shutil.copy(ck["gpt"], sample.DEMO_GPT)
     shutil.copy(ck["vq"], sample.DEMO_VQ)
-    sample.main(["--class", "1", "--n", "1"])
+    sample.main(["--class", "1", "--per-class", "1"])
     assert Image.open(tmp_path / "samples" / "class1.png").size == (SIZE + 4, SIZE + 4)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (EVAL + ["--per-class", "2"], "--per-class only applies with pictures, not --num-samples"),
+    (["--labels", "balanced"], "--labels only applies with --num-samples"),
+    (["--progress-frames", "5"], "--progress-frames only applies with --progress"),
+])
+def test_flags_of_the_other_mode_are_refused(ck, tmp_path, capsys, extra, message):
+    """A flag that cannot act in this mode is one line naming it and exit 2, never ignored."""
+    out = tmp_path / ("x.npz" if "--num-samples" in extra else "x.png")
+    code, err = cli_run(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *extra, "--out", str(out)], capsys)
+    assert code == 2 and err == f"error: {message}; drop it\n" and os.listdir(tmp_path) == []
+
+
+def test_resume_stamp_keys_are_the_pixel_flags(ck, tmp_path, monkeypatch):
+    """settings.json holds exactly the keys it held when they were listed by hand (so parts of
+    earlier runs still compare), with the resolved values."""
+    out = tmp_path / "s.npz"
+    monkeypatch.setattr(sample, "gather_parts", lambda *a: None)  # keep the parts to read them
+    sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--out", str(out)])
+    with open(str(out) + ".parts/settings.json") as f:
+        stamp = json.load(f)
+    assert set(stamp) == {"num_samples", "classes", "labels", "batch_size", "seed", "cfg_scale",
+                          "cfg_interval", "temperature", "top_k", "top_p", "image_size", "resize_to",
+                          "precision", "gpt_ckpt", "vq_ckpt"}
+    assert (stamp["labels"], stamp["top_k"], stamp["image_size"], stamp["precision"]) == ("random", 0, SIZE, "fp32")
+    assert stamp["classes"] == list(range(CLASSES)) and stamp["gpt_ckpt"] == os.path.abspath(ck["gpt"])
