@@ -60,16 +60,17 @@ def pick_device(name=None):
     return "cpu"
 
 
-def setup_device(name=None):
+def setup_device(name=None, tf32=True):
     """pick_device, then what every GPU process needs: under torchrun each process takes the GPU
     of its LOCAL_RANK (one process per GPU), and float32 matmuls and convolutions may use TF32 (the
     official recipe turns it on; about 3 significant digits per product, ample for training and
-    sampling). The metrics turn TF32 back off where they need full float32 (fid.py)."""
+    sampling). tf32=False keeps matmuls in full float32 (code extraction: a near-tie between two
+    codes must not flip); the metrics also turn cuDNN's TF32 off where they need it (fid.py)."""
     device = pick_device(name)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 

@@ -795,10 +795,7 @@ def extract_command(args):
                         f"{args.crop_range}")
     if args.batch_size < 1 or args.num_workers < 0:
         raise UserError("--batch-size must be >= 1 and --num-workers >= 0")
-    device = setup_device(args.device)
-    # codes are nearest-neighbour decisions: keep the encoder's matmuls in full float32 (the
-    # setting extraction always used), whatever setup_device allows for training and sampling
-    torch.backends.cuda.matmul.allow_tf32 = False
+    device = setup_device(args.device, tf32=False)  # codes are nearest-neighbour decisions
     if args.vq_ckpt:  # ours or an official release; the codes are made in float32 either way
         vq = VQModel.from_pretrained(args.vq_ckpt)
     else:
