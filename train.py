@@ -42,6 +42,11 @@ from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
 # ----------------------------------------------------------------------------------------------
 # Data: every rank sees its share of the same global batches, whatever the world size
+#
+# The usual DistributedSampler shuffles per epoch and deals items out to ranks, so what one step
+# sees depends on the number of GPUs, and a restart mid-epoch replays or skips data. Here a step
+# is a fixed slice of one global stream instead, which is what lets the tests demand equal
+# weights from 1 process, 2 DDP ranks, 2 FSDP ranks, gradient accumulation and a kill + resume.
 
 class GlobalBatches(torch.utils.data.Sampler):
     """Yields this rank's micro-batches of (index, item seed) pairs, forever. The data is one stream
@@ -55,16 +60,17 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         perm_epoch, perm = -1, None
-        for step in range(self.start_step, 2**62):
+        for step in range(self.start_step, 2**62):  # endless: the loop stops at its last step
             for micro in range(self.accum):
                 # rank r's micro-batch m of a step is the slice (m * world + r) of its B positions
                 start = step * self.B + (micro * self.world + self.rank) * self.mb
                 out = []
                 for pos in range(start, start + self.mb):
                     epoch, i = divmod(pos, self.n)
-                    if epoch != perm_epoch:
+                    if epoch != perm_epoch:  # a fresh permutation, seeded by (seed, epoch) only
                         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
                         perm_epoch, perm = epoch, torch.randperm(self.n, generator=g)
+                    # the item seed: distinct for every position of every --seed's stream
                     out.append((int(perm[i]), self.seed * 2**40 + pos))
                 yield out
 
@@ -81,6 +87,8 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key
+        # fork_rng restores the RNG afterwards: with --num-workers 0 the items load in the training
+        # process, whose RNG is the dropout RNG, and must not advance it (or 0 and 2 workers differ)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.ds[index]
@@ -93,7 +101,7 @@ def split(ds, val_size):
     if n <= val_size:
         raise UserError(f"--data has {n} items, not more than --val-size {val_size}; "
                         "use more data or lower it")
-    val = {i * n // val_size for i in range(val_size)}
+    val = {i * n // val_size for i in range(val_size)}  # evenly spaced; no RNG, no shuffling
     return (torch.utils.data.Subset(ds, [i for i in range(n) if i not in val]),
             torch.utils.data.Subset(ds, sorted(val)))
 
@@ -171,6 +179,8 @@ class GPTStage(Stage):
 
     def __init__(self, recipe, resumed):
         codes = data.codes_dataset(recipe.data)
+        # the vocabulary and the grid come from the codes' receipt, never from flags: the GPT must
+        # speak the tokens of the tokenizer that made them (hence no --image-size here)
         receipt = codes.receipt
         h, w = receipt.grid
         over = dict(vocab_size=receipt.vocab_size, block_size=h * w,
@@ -194,13 +204,17 @@ class GPTStage(Stage):
         return self.model.layers
 
     def loss(self, model, batch, step):
-        codes, labels = batch
+        codes, labels = batch  # teacher forcing: every code is predicted from the ones before it
         return model(codes, labels, targets=codes)[1], {}
 
     def val_metric(self, model, batch):
+        # the same cross-entropy as training, in eval mode (no dropout, no null class): log(vocab)
+        # nats knows nothing, and exp(loss) is the perplexity, the codes the model hesitates between
         return self.loss(model, batch, 0)[0]
 
     def mfu(self, units_per_second, device):
+        # the FLOPs a token costs (model.py flops_per_token) x tokens/s, over the GPU's bf16 peak:
+        # the share of the hardware's arithmetic the training really uses
         return self.model.estimate_mfu(units_per_second, device)
 
 
@@ -223,7 +237,8 @@ class VQStage(Stage):
                     entropy_loss_ratio=recipe.entropy_loss_ratio)
         self.config = vq_config(recipe.model, **{k: v for k, v in over.items() if v is not None})
         self.model, self.meta = VQModel(self.config), {}
-        # training crops are random; validation sees the centre of the same held-out images
+        # one folder read twice: random crops to train on, centre crops to validate on; split
+        # holds out the same indices of both, so no validation image is ever trained on
         train = data.image_dataset(recipe.data, recipe.image_size, augment="random_resize_crop")
         val = data.image_dataset(recipe.data, recipe.image_size, augment="center", flip=False)
         self.train_set, _ = split(train, recipe.val_size)
@@ -249,6 +264,8 @@ class VQStage(Stage):
         return loss, logs
 
     def val_metric(self, model, batch):
+        # PSNR rather than the training loss: the loss mixes terms that change weight at
+        # --disc-start, PSNR means the same at every step (and is what paper Table 2 reports)
         images = batch[0]
         return psnr(model(images)[0].clamp(-1, 1), images).mean()
 
@@ -277,7 +294,6 @@ def stage_for(model):
 # The recipe: flags, resolved once into the namespace the whole run reads (and the checkpoint saves)
 
 def get_args(argv=None):
-    vq = VQStage.flags
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -321,8 +337,14 @@ def get_args(argv=None):
     a("--seed", type=int, default=0,
       help="global seed; rank r seeds its dropout with seed * world + r")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
-    # Flags of one stage only. Their argparse default is None, so that "given" shows, and another
-    # stage's run can refuse them; resolve_recipe fills in the defaults these help texts name.
+    add_stage_flags(a)
+    return p.parse_args(argv)
+
+
+def add_stage_flags(a):
+    """Flags of one stage only. Their argparse default is None, so that "given" shows and another
+    stage's run can refuse them; resolve_recipe fills in the defaults these help texts name."""
+    vq = VQStage.flags
     a("--dropout", type=float, default=None, help="GPT: token/residual/FFN dropout (default 0.1)")
     a("--class-dropout", type=float, default=None,
       help="GPT: probability of the null class, for CFG (default 0.1)")
@@ -341,7 +363,6 @@ def get_args(argv=None):
       help="tokenizer: codes in the codebook (default: the config's)")
     a("--entropy-loss-ratio", type=float, default=None, help="tokenizer: weight of the entropy "
       "loss that spreads use over the codebook (default 0, the paper's)")
-    return p.parse_args(argv)
 
 
 def refuse_other_stages_flags(args, stage):
@@ -385,7 +406,9 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
     for name, value in stage.defaults.items():
         if recipe[name] is None:
             recipe[name] = value if saved.get(name) is None else saved[name]
-    if recipe["lr"] is None:  # the official rule: 1e-4 per 256 images (GPT) or 128 (tokenizer)
+    # the official rule: 1e-4 per 256 images (GPT) or 128 (tokenizer), linear in the batch, as
+    # the gradient's noise falls with its size (Goyal et al. 2017); XL used 2e-4 at 256
+    if recipe["lr"] is None:
         recipe["lr"] = saved.get("lr") or 1e-4 * recipe["batch_size"] / stage.defaults["batch_size"]
     recipe["out_dir"], recipe["precision"] = out_dir, resolve_precision(args.precision, device)[0]
     recipe = argparse.Namespace(**recipe)
@@ -403,16 +426,21 @@ def check_recipe(r, world):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if r.lr <= 0:
         raise UserError(f"--lr must be positive, got {r.lr}")
+    # each rank's micro-batch holds batch / (world x accum) items: the split must be even, or
+    # the ranks' items would weigh differently in the averaged gradient
     if r.batch_size % (world * r.grad_accum):
         raise UserError(f"--batch-size {r.batch_size} is not divisible by world size {world} x "
                         f"--grad-accum {r.grad_accum}; pick a multiple of {world * r.grad_accum}")
+    # the EMA averages whole tensors on one rank; under FSDP each rank holds only shards of them
     if r.fsdp and r.ema:
         raise UserError("--ema with --fsdp is not supported (nor in the official FSDP recipe); "
                         "drop one")
 
 
 def lr_at(step, r, total):
-    """Linear warmup to --lr, then constant (the paper's schedule) or a cosine decay to 0."""
+    """Linear warmup to --lr, then constant or a cosine decay to 0. The paper trains at a
+    constant rate (3.2), so that a run can be extended without a schedule to re-plan; the cosine
+    suits short runs such as the demo's, whose last steps at a low rate polish the weights."""
     if step < r.warmup_steps:
         return r.lr * (step + 1) / r.warmup_steps
     if r.lr_schedule == "cosine":
@@ -430,6 +458,7 @@ def setup_distributed(device_name):
     device = setup_device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
+    # NCCL between GPUs; gloo between CPU processes (the tests run two ranks on one CPU)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
@@ -439,7 +468,7 @@ def configure_optimizers(module, weight_decay, learning_rate, betas, device_type
     matrices, convolution kernels and embeddings (>= 2-D) towards 0, never biases or norm gains
     (1-D), whose scale is not a capacity to limit (autoregressive/train/train_c2i.py, as in
     nanoGPT). On CUDA the fused kernel updates every parameter in one launch."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]  # frozen weights get no state
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
@@ -458,9 +487,13 @@ def wrap(module, blocks, fsdp, dtype, device, world):
         # bf16 weights in the forward, gradients reduced in fp32; other precisions as they are
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+        # the blocks first, then the root: each block's weights are gathered just before its
+        # forward (and again for its backward) and freed after, so one block at a time is whole
         for block in blocks:
             fully_shard(block, mp_policy=mp)
         return fully_shard(module, mp_policy=mp)
+    # DDP all-reduces gradients in buckets while the backward pass is still running, so the
+    # communication mostly hides behind computation
     return DDP(module, device_ids=[device] if device.startswith("cuda") else None)
 
 
@@ -482,7 +515,8 @@ class LogWindow:
             self.counts[k] = self.counts.get(k, 0.0) + weight
 
     def read(self, world):
-        keys = sorted(self.sums, key=lambda k: (k != "loss", k))  # the same order on every rank
+        # the same order on every rank (the all-reduce pairs tensors by position), loss first
+        keys = sorted(self.sums, key=lambda k: (k != "loss", k))
         means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
         if world > 1:
             dist.all_reduce(means, op=dist.ReduceOp.AVG)
@@ -498,22 +532,32 @@ class Trainer:
     def __init__(self, stage, recipe, device, rank, world):
         self.stage, self.recipe, self.device = stage, recipe, device
         self.rank, self.world = rank, world
-        self.dtype = DTYPES[recipe.precision]  # bf16 needs no loss scaling; fp16 does
+        self.dtype = DTYPES[recipe.precision]
+        # fp16 has 5 exponent bits: gradients under 6e-8 flush to zero. The scaler multiplies the
+        # loss by a large factor before backward, divides the gradients by it before the step, and
+        # skips a step whose gradients overflowed (then halves the factor). bf16 has fp32's
+        # exponent range and needs none of it: the scaler is off, every call a no-op.
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.raw = stage.to(device).model
-        if recipe.grad_ckpt:  # keep only each block's input; recompute its insides in backward
+        # --grad-ckpt keeps only each block's input and recomputes the block in backward: the
+        # activations of one block instead of all, for about one more forward pass of compute
+        if recipe.grad_ckpt:
             for block in stage.blocks:
                 block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward,
                                         use_reentrant=False)
+        # taken before compile and wrapping, which prefix the names (_orig_mod., module.)
         self.names = [n for n, _ in self.raw.named_parameters()]
         self.ema = None  # float32 copies: a bf16 average would round away updates of 1e-4
         if recipe.ema:
             self.ema = [p.detach().clone().float() for p in self.raw.parameters()]
+        # compile inside the wrapper: DDP's and FSDP's hooks stay outside the compiled graph
         compiled = torch.compile(self.raw) if recipe.compile else self.raw
         self.model = wrap(compiled, stage.blocks, recipe.fsdp, self.dtype, device, world)
+        # beta2 0.95 rather than Adam's 0.999: the second moment forgets old gradient scales
+        # faster, which steadies large transformers (GPT-3, Llama, and the paper's recipe)
         adamw = partial(configure_optimizers, weight_decay=recipe.weight_decay,
                         learning_rate=recipe.lr, betas=(0.9, 0.95), device_type=self.device_type)
-        self.opt = adamw(self.model)
+        self.opt = adamw(self.model)  # the wrapper's parameters: FSDP's are the shards
         self.disc = self.opt_d = None
         if stage.discriminator is not None:
             self.disc = wrap(stage.discriminator, [], recipe.fsdp, self.dtype, device, world)
@@ -531,6 +575,8 @@ class Trainer:
     def restore(self, ckpt):
         """Continue a checkpoint: weights, optimizer moments, EMA -> the step it stopped at. The
         consolidated tensors go in through set_state_dict, which shards them under FSDP."""
+        # AdamW's moments too: without them the first steps after a resume would be far larger
+        # than those of the run never stopped (Adam's bias correction restarts from zero)
         full = StateDictOptions(full_state_dict=True)
         set_state_dict(self.model, self.opt, model_state_dict=ckpt["model"],
                        optim_state_dict=ckpt["optimizer"], options=full)
@@ -550,6 +596,7 @@ class Trainer:
             if self.device_type == "cuda":
                 torch.cuda.set_rng_state(rng[self.rank]["cuda"])
         else:
+            # + step: a run resumed on another world size draws new masks, not step 0's again
             torch.manual_seed(self.recipe.seed * self.world + self.rank + step)
 
     def batches(self, step):
@@ -560,6 +607,7 @@ class Trainer:
                                 self.world, r.seed, step)
         loader = torch.utils.data.DataLoader(
             Seeded(self.stage.train_set), batch_sampler=sampler, num_workers=r.num_workers,
+            # page-locked host memory: the copy to the GPU (to_device) runs asynchronously
             pin_memory=self.device_type == "cuda", persistent_workers=r.num_workers > 0,
             generator=torch.Generator().manual_seed(r.seed))
         return iter(loader)
@@ -578,8 +626,12 @@ class Trainer:
             last = micro == accum - 1
             batch = self.to_device(next(batches))
             with gradient_sync(self.model, last):
+                # autocast runs matmuls and convolutions in bf16/fp16 and keeps reductions
+                # (norms, softmax, the loss) in fp32; the weights themselves stay fp32
                 with self.autocast():
                     loss, logs = stage.loss(self.model, batch, step)
+                # gradients add up over backward calls: dividing each micro-batch's mean loss by
+                # accum makes their sum the gradient of the mean over the whole step's batch
                 self.scaler.scale(loss / accum).backward()
             self.window.add({"loss": loss, **logs}, 1 / accum)
             if train_disc:
@@ -592,7 +644,9 @@ class Trainer:
 
     def clip_and_update(self, train_disc):
         """Global grad-norm clip, AdamW, then the EMA of the weights."""
-        clip = self.recipe.grad_clip or float("inf")
+        clip = self.recipe.grad_clip or float("inf")  # inf: measure the norm, clip nothing
+        # the clip threshold is for true gradients: divide the fp16 loss scale out first. After
+        # DDP's all-reduce every rank holds the same gradients, so every rank clips alike
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
@@ -602,7 +656,7 @@ class Trainer:
         else:  # a non-finite norm here means non-finite weights after this step: main stops then
             self.window.add({"grad_norm": norm})
         self.scaler.step(self.opt)
-        if train_disc:
+        if train_disc:  # D's own clip and step at the same rate: the official vq_train.py's way
             self.scaler.unscale_(self.opt_d)
             torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
             self.scaler.step(self.opt_d)
@@ -617,7 +671,8 @@ class Trainer:
         """The stage's val_metric, averaged over the held-out items, each rank taking a shard; every
         item is seeded by its index, so every pass sees the same views."""
         stage, world = self.stage, self.world
-        self.model.eval()
+        self.model.eval()  # no dropout, no null-class draws: the figure depends on the weights only
+        # sums, not means: ranks may hold one item more or less, and the all-reduce adds them up
         vals, val_set = torch.zeros(2, device=self.device), Seeded(stage.val_set)
         idx = list(range(self.rank, len(stage.val_set), world))
         per_batch = max(1, self.recipe.batch_size // world)
@@ -637,6 +692,8 @@ class Trainer:
         """Everything needed to continue exactly, consolidated (full tensors on the CPU, even under
         FSDP) so that the stage's from_pretrained loads it too. Every rank joins the gathers."""
         r, stage = self.recipe, self.stage
+        # under FSDP the full tensors are gathered from the shards: a collective call, so every
+        # rank takes part, and rank 0 alone writes; cpu_offload keeps the copy out of GPU memory
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd, osd = get_state_dict(self.model, self.opt, options=full)
         state = dict(model=msd, optimizer=osd, step=step, samples_seen=step * r.batch_size,
@@ -653,7 +710,7 @@ class Trainer:
         state["rng"] = [mine] if self.world == 1 else [None] * self.world
         if self.world > 1:
             dist.all_gather_object(state["rng"], mine)
-        if self.rank == 0:
+        if self.rank == 0:  # written whole or not at all: a kill mid-save keeps the last one
             save_atomic(state, checkpoint_path(r.out_dir))
             if r.keep_ckpts:
                 save_atomic(state, os.path.join(r.out_dir, f"ckpt_{step:07d}.pt"))
@@ -689,13 +746,16 @@ def train(trainer, batches, step, total):
     # a redirected stderr gets no bar: its redraws would fill a log file with carriage returns
     bar = tqdm(total=total, initial=step, disable=not master or not sys.stderr.isatty(),
                dynamic_ncols=True, desc=recipe.model)
-    trainer.model.train()
+    trainer.model.train()  # dropout and the null class on; validate turns them off and back on
     t0, logged = time.perf_counter(), step  # time and step of the last log line
+    # `step` counts the optimizer steps taken: the checkpoint at step s holds the weights after s
+    # steps, and a resumed run's data continues at stream position s * batch (GlobalBatches)
     while step < total:
         lr = lr_at(step, recipe, total)
         trainer.train_step(step, lr, batches)
         step += 1
         bar.update(1)
+        # the last step always validates and saves: a run ends with its figure and its weights
         validating = step % recipe.eval_interval == 0 or step == total
         saving = step % recipe.ckpt_interval == 0 or step == total
         if not (step % recipe.log_interval == 0 or validating or saving):
@@ -733,8 +793,8 @@ def main(argv=None):
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank: FSDP broadcasts none
     stage = Stage(recipe, ckpt)
     trainer = Trainer(stage, recipe, device, rank, world)
-    step = trainer.restore(ckpt) if ckpt else 0
-    trainer.seed_dropout(ckpt, step)
+    step = trainer.restore(ckpt) if ckpt else 0  # a resumed run overwrites the fresh weights
+    trainer.seed_dropout(ckpt, step)  # after every initialisation: from here on, only dropout draws
     total = recipe.max_steps or math.ceil(recipe.epochs * len(stage.train_set) / recipe.batch_size)
     train(trainer, trainer.batches(step), step, total)
     if world > 1:
