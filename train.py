@@ -1,20 +1,29 @@
 """One trainer for both stages of LlamaGen: the VQ tokenizer on images, then the GPT on their codes.
 
-    python train.py --model VQ-tiny --data synthetic:20000 --image-size 32     # stage 1, one process
-    python data.py extract --vq-ckpt runs/VQ-tiny/ckpt.pt --data synthetic:20000 --image-size 32 --out runs/codes
-    torchrun --nproc_per_node=2 train.py --model nano --data runs/codes        # stage 2, DDP
-    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE --master_addr=$HOST --master_port=29500 \\
-        train.py --model XXL --fsdp --data /data/imagenet256_codes
+    python train.py --model VQ-tiny --data synthetic:20000 --image-size 32    # stage 1, one process
+    python data.py extract --vq-ckpt runs/VQ-tiny/ckpt.pt --data synthetic:20000 --image-size 32 \\
+        --out runs/codes
+    torchrun --nproc_per_node=2 train.py --model nano --data runs/codes       # stage 2, DDP
+    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE --master_addr=$HOST \\
+        --master_port=29500 train.py --model XXL --fsdp --data /data/imagenet256_codes
 
 --model picks the stage: a GPT config name (model.py) trains the transformer on a codes folder, a VQ
-config name (tokenizer.py) trains the tokenizer on images. Everything else is the same loop.
+config name (tokenizer.py) trains the tokenizer on images. What differs between the stages (the
+model, its data, its loss, its validation figure) is a Stage; the rest is one loop for all of them:
+
+  1. the recipe: the flags, resolved once against the stage's defaults (or the resumed checkpoint's)
+  2. the stage: its model and data, built from the same seed on every rank
+  3. the trainer: device, data parallelism, AdamW, mixed precision, EMA; restored on --resume
+  4. the loop: one step of accumulated micro-batches; now and then a log line, validation, a save
 """
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import sys
 import time
 from functools import partial
 
@@ -25,69 +34,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from common import UserError, cli, load_checkpoint, pick_device, save_atomic
+from common import (DTYPES, UserError, cli, load_checkpoint, resolve_precision, save_atomic,
+                    setup_device)
 from model import GPT, GPT_CONFIGS, gpt_config
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--model", required=True, help=f"GPT config {list(GPT_CONFIGS)} or tokenizer config {list(VQ_CONFIGS)}")
-    a("--data", required=True, help="GPT: a codes folder from `data.py extract` (or several of the same images, "
-      "comma-separated, mixed per item: the official 1.1 and 1.05 ten crops). Tokenizer: an image folder "
-      "(class sub-folders) or synthetic[:N], the embedded dataset of N images")
-    a("--out-dir", default=None, help="where ckpt.pt and log.jsonl go (default runs/<model>)")
-    a("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly where it stopped")
-    a("--image-size", type=int, default=256, help="tokenizer stage: training resolution in pixels")
-    a("--epochs", type=float, default=None, help="passes over the data (default: GPT 300, tokenizer 40)")
-    a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
-    a("--batch-size", type=int, default=None, help="GLOBAL batch: per step, over all ranks and accumulation "
-      "(default: GPT 256, tokenizer 128)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
-    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 at the default batch size, "
-      "scaled linearly with --batch-size)")
-    a("--lr-schedule", choices=["constant", "cosine"], default="constant", help="constant as in the paper")
-    a("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    a("--weight-decay", type=float, default=None, help="AdamW weight decay, on >=2-D weights only "
-      "(default: GPT 0.05, tokenizer 0)")
-    a("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0 = off)")
-    a("--dropout", type=float, default=None, help="GPT: token/residual/FFN dropout (default 0.1)")
-    a("--class-dropout", type=float, default=None, help="GPT: prob. of the null class, for CFG (default 0.1)")
-    a("--disc-start", type=int, default=20000,
-      help="tokenizer: the first step (counting from 1) with the PatchGAN loss")
-    a("--disc-weight", type=float, default=0.5, help="tokenizer: weight of the generator's GAN loss")
-    a("--perceptual-weight", type=float, default=1.0, help="tokenizer: LPIPS weight (0 = off)")
-    a("--lpips", default=None, help="tokenizer: folder with vgg16-397923af.pth and LPIPS vgg.pth")
-    a("--codebook-size", type=int, default=None, help="tokenizer: codes in the codebook (config default)")
-    a("--entropy-loss-ratio", type=float, default=None,
-      help="tokenizer: weight of the entropy loss that spreads use over the codebook (default 0, paper)")
-    a("--fsdp", action="store_true", help="shard parameters, grads and optimizer state (FSDP2) per block")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--grad-ckpt", action="store_true", help="activation checkpointing: recompute blocks in backward")
-    a("--ema", type=float, default=0.0, help="keep an EMA of the weights with this decay (e.g. 0.9999)")
-    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-      help="autocast dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS)")
-    a("--val-size", type=int, default=256, help="items held out for validation: every (N / val-size)-th of --data")
-    a("--log-interval", type=int, default=10, help="steps per log.jsonl line, which holds their mean losses "
-      "(the loss is read back only then: a read every step would make the GPU wait)")
-    a("--eval-interval", type=int, default=500, help="steps between validation passes")
-    a("--ckpt-interval", type=int, default=1000, help="steps between checkpoints")
-    a("--keep-ckpts", action="store_true", help="also keep a ckpt_<step>.pt at every checkpoint")
-    a("--num-workers", type=int, default=2, help="data-loading processes per rank")
-    a("--seed", type=int, default=0, help="global seed; rank r seeds its dropout with seed * world + r")
-    a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
-    return p.parse_args(argv)
-
-
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Data: every rank sees its share of the same global batches, whatever the world size
+#
+# The usual DistributedSampler shuffles per epoch and deals items out to ranks, so what one step
+# sees depends on the number of GPUs, and a restart mid-epoch replays or skips data. Here a step
+# is a fixed slice of one global stream instead, which is what lets the tests demand equal
+# weights from 1 process, 2 DDP ranks, 2 FSDP ranks, gradient accumulation and a kill + resume.
 
 class GlobalBatches(torch.utils.data.Sampler):
-    """Yields this rank's micro-batches of (index, item seed) pairs, forever. The data is one stream of
-    seeded per-epoch permutations; step s consumes positions [s*B, (s+1)*B). Each item's augmentation is
-    seeded by its position in the stream, so a 1-process run, a DDP run and a resumed run see the same
-    pictures in the same order (the data position is simply step * B)."""
+    """Yields this rank's micro-batches of (index, item seed) pairs, forever. The data is one stream
+    of seeded per-epoch permutations; step s consumes positions [s*B, (s+1)*B). Each item's
+    augmentation is seeded by its position in the stream, so a 1-process run, a DDP run and a
+    resumed run see the same pictures in the same order (the data position is simply step * B)."""
 
     def __init__(self, n, batch, accum, rank, world, seed, start_step):
         self.n, self.B, self.accum, self.rank, self.world = n, batch, accum, rank, world
@@ -95,22 +60,24 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         perm_epoch, perm = -1, None
-        for step in range(self.start_step, 2**62):
+        for step in range(self.start_step, 2**62):  # endless: the loop stops at its last step
             for micro in range(self.accum):
+                # rank r's micro-batch m of a step is the slice (m * world + r) of its B positions
                 start = step * self.B + (micro * self.world + self.rank) * self.mb
                 out = []
                 for pos in range(start, start + self.mb):
                     epoch, i = divmod(pos, self.n)
-                    if epoch != perm_epoch:
+                    if epoch != perm_epoch:  # a fresh permutation, seeded by (seed, epoch) only
                         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
                         perm_epoch, perm = epoch, torch.randperm(self.n, generator=g)
+                    # the item seed: distinct for every position of every --seed's stream
                     out.append((int(perm[i]), self.seed * 2**40 + pos))
                 yield out
 
 
 class Seeded(torch.utils.data.Dataset):
-    """Fetches item `index` with torch's RNG seeded by `seed`: random crops, flips and augmentation choices
-    become a pure function of the stream position."""
+    """Fetches item `index` with torch's RNG seeded by `seed`: random crops, flips and augmentation
+    choices become a pure function of the stream position."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -120,6 +87,8 @@ class Seeded(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, seed = key
+        # fork_rng restores the RNG afterwards: with --num-workers 0 the items load in the training
+        # process, whose RNG is the dropout RNG, and must not advance it (or 0 and 2 workers differ)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.ds[index]
@@ -130,355 +99,704 @@ def split(ds, val_size):
     class-sorted image folder."""
     n = len(ds)
     if n <= val_size:
-        raise UserError(f"--data has {n} items, not more than --val-size {val_size}; use more data or lower it")
-    val = {i * n // val_size for i in range(val_size)}
+        raise UserError(f"--data has {n} items, not more than --val-size {val_size}; "
+                        "use more data or lower it")
+    val = {i * n // val_size for i in range(val_size)}  # evenly spaced; no RNG, no shuffling
     return (torch.utils.data.Subset(ds, [i for i in range(n) if i not in val]),
             torch.utils.data.Subset(ds, sorted(val)))
 
 
-# -----------------------------------------------------------------------------
-# The two stages differ only here: the model, the data, the loss, and the tokenizer's discriminator
+# ----------------------------------------------------------------------------------------------
+# Stages: what is trained, on what, with which loss. The loop below knows nothing else.
 
-class GPTStage:
-    """Stage 2 (paper 2.3): next-token prediction over the codes of each image, the class as a prefix."""
-    kind, unit = "gpt", "tok"
-    defaults = dict(epochs=300, batch_size=256, weight_decay=0.05)  # paper 3.2 and the official code agree
+class Stage:
+    """The one interface between a model and the training loop.
 
-    def __init__(self, args, resumed):
-        codes = data.codes_dataset(args.data)
-        grid = codes.meta["grid"]
-        over = dict(vocab_size=codes.meta["vocab_size"], block_size=grid[0] * grid[1],
-                    num_classes=codes.meta["num_classes"])
-        if args.dropout is not None:
-            over.update(token_dropout_p=args.dropout, resid_dropout_p=args.dropout, ffn_dropout_p=args.dropout)
-        if args.class_dropout is not None:
-            over["class_dropout_prob"] = args.class_dropout
-        self.config = gpt_config(args.model, **over)
-        was, now = resumed and resumed["meta"], codes.meta
-        if was and any(was[k] != now[k] for k in ("tokenizer_checksum", "vocab_size", "grid")):
-            raise UserError(f"the checkpoint was trained on codes of another tokenizer (vocab {was['vocab_size']}, "
-                            f"grid {was['grid']}) than those in {args.data} (vocab {now['vocab_size']}, grid "
-                            f"{now['grid']}): extract codes with the first tokenizer, or start a new --out-dir")
-        self.model, self.meta = GPT(self.config), codes.meta
-        self.train_set, self.val_set = split(codes, args.val_size)
-        self.items_to_units = self.config.block_size
-        self.disc = None
+    A new stage (a text-conditional GPT, a contrastive image-text model) is one subclass plus its
+    entry in STAGES; the loop is not touched. It sets the class attributes below, builds the
+    instance attributes in __init__(recipe, resumed) (`resumed`: the checkpoint being continued, or
+    None), and defines `loss` and `val_metric`; the rest has defaults. A contrastive model, say,
+    returns its symmetric InfoNCE loss from `loss`, its held-out loss from `val_metric`, and its
+    towers' transformer layers as `blocks`; it has no discriminator and its `meta` is {}.
+    """
+    name: str  # how messages name the stage: "GPT", "tokenizer"
+    configs: dict  # the --model names this stage trains
+    kind: str  # the checkpoint's "kind", which the stage's from_pretrained checks before loading
+    unit: str  # what the throughput counts: "tok" per second, "img" per second
+    defaults: dict  # epochs, batch_size, weight_decay unless a flag or the checkpoint sets them
+    flags: dict  # the flags only this stage reads -> their value when not given
+    val_label: str  # what val_metric measures, with its unit, for the progress line
+
+    model: torch.nn.Module  # the network the loop trains, as built (on the CPU, unwrapped)
+    config: object  # its dataclass config, saved as the checkpoint's "config"
+    meta: dict  # saved as the checkpoint's "meta": the codes folder's receipt, {} if none
+    train_set: torch.utils.data.Dataset  # items are tuples of tensors; batches their collation
+    val_set: torch.utils.data.Dataset
+    units_per_item: int  # units (see `unit`) per dataset item
+
+    discriminator = None  # a second network trained against the model, with its own AdamW
+
+    @property
+    def blocks(self):
+        """The model's repeated layers: FSDP shards them one by one, --grad-ckpt recomputes them."""
+        return []
+
+    def to(self, device):
+        """Moves every network of the stage (the model and any loss networks) to the device."""
+        self.model.to(device)
+        return self
 
     def loss(self, model, batch, step):
-        """-> (loss, its parts to log): here the loss alone."""
-        codes, labels = batch
+        """-> (scalar loss to minimise, dict of detached scalars to log). `model` is self.model
+        wrapped for data parallelism; `step` counts optimizer steps from 0."""
+        raise NotImplementedError
+
+    def val_metric(self, model, batch):
+        """-> the validation figure of one batch, a scalar: the loop averages it over items."""
+        raise NotImplementedError
+
+    def discriminator_active(self, step):
+        """Whether the discriminator trains at this step."""
+        return False
+
+    def discriminator_loss(self, discriminator, step):
+        """-> (loss, logs) of the discriminator on the last micro-batch that `loss` saw."""
+        raise NotImplementedError
+
+    def mfu(self, units_per_second, device):
+        """Model FLOPs utilisation of one rank at this throughput, or None where it is not known."""
+        return None
+
+
+class GPTStage(Stage):
+    """Stage 2 (paper 2.3): next-token prediction over the codes of each image, its class first."""
+    name, configs, kind, unit = "GPT", GPT_CONFIGS, "gpt", "tok"
+    # the paper (3.2) and the official autoregressive/train/train_c2i.py agree on these
+    defaults = dict(epochs=300, batch_size=256, weight_decay=0.05)
+    # None: the config's own dropout (0.1 each); --grad-ckpt recomputes `blocks`
+    flags = dict(dropout=None, class_dropout=None, grad_ckpt=False)
+    val_label = "validation cross-entropy (nats/token)"
+
+    def __init__(self, recipe, resumed):
+        codes = data.codes_dataset(recipe.data)
+        # the vocabulary and the grid come from the codes' receipt, never from flags: the GPT must
+        # speak the tokens of the tokenizer that made them (hence no --image-size here)
+        receipt = codes.receipt
+        h, w = receipt.grid
+        over = dict(vocab_size=receipt.vocab_size, block_size=h * w,
+                    num_classes=receipt.num_classes)
+        if recipe.dropout is not None:  # one flag, three rates: the official recipe sets them alike
+            over.update(token_dropout_p=recipe.dropout, resid_dropout_p=recipe.dropout,
+                        ffn_dropout_p=recipe.dropout)
+        if recipe.class_dropout is not None:
+            over["class_dropout_prob"] = recipe.class_dropout
+        self.config = gpt_config(recipe.model, **over)
+        if resumed and resumed["meta"]:  # a GPT only speaks the tokens of the tokenizer it learned
+            was = data.CodesReceipt.from_dict(resumed["meta"], checkpoint_path(recipe.out_dir))
+            was.check_same_tokenizer(receipt, mine="the checkpoint",
+                                     theirs=f"the codes in {recipe.data}")
+        self.model, self.meta = GPT(self.config), receipt.to_dict()
+        self.train_set, self.val_set = split(codes, recipe.val_size)
+        self.units_per_item = self.config.block_size
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    def loss(self, model, batch, step):
+        codes, labels = batch  # teacher forcing: every code is predicted from the ones before it
         return model(codes, labels, targets=codes)[1], {}
 
     def val_metric(self, model, batch):
-        """Validation cross-entropy in nats per token."""
+        # the same cross-entropy as training, in eval mode (no dropout, no null class): log(vocab)
+        # nats knows nothing, and exp(loss) is the perplexity, the codes the model hesitates between
         return self.loss(model, batch, 0)[0]
 
+    def mfu(self, units_per_second, device):
+        # the FLOPs a token costs (model.py flops_per_token) x tokens/s, over the GPU's bf16 peak:
+        # the share of the hardware's arithmetic the training really uses
+        return self.model.estimate_mfu(units_per_second, device)
 
-class VQStage:
-    """Stage 1 (paper 2.2): reconstruct images through the quantizer bottleneck; after --disc-start a
-    PatchGAN discriminator joins with its own optimizer."""
-    kind, unit = "vq", "img"
-    # The paper says AdamW with weight decay 0.05; the code that trained the released tokenizer uses Adam
-    # without weight decay (REFERENCE 2). We follow the code: AdamW with decay 0 is exactly that Adam.
+
+class VQStage(Stage):
+    """Stage 1 (paper 2.2): reconstruct images through the quantizer bottleneck; from --disc-start
+    on, a PatchGAN discriminator joins with its own optimizer."""
+    name, configs, kind, unit = "tokenizer", VQ_CONFIGS, "vq", "img"
+    # The paper says AdamW with weight decay 0.05; the official tokenizer/tokenizer_image/
+    # vq_train.py that trained the released tokenizer uses Adam without weight decay. We follow the
+    # code: AdamW with decay 0 is exactly that Adam.
     defaults = dict(epochs=40, batch_size=128, weight_decay=0.0)
+    # the official vq_train.py defaults; None: the VQ config's own value
+    flags = dict(image_size=256, disc_start=20000, disc_weight=0.5, perceptual_weight=1.0,
+                 lpips=None, codebook_size=None, entropy_loss_ratio=None)
+    val_label = "validation PSNR (dB)"
+    units_per_item = 1
 
-    def __init__(self, args, resumed):
-        over = dict(codebook_size=args.codebook_size, entropy_loss_ratio=args.entropy_loss_ratio)
-        self.config = vq_config(args.model, **{k: v for k, v in over.items() if v is not None})
+    def __init__(self, recipe, resumed):
+        over = dict(codebook_size=recipe.codebook_size,
+                    entropy_loss_ratio=recipe.entropy_loss_ratio)
+        self.config = vq_config(recipe.model, **{k: v for k, v in over.items() if v is not None})
         self.model, self.meta = VQModel(self.config), {}
-        train = data.image_dataset(args.data, args.image_size, augment="random_resize_crop")
-        val = data.image_dataset(args.data, args.image_size, augment="center", flip=False)
-        self.train_set, _ = split(train, args.val_size)
-        _, self.val_set = split(val, args.val_size)
-        self.items_to_units = 1
-        self.crit = VQLoss(disc_start=args.disc_start, disc_weight=args.disc_weight,
-                           perceptual_weight=args.perceptual_weight, lpips_path=args.lpips)
-        self.disc = self.crit.discriminator
-        self._last = None
+        # one folder read twice: random crops to train on, centre crops to validate on; split
+        # holds out the same indices of both, so no validation image is ever trained on
+        train = data.image_dataset(recipe.data, recipe.image_size, augment="random_resize_crop")
+        val = data.image_dataset(recipe.data, recipe.image_size, augment="center", flip=False)
+        self.train_set, _ = split(train, recipe.val_size)
+        _, self.val_set = split(val, recipe.val_size)
+        self.crit = VQLoss(disc_start=recipe.disc_start, disc_weight=recipe.disc_weight,
+                           perceptual_weight=recipe.perceptual_weight, lpips_path=recipe.lpips)
+        self.discriminator = self.crit.discriminator
+        self._last = None  # (images, reconstructions) of the last micro-batch: D's input
+
+    def to(self, device):
+        self.model.to(device)
+        self.crit.to(device)  # the discriminator and the frozen LPIPS network
+        return self
 
     def loss(self, model, batch, step):
         images = batch[0]
         recon, codebook_losses = model(images)
         self._last = (images, recon.detach())
         # D only scores here; keeping its weights out of this graph keeps DDP's gradient hooks quiet
-        self.disc.requires_grad_(False)
+        self.discriminator.requires_grad_(False)
         loss, logs = self.crit.generator_loss(images, recon, codebook_losses, step)
-        self.disc.requires_grad_(True)
+        self.discriminator.requires_grad_(True)
         return loss, logs
 
-    def disc_loss(self, disc, step):
-        """Hinge loss of the discriminator on the last micro-batch (skipped before --disc-start, where
-        the official recipe multiplies it by zero)."""
-        images, recon = self._last
-        return self.crit.discriminator_loss(images, recon, step, discriminator=disc)
-
     def val_metric(self, model, batch):
-        """Validation PSNR in dB of reconstructions (higher is better)."""
+        # PSNR rather than the training loss: the loss mixes terms that change weight at
+        # --disc-start, PSNR means the same at every step (and is what paper Table 2 reports)
         images = batch[0]
         return psnr(model(images)[0].clamp(-1, 1), images).mean()
 
+    def discriminator_active(self, step):
+        # before --disc-start the official recipe multiplies D's loss by zero: skipping is the same
+        return self.crit.gan_active(step)
 
-# -----------------------------------------------------------------------------
+    def discriminator_loss(self, discriminator, step):
+        images, recon = self._last
+        return self.crit.discriminator_loss(images, recon, step, discriminator=discriminator)
 
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is a world of one."""
+
+STAGES = [GPTStage, VQStage]
+
+
+def stage_for(model):
+    """The Stage class whose configs hold --model."""
+    for stage in STAGES:
+        if model in stage.configs:
+            return stage
+    known = "; ".join(f"{s.name} configs: {', '.join(s.configs)}" for s in STAGES)
+    raise UserError(f"unknown --model {model!r}; {known}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe: flags, resolved once into the namespace the whole run reads (and the checkpoint saves)
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True,
+      help=f"GPT config {list(GPT_CONFIGS)} or tokenizer config {list(VQ_CONFIGS)}")
+    a("--data", required=True,
+      help="GPT: a codes folder from `data.py extract` (or several of the same images, "
+      "comma-separated, mixed per item: the official 1.1 and 1.05 ten crops). Tokenizer: an image "
+      "folder (class sub-folders) or synthetic[:N], the embedded dataset of N images")
+    a("--out-dir", default=None, help="where ckpt.pt and log.jsonl go (default runs/<model>)")
+    a("--resume", action="store_true",
+      help="continue from <out-dir>/ckpt.pt exactly where it stopped")
+    a("--epochs", type=float, default=None,
+      help="passes over the data (default: GPT 300, tokenizer 40)")
+    a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+    a("--batch-size", type=int, default=None, help="GLOBAL batch: per step, over all ranks and "
+      "accumulation (default: GPT 256, tokenizer 128)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-4 at the default "
+      "batch size, scaled linearly with --batch-size)")
+    a("--lr-schedule", choices=["constant", "cosine"], default="constant",
+      help="constant as in the paper")
+    a("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    a("--weight-decay", type=float, default=None, help="AdamW weight decay, on >=2-D weights only "
+      "(default: GPT 0.05, tokenizer 0)")
+    a("--grad-clip", type=float, default=1.0, help="global grad-norm clip (0 = off)")
+    a("--fsdp", action="store_true", help="shard parameters, grads and optimizer state (FSDP2)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--ema", type=float, default=0.0,
+      help="keep an EMA of the weights with this decay (e.g. 0.9999)")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+      help="autocast dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS)")
+    a("--val-size", type=int, default=256,
+      help="items held out for validation: every (N / val-size)-th of --data")
+    a("--log-interval", type=int, default=10, help="steps per log.jsonl line, which holds their "
+      "mean losses (the loss is read back only then: a read every step would make the GPU wait)")
+    a("--eval-interval", type=int, default=500, help="steps between validation passes")
+    a("--ckpt-interval", type=int, default=1000, help="steps between checkpoints")
+    a("--keep-ckpts", action="store_true", help="also keep a ckpt_<step>.pt at every checkpoint")
+    a("--num-workers", type=int, default=2, help="data-loading processes per rank")
+    a("--seed", type=int, default=0,
+      help="global seed; rank r seeds its dropout with seed * world + r")
+    a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
+    add_stage_flags(a)
+    return p.parse_args(argv)
+
+
+def add_stage_flags(a):
+    """Flags of one stage only. Their argparse default is None, so that "given" shows and another
+    stage's run can refuse them; resolve_recipe fills in the defaults these help texts name."""
+    vq = VQStage.flags
+    a("--dropout", type=float, default=None, help="GPT: token/residual/FFN dropout (default 0.1)")
+    a("--class-dropout", type=float, default=None,
+      help="GPT: probability of the null class, for CFG (default 0.1)")
+    a("--grad-ckpt", action="store_true", default=None,
+      help="GPT: activation checkpointing, recompute each block in the backward pass")
+    a("--image-size", type=int, default=None,
+      help=f"tokenizer: training resolution in pixels (default {vq['image_size']})")
+    a("--disc-start", type=int, default=None, help="tokenizer: the first step (counting from 1) "
+      f"with the PatchGAN loss (default {vq['disc_start']})")
+    a("--disc-weight", type=float, default=None,
+      help=f"tokenizer: weight of the generator's GAN loss (default {vq['disc_weight']})")
+    a("--perceptual-weight", type=float, default=None,
+      help=f"tokenizer: LPIPS weight, 0 = off (default {vq['perceptual_weight']})")
+    a("--lpips", default=None, help="tokenizer: folder with vgg16-397923af.pth and LPIPS vgg.pth")
+    a("--codebook-size", type=int, default=None,
+      help="tokenizer: codes in the codebook (default: the config's)")
+    a("--entropy-loss-ratio", type=float, default=None, help="tokenizer: weight of the entropy "
+      "loss that spreads use over the codebook (default 0, the paper's)")
+
+
+def refuse_other_stages_flags(args, stage):
+    """One policy for every flag: one that the chosen stage would not read is refused, never
+    silently ignored (as data.py refuses --crop-range without --ten-crop)."""
+    for other in STAGES:
+        for flag in other.flags:
+            if flag not in stage.flags and getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} only applies to the {other.name} "
+                                f"stage; --model {args.model} trains the {stage.name}: drop it")
+
+
+def checkpoint_path(out_dir):
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+def checkpoint_to_resume(path, resume):
+    """The checkpoint --resume continues, or None; never a silent restart over an old run."""
+    if resume and not os.path.exists(path):
+        raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
+    if not resume and os.path.exists(path):
+        raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out-dir")
+    return load_checkpoint(path) if resume else None
+
+
+def resolve_recipe(args, stage, out_dir, ckpt, world, device):
+    """The flags with every default filled in: the run reads only this, nothing rewrites it, and
+    the checkpoint saves it as "args". A resumed run keeps its own recipe (unset flags come from the
+    checkpoint, not from today's defaults); a fresh one takes its stage's defaults."""
+    saved = ckpt["args"] if ckpt else {}
+    # the data position is step * batch, and the optimizer state keeps its decay: neither changes
+    for name in ("batch_size", "weight_decay"):
+        given = getattr(args, name)
+        if saved and given is not None and given != saved[name]:
+            raise UserError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's "
+                            f"{saved[name]}: a resumed run keeps it; start a new --out-dir to "
+                            "change it")
+    recipe = dict(vars(args))
+    for other in STAGES:  # every flag keeps a value, as the checkpoints have always listed them
+        recipe.update({k: v for k, v in other.flags.items() if recipe[k] is None})
+    for name, value in stage.defaults.items():
+        if recipe[name] is None:
+            recipe[name] = value if saved.get(name) is None else saved[name]
+    # the official rule: 1e-4 per 256 images (GPT) or 128 (tokenizer), linear in the batch, as
+    # the gradient's noise falls with its size (Goyal et al. 2017); XL used 2e-4 at 256
+    if recipe["lr"] is None:
+        recipe["lr"] = saved.get("lr") or 1e-4 * recipe["batch_size"] / stage.defaults["batch_size"]
+    recipe["out_dir"], recipe["precision"] = out_dir, resolve_precision(args.precision, device)[0]
+    recipe = argparse.Namespace(**recipe)
+    check_recipe(recipe, world)
+    return recipe
+
+
+def check_recipe(r, world):
+    """Numbers the loop could not honour, each refused with the flag it came from."""
+    counts = dict(grad_accum=r.grad_accum, log_interval=r.log_interval, val_size=r.val_size,
+                  eval_interval=r.eval_interval, ckpt_interval=r.ckpt_interval,
+                  max_steps=1 if r.max_steps is None else r.max_steps)  # None: --epochs decides
+    for name, value in counts.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if r.lr <= 0:
+        raise UserError(f"--lr must be positive, got {r.lr}")
+    # each rank's micro-batch holds batch / (world x accum) items: the split must be even, or
+    # the ranks' items would weigh differently in the averaged gradient
+    if r.batch_size % (world * r.grad_accum):
+        raise UserError(f"--batch-size {r.batch_size} is not divisible by world size {world} x "
+                        f"--grad-accum {r.grad_accum}; pick a multiple of {world * r.grad_accum}")
+    # the EMA averages whole tensors on one rank; under FSDP each rank holds only shards of them
+    if r.fsdp and r.ema:
+        raise UserError("--ema with --fsdp is not supported (nor in the official FSDP recipe); "
+                        "drop one")
+
+
+def lr_at(step, r, total):
+    """Linear warmup to --lr, then constant or a cosine decay to 0. The paper trains at a
+    constant rate (3.2), so that a run can be extended without a schedule to re-plan; the cosine
+    suits short runs such as the demo's, whose last steps at a low rate polish the weights."""
+    if step < r.warmup_steps:
+        return r.lr * (step + 1) / r.warmup_steps
+    if r.lr_schedule == "cosine":
+        t = (step - r.warmup_steps) / max(1, total - r.warmup_steps)
+        return 0.5 * r.lr * (1 + math.cos(math.pi * min(1.0, t)))
+    return r.lr
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer: the stage's networks on this rank, made ready to train
+
+def setup_distributed(device_name):
+    """torchrun sets RANK and WORLD_SIZE (and LOCAL_RANK, the GPU that setup_device picks); a plain
+    `python train.py` is a world of one."""
+    device = setup_device(device_name)
     if "RANK" not in os.environ:
-        return 0, 1, pick_device(args.device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(args.device)
-    if device.startswith("cuda"):
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
+        return 0, 1, device
+    # NCCL between GPUs; gloo between CPU processes (the tests run two ranks on one CPU)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 
-def lr_at(step, args, total):
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    if args.lr_schedule == "cosine":
-        t = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
-        return 0.5 * args.lr * (1 + math.cos(math.pi * min(1.0, t)))
-    return args.lr
+def configure_optimizers(module, weight_decay, learning_rate, betas, device_type):
+    """AdamW, the one recipe for the GPT, the tokenizer and its discriminator. Weight decay pulls
+    matrices, convolution kernels and embeddings (>= 2-D) towards 0, never biases or norm gains
+    (1-D), whose scale is not a capacity to limit (autoregressive/train/train_c2i.py, as in
+    nanoGPT). On CUDA the fused kernel updates every parameter in one launch."""
+    params = [p for p in module.parameters() if p.requires_grad]  # frozen weights get no state
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
+                             **({"fused": True} if fused else {}))
 
 
-def wrap(module, args, device, world, blocks):
+def wrap(module, blocks, fsdp, dtype, device, world):
     """Data parallelism. DDP keeps a full replica per rank and all-reduces gradients; FSDP shards
-    parameters, gradients and optimizer state over ranks and gathers one block's weights at a time,
-    which is what lets 1.4B-3B models train (paper 2.4)."""
-    if world == 1 and not args.fsdp:
+    parameters, gradients and optimizer state over ranks and gathers one block's weights at a
+    time, which is what lets 1.4B-3B models train (paper 2.4)."""
+    if world == 1 and not fsdp:
         return module
-    if args.fsdp:
+    if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        # bf16 weights in the forward, gradients reduced in fp32; other precisions as they are
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if args.dtype == torch.bfloat16 else MixedPrecisionPolicy()
+            if dtype == torch.bfloat16 else MixedPrecisionPolicy()
+        # the blocks first, then the root: each block's weights are gathered just before its
+        # forward (and again for its backward) and freed after, so one block at a time is whole
         for block in blocks:
             fully_shard(block, mp_policy=mp)
         return fully_shard(module, mp_policy=mp)
+    # DDP all-reduces gradients in buckets while the backward pass is still running, so the
+    # communication mostly hides behind computation
     return DDP(module, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def gradient_sync(module, last):
+    """DDP all-reduces gradients in every backward; with accumulation only the last one needs to."""
+    return contextlib.nullcontext() if last or not isinstance(module, DDP) else module.no_sync()
+
+
+class LogWindow:
+    """Logged scalars summed on the device since the last log line. Reading one back would make the
+    CPU wait for the GPU, so they are read only once per line, averaged over ranks."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, logs, weight=1.0):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * weight
+            self.counts[k] = self.counts.get(k, 0.0) + weight
+
+    def read(self, world):
+        # the same order on every rank (the all-reduce pairs tensors by position), loss first
+        keys = sorted(self.sums, key=lambda k: (k != "loss", k))
+        means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
+        if world > 1:
+            dist.all_reduce(means, op=dist.ReduceOp.AVG)
+        self.sums.clear()
+        self.counts.clear()
+        return dict(zip(keys, means.tolist()))
+
+
+class Trainer:
+    """The stage's networks on this rank's device, wrapped for data parallelism, with their AdamW,
+    the loss scaler and the EMA; then a step, validation and a checkpoint of them."""
+
+    def __init__(self, stage, recipe, device, rank, world):
+        self.stage, self.recipe, self.device = stage, recipe, device
+        self.rank, self.world = rank, world
+        self.dtype = DTYPES[recipe.precision]
+        # fp16 has 5 exponent bits: gradients under 6e-8 flush to zero. The scaler multiplies the
+        # loss by a large factor before backward, divides the gradients by it before the step, and
+        # skips a step whose gradients overflowed (then halves the factor). bf16 has fp32's
+        # exponent range and needs none of it: the scaler is off, every call a no-op.
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        self.raw = stage.to(device).model
+        # --grad-ckpt keeps only each block's input and recomputes the block in backward: the
+        # activations of one block instead of all, for about one more forward pass of compute
+        if recipe.grad_ckpt:
+            for block in stage.blocks:
+                block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward,
+                                        use_reentrant=False)
+        # taken before compile and wrapping, which prefix the names (_orig_mod., module.)
+        self.names = [n for n, _ in self.raw.named_parameters()]
+        self.ema = None  # float32 copies: a bf16 average would round away updates of 1e-4
+        if recipe.ema:
+            self.ema = [p.detach().clone().float() for p in self.raw.parameters()]
+        # compile inside the wrapper: DDP's and FSDP's hooks stay outside the compiled graph
+        compiled = torch.compile(self.raw) if recipe.compile else self.raw
+        self.model = wrap(compiled, stage.blocks, recipe.fsdp, self.dtype, device, world)
+        # beta2 0.95 rather than Adam's 0.999: the second moment forgets old gradient scales
+        # faster, which steadies large transformers (GPT-3, Llama, and the paper's recipe)
+        adamw = partial(configure_optimizers, weight_decay=recipe.weight_decay,
+                        learning_rate=recipe.lr, betas=(0.9, 0.95), device_type=self.device_type)
+        self.opt = adamw(self.model)  # the wrapper's parameters: FSDP's are the shards
+        self.disc = self.opt_d = None
+        if stage.discriminator is not None:
+            self.disc = wrap(stage.discriminator, [], recipe.fsdp, self.dtype, device, world)
+            self.opt_d = adamw(self.disc)
+        self.window = LogWindow()
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype,
+                              enabled=self.dtype != torch.float32)
+
+    def restore(self, ckpt):
+        """Continue a checkpoint: weights, optimizer moments, EMA -> the step it stopped at. The
+        consolidated tensors go in through set_state_dict, which shards them under FSDP."""
+        # AdamW's moments too: without them the first steps after a resume would be far larger
+        # than those of the run never stopped (Adam's bias correction restarts from zero)
+        full = StateDictOptions(full_state_dict=True)
+        set_state_dict(self.model, self.opt, model_state_dict=ckpt["model"],
+                       optim_state_dict=ckpt["optimizer"], options=full)
+        if self.disc is not None:
+            set_state_dict(self.disc, self.opt_d, model_state_dict=ckpt["discriminator"],
+                           optim_state_dict=ckpt["optimizer_disc"], options=full)
+        if self.ema is not None:
+            self.ema = [ckpt["ema"][n].to(self.device) for n in self.names]
+        return ckpt["step"]
+
+    def seed_dropout(self, ckpt, step):
+        """Dropout continues exactly from a checkpoint of the same world size; another size (or a
+        fresh run) seeds each rank apart: seed * world + rank, as the official trainer does."""
+        rng = ckpt["rng"] if ckpt and len(ckpt["rng"]) == self.world else None
+        if rng:
+            torch.set_rng_state(rng[self.rank]["cpu"])
+            if self.device_type == "cuda":
+                torch.cuda.set_rng_state(rng[self.rank]["cuda"])
+        else:
+            # + step: a run resumed on another world size draws new masks, not step 0's again
+            torch.manual_seed(self.recipe.seed * self.world + self.rank + step)
+
+    def batches(self, step):
+        """This rank's micro-batches from `step` on. Per-item seeding makes the stream independent
+        of the world size and of restarts; the loader's own generator is not the dropout RNG."""
+        r = self.recipe
+        sampler = GlobalBatches(len(self.stage.train_set), r.batch_size, r.grad_accum, self.rank,
+                                self.world, r.seed, step)
+        loader = torch.utils.data.DataLoader(
+            Seeded(self.stage.train_set), batch_sampler=sampler, num_workers=r.num_workers,
+            # page-locked host memory: the copy to the GPU (to_device) runs asynchronously
+            pin_memory=self.device_type == "cuda", persistent_workers=r.num_workers > 0,
+            generator=torch.Generator().manual_seed(r.seed))
+        return iter(loader)
+
+    def to_device(self, batch):
+        return [t.to(self.device, non_blocking=True) for t in batch]
+
+    def train_step(self, step, lr, batches):
+        """One optimizer step: --grad-accum micro-batches through the model (and the discriminator,
+        when it trains), gradients scaled so that their sum is the mean over the global batch."""
+        stage, accum = self.stage, self.recipe.grad_accum
+        for group in self.opt.param_groups + (self.opt_d.param_groups if self.opt_d else []):
+            group["lr"] = lr
+        train_disc = self.disc is not None and stage.discriminator_active(step)
+        for micro in range(accum):
+            last = micro == accum - 1
+            batch = self.to_device(next(batches))
+            with gradient_sync(self.model, last):
+                # autocast runs matmuls and convolutions in bf16/fp16 and keeps reductions
+                # (norms, softmax, the loss) in fp32; the weights themselves stay fp32
+                with self.autocast():
+                    loss, logs = stage.loss(self.model, batch, step)
+                # gradients add up over backward calls: dividing each micro-batch's mean loss by
+                # accum makes their sum the gradient of the mean over the whole step's batch
+                self.scaler.scale(loss / accum).backward()
+            self.window.add({"loss": loss, **logs}, 1 / accum)
+            if train_disc:
+                with gradient_sync(self.disc, last):
+                    with self.autocast():
+                        d_loss, d_logs = stage.discriminator_loss(self.disc, step)
+                    self.scaler.scale(d_loss / accum).backward()
+                self.window.add(d_logs, 1 / accum)
+        self.clip_and_update(train_disc)
+
+    def clip_and_update(self, train_disc):
+        """Global grad-norm clip, AdamW, then the EMA of the weights."""
+        clip = self.recipe.grad_clip or float("inf")  # inf: measure the norm, clip nothing
+        # the clip threshold is for true gradients: divide the fp16 loss scale out first. After
+        # DDP's all-reduce every rank holds the same gradients, so every rank clips alike
+        self.scaler.unscale_(self.opt)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+        if self.scaler.is_enabled():  # fp16: the scaler skips inf/nan steps; average the others
+            finite = torch.isfinite(norm)
+            self.window.add({"grad_norm": torch.where(finite, norm, 0.0)}, finite.float())
+        else:  # a non-finite norm here means non-finite weights after this step: main stops then
+            self.window.add({"grad_norm": norm})
+        self.scaler.step(self.opt)
+        if train_disc:  # D's own clip and step at the same rate: the official vq_train.py's way
+            self.scaler.unscale_(self.opt_d)
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
+            self.scaler.step(self.opt_d)
+            self.opt_d.zero_grad(set_to_none=True)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:  # ema = d * ema + (1 - d) * weights
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.raw.parameters()],
+                                 1 - self.recipe.ema)
+
+    def validate(self):
+        """The stage's val_metric, averaged over the held-out items, each rank taking a shard; every
+        item is seeded by its index, so every pass sees the same views."""
+        stage, world = self.stage, self.world
+        self.model.eval()  # no dropout, no null-class draws: the figure depends on the weights only
+        # sums, not means: ranks may hold one item more or less, and the all-reduce adds them up
+        vals, val_set = torch.zeros(2, device=self.device), Seeded(stage.val_set)
+        idx = list(range(self.rank, len(stage.val_set), world))
+        per_batch = max(1, self.recipe.batch_size // world)
+        with torch.no_grad(), self.autocast():
+            for i in range(0, len(idx), per_batch):
+                chunk = idx[i:i + per_batch]
+                collate = torch.utils.data.default_collate
+                items = self.to_device(collate([val_set[(j, j)] for j in chunk]))
+                vals += torch.stack([stage.val_metric(self.model, items).float() * len(chunk),
+                                     torch.tensor(float(len(chunk)), device=self.device)])
+        if world > 1:
+            dist.all_reduce(vals)
+        self.model.train()
+        return (vals[0] / vals[1]).item()
+
+    def save(self, step):
+        """Everything needed to continue exactly, consolidated (full tensors on the CPU, even under
+        FSDP) so that the stage's from_pretrained loads it too. Every rank joins the gathers."""
+        r, stage = self.recipe, self.stage
+        # under FSDP the full tensors are gathered from the shards: a collective call, so every
+        # rank takes part, and rank 0 alone writes; cpu_offload keeps the copy out of GPU memory
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd, osd = get_state_dict(self.model, self.opt, options=full)
+        state = dict(model=msd, optimizer=osd, step=step, samples_seen=step * r.batch_size,
+                     config=dataclasses.asdict(stage.config), kind=stage.kind, meta=stage.meta,
+                     args=dict(vars(r)))
+        if self.disc is not None:
+            state["discriminator"], state["optimizer_disc"] = get_state_dict(self.disc, self.opt_d,
+                                                                             options=full)
+        if self.ema is not None:  # the averaged weights, under the model's own parameter names
+            state["ema"] = {n: t.cpu() for n, t in zip(self.names, self.ema)}
+        mine = {"cpu": torch.get_rng_state()}  # each rank's dropout RNG, for seed_dropout
+        if self.device_type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state()
+        state["rng"] = [mine] if self.world == 1 else [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(state["rng"], mine)
+        if self.rank == 0:  # written whole or not at all: a kill mid-save keeps the last one
+            save_atomic(state, checkpoint_path(r.out_dir))
+            if r.keep_ckpts:
+                save_atomic(state, os.path.join(r.out_dir, f"ckpt_{step:07d}.pt"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def stop_if_diverged(rec, fp16, ckpt_path):
+    """A non-finite loss, or (bf16, fp32) grad norm, ends the run with the way back. Under fp16 an
+    infinite norm is the scaler's overflow, a skipped step, not a diverged model."""
+    if not math.isfinite(rec["loss"]) or not (fp16 or math.isfinite(rec["grad_norm"])):
+        raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step {rec['step']}; "
+                        f"the last good checkpoint is {ckpt_path}. Lower --lr, or use --precision "
+                        "bf16/fp32, then --resume")
+
+
+def write_log_line(rec, log, bar, val_label):
+    """One JSON line of log.jsonl; the bar's postfix; the validation figure on its own line."""
+    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "step" and v is not None})
+    if val_label:
+        bar.write(f"step {rec['step']}: {val_label} {rec['val']:.4f}")
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+def train(trainer, batches, step, total):
+    """The loop: steps until `total`; every --log-interval steps (and before validation and every
+    checkpoint) a log line; validation every --eval-interval, a checkpoint every --ckpt-interval."""
+    stage, recipe, world, master = trainer.stage, trainer.recipe, trainer.world, trainer.rank == 0
+    if master:
+        os.makedirs(recipe.out_dir, exist_ok=True)
+    log = open(os.path.join(recipe.out_dir, "log.jsonl"), "a") if master else None
+    # a redirected stderr gets no bar: its redraws would fill a log file with carriage returns
+    bar = tqdm(total=total, initial=step, disable=not master or not sys.stderr.isatty(),
+               dynamic_ncols=True, desc=recipe.model)
+    trainer.model.train()  # dropout and the null class on; validate turns them off and back on
+    t0, logged = time.perf_counter(), step  # time and step of the last log line
+    # `step` counts the optimizer steps taken: the checkpoint at step s holds the weights after s
+    # steps, and a resumed run's data continues at stream position s * batch (GlobalBatches)
+    while step < total:
+        lr = lr_at(step, recipe, total)
+        trainer.train_step(step, lr, batches)
+        step += 1
+        bar.update(1)
+        # the last step always validates and saves: a run ends with its figure and its weights
+        validating = step % recipe.eval_interval == 0 or step == total
+        saving = step % recipe.ckpt_interval == 0 or step == total
+        if not (step % recipe.log_interval == 0 or validating or saving):
+            continue
+        # a log line, with its finiteness check, before every checkpoint: a diverged run never
+        # overwrites the last good one
+        rec = dict(step=step, **trainer.window.read(world), lr=lr)
+        stop_if_diverged(rec, trainer.scaler.is_enabled(), checkpoint_path(recipe.out_dir))
+        rec[f"{stage.unit}/s"] = (recipe.batch_size * stage.units_per_item * (step - logged)
+                                  / (time.perf_counter() - t0))
+        mfu = stage.mfu(rec[f"{stage.unit}/s"] / world, trainer.device)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        if validating:
+            rec["val"] = trainer.validate()
+        if master:
+            write_log_line(rec, log, bar, stage.val_label if validating else None)
+        if saving:
+            trainer.save(step)
+        t0, logged = time.perf_counter(), step  # throughput leaves out validation and saving
+    bar.close()
+    if log:
+        log.close()
 
 
 def main(argv=None):
     args = get_args(argv)
-    rank, world, device = setup_distributed(args)
-    master = rank == 0
-    args.out_dir = args.out_dir or os.path.join("runs", args.model)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    Stage = GPTStage if args.model in GPT_CONFIGS else VQStage if args.model in VQ_CONFIGS else None
-    if Stage is None:
-        raise UserError(f"unknown --model {args.model!r}; GPT configs: {', '.join(GPT_CONFIGS)}; "
-                        f"tokenizer configs: {', '.join(VQ_CONFIGS)}")
-    if args.resume and not os.path.exists(ckpt_path):
-        raise UserError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-    if not args.resume and os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out-dir")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    # a resumed run keeps its own recipe; a fresh one takes its stage's defaults (the two differ)
-    saved = ckpt["args"] if ckpt else {}
-    for name in ("batch_size", "weight_decay"):  # the data position is step * batch; the optimizer keeps its decay
-        if saved and getattr(args, name) is not None and getattr(args, name) != saved[name]:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
-                            f"{saved[name]}: a resumed run keeps it; start a new --out-dir to change it")
-    for name, value in {**Stage.defaults, "lr": None}.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value if saved.get(name) is None else saved[name])
-    args.lr = args.lr or 1e-4 * args.batch_size / Stage.defaults["batch_size"]
-    if args.log_interval < 1:
-        raise UserError(f"--log-interval must be at least 1, got {args.log_interval}")
-    if args.batch_size % (world * args.grad_accum):
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by world size {world} x --grad-accum "
-                        f"{args.grad_accum}; pick a multiple of {world * args.grad_accum}")
-    if args.fsdp and args.ema:
-        raise UserError("--ema with --fsdp is not supported (nor in the official FSDP recipe); drop one")
+    Stage = stage_for(args.model)
+    refuse_other_stages_flags(args, Stage)
+    rank, world, device = setup_distributed(args.device)
+    out_dir = args.out_dir or os.path.join("runs", args.model)
+    ckpt = checkpoint_to_resume(checkpoint_path(out_dir), args.resume)
+    recipe = resolve_recipe(args, Stage, out_dir, ckpt, world, device)
 
-    # what differs between the two stages
-    torch.manual_seed(args.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-    stage = Stage(args, ckpt)
-
-    # precision: bf16 needs no loss scaling; fp16 does; CPUs train in fp32
-    cuda = device.startswith("cuda")
-    if args.precision == "auto":
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    autocast = partial(torch.autocast, device.split(":")[0], dtype=args.dtype, enabled=args.dtype != torch.float32)
-    scaler = torch.amp.GradScaler(enabled=args.dtype == torch.float16)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    raw = stage.model.to(device)
-    blocks = getattr(raw, "layers", [])
-    if args.grad_ckpt:
-        for block in blocks:
-            block.forward = partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-    names = [n for n, _ in raw.named_parameters()]
-    ema = [p.detach().clone().float() for p in raw.parameters()] if args.ema else None
-    if args.compile:
-        raw = torch.compile(raw)
-    model = wrap(raw, args, device, world, blocks)
-    # GPT's AdamW recipe (decay on >= 2-D weights only) serves the tokenizer and its discriminator too
-    adamw = partial(GPT.configure_optimizers, weight_decay=args.weight_decay, learning_rate=args.lr,
-                    betas=(0.9, 0.95), device_type=device.split(":")[0])
-    opt = adamw(model)
-    disc = opt_d = None
-    if stage.disc is not None:
-        stage.crit.to(device)  # the discriminator and the frozen LPIPS network
-        disc = wrap(stage.disc, args, device, world, [])
-        opt_d = adamw(disc)
-
-    # data: per-item seeding makes the stream independent of world size and of restarts
-    n_train = len(stage.train_set)
-    total = args.max_steps or math.ceil(args.epochs * n_train / args.batch_size)
-    step = 0
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if ckpt:
-        set_state_dict(model, opt, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        if disc is not None:
-            set_state_dict(disc, opt_d, model_state_dict=ckpt["discriminator"],
-                           optim_state_dict=ckpt["optimizer_disc"], options=StateDictOptions(full_state_dict=True))
-        if ema is not None:
-            ema = [ckpt["ema"][n].to(device) for n in names]
-        step = ckpt["step"]
-    rng = ckpt["rng"] if ckpt and len(ckpt["rng"]) == world else None
-    if rng:  # dropout continues exactly; a different world size reseeds instead
-        torch.set_rng_state(rng[rank]["cpu"])
-        if cuda:
-            torch.cuda.set_rng_state(rng[rank]["cuda"])
-    else:
-        torch.manual_seed(args.seed * world + rank + step)
-    sampler = GlobalBatches(n_train, args.batch_size, args.grad_accum, rank, world, args.seed, step)
-    loader = torch.utils.data.DataLoader(Seeded(stage.train_set), batch_sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=cuda,
-                                         persistent_workers=args.num_workers > 0,
-                                         generator=torch.Generator().manual_seed(args.seed))  # not the dropout RNG
-    batches = iter(loader)
-    move = lambda batch: [t.to(device, non_blocking=True) for t in batch]
-
-    def evaluate():
-        """Mean of stage.val_metric over the held-out items, each rank taking a shard."""
-        model.eval()
-        vals, val_set = torch.zeros(2, device=device), Seeded(stage.val_set)  # the same views every time
-        idx = list(range(rank, len(stage.val_set), world))
-        with torch.no_grad(), autocast():
-            for i in range(0, len(idx), max(1, args.batch_size // world)):
-                chunk = idx[i:i + max(1, args.batch_size // world)]
-                batch = move(torch.utils.data.default_collate([val_set[(j, j)] for j in chunk]))
-                vals += torch.stack([stage.val_metric(model, batch).float() * len(chunk),
-                                     torch.tensor(float(len(chunk)), device=device)])
-        if world > 1:
-            dist.all_reduce(vals)
-        model.train()
-        return (vals[0] / vals[1]).item()
-
-    def save():
-        """Everything needed to continue exactly; consolidated so that from_pretrained loads it too."""
-        msd, osd = get_state_dict(model, opt, options=full)
-        state = dict(model=msd, optimizer=osd, step=step, samples_seen=step * args.batch_size,
-                     config=dataclasses.asdict(stage.config), kind=stage.kind, meta=stage.meta,
-                     args={k: v for k, v in vars(args).items() if k != "dtype"})
-        if disc is not None:
-            state["discriminator"], state["optimizer_disc"] = get_state_dict(disc, opt_d, options=full)
-        if ema is not None:  # the averaged weights, under the model's own parameter names
-            state["ema"] = {n: t.cpu() for n, t in zip(names, ema)}
-        rngs = [None] * world
-        mine = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
-        dist.all_gather_object(rngs, mine) if world > 1 else rngs.__setitem__(0, mine)
-        state["rng"] = rngs
-        if master:
-            save_atomic(state, ckpt_path)
-            if args.keep_ckpts:
-                save_atomic(state, os.path.join(args.out_dir, f"ckpt_{step:07d}.pt"))
-
-    units = args.batch_size * stage.items_to_units
-    bar = tqdm(total=total, initial=step, disable=not master, dynamic_ncols=True, desc=args.model)
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-    sums, counts = {}, {}  # logged scalars summed on the device since the last log line
-
-    def note(logs, weight=1.0):
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() * weight
-            counts[k] = counts.get(k, 0.0) + weight
-
-    def read_logs():
-        """Means since the last line, averaged over ranks: the one place where the CPU waits for the GPU."""
-        keys = sorted(sums, key=lambda k: (k != "loss", k))  # the same on every rank: they depend on the step
-        means = torch.stack([sums[k] / counts[k] for k in keys])
-        if world > 1:
-            dist.all_reduce(means, op=dist.ReduceOp.AVG)
-        sums.clear()
-        counts.clear()
-        return dict(zip(keys, means.tolist()))
-
-    model.train()
-    t0, logged = time.perf_counter(), step  # time and step of the last log line
-    while step < total:
-        lr = lr_at(step, args, total)
-        for group in opt.param_groups + (opt_d.param_groups if opt_d else []):
-            group["lr"] = lr
-        train_disc = disc is not None and stage.crit.gan_active(step)
-        for micro in range(args.grad_accum):
-            last = micro == args.grad_accum - 1
-            batch = move(next(batches))
-            # all-reduce gradients only on the last micro-batch of a step
-            sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-            with sync:
-                with autocast():
-                    loss, logs = stage.loss(model, batch, step)
-                scaler.scale(loss / args.grad_accum).backward()
-            note({"loss": loss, **logs}, 1 / args.grad_accum)
-            if train_disc:
-                dsync = contextlib.nullcontext() if last or not isinstance(disc, DDP) else disc.no_sync()
-                with dsync:
-                    with autocast():
-                        d_loss, d_logs = stage.disc_loss(disc, step)
-                    scaler.scale(d_loss / args.grad_accum).backward()
-                note(d_logs, 1 / args.grad_accum)
-        scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP returns a DTensor
-        if scaler.is_enabled():  # fp16: the scaler skips steps with inf/nan gradients; average the others
-            finite = torch.isfinite(norm)
-            note({"grad_norm": torch.where(finite, norm, 0.0)}, finite.float())
-        else:  # a non-finite norm here means non-finite weights after this step: caught below
-            note({"grad_norm": norm})
-        scaler.step(opt)
-        if train_disc:
-            scaler.unscale_(opt_d)
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip or float("inf"))
-            scaler.step(opt_d)
-            opt_d.zero_grad(set_to_none=True)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach().float() for p in raw.parameters()], 1 - args.ema)
-        step += 1
-        bar.update(1)
-        evaluating = step % args.eval_interval == 0 or step == total
-        saving = step % args.ckpt_interval == 0 or step == total
-        if not (step % args.log_interval == 0 or evaluating or saving):
-            continue
-        # a log line before every checkpoint, so a diverged run never overwrites the last good one
-        rec = dict(step=step, **read_logs(), lr=lr)
-        if not math.isfinite(rec["loss"]) or not (scaler.is_enabled() or math.isfinite(rec["grad_norm"])):
-            raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step {step}; the last good "
-                            f"checkpoint is {ckpt_path}. Lower --lr, or use --precision bf16/fp32, then --resume")
-        rec[f"{stage.unit}/s"] = units * (step - logged) / (time.perf_counter() - t0)
-        if cuda and stage.kind == "gpt":
-            rec["mfu"] = getattr(raw, "_orig_mod", raw).estimate_mfu(rec[f"{stage.unit}/s"] / world, device)
-        if evaluating:
-            rec["val"] = evaluate()
-        if master:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "step" and v is not None})
-            if evaluating:
-                bar.write(f"step {step}: {stage.val_metric.__doc__.split(' in ')[0].lower()} {rec['val']:.4f}")
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-        if saving:
-            save()
-        t0, logged = time.perf_counter(), step  # throughput leaves out validation and checkpoint time
-    bar.close()
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank: FSDP broadcasts none
+    stage = Stage(recipe, ckpt)
+    trainer = Trainer(stage, recipe, device, rank, world)
+    step = trainer.restore(ckpt) if ckpt else 0  # a resumed run overwrites the fresh weights
+    trainer.seed_dropout(ckpt, step)  # after every initialisation: from here on, only dropout draws
+    total = recipe.max_steps or math.ceil(recipe.epochs * len(stage.train_set) / recipe.batch_size)
+    train(trainer, trainer.batches(step), step, total)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -177,6 +177,77 @@ def test_bad_input_messages(codes, tmp_path, capsys):
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+# Every flag does what it says or is refused: a flag of the other stage, or a number the loop cannot
+# honour, is one line naming it and exit code 2 (the policy data.py applies to --crop-range).
+REFUSED = [
+    ("nano", ["--image-size", 32], "--image-size only applies to the tokenizer stage"),
+    ("nano", ["--disc-start", 5], "--disc-start only applies to the tokenizer stage"),
+    ("nano", ["--disc-weight", 0], "--disc-weight only applies to the tokenizer stage"),
+    ("nano", ["--perceptual-weight", 0], "--perceptual-weight only applies to the tokenizer stage"),
+    ("nano", ["--lpips", "/no/lpips"], "--lpips only applies to the tokenizer stage"),
+    ("nano", ["--codebook-size", 64], "--codebook-size only applies to the tokenizer stage"),
+    ("nano", ["--entropy-loss-ratio", 0.1], "--entropy-loss-ratio only applies to the tokenizer stage"),
+    ("VQ-tiny", ["--dropout", 0], "--dropout only applies to the GPT stage"),
+    ("VQ-tiny", ["--class-dropout", 0], "--class-dropout only applies to the GPT stage"),
+    ("VQ-tiny", ["--grad-ckpt"], "--grad-ckpt only applies to the GPT stage"),
+    ("nano", ["--max-steps", 0], "--max-steps must be at least 1, got 0"),
+    ("nano", ["--eval-interval", 0], "--eval-interval must be at least 1, got 0"),
+    ("nano", ["--ckpt-interval", 0], "--ckpt-interval must be at least 1, got 0"),
+    ("nano", ["--grad-accum", 0], "--grad-accum must be at least 1, got 0"),
+    ("nano", ["--val-size", 0], "--val-size must be at least 1, got 0"),
+    ("nano", ["--lr", 0], "--lr must be positive, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("model, flags, message", REFUSED,
+                         ids=[" ".join(map(str, f)) for _, f, _ in REFUSED])
+def test_flags_that_do_not_apply_are_refused(model, flags, message, codes, tmp_path, capsys):
+    """In-process through common.cli: exit 2, one line, the flag named; nothing is trained or
+    written (the refusals come before any data is read or any model built)."""
+    from common import cli
+    data_arg = codes if model == "nano" else "synthetic:40"
+    argv = ["--model", model, "--data", data_arg, "--out-dir", str(tmp_path / "o"),
+            *map(str, flags)]
+    with pytest.raises(SystemExit) as e:
+        cli(lambda: train.main(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_stage_flags_resolve_to_their_documented_defaults(codes):
+    """A flag left out takes the default its --help names, as before it became None to detect
+    "given": the checkpoint's "args" lists every flag with the same value as ever."""
+    args = train.get_args(["--model", "nano", "--data", codes])
+    recipe = train.resolve_recipe(args, train.GPTStage, "runs/x", None, 1, "cpu")
+    assert (recipe.image_size, recipe.disc_start, recipe.disc_weight, recipe.perceptual_weight) == \
+        (256, 20000, 0.5, 1.0)
+    assert recipe.grad_ckpt is False and recipe.dropout is None and recipe.lpips is None
+    assert (recipe.batch_size, recipe.weight_decay, recipe.epochs) == (256, 0.05, 300)
+    assert recipe.precision == "fp32"  # "auto" on a CPU
+    assert recipe.lr == 1e-4 and recipe.out_dir == "runs/x"
+    vq_args = train.get_args(["--model", "VQ-tiny", "--data", "synthetic", "--batch-size", "32"])
+    vq = train.resolve_recipe(vq_args, train.VQStage, "runs/y", None, 1, "cpu")
+    assert (vq.batch_size, vq.weight_decay, vq.epochs) == (32, 0.0, 40)
+    assert vq.lr == pytest.approx(1e-4 * 32 / 128)  # linear in the batch, 1e-4 per 128 images
+
+
+def test_one_adamw_recipe_for_every_network():
+    """configure_optimizers: decay on >= 2-D tensors (matrices, conv kernels, embeddings) only, for
+    the tokenizer's PatchGAN as for the GPT; fused only on CUDA."""
+    from tokenizer import PatchGAN
+    disc = PatchGAN()
+    opt = train.configure_optimizers(disc, 0.05, 1e-4, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in disc.parameters() if p.dim() == 4}
+    assert len(decay["params"]) == 5  # the five convolution kernels
+    # the first and last convolutions' biases, the weight and bias of three BatchNorms
+    assert all(p.dim() == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 2 + 3 * 2
+    assert opt.defaults["lr"] == 1e-4 and opt.defaults["betas"] == (0.9, 0.95)
+    assert not opt.defaults.get("fused")
+
+
 def test_codes_of_another_tokenizer_refuse_to_resume(codes, tmp_path):
     """A checkpoint trained on 64-code 8x8 codes cannot continue on codes of another grid."""
     out = tmp_path / "o"
