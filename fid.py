@@ -458,12 +458,19 @@ def rfid(reconstructions, originals, net, batch_size=64, device="cpu", progress=
 
     def together():
         for pair in itertools.zip_longest(original_batches, reconstruction_batches):
-            parts = [(to_float_images(b, what), what == "originals") for b, what
-                     in zip(pair, ("originals", "reconstructions")) if b is not None]
-            if len({tuple(images.shape[2:]) for images, _ in parts}) > 1:
-                parts = [(resize299(images), flag) for images, flag in parts]  # as the net would
-            is_original.extend(np.full(len(images), flag) for images, flag in parts)
-            yield torch.cat([images for images, _ in parts])
+            parts = [(b, what) for b, what in zip(pair, ("originals", "reconstructions"))
+                     if b is not None]
+            is_original.extend(np.full(len(b), what == "originals") for b, what in parts)
+            if all(isinstance(b, np.ndarray) for b, _ in parts) and \
+                    len({b.shape[1:] for b, _ in parts}) == 1:
+                # uint8 arrays of one size are joined before conversion: the batch keeps the
+                # N H W C memory layout of one array, and with it the conv kernels, bit for bit
+                yield np.concatenate([b for b, _ in parts])
+                continue
+            floats = [to_float_images(b, what) for b, what in parts]
+            if len({tuple(images.shape[2:]) for images in floats}) > 1:
+                floats = [resize299(images) for images in floats]  # as the net would
+            yield torch.cat(floats)
 
     pool = batch_features(net, None, together(), device, progress)["pool"]  # in stream order
     is_original = np.concatenate(is_original)
