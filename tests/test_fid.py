@@ -332,12 +332,34 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
 
 
 def run_cli(monkeypatch, capsys, *argv):
-    monkeypatch.setattr("sys.argv", ["fid.py", *argv])
     with pytest.raises(SystemExit) as e:
-        cli(fid.main)
+        cli(lambda: fid.main(list(argv)))
         raise SystemExit(0)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("flag", [["--num-workers", "4"], ["--image-size", "256"],
+                                  ["--resize-to", "256"], ["--num-images", "10"], ["--no-rfid"]])
+def test_tokenizer_flags_are_refused_when_scoring_samples(flag, tmp_path, monkeypatch, capsys):
+    """Each tokenizer-evaluation flag would do nothing to sample scoring: one line, exit 2, even
+    when given its default value, before any weights are looked for."""
+    np.savez(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    code, out, err = run_cli(monkeypatch, capsys, str(tmp_path / "s.npz"), str(tmp_path / "s.npz"),
+                             *flag)
+    assert code == 2 and out == ""
+    assert err == (f"error: {flag[0]} applies to a tokenizer evaluation (--vq-ckpt, --data) only; "
+                   "drop it when scoring samples\n")
+
+
+def test_tokenizer_flags_keep_their_defaults(monkeypatch):
+    seen = []
+    monkeypatch.setattr(fid, "report_tokenizer", seen.append)
+    fid.main(["--vq-ckpt", "vq.pt", "--data", "synthetic:4"])
+    assert {k: getattr(seen[0], k) for k in fid.TOKENIZER_DEFAULTS} == dict(
+        image_size=256, resize_to=None, num_images=None, num_workers=4, no_rfid=False)
+    fid.main(["--vq-ckpt", "vq.pt", "--data", "synthetic:4", "--image-size", "32", "--no-rfid"])
+    assert seen[1].image_size == 32 and seen[1].no_rfid is True and seen[1].num_workers == 4
 
 
 @pytest.mark.parametrize("make, message", [

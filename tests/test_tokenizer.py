@@ -1,5 +1,7 @@
-"""tokenizer.py: topology and key names vs REFERENCE 1, the quantizer's maths on hand-built inputs, losses,
-metrics in closed form, parity with the official LlamaGen code (recorded fixture), and a short training run."""
+"""tokenizer.py: topology and key names vs the official vq_ds16_c2i.pt, the quantizer's maths on
+hand-built inputs, losses, metrics in closed form, parity with the official LlamaGen code (recorded
+fixture), and a short training run."""
+import hashlib
 import math
 import os
 
@@ -31,7 +33,7 @@ def test_parameter_counts():
 
 
 def reference_vq16_keys():
-    """REFERENCE 1.3, written out from its templates and per-level table."""
+    """The official vq_ds16_c2i.pt keys and shapes, written out level by level."""
     keys = []
 
     def conv(p, cout, cin, k):
@@ -219,6 +221,33 @@ def test_lpips_loading_and_invariants(tmp_path):
     # each layer contributes sum_c w_c mean_hw (unit-normalised feature difference)^2 with w >= 0, and
     # |a - b|^2 <= 4 for unit vectors: an upper bound from the head weights alone
     assert torch.all(lp(x, y) <= 4 * sum(w.sum() for w in lin.values()))
+
+
+def test_lpips_downloads_through_the_checked_helper(tmp_path, monkeypatch):
+    """With no folder, LPIPS fetches its two files into torch's cache through common.download: a
+    file whose SHA-256 does not start with the expected digits is refused with one line naming it,
+    a good one is kept and loaded."""
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.manual_seed(0)
+    vgg = {k: v for k, v in T.LPIPS().state_dict().items() if k.startswith("features.")}
+    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    save_atomic(vgg, str(src / "vgg16.pth"))
+    save_atomic(lin, str(src / "vgg.pth"))
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()[:8]
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(T.LPIPS, "files", {
+        "vgg16-397923af.pth": ((src / "vgg16.pth").as_uri(), sha(src / "vgg16.pth")),
+        "vgg.pth": ((src / "vgg.pth").as_uri(), "00000000")})
+    with pytest.raises(UserError, match=r"perceptual loss \(LPIPS\): cannot download vgg\.pth .*--perceptual-weight 0"):
+        T.LPIPS.from_folder()
+    cache = tmp_path / "hub" / "checkpoints"
+    assert (cache / "vgg16-397923af.pth").read_bytes() == (src / "vgg16.pth").read_bytes()
+    assert not (cache / "vgg.pth").exists()  # the bad download is not kept
+    monkeypatch.setitem(T.LPIPS.files, "vgg.pth", ((src / "vgg.pth").as_uri(), sha(src / "vgg.pth")))
+    lp = T.LPIPS.from_folder()
+    assert torch.equal(lp.lin3[1].weight, lin["lin3.model.1.weight"])
+    assert torch.equal(lp.features[28].bias, vgg["features.28.bias"])
 
 
 def test_lpips_matches_official_on_seeded_weights(tmp_path):
