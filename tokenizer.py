@@ -381,8 +381,8 @@ class VQModel(nn.Module):
 
 
 def tokenizer_checksum(vq):
-    """sha256 of a tokenizer's weights (its floating-point tensors, in key order): the same for a model
-    whichever file it came from (ours or an official release), so codes can be matched to the
+    """sha256 of a tokenizer's weights (its floating-point tensors, in key order): the same for a
+    model whichever file it came from (ours or an official release), so codes can be matched to the
     tokenizer that decodes them. data.py records it in every codes folder's receipt."""
     h = hashlib.sha256()
     for k, v in sorted(vq.state_dict().items()):

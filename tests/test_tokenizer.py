@@ -325,7 +325,10 @@ def test_official_parity(official, tmp_path):
     (rec.square().mean() + sum(losses.values())).backward()
     torch.testing.assert_close(torch.stack([losses[k] for k in ("vq", "commit", "entropy")]).detach(),
                                official["train_losses"], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(x.grad, official["input_grad"], atol=1e-6, rtol=1e-4)  # straight-through too
+    # Straight-through too. atol 5e-6 (was 1e-6): the gradient's largest entry is 0.014, and on this
+    # project's AMD EPYC VMs with torch 2.13 the OFFICIAL code itself misses its own fixture (recorded
+    # with torch 2.14.1) by up to 2.4e-6: float kernels and thread counts, not the maths, differ.
+    torch.testing.assert_close(x.grad, official["input_grad"], atol=5e-6, rtol=1e-4)
     n = official["codebook_used_tail"].numel()
     assert torch.equal(m.quantize.codebook_used[-n:], official["codebook_used_tail"])
     assert m.codebook_usage() == official["train_usage"]
