@@ -421,6 +421,219 @@ def _weight_file(folder, name):
     return folder
 
 
+
+# ------------------------------------------------------------------------------ the unigram tokenizer
+# SentencePiece's unigram model (Kudo 2018), the tokenizer of T5: a vocabulary of pieces, each with a
+# log-probability; a text is cut into the pieces whose log-probabilities sum highest. Spaces are not
+# separators but part of the pieces: each word starts with the metaspace U+2581 ("▁"), so "a cat" is
+# "▁a▁cat" and decoding is a plain concatenation.
+METASPACE = "\u2581"
+UNK_PENALTY = 10.0  # an unknown character costs 10 nats below the rarest piece (as in SentencePiece)
+
+# NMT-NFKC, the normaliser T5 was trained with, is NFKC plus these rules (SentencePiece
+# normalization_rule_name="nmt_nfkc"): control characters are deleted, line breaks, tabs, zero-width
+# and direction marks and the replacement character become a space, and the full-width tilde is kept.
+_NMT_DELETE = [*range(0x01, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, 0x8F, 0x9F]
+_NMT_SPACE = [0x09, 0x0A, 0x0C, 0x0D, 0x061C, 0x1680, 0x200B, 0x200C, 0x200E, 0x200F, 0x2028, 0x2029,
+              0xFEFF, 0xFFFD, 0x2581]  # a literal "▁" in the input is a space too
+_NMT_TABLE = {**{c: None for c in _NMT_DELETE}, **{c: " " for c in _NMT_SPACE}}
+
+
+def nmt_nfkc(text):
+    """NMT-NFKC with the standard library. The real files carry a "precompiled_charsmap" (a trie of
+    replacement strings built from a newer Unicode release); it is not read here. Compared on every
+    code point against sentencepiece 0.2, the differences are characters newer than Python's
+    unicodedata (e.g. Unicode 16's outlined Latin letters) and U+0344 after a letter."""
+    text = text.translate(_NMT_TABLE)
+    if "\uff5e" in text:  # NMT keeps the full-width tilde, which NFKC would fold to "~"
+        return "\uff5e".join(unicodedata.normalize("NFKC", part) for part in text.split("\uff5e"))
+    return unicodedata.normalize("NFKC", text)
+
+
+def _protobuf(buf, where):
+    """The fields of one protobuf message, as [(field number, value)]: varints as ints, 32-bit fields as
+    floats, length-delimited ones as bytes (strings or nested messages: the caller knows which)."""
+    out, i = [], 0
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            if i >= len(buf):
+                raise UserError(f"{where}: truncated protobuf; not a SentencePiece model")
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value
+    while i < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 1:  # 64-bit: none of the fields read here, skipped
+            value, i = buf[i: i + 8], i + 8
+        elif wire == 2:
+            n = varint()
+            value, i = buf[i: i + n], i + n
+        elif wire == 5:
+            value, i = struct.unpack("<f", buf[i: i + 4])[0] if i + 4 <= len(buf) else None, i + 4
+        else:
+            raise UserError(f"{where}: protobuf wire type {wire}; not a SentencePiece model file")
+        if i > len(buf) or field == 0:
+            raise UserError(f"{where}: damaged protobuf; not a SentencePiece model file")
+        out.append((field, value))
+    return out
+
+
+class UnigramTokenizer:
+    """T5's tokenizer. `tok(texts, length=120) -> (ids int64 [B, N], mask bool [B, N])`: each text is
+    normalised, cut into pieces by Viterbi, </s> appended, truncated to `length` (keeping </s> last) and
+    right-padded with <pad>, as LlamaGen's T5Embedder asks of Hugging Face (padding="max_length").
+
+    Two flavours of the same model, matched to the library each file belongs to: a `spiece.model`
+    behaves as sentencepiece (words split at spaces only), a `tokenizer.json` as Hugging Face
+    tokenizers (words split at any Unicode whitespace; its special tokens such as "</s>" are also
+    recognised inside the text)."""
+
+    def __init__(self, pieces, unk_id=2, eos_id=1, pad_id=0, split_any_space=False, specials=()):
+        """pieces: [(piece, log_prob, usable)] in id order; usable=False for control/unknown pieces,
+        which Viterbi never proposes. specials: pieces matched verbatim in the raw text."""
+        self.pieces = [p for p, _, _ in pieces]
+        self.unk_id, self.eos_id, self.pad_id, self.split_any_space = unk_id, eos_id, pad_id, split_any_space
+        self.vocab = {p: (i, s) for i, (p, s, ok) in enumerate(pieces) if ok and p}
+        self.max_len = max((len(p) for p in self.vocab), default=1)
+        scores = [s for p, s, ok in pieces if ok]
+        self.unk_score = (min(scores) if scores else 0.0) - UNK_PENALTY
+        specials = sorted(specials, key=len, reverse=True)
+        self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def segment(self, word):
+        """Viterbi: ids of the best cut of one "▁word". best[i] is the highest score of any cut of
+        word[:i]; each end is reached from every start j whose word[j:i] is a piece (or a lone unknown
+        character). Ties go to the longest piece, as in sentencepiece; unknown runs merge into one."""
+        n = len(word)
+        best, back = [0.0] + [-math.inf] * n, [None] * (n + 1)
+        for i in range(1, n + 1):
+            for j in range(max(0, i - self.max_len), i):
+                hit = self.vocab.get(word[j:i])
+                if hit is not None and best[j] + hit[1] > best[i]:
+                    best[i], back[i] = best[j] + hit[1], (j, hit[0])
+            if word[i - 1] not in self.vocab and best[i - 1] + self.unk_score > best[i]:
+                best[i], back[i] = best[i - 1] + self.unk_score, (i - 1, self.unk_id)
+        ids, i = [], n
+        while i > 0:
+            j, piece = back[i]
+            if not (piece == self.unk_id and ids and ids[-1] == self.unk_id):
+                ids.append(piece)
+            i = j
+        return ids[::-1]
+
+    def encode(self, text, eos=True):
+        """Piece ids of one text (</s> appended unless eos=False)."""
+        ids = []
+        parts = self.special_re.split(text) if self.special_re else [text]
+        found = self.special_re.findall(text) if self.special_re else []
+        for k, part in enumerate(parts):
+            norm = nmt_nfkc(part)
+            for word in norm.split() if self.split_any_space else norm.split(" "):
+                if word:
+                    ids += self.segment(METASPACE + word)
+            if k < len(found):
+                ids.append(self.pieces.index(found[k]))
+        return ids + [self.eos_id] if eos else ids
+
+    def decode(self, ids):
+        """The text of piece ids, control pieces dropped (the normalisation is not undone)."""
+        keep = [self.pieces[i] for i in ids if i not in (self.pad_id, self.eos_id)]
+        return "".join(keep).replace(METASPACE, " ").strip()
+
+    def __call__(self, texts, length=120):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros(len(texts), length, dtype=torch.bool)
+        for b, text in enumerate(texts):
+            row = self.encode(text)
+            if len(row) > length:  # truncation keeps </s> as the last token
+                row = row[: length - 1] + [self.eos_id]
+            ids[b, : len(row)] = torch.tensor(row)
+            mask[b, : len(row)] = True
+        return ids, mask
+
+    @classmethod
+    def from_words(cls, words):
+        """A tokenizer with no file, for a small captioned world: <pad> 0, </s> 1, <unk> 2, then each
+        word as one whole piece "▁word". All words score alike, so Viterbi takes whole words; any
+        other word becomes a single <unk>."""
+        words = list(dict.fromkeys(words))
+        pieces = [("<pad>", 0.0, False), ("</s>", 0.0, False), ("<unk>", 0.0, False)]
+        return cls(pieces + [(METASPACE + nmt_nfkc(w), -1.0, True) for w in words])
+
+    @classmethod
+    def from_file(cls, path):
+        """Read a Hugging Face tokenizer.json or a SentencePiece spiece.model (or a folder with one)."""
+        if os.path.isdir(path):
+            for name in ("spiece.model", "tokenizer.json"):
+                if os.path.isfile(os.path.join(path, name)):
+                    return cls.from_file(os.path.join(path, name))
+            raise UserError(f"{path}: no spiece.model or tokenizer.json in this folder")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such tokenizer file; check the path")
+        with open(path, "rb") as f:
+            raw = f.read()
+        if path.endswith(".json") or raw[:1] == b"{":
+            return cls._from_json(raw, path)
+        return cls._from_spiece(raw, path)
+
+    @classmethod
+    def _from_json(cls, raw, path):
+        try:
+            model = json.loads(raw.decode("utf-8"))["model"]
+            kind = model.get("type")
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{path}: not a Hugging Face tokenizer.json (no 'model' object)") from None
+        if kind != "Unigram":
+            raise UserError(f"{path}: a {kind} tokenizer, not a SentencePiece unigram one (T5's); "
+                            "give the tokenizer.json or spiece.model of a T5 model")
+        added = json.loads(raw)["added_tokens"] if b"added_tokens" in raw else []
+        special = {t["content"] for t in added if t.get("special")}
+        unk = model.get("unk_id", 2)
+        pieces = [(p, float(s), p not in special and i != unk) for i, (p, s) in enumerate(model["vocab"])]
+        ids = {p: i for i, (p, _, _) in enumerate(pieces)}
+        return cls(pieces, unk_id=unk, eos_id=ids.get("</s>", 1), pad_id=ids.get("<pad>", 0),
+                   split_any_space=True, specials=[p for p in special if p in ids])
+
+    @classmethod
+    def _from_spiece(cls, raw, path):
+        # ModelProto: 1 = repeated SentencePiece {1 piece, 2 score, 3 type}, 3 = NormalizerSpec
+        # {1 name, 2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces, ...}
+        pieces, norm = [], {}
+        for field, value in _protobuf(raw, path):
+            if field == 1 and isinstance(value, bytes):
+                sub = dict(_protobuf(value, path))
+                pieces.append((sub.get(1, b"").decode("utf-8", "replace"), sub.get(2, 0.0), sub.get(3, 1)))
+            elif field == 3 and isinstance(value, bytes):
+                norm = dict(_protobuf(value, path))
+        if not pieces or not all(isinstance(s, float) for _, s, _ in pieces):
+            raise UserError(f"{path}: no SentencePiece pieces found; not a spiece.model file")
+        if any(t == 6 for _, _, t in pieces) or 2 not in {t for _, _, t in pieces}:
+            raise UserError(f"{path}: a SentencePiece model with byte pieces or no <unk>; only T5-style "
+                            "unigram models are supported")
+        name = norm.get(1, b"nmt_nfkc").decode("utf-8", "replace")
+        if not name.startswith("nmt_nfkc") or norm.get(3, 1) != 1 or norm.get(4, 1) != 1:
+            raise UserError(f"{path}: normaliser {name!r} without the dummy prefix / whitespace rules "
+                            "T5 uses; only nmt_nfkc models are supported")
+        ids = {p: i for i, (p, _, _) in enumerate(pieces)}
+        # piece types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+        return cls([(p, s, t in (1, 4)) for p, s, t in pieces],
+                   unk_id=next(i for i, (_, _, t) in enumerate(pieces) if t == 2),
+                   eos_id=ids.get("</s>", 1), pad_id=ids.get("<pad>", 0))
+
+
 # ------------------------------------------------------------------------------------------- registry
 # Encoder shapes from the google/* config.json files on Hugging Face. FLAN-T5-XL is the one LlamaGen
 # uses (paper 3.3): its encoder has 1,223,527,424 parameters (2.4 GB in bf16). The XXL models share
