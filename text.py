@@ -634,6 +634,140 @@ class UnigramTokenizer:
                    eos_id=ids.get("</s>", 1), pad_id=ids.get("<pad>", 0))
 
 
+
+# ---------------------------------------------------------------------------------- caption cleaning
+# LlamaGen cleans every caption before T5 sees it, with the rules of language/t5.py (inherited from
+# PixArt / DeepFloyd IF), applied twice: web captions carry URLs, markup, shop boilerplate and product
+# codes that would spend the 120 tokens on noise. The rules below reproduce that behaviour in order.
+_DASHES = ("\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030"
+           "\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d")
+_EXT = "(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)"
+_DOMAIN = r"[a-zA-Z0-9.\-]+\.(?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b/?(?!@)"
+_BEFORE_MARKUP = [  # (pattern, replacement), on the lower-cased caption, before markup is stripped
+    (r"<person>", "person"),
+    (r"\b(?:https?:(?:/{1,3}|[a-zA-Z0-9%])|" + _DOMAIN + ")", ""),  # a scheme, then a bare domain
+    (r"\b(?:www:(?:/{1,3}|[a-zA-Z0-9%])|" + _DOMAIN + ")", ""),
+]
+_AFTER_MARKUP = [
+    (r"@[\w\d]+\b", ""),  # @nicknames
+    ("[\u31c0-\u9fff]+", ""),  # CJK strokes, enclosed letters, compatibility, ideographs (not kana)
+    ("[" + _DASHES + "]+", "-"),  # every kind of dash, runs included, becomes one hyphen
+    ("[`\u00b4\u00ab\u00bb\u201c\u201d\u00a8]", '"'), ("[\u2018\u2019]", "'"),  # one kind of quote each
+    (r"&quot;?", ""), (r"&amp", ""),  # entities that were escaped twice
+    (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # IP addresses
+    (r"\d:\d\d\s+$", ""),  # a trailing article id
+    (r"\\n", " "),  # a literal backslash-n left by a scraper
+    (r"#\d{1,3}\b", ""), (r"#\d{5,}\b", ""), (r"\b\d{6,}\b", ""),  # numbers that are ids, not counts
+    (r"\S+\." + _EXT, ""),  # file names
+    (r"[\"']{2,}", '"'), (r"\.{2,}", " "),  # runs of quotes; ellipses
+    (r"[#\u00ae\u2022\u00a9\u2122&@\u00b7\u00ba\u00bd\u00be\u00bf\u00a1\u00a7~)(\]\[}{|\\/*]+", " "),
+    (r"\s+\.\s+", " "),  # a lone full stop
+]
+_AFTER_UNESCAPE = [
+    (r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""), (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""),  # product codes: jc6640,
+    (r"\b\d+[a-zA-Z]+\d+\b", ""),  # jc6640vc, 6640vc231
+    (r"(worldwide\s+)?(free\s+)?shipping", ""), (r"(free\s)?download(\sfree)?", ""),  # shop talk
+    (r"\bclick\b\s(?:for|on)\s\w+", ""), (r"\b" + _EXT + r"(\simage[s]?)?", ""), (r"\bpage\s+\d+\b", ""),
+    (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "),  # longer letter-digit codes
+    (r"\b\d+\.?\d*[x\u0445\u00d7]\d+\.?\d*\b", ""),  # sizes such as 1920x1080
+    (r"\b\s+:\s+", ": "), (r"(\D[,./])\b", r"\1 "), (r"\s+", " "),  # spacing around punctuation
+]
+_EDGES = [  # on the stripped result: surrounding quotes, one stray character at either end
+    (r"^[\"']([\w\W]+)[\"']$", r"\1"), (r"^['_,\-:;]", ""), (r"['_,\-:\-+]$", ""), (r"^\.\S+$", ""),
+]
+_COMPILED = {name: [(re.compile(p), r) for p, r in rules] for name, rules in
+             dict(before=_BEFORE_MARKUP, after=_AFTER_MARKUP, unescape=_AFTER_UNESCAPE, edges=_EDGES).items()}
+_TAG = re.compile(r"</?[a-zA-Z!][^<>]*>")
+
+
+def _clean_once(text):
+    text = urllib.parse.unquote_plus(str(text)).strip().lower()
+    for pattern, repl in _COMPILED["before"]:
+        text = pattern.sub(repl, text)
+    text = html.unescape(_TAG.sub("", text))  # markup: tags dropped, entities decoded
+    for pattern, repl in _COMPILED["after"]:
+        text = pattern.sub(repl, text)
+    if len(re.findall(r"[-_]", text)) > 3:  # this-is-my-cute-cat, this_is_my_cute_cat
+        text = re.sub(r"[-_]", " ", text)
+    text = html.unescape(html.unescape(text)).strip()
+    for pattern, repl in _COMPILED["unescape"]:
+        text = pattern.sub(repl, text)
+    for pattern, repl in _COMPILED["edges"]:  # on the unstripped text, as the official code does
+        text = pattern.sub(repl, text)
+    return text.strip()
+
+
+def clean_caption(text):
+    """A caption as LlamaGen's T5Embedder cleans it (twice, as it does): url-unquoted, lower-cased, URLs,
+    markup, @nicknames and CJK ideographs removed, dashes and quotes unified, ids, file names, shop
+    phrases and product codes dropped, punctuation spacing fixed. Left out, for want of a dependency:
+    ftfy's repair of mojibake and odd characters (it runs ftfy.fix_text), and BeautifulSoup's full HTML
+    parser (here a tag is anything like <a ...> or </b>, then entities are decoded)."""
+    return _clean_once(_clean_once(text))
+
+
+# --------------------------------------------------------------------------------- one call for the GPT
+class TextEncoder:
+    """Tokenizer + frozen T5 encoder on one device and dtype: captions in, the t2i GPT's condition out."""
+
+    def __init__(self, tokenizer, encoder, device="cpu", dtype=torch.float32, clean=True):
+        self.tokenizer, self.clean, self.device, self.dtype = tokenizer, clean, torch.device(device), dtype
+        self.encoder = encoder.to(self.device, dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None, dtype=torch.float32, clean=True):
+        """A Hugging Face (FLAN-)T5 folder: spiece.model or tokenizer.json, config.json, the weights."""
+        device = pick_device(device)
+        return cls(UnigramTokenizer.from_file(folder), T5Encoder.from_pretrained(folder, dtype), device, dtype, clean)
+
+    @torch.no_grad()
+    def encode_captions(self, texts, length=120, batch_size=32):
+        """(features [B, length, d_model] in self.dtype, mask [B, length] bool), on self.device.
+        Right-padded as T5 returns them (valid tokens first, then padding); padded positions' features
+        are zero. The GPT side moves the valid tokens to the end itself (paper 3.3, left padding)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.clean:
+            texts = [clean_caption(t) for t in texts]
+        ids, mask = self.tokenizer(texts, length)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = torch.empty(len(texts), length, self.encoder.config.d_model, dtype=self.dtype, device=self.device)
+        for i in range(0, len(texts), batch_size):
+            h = self.encoder(ids[i: i + batch_size], mask[i: i + batch_size])
+            out[i: i + batch_size] = h * mask[i: i + batch_size, :, None]
+        return out, mask
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def main(argv=None):
+    p = argparse.ArgumentParser(description="T5 text encoding: tokenize, or encode captions to features.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("encode", help="print token ids and feature shapes of captions")
+    e.add_argument("--t5", required=True, help="a Hugging Face (FLAN-)T5 folder")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--length", type=int, default=120, help="tokens per caption (LlamaGen: 120)")
+    e.add_argument("captions", nargs="+")
+    t = sub.add_parser("tokenize", help="print the pieces and ids of texts")
+    t.add_argument("--tokenizer", required=True, help="spiece.model, tokenizer.json, or a folder")
+    t.add_argument("--clean", action="store_true", help="apply LlamaGen's caption cleaning first")
+    t.add_argument("texts", nargs="+")
+    args = p.parse_args(argv)
+    if args.cmd == "tokenize":
+        tok = UnigramTokenizer.from_file(args.tokenizer)
+        for text in args.texts:
+            ids = tok.encode(clean_caption(text) if args.clean else text)
+            print(f"{text!r}: {len(ids)} tokens\n  ids    {ids}\n  pieces {[tok.pieces[i] for i in ids]}")
+        return
+    if args.length < 1:
+        raise UserError(f"--length {args.length}: give at least 1 token")
+    enc = TextEncoder.from_pretrained(args.t5, args.device, getattr(torch, args.dtype))
+    feats, mask = enc.encode_captions(args.captions, args.length)
+    print(f"features {list(feats.shape)} {args.dtype} on {feats.device}, mask {list(mask.shape)}")
+    for text, f, m in zip(args.captions, feats, mask):
+        ids = enc.tokenizer.encode(clean_caption(text))[: args.length]
+        print(f"{text!r}: {int(m.sum())} tokens, ids {ids}, feature rms {f[m].float().pow(2).mean().sqrt():.4f}")
+
+
 # ------------------------------------------------------------------------------------------- registry
 # Encoder shapes from the google/* config.json files on Hugging Face. FLAN-T5-XL is the one LlamaGen
 # uses (paper 3.3): its encoder has 1,223,527,424 parameters (2.4 GB in bf16). The XXL models share
@@ -656,3 +790,7 @@ def t5_config(name, **overrides):
     if name not in T5_CONFIGS:
         raise UserError(f"unknown T5 config {name!r}; choose one of {', '.join(T5_CONFIGS)}")
     return T5Config(**{**T5_CONFIGS[name], **overrides})
+
+
+if __name__ == "__main__":
+    cli(main)
