@@ -555,7 +555,8 @@ class UnigramTokenizer:
         self.max_len = max((len(p) for p in self.vocab), default=1)
         scores = [s for p, s, ok in pieces if ok]
         self.unk_score = (min(scores) if scores else 0.0) - UNK_PENALTY
-        specials = sorted(specials, key=len, reverse=True)
+        self.special_ids = {p: self.pieces.index(p) for p in specials}
+        specials = sorted(specials, key=len, reverse=True)  # longest first, as a regex alternation
         self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def __len__(self):
@@ -601,7 +602,7 @@ class UnigramTokenizer:
                 if word:
                     ids += self.segment(METASPACE + word)
             if k < len(found):
-                ids.append(self.pieces.index(found[k]))
+                ids.append(self.special_ids[found[k]])
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids):
@@ -674,23 +675,28 @@ class UnigramTokenizer:
     def _from_spiece(cls, raw, path):
         # ModelProto: 1 = repeated SentencePiece {1 piece, 2 score, 3 type}, 3 = NormalizerSpec
         # {1 name, 2 precompiled_charsmap, 3 add_dummy_prefix, 4 remove_extra_whitespaces, ...}
-        pieces, norm = [], {}
+        pieces, norm, trainer = [], {}, {}
         for field, value in _protobuf(raw, path):
             if field == 1 and isinstance(value, bytes):
                 sub = dict(_protobuf(value, path))
                 piece = sub.get(1, b"").decode("utf-8", "replace")
                 pieces.append((piece, sub.get(2, 0.0), sub.get(3, 1)))
+            elif field == 2 and isinstance(value, bytes):  # TrainerSpec: 3 = model_type
+                trainer = dict(_protobuf(value, path))
             elif field == 3 and isinstance(value, bytes):
                 norm = dict(_protobuf(value, path))
         if not pieces or not all(isinstance(s, float) for _, s, _ in pieces):
             raise UserError(f"{path}: no SentencePiece pieces found; not a spiece.model file")
+        if trainer.get(3, 1) != 1:  # 1 UNIGRAM (the default), 2 BPE, 3 WORD, 4 CHAR
+            raise UserError(f"{path}: a SentencePiece model of type {trainer[3]} (2 = BPE), not a "
+                            "unigram one (T5's); give the spiece.model of a T5 model")
         if any(t == 6 for _, _, t in pieces) or 2 not in {t for _, _, t in pieces}:
             raise UserError(f"{path}: a SentencePiece model with byte pieces or no <unk>; only "
                             "T5-style unigram models are supported")
         # proto2 defaults: absent fields mean add_dummy_prefix and remove_extra_whitespaces are on;
         # a model trained otherwise would need rules this reader does not implement.
         name = norm.get(1, b"nmt_nfkc").decode("utf-8", "replace")
-        if not name.startswith("nmt_nfkc") or norm.get(3, 1) != 1 or norm.get(4, 1) != 1:
+        if name not in ("nmt_nfkc", "nfkc") or norm.get(3, 1) != 1 or norm.get(4, 1) != 1:
             raise UserError(f"{path}: normaliser {name!r} without the dummy prefix / whitespace "
                             "rules T5 uses; only nmt_nfkc models are supported")
         ids = {p: i for i, (p, _, _) in enumerate(pieces)}

@@ -292,6 +292,12 @@ def test_tokenizer_files_of_another_kind(tmp_path):
         UnigramTokenizer.from_file(os.path.join(DATA, "t5_tiny", "config.json"))
     with pytest.raises(UserError, match="spiece.model|protobuf"):
         UnigramTokenizer.from_file(os.path.join(DATA, "t5_tiny", "model.safetensors"))
+    with open(os.path.join(DATA, "spm_tiny", "spiece.model"), "rb") as f:
+        spiece = f.read()
+    # a later TrainerSpec record {3: model_type 2} (protobuf merges repeated messages): a BPE model
+    (tmp_path / "bpe.model").write_bytes(spiece + b"\x12\x02\x18\x02")
+    with pytest.raises(UserError, match="bpe.model: a SentencePiece model of type 2"):
+        UnigramTokenizer.from_file(str(tmp_path / "bpe.model"))
     # the one check of the CLI's exit code: one line on stderr, status 2
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "text.py"), "tokenize", "--tokenizer", str(bpe), "x"]
