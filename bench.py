@@ -135,7 +135,7 @@ def bench_fid(args):
 
 def bench_text(args):
     """FLAN-T5-XL encoder (random weights, real shape): captions/s at 120 tokens in fp32 and bf16,
-    tokenizer captions/s, and load time + peak RSS of a 2-shard bf16 safetensors folder of that size."""
+    tokenizer captions/s, and load time + peak RSS of a 2-shard bf16 safetensors folder that size."""
     import json
     import os
     import subprocess
@@ -143,14 +143,15 @@ def bench_text(args):
     import tempfile
 
     from text import T5Encoder, UnigramTokenizer, t5_config, write_safetensors
-    tok = UnigramTokenizer.from_file(os.path.join(os.path.dirname(__file__), "tests", "data", "spm_tiny"))
+    root = os.path.dirname(os.path.abspath(__file__))
+    tok = UnigramTokenizer.from_file(os.path.join(root, "tests", "data", "spm_tiny"))
     caption = "a red double-decker bus parked next to a wooden bench on a sunny street in london"
     texts = [f"{caption} {i}" for i in range(64 if args.quick else 512)]
     sec = timed(lambda: tok(texts, length=120), warmup=0, repeat=1)
-    print(f"tokenizer (tests/data/spm_tiny, vocab 300), {len(caption)}-character captions to 120 ids: "
-          f"{len(texts) / sec:.0f} captions/s", flush=True)
+    print(f"tokenizer (tests/data/spm_tiny, vocab 300), {len(caption)}-character captions to 120 "
+          f"ids: {len(texts) / sec:.0f} captions/s", flush=True)
     torch.manual_seed(0)
-    batch = 8 if args.device != "cpu" else 1 if args.quick else 2  # XL on 2 CPU cores: ~1 min/caption
+    batch = 8 if args.device != "cpu" else 1 if args.quick else 2  # 2 CPU cores: ~1 min/caption
     ids = torch.randint(3, 32000, (batch, 120), device=args.device)
     mask = torch.ones(batch, 120, dtype=torch.bool, device=args.device)
     model = T5Encoder(t5_config("flan-t5-xl")).eval()  # fp32 first: 4.9 GB
@@ -159,9 +160,10 @@ def bench_text(args):
         with torch.inference_mode():
             sec = timed(lambda: model(ids, mask), warmup=1 if args.device != "cpu" else 0,
                         repeat=1 if args.quick or args.device == "cpu" else 3, device=args.device)
-        print(f"FLAN-T5-XL encoder {str(dtype).removeprefix('torch.'):8s} batch {batch} x 120 tokens: "
-              f"{batch / sec:6.2f} captions/s", flush=True)
-    with tempfile.TemporaryDirectory() as folder:  # the layout of google/flan-t5-xl: 2 shards + index
+        name = str(dtype).removeprefix("torch.")
+        print(f"FLAN-T5-XL encoder {name:8s} batch {batch} x 120 tokens: {batch / sec:6.2f} captions/s",
+              flush=True)
+    with tempfile.TemporaryDirectory() as folder:  # google/flan-t5-xl's layout: 2 shards + index
         sd = {k: v.cpu() for k, v in model.state_dict().items()}
         del model
         names = sorted(sd)
@@ -181,20 +183,23 @@ def bench_text(args):
         # ru_maxrss of a child also counts the parent's pages it shared before exec.
         code = ("import resource, sys, time, torch; sys.path.insert(0, sys.argv[2]);"
                 "from text import T5Encoder; t0 = time.perf_counter();"
-                "m = T5Encoder.from_pretrained(sys.argv[1], torch.bfloat16); t1 = time.perf_counter();"
+                "m = T5Encoder.from_pretrained(sys.argv[1], torch.bfloat16);"
+                "t1 = time.perf_counter();"
                 "s = sum(p.sum(dtype=torch.float32).item() for p in m.parameters());"
-                "hwm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')];"
+                "hwm = [int(l.split()[1]) for l in open('/proc/self/status')"
+                "       if l.startswith('VmHWM')];"
                 "peak = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
                 "print(t1 - t0, time.perf_counter() - t1, peak * 1024)")
-        out = subprocess.run([sys.executable, "-c", code, folder, os.path.dirname(os.path.abspath(__file__))],
+        out = subprocess.run([sys.executable, "-c", code, folder, root],
                              capture_output=True, text=True, check=True).stdout.split()
         t_load, t_touch, rss = map(float, out)
-        print(f"load FLAN-T5-XL encoder from a {size / 1e9:.2f} GB bf16 safetensors folder (2 shards): "
-              f"{t_load:.2f} s (memory-mapped), reading every weight once {t_touch:.1f} s; peak RSS of "
-              f"the loading process {rss / 1e9:.2f} GB (torch itself ~0.2 GB)", flush=True)
+        print(f"load FLAN-T5-XL encoder from a {size / 1e9:.2f} GB bf16 safetensors folder (2 "
+              f"shards): {t_load:.2f} s (memory-mapped), reading every weight once {t_touch:.1f} s; "
+              f"peak RSS of the loading process {rss / 1e9:.2f} GB (torch itself ~0.2 GB)", flush=True)
 
 
-BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid, "text": bench_text}
+BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid,
+           "text": bench_text}
 
 
 def main():

@@ -3,9 +3,10 @@
 Why a frozen language model (paper 3.3): the t2i GPT never reads words. A caption is cleaned, cut
 into SentencePiece pieces, and run through the encoder of FLAN-T5-XL, a 1.2B-parameter model trained
 on far more text than any image-caption set holds; its 120 x 2048 output is the GPT's prefix.
-Learning a text encoder from captions alone would see a few hundred million short, noisy sentences;
-the frozen one brings what it learnt from the whole C4 corpus and instruction tuning, costs nothing
-to train, and its features can be computed once per caption and stored (the way image codes are).
+A text encoder learnt from the captions alone would see only short machine-written sentences (stage
+I: 50M BLIP captions); the frozen one brings what it learnt from the C4 web corpus and instruction
+tuning, costs nothing to train, and its features can be computed once per caption and stored (the
+way image codes are).
 
 Layout, bottom-up: the safetensors reader and writer, Hugging Face folder loading, the T5 encoder
 (layer norm, relative position bias, attention, gated-GELU FFN, blocks, T5Config, T5Encoder), the
@@ -56,7 +57,7 @@ def read_safetensors_header(path):
             raise UserError(f"{path}: truncated safetensors file ({size} bytes, no header length); "
                             "re-download it")
         n = struct.unpack("<Q", head)[0]
-        if n > min(size - 8, 100 * 2 ** 20):  # the official reader caps headers at 100 MB
+        if n > min(size - 8, 100_000_000):  # the official reader caps headers at 100 MB too
             raise UserError(f"{path}: header length {n} does not fit a {size}-byte file; the file "
                             "is truncated or not safetensors")
         raw = f.read(n)
@@ -244,8 +245,8 @@ class T5Attention(nn.Module):
         self.q, self.k, self.v = (nn.Linear(c.d_model, inner, bias=False) for _ in range(3))
         self.o = nn.Linear(inner, c.d_model, bias=False)
         if has_bias:
-            self.relative_attention_bias = nn.Embedding(c.relative_attention_num_buckets,
-                                                        c.num_heads)
+            table = torch.empty(c.relative_attention_num_buckets, c.num_heads)  # see T5Encoder
+            self.relative_attention_bias = nn.Embedding(*table.shape, _weight=table)
 
     def position_bias(self, n):
         """[1, heads, n, n]: the learned bias of query i on key j, a function of j - i only."""
@@ -372,7 +373,10 @@ class T5Encoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        # Tables come uninitialised (init_weights draws them): nn.Embedding's own normal_ init
+        # would, on the meta device that from_pretrained builds on, import torch's compiler (~10 s).
+        table = torch.empty(config.vocab_size, config.d_model)
+        self.shared = nn.Embedding(*table.shape, _weight=table)
         self.encoder = T5Stack(config)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()

@@ -116,6 +116,22 @@ def test_three_layouts_give_identical_weights():
     assert all(torch.equal(sds[0][k], sd[k]) for sd in sds[1:] for k in sds[0])
 
 
+def test_sharded_bin_with_index(tmp_path):
+    """pytorch_model-0000N-of-00002.bin + pytorch_model.bin.index.json (DeepFloyd's T5 layout, which
+    LlamaGen downloads): the single .bin's weights, each key read from the shard the index names."""
+    sd = torch.load(os.path.join(DATA, "t5_tiny_bin", "pytorch_model.bin"), weights_only=True)
+    names = sorted(sd)
+    weight_map = {}
+    for i, part in enumerate([names[::2], names[1::2]]):
+        file = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k] for k in part}, tmp_path / file)
+        weight_map.update({k: file for k in part})
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = load_hf_state_dict(str(tmp_path), keep=lambda k: "block.1" in k)
+    assert set(got) == {k for k in sd if "block.1" in k}
+    assert all(torch.equal(got[k], sd[k]) for k in got)
+
+
 def test_decoder_skipped_and_weights_memory_mapped():
     path = os.path.join(DATA, "t5_tiny", "model.safetensors")
     header, _, _, _ = text.read_safetensors_header(path)
