@@ -560,6 +560,7 @@ class UnigramTokenizer:
         scores = [s for p, s, ok in pieces if ok]
         self.unk_score = (min(scores) if scores else 0.0) - UNK_PENALTY
         self.special_ids = {p: self.pieces.index(p) for p in specials}
+        self._cache = {}  # word -> ids: caption words repeat (Zipf), so most cuts are looked up
         specials = sorted(specials, key=len, reverse=True)  # longest first, as a regex alternation
         self.special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
@@ -574,6 +575,8 @@ class UnigramTokenizer:
         # Why Viterbi and not greedy longest-match: the unigram model treats pieces as independent
         # draws, so the probability of a cut is the product of its pieces' probabilities, and the
         # best cut of word[:i] must extend the best cut of some word[:j]: O(len * max piece length).
+        if word in self._cache:
+            return list(self._cache[word])
         n = len(word)
         best, back = [0.0] + [-math.inf] * n, [None] * (n + 1)
         for i in range(1, n + 1):
@@ -589,6 +592,9 @@ class UnigramTokenizer:
             if not (piece == self.unk_id and ids and ids[-1] == self.unk_id):
                 ids.append(piece)
             i = j
+        if len(self._cache) >= 1 << 16:  # bounded memory on endless new words
+            self._cache.clear()
+        self._cache[word] = tuple(ids[::-1])
         return ids[::-1]
 
     def encode(self, text, eos=True):
