@@ -166,7 +166,7 @@ def bench_text(args):
                         repeat=1 if args.quick or args.device == "cpu" else 3, device=args.device)
         name = str(dtype).removeprefix("torch.")
         print(f"FLAN-T5-XL encoder {name:8s} batch {batch} x 120 tokens: "
-              f"{batch / sec:6.2f} captions/s", flush=True)
+              f"{batch / sec:.3g} captions/s ({sec / batch:.3g} s each)", flush=True)
     with tempfile.TemporaryDirectory() as folder:  # google/flan-t5-xl's layout: 2 shards + index
         sd = {k: v.cpu() for k, v in model.state_dict().items()}
         del model
