@@ -160,7 +160,78 @@ def bench_fid(args):
     print(f"PSNR + SSIM (official 7x7 window) at 256 px: {len(x) / t_ssim:.0f} images/s")
 
 
-BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid}
+def bench_text(args):
+    """FLAN-T5-XL encoder (random weights, real shape): captions/s at 120 tokens in fp32 and bf16,
+    tokenizer captions/s, load time + peak RSS of a 2-shard bf16 safetensors folder that size."""
+    import json
+    import os
+    import random
+    import subprocess
+    import sys
+    import tempfile
+
+    from text import T5Encoder, UnigramTokenizer, t5_config, write_safetensors
+    root = os.path.dirname(os.path.abspath(__file__))
+    rng = random.Random(0)  # captions of 14 words from 2000 made-up ones: a cold cache at first
+    words = ["".join(rng.choice("aeioubcdfglmnprst") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    texts = [" ".join(rng.choice(words) for _ in range(14))
+             for _ in range(200 if args.quick else 2000)]
+    sec = timed(lambda: UnigramTokenizer.from_file(os.path.join(root, "tests", "data", "spm_tiny"))(
+        texts, length=120), warmup=0, repeat=1)
+    print(f"tokenizer (tests/data/spm_tiny, vocab 300), {len(texts)} captions of 14 words to 120 "
+          f"ids from a cold cache: {len(texts) / sec:.0f} captions/s", flush=True)
+    torch.manual_seed(0)
+    batch = 8 if args.device != "cpu" else 1 if args.quick else 2  # 2 CPU cores: ~1 min/caption
+    ids = torch.randint(3, 32000, (batch, 120), device=args.device)
+    mask = torch.ones(batch, 120, dtype=torch.bool, device=args.device)
+    model = T5Encoder(t5_config("flan-t5-xl")).eval()  # fp32 first: 4.9 GB
+    for dtype in (torch.float32, torch.bfloat16):
+        model = model.to(args.device, dtype)
+        with torch.inference_mode():
+            sec = timed(lambda: model(ids, mask), warmup=1 if args.device != "cpu" else 0,
+                        repeat=1 if args.quick or args.device == "cpu" else 3, device=args.device)
+        name = str(dtype).removeprefix("torch.")
+        print(f"FLAN-T5-XL encoder {name:8s} batch {batch} x 120 tokens: "
+              f"{batch / sec:.3g} captions/s ({sec / batch:.3g} s each)", flush=True)
+    with tempfile.TemporaryDirectory() as folder:  # google/flan-t5-xl's layout: 2 shards + index
+        sd = {k: v.cpu() for k, v in model.state_dict().items()}
+        del model
+        names = sorted(sd)
+        shards = [names[: len(names) // 2], names[len(names) // 2:]]
+        weight_map = {}
+        for i, part in enumerate(shards):
+            file = f"model-0000{i + 1}-of-00002.safetensors"
+            write_safetensors({k: sd[k] for k in part}, os.path.join(folder, file))
+            weight_map.update({k: file for k in part})
+        del sd
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": weight_map}, f)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"model_type": "t5", **t5_config("flan-t5-xl").__dict__}, f)
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        # A fresh process, so that its peak RSS is the loading alone. It reports VmHWM itself: the
+        # ru_maxrss of a child also counts the parent's pages it shared before exec.
+        code = ("import resource, sys, time, torch; sys.path.insert(0, sys.argv[2]);"
+                "from text import T5Encoder; t0 = time.perf_counter();"
+                "m = T5Encoder.from_pretrained(sys.argv[1], torch.bfloat16);"
+                "t1 = time.perf_counter();"
+                "s = sum(p.sum(dtype=torch.float32).item() for p in m.parameters());"
+                "hwm = [int(l.split()[1]) for l in open('/proc/self/status')"
+                "       if l.startswith('VmHWM')];"
+                "peak = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+                "print(t1 - t0, time.perf_counter() - t1, peak * 1024)")
+        out = subprocess.run([sys.executable, "-c", code, folder, root],
+                             capture_output=True, text=True, check=True).stdout.split()
+        t_load, t_touch, rss = map(float, out)
+        print(f"load FLAN-T5-XL encoder from a {size / 1e9:.2f} GB bf16 safetensors folder (2 "
+              f"shards): {t_load:.2f} s (memory-mapped), reading every weight once "
+              f"{t_touch:.1f} s; peak RSS of the loading process {rss / 1e9:.2f} GB "
+              "(torch itself ~0.2 GB)", flush=True)
+
+
+BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid,
+           "text": bench_text}
 
 
 def main(argv=None):
