@@ -223,6 +223,8 @@ def _scene_and_caption(rng, image_size, pairs):
         if rng.random() < 0.5:
             words += " " + PLACES[objs[0]["cell"][0]][objs[0]["cell"][1]]
         return objs, words
+    if len({o["shape"] for o in objs}) < n:  # "a star to the right of a star" would say nothing
+        with_colour = True
     order = [int(k) for k in rng.permutation(n)]
     if n == 2 and rng.random() < 0.5:
         a, b = objs[order[0]], objs[order[1]]
@@ -386,7 +388,21 @@ def _templates(shape, mass, centroid, window, s):
     else:
         d.polygon(_polygon(OUTLINES[shape], 0.0, r, cx, cy), fill=255)
     t = np.asarray(m.reduce(_SS), np.float32) / 255
-    return np.stack([ndimage.gaussian_filter(t, b * s) if b else t for b in _BLURS])
+    rows, cols = _blur_matrices(window[0], s), _blur_matrices(window[1], s)
+    return rows @ t @ cols.transpose(0, 2, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _blur_matrices(n, s):
+    """[len(_BLURS), n, n]: Gaussian blurs along one axis of length n as matrices (zero outside, as a
+    template is), so the blurred templates are two small matrix products, not filter calls."""
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    out = []
+    for b in _BLURS:
+        sigma = b * s
+        k = np.eye(n) if not sigma else np.exp(-d ** 2 / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi))
+        out.append(k)
+    return np.stack(out).astype(np.float32)
 
 
 def detect(image):
@@ -448,7 +464,7 @@ def evaluate(objects, spec):
     requirement `index` matched; every exclude requirement fails the image if at least `count` objects of
     its shape are found."""
     by_shape = {}
-    for o in objects:
+    for o in sorted(objects, key=lambda o: -o["area"]):
         by_shape.setdefault(o["shape"], []).append(o)
     matched, ok = [], True
     for req in spec["include"]:
