@@ -1,16 +1,16 @@
 """A captioned world for text-to-image, and a compositional benchmark scored by an exact checker.
 
-CaptionedScenes is the text-conditional sibling of data.SyntheticShapes: one to three bright objects on
-the same dark background, each of a shape, colour, size and place drawn independently, and a caption
-from a small grammar ("a large red circle at the top left", "a green square to the left of a blue star",
-"three yellow triangles"). A few colour-shape pairs never occur in training scenes, so a model can be
-asked for combinations it has never seen.
+CaptionedScenes is the text-conditional sibling of data.SyntheticShapes: one to three bright objects
+on the same dark background, each of a shape, colour, size and place drawn independently, and a
+caption from a small grammar ("a large red circle at the top left", "a green square to the left of a
+blue star", "three yellow triangles"). A few colour-shape pairs never occur in training scenes, so a
+model can be asked for combinations it has never seen.
 
-The benchmark follows GenEval (Ghosh et al. 2023): six tasks of prompts, each image right or wrong by
-fixed rules, the score the mean of the task accuracies. GenEval finds objects with a detector and names
-their colours with CLIP; here the world is known, so the checker reads the picture directly (bright
-pixels on the dark background, connected components, template shapes, palette hues) and its own error
-rate on true renders is measured (checker_accuracy) so that it cannot hide a model's.
+The benchmark follows GenEval (Ghosh et al. 2023): six tasks of prompts, each image right or wrong
+by fixed rules, the score the mean of the task accuracies. GenEval finds objects with a detector and
+names their colours with CLIP; here the world is known, so the checker reads the picture directly
+(bright pixels on the dark background, connected components, template shapes, palette hues) and its
+own error rate on true renders is measured (checker_accuracy) so that it cannot hide a model's.
 
     python scenes.py preview --out /tmp/scenes.png       # 4x-upscaled examples, captions printed
     python scenes.py check --per-task 200                # the checker's accuracy on renders
@@ -28,32 +28,33 @@ from scipy import ndimage
 from common import UserError, cli
 from data import _SHAPES, _SS, _background, _polygon, _star, pil_to_tensor, save_grid
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The world: palette, shapes, the held-out pairs and the words
 
-# Six colours 40+ degrees apart in hue, each with a channel above 190 (the background stays below 90):
-# blur mixes in the dark grey background, which lowers brightness and saturation but hardly moves hue,
-# so hue alone names a colour even in a blurry sample. Orange and white were left out (orange sits
-# between red and yellow; white fades into grey when blurred).
+# Six colours 40+ degrees apart in hue, each with a channel above 190 (the background stays below
+# 90): blur mixes in the dark grey background, which lowers brightness and saturation but hardly
+# moves hue, so hue alone names a colour even in a blurry sample. Orange and white were left out
+# (orange sits between red and yellow; white fades into grey when blurred).
 COLOURS = {"red": (245, 45, 45), "yellow": (250, 225, 35), "green": (45, 210, 60),
            "cyan": (35, 225, 230), "blue": (45, 95, 255), "magenta": (235, 45, 235)}
 
 
 def _unit(points):
     """An outline recentred on its bounding box and scaled so its longer half-side is 1: an object's
-    size is then the side of its box, whatever its shape, and its centre is its box centre (the centre
-    GenEval compares)."""
+    size is then the side of its box, whatever its shape, and its centre is its box centre (the
+    centre GenEval compares)."""
     p = np.array(points, np.float64)
     lo, hi = p.min(0), p.max(0)
     p = (p - (lo + hi) / 2) / ((hi - lo).max() / 2)
     return [tuple(q) for q in p]
 
 
-# Five bold shapes that survive a 4x-downsampling tokenizer at 8 px: upright (no rotation) so that the
-# checker can match templates in the object's box. The star is fatter than data.py's (inner radius 0.55
-# of the outer) so its arms stay visible when small. None means a disk.
-OUTLINES = {"circle": None, "square": _unit(_SHAPES["square"]), "triangle": _unit(_SHAPES["triangle"]),
-            "star": _unit(_star(5, 0.55)), "cross": _unit(_SHAPES["plus"])}
+# Five bold shapes that survive a 4x-downsampling tokenizer at 8 px: upright (no rotation) so that
+# the checker can match templates in the object's box. The star is fatter than data.py's (inner
+# radius 0.55 of the outer) so its arms stay visible when small. None means a disk.
+OUTLINES = {"circle": None, "square": _unit(_SHAPES["square"]),
+            "triangle": _unit(_SHAPES["triangle"]), "star": _unit(_star(5, 0.55)),
+            "cross": _unit(_SHAPES["plus"])}
 SHAPES = tuple(OUTLINES)
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
 
@@ -63,16 +64,18 @@ HELDOUT_PAIRS = (("red", "square"), ("blue", "triangle"), ("yellow", "star"))
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
 
-SIZES = {"small": (8.0, 9.5), "large": (12.0, 13.5)}  # box side in pixels at 32 px, scaled with the image
+SIZES = {"small": (8.0, 9.5), "large": (12.0, 13.5)}  # box side in px at 32 px (scaled)
 NUMBERS = {1: "a", 2: "two", 3: "three"}
 # GenEval's relation names; a caption writes "to the left of" for "left of"
-RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
+             "below": "below"}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PLACES = (("at the top left", "at the top", "at the top right"),  # the 3x3 cells, row by row
           ("on the left", "in the middle", "on the right"),
           ("at the bottom left", "at the bottom", "at the bottom right"))
 
-# Every word a caption or a benchmark prompt can use, for building a tokenizer: lower case, no punctuation
+# Every word a caption or a benchmark prompt can use, for building a tokenizer: lower case, no
+# punctuation
 VOCABULARY = tuple(sorted(set(" ".join(
     [*NUMBERS.values(), *SIZES, *COLOURS, *SHAPES, *PLURALS.values(), "and", *RELATIONS.values(),
      *(p for row in PLACES for p in row)]).split())))
@@ -82,14 +85,15 @@ def _scale(image_size):
     return image_size / 32
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Geometry: boxes, GenEval's relation rule, the non-overlapping layout
 
 def relative_position(box_a, box_b, threshold=0.1, cut=0.5):
-    """GenEval's rule for where box A lies relative to box B (boxes x0, y0, x1, y1; y down): the centre
-    offset, shrunk on each axis by threshold x (side of A + side of B), divided by the offset's length;
-    a component beyond `cut` names a relation. Returns a set of "left of", "right of", "above", "below"
-    (empty when the boxes nearly share a centre; a diagonal offset can give two)."""
+    """GenEval's rule for where box A lies relative to box B (boxes x0, y0, x1, y1; y down): the
+    centre offset, shrunk on each axis by threshold x (side of A + side of B), divided by the
+    offset's length; a component beyond `cut` names a relation. Returns a set of "left of", "right
+    of", "above", "below" (empty when the boxes nearly share a centre; a diagonal offset can give
+    two)."""
     a, b = np.asarray(box_a, np.float64), np.asarray(box_b, np.float64)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
@@ -97,13 +101,15 @@ def relative_position(box_a, box_b, threshold=0.1, cut=0.5):
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
-    names = [("left of", dx < -cut), ("right of", dx > cut), ("above", dy < -cut), ("below", dy > cut)]
+    names = [("left of", dx < -cut), ("right of", dx > cut),
+             ("above", dy < -cut), ("below", dy > cut)]
     return {name for name, holds in names if holds}
 
 
 def _clear_relations(box_a, box_b):
-    """The relations a caption may claim: those that hold with twice GenEval's margin and a stricter cut,
-    so a render (or a good sample) whose boxes are a pixel off still passes the checker's rule."""
+    """The relations a caption may claim: those that hold with twice GenEval's margin and a stricter
+    cut, so a render (or a good sample) whose boxes are a pixel off still passes the checker's
+    rule."""
     return relative_position(box_a, box_b, threshold=0.2, cut=0.6)
 
 
@@ -118,11 +124,12 @@ _HALF = {s: _half_extent(s) for s in SHAPES}
 
 
 def _layout(objects, image_size, rng, tries=30):
-    """Give each object (shape, colour, size word) a box side, a 3x3 cell of its own and a centre inside
-    that cell (1 px from its edges, so the cell is unambiguous), its box at least 2 px from every other
-    box and 1 px from the border. Returns False when this draw of sides and cells does not fit (two large
-    objects side by side in one row of a 32 px image cannot), and the caller draws again. Plain Python
-    floats: this runs for every training image, and numpy's per-call overhead dominated it."""
+    """Give each object (shape, colour, size word) a box side, a 3x3 cell of its own and a centre
+    inside that cell (1 px from its edges, so the cell is unambiguous), its box at least 2 px from
+    every other box and 1 px from the border. Returns False when this draw of sides and cells does
+    not fit (two large objects side by side in one row of a 32 px image cannot), and the caller
+    draws again. Plain Python floats: this runs for every training image, and numpy's per-call
+    overhead dominated it."""
     s = _scale(image_size)
     cell, gap, border = image_size / 3, 2 * s, 1 * s
     placed, used = [], set()
@@ -133,8 +140,10 @@ def _layout(objects, image_size, rng, tries=30):
         ranges = []  # the free cells this object fits in, with the interval of centres there
         for c in range(9):
             row, col = divmod(c, 3)
-            x0, x1 = max(col * cell + s, hx + border), min((col + 1) * cell - s, image_size - hx - border)
-            y0, y1 = max(row * cell + s, hy + border), min((row + 1) * cell - s, image_size - hy - border)
+            x0 = max(col * cell + s, hx + border)
+            x1 = min((col + 1) * cell - s, image_size - hx - border)
+            y0 = max(row * cell + s, hy + border)
+            y1 = min((row + 1) * cell - s, image_size - hy - border)
             if c not in used and x0 <= x1 and y0 <= y1:
                 ranges.append((row, col, x0, x1, y0, y1))
         for _ in range(tries if ranges else 0):
@@ -153,7 +162,8 @@ def _layout(objects, image_size, rng, tries=30):
 
 
 def _new_object(shape, colour, size, rng):
-    """An object before layout; its colour shade is jittered +-15 per channel, as in SyntheticShapes."""
+    """An object before layout; its colour shade is jittered +-15 per channel, as in
+    SyntheticShapes."""
     rgb = tuple(min(max(int(v + 30 * rng.random() - 15), 0), 255) for v in COLOURS[colour])
     return {"shape": shape, "colour": colour, "size": size, "rgb": rgb}
 
@@ -162,20 +172,20 @@ def _arrange(pairs, image_size, rng, sizes=None):
     """Objects for (colour, shape) pairs with random sizes (or the given ones), laid out without
     overlap; draws again until the layout fits (a few draws at most, see _layout)."""
     for _ in range(200):
-        objs = [_new_object(s, c, sizes[k] if sizes else ("small", "large")[rng.random() < 0.5], rng)
-                for k, (c, s) in enumerate(pairs)]
+        objs = [_new_object(s, c, sizes[k] if sizes else ("small", "large")[rng.random() < 0.5],
+                            rng) for k, (c, s) in enumerate(pairs)]
         if _layout(objs, image_size, rng):
             return objs
     raise RuntimeError(f"no layout found for {pairs} at {image_size} px")  # not reached at >= 24 px
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Drawing: the shapes are drawn at 4x and box-filtered down, as in SyntheticShapes
 
 def render(objects, image_size=32, rng=None):
     """Scene (a list of objects with "shape", "rgb", "centre", "side") -> RGB PIL image on the
-    SyntheticShapes background drawn from `rng`. The objects do not overlap, so one premultiplied colour
-    layer and one coverage mask, both box-filtered from 4x, composite them all at once."""
+    SyntheticShapes background drawn from `rng`. The objects do not overlap, so one premultiplied
+    colour layer and one coverage mask, both box-filtered from 4x, composite them all at once."""
     rng = np.random.default_rng(0) if rng is None else rng
     bg = np.asarray(_background(image_size, rng), np.float32)
     big = image_size * _SS
@@ -186,15 +196,16 @@ def render(objects, image_size=32, rng=None):
             r = o["side"] / 2
             ink = fill if fill is not None else o["rgb"]
             if OUTLINES[o["shape"]] is None:
-                layer.ellipse([_SS * (cx - r), _SS * (cy - r), _SS * (cx + r), _SS * (cy + r)], fill=ink)
+                layer.ellipse([_SS * (cx - r), _SS * (cy - r), _SS * (cx + r), _SS * (cy + r)],
+                              fill=ink)
             else:
                 layer.polygon(_polygon(OUTLINES[o["shape"]], 0.0, r, cx, cy), fill=ink)
-    premult = np.asarray(colour.reduce(_SS), np.float32)  # = rgb x coverage, since colours never mix
+    premult = np.asarray(colour.reduce(_SS), np.float32)  # = rgb x coverage: colours never mix
     alpha = np.asarray(cover.reduce(_SS), np.float32)[..., None] / 255
     return Image.fromarray(np.clip(bg * (1 - alpha) + premult + 0.5, 0, 255).astype(np.uint8))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Captions: a small grammar over the scene
 
 def _phrase(obj, colour=True, size=False, count=1):
@@ -204,11 +215,12 @@ def _phrase(obj, colour=True, size=False, count=1):
 
 
 def _scene_and_caption(rng, image_size, pairs):
-    """One scene and its caption. The kind of scene is drawn first (one object 30%, two 40%, three 10%,
-    a group of two or three alike 20%), then which attributes the caption names: colours are left out
-    one time in four (the benchmark asks for "a circle" and "a circle and a square"), sizes are named
-    three times in ten, a lone object's place half the time, a relation between two objects half the
-    time when one clearly holds; everything a caption names is true of its scene."""
+    """One scene and its caption. The kind of scene is drawn first (one object 30%, two 40%, three
+    10%, a group of two or three alike 20%), then which attributes the caption names: colours are
+    left out one time in four (the benchmark asks for "a circle" and "a circle and a square"), sizes
+    are named three times in ten, a lone object's place half the time, a relation between two
+    objects half the time when one clearly holds; everything a caption names is true of its
+    scene."""
     kind = rng.choice(4, p=[0.3, 0.4, 0.1, 0.2])
     with_colour, with_size = rng.random() < 0.75, rng.random() < 0.3
     if kind == 3:  # a group: "three yellow triangles"
@@ -240,14 +252,15 @@ class CaptionedScenes(torch.utils.data.Dataset):
     """`num_images` captioned scenes; item i -> (image float32 [3, H, W] in [-1, 1], caption str).
 
     Item i is a pure function of (seed, i), as in SyntheticShapes. scene(i) is its truth: a list of
-    objects, each a dict with shape, colour (a COLOURS name), size ("small"/"large"), rgb (the jittered
-    shade drawn), cell ((row, column) of the 3x3 layout), centre ((x, y) in pixels), side (box side in
-    pixels) and box ((x0, y0, x1, y1)). With heldout=True no scene contains a HELDOUT_PAIRS pair."""
+    objects, each a dict with shape, colour (a COLOURS name), size ("small"/"large"), rgb (the
+    jittered shade drawn), cell ((row, column) of the 3x3 layout), centre ((x, y) in pixels), side
+    (box side in pixels) and box ((x0, y0, x1, y1)). With heldout=True no scene contains a
+    HELDOUT_PAIRS pair."""
 
     def __init__(self, num_images, image_size=32, seed=0, heldout=True):
         if num_images < 1 or image_size < 24:
-            raise UserError(f"CaptionedScenes needs num_images >= 1 and image_size >= 24 (objects are 8 px "
-                            f"and up at 32), got {num_images} and {image_size}")
+            raise UserError(f"CaptionedScenes needs num_images >= 1 and image_size >= 24 (objects "
+                            f"are 8 px and up at 32), got {num_images} and {image_size}")
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.heldout = bool(heldout)
         self.pairs = SEEN_PAIRS if heldout else ALL_PAIRS
@@ -273,23 +286,24 @@ class CaptionedScenes(torch.utils.data.Dataset):
         return pil_to_tensor(render(objs, self.image_size, rng)), caption
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The benchmark: GenEval's six tasks over this world
 
 TASKS = ("single_object", "two_objects", "counting", "colours", "position", "colour_attribution")
 
 
 def benchmark_prompts(per_task, seed=0):
-    """`per_task` prompts for each of TASKS, a pure function of (per_task, seed). Each is a dict: task,
-    prompt, spec (what check() needs) and heldout (whether the prompt names a held-out pair).
+    """`per_task` prompts for each of TASKS, a pure function of (per_task, seed). Each is a dict:
+    task, prompt, spec (what check() needs) and heldout (whether the prompt names a held-out pair).
 
-    A spec is GenEval's metadata: "include", a list of requirements {shape, count, colour (optional),
-    position (optional: [relation, index of an earlier requirement])}, and "exclude", requirements
-    {shape, count} that must NOT be met. The tasks: single_object "a circle"; two_objects "a circle and a
-    square"; counting "three red circles" (exactly three circles, all red); colours "a red circle";
-    position "a red circle above a blue square"; colour_attribution "a red circle and a blue square".
-    The four tasks that name colour-shape pairs alternate seen and held-out prompts (a held-out prompt
-    names one held-out pair, the other object being seen); the two others name none."""
+    A spec is GenEval's metadata: "include", a list of requirements {shape, count, colour
+    (optional), position (optional: [relation, index of an earlier requirement])}, and "exclude",
+    requirements {shape, count} that must NOT be met. The tasks: single_object "a circle";
+    two_objects "a circle and a square"; counting "three red circles" (exactly three circles, all
+    red); colours "a red circle"; position "a red circle above a blue square"; colour_attribution "a
+    red circle and a blue square". The four tasks that name colour-shape pairs alternate seen and
+    held-out prompts (a held-out prompt names one held-out pair, the other object being seen); the
+    two others name none."""
     if per_task < 1:
         raise UserError(f"benchmark_prompts needs per_task >= 1, got {per_task}")
     out = []
@@ -320,19 +334,21 @@ def _prompt(task, held, k, rng):
         spec = {"include": [{"shape": shape, "count": n, "colour": colour}]}
         if task == "counting":  # exactly n: GenEval's exclusion of n + 1
             spec["exclude"] = [{"shape": shape, "count": n + 1}]
-        return {"prompt": f"{NUMBERS[n]} {colour} {PLURALS[shape] if n > 1 else shape}", "spec": spec}
+        noun = PLURALS[shape] if n > 1 else shape
+        return {"prompt": f"{NUMBERS[n]} {colour} {noun}", "spec": spec}
     other = _pick([p for p in SEEN_PAIRS if p[0] != first[0] and p[1] != first[1]], rng)
     (ca, sa), (cb, sb) = (first, other) if rng.random() < 0.5 else (other, first)
     req_b = {"shape": sb, "count": 1, "colour": cb}
     if task == "position":  # "A rel B": B is requirement 0, A must stand in `rel` to it
         rel = _pick(list(RELATIONS), rng)
         return {"prompt": f"a {ca} {sa} {RELATIONS[rel]} a {cb} {sb}",
-                "spec": {"include": [req_b, {"shape": sa, "count": 1, "colour": ca, "position": [rel, 0]}]}}
+                "spec": {"include": [req_b, {"shape": sa, "count": 1, "colour": ca,
+                                             "position": [rel, 0]}]}}
     return {"prompt": f"a {ca} {sa} and a {cb} {sb}",
             "spec": {"include": [{"shape": sa, "count": 1, "colour": ca}, req_b]}}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The checker: read the objects off the picture, then GenEval's rules
 
 def _as_uint8(image):
@@ -351,13 +367,13 @@ def _as_uint8(image):
                     f"got {a.dtype} {list(a.shape)}")
 
 
-_HUES = {name: math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b) for name, (r, g, b) in COLOURS.items()}
-
-
 def _hue(rgb):
     """Hue angle in radians of an RGB colour (the hexagonal-projection formula)."""
     r, g, b = rgb
     return math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)
+
+
+_HUES = {name: _hue(rgb) for name, rgb in COLOURS.items()}
 
 
 def _moments(shape):
@@ -376,8 +392,9 @@ _BLURS = (0.0, 0.6, 1.0, 1.4)  # template blurs in pixels at 32 px: a render up 
 
 
 def _templates(shape, mass, centroid, window, s):
-    """`shape` drawn with coverage `mass` (area in pixels) and its centroid at `centroid`, in a window of
-    (height, width) pixels, at each of _BLURS (times the image scale s): [len(_BLURS), height, width]."""
+    """`shape` drawn with coverage `mass` (area in pixels) and its centroid at `centroid`, in a
+    window of (height, width) pixels, at each of _BLURS (times the image scale s): [len(_BLURS),
+    height, width]."""
     area, (ux, uy) = _MOMENTS[shape]
     r = math.sqrt(max(mass, 1.0) / area)  # the half side whose outline has this area
     cx, cy = centroid[0] - r * ux, centroid[1] - r * uy
@@ -394,14 +411,15 @@ def _templates(shape, mass, centroid, window, s):
 
 @functools.lru_cache(maxsize=256)
 def _blur_matrices(n, s):
-    """[len(_BLURS), n, n]: Gaussian blurs along one axis of length n as matrices (zero outside, as a
-    template is), so the blurred templates are two small matrix products, not filter calls."""
+    """[len(_BLURS), n, n]: Gaussian blurs along one axis of length n as matrices (zero outside, as
+    a template is), so the blurred templates are two small matrix products, not filter calls."""
     d = np.arange(n)[:, None] - np.arange(n)[None, :]
     out = []
-    for b in _BLURS:
-        sigma = b * s
-        k = np.eye(n) if not sigma else np.exp(-d ** 2 / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi))
-        out.append(k)
+    for sigma in (b * s for b in _BLURS):
+        if sigma:
+            out.append(np.exp(-d ** 2 / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi)))
+        else:
+            out.append(np.eye(n))
     return np.stack(out).astype(np.float32)
 
 
@@ -411,13 +429,13 @@ def detect(image):
     stand-in for a detector's confidence).
 
     Objects: pixels whose brightest channel is above half way from the background level (the image's
-    median: objects cover well under half of it) to 210, the palette's dimmest main channel; connected
-    components of them (4-neighbours, so blurred diagonal contacts do not join two objects), ignoring
-    specks under 8 px at 32 px. Colour: the palette hue nearest to the mean of the component's brighter
-    half. Shape: blur keeps two things of an object exactly, its coverage mass (area) and its centroid;
-    so each shape's template is drawn with that area about that centroid, blurred by each of _BLURS, and
-    the best match (least squared difference of coverage in a window around the object) names the
-    shape; upright shapes need no rotation search."""
+    median: objects cover well under half of it) to 210, the palette's dimmest main channel;
+    connected components of them (4-neighbours, so blurred diagonal contacts do not join two
+    objects), ignoring specks under 8 px at 32 px. Colour: the palette hue nearest to the mean of
+    the component's brighter half. Shape: blur keeps two things of an object exactly, its coverage
+    mass (area) and its centroid; so each shape's template is drawn with that area about that
+    centroid, blurred by each of _BLURS, and the best match (least squared difference of coverage in
+    a window around the object) names the shape; upright shapes need no rotation search."""
     a = _as_uint8(image).astype(np.float32)
     h, w = a.shape[:2]
     s = _scale(w)
@@ -435,8 +453,9 @@ def detect(image):
         core = pix[pix.max(-1) >= np.median(pix.max(-1))]
         hue = _hue(core.mean(0))
         colour = min(_HUES, key=lambda name: abs(math.remainder(hue - _HUES[name], 2 * math.pi)))
-        # coverage in a window 3 px around the box: brightness above the window's own background level
-        # (its median outside the object), over the palette colour's; other objects' pixels zeroed
+        # coverage in a window 3 px around the box: brightness above the window's own background
+        # level (its median outside the object), over the palette colour's; other objects' pixels
+        # zeroed
         pad = max(2, round(3 * s))
         wy0, wx0, wy1, wx1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
         lab, br = labels[wy0:wy1, wx0:wx1], bright[wy0:wy1, wx0:wx1]
@@ -448,8 +467,8 @@ def detect(image):
         yy, xx = np.mgrid[wy0:wy1, wx0:wx1] + 0.5
         pos = np.clip(cov, 0, None)
         centroid = ((xx * pos).sum() / pos.sum() - wx0, (yy * pos).sum() / pos.sum() - wy0)
-        err = {sh: float(((_templates(sh, mass, centroid, cov.shape, s) - cov) ** 2).sum(axis=(1, 2)).min())
-               for sh in SHAPES}
+        err = {sh: float(((_templates(sh, mass, centroid, cov.shape, s) - cov) ** 2)
+                         .sum(axis=(1, 2)).min()) for sh in SHAPES}
         side = 2 * math.sqrt(max(mass, 1.0) / _MOMENTS[min(err, key=err.get)][0])
         found.append({"shape": min(err, key=err.get), "colour": colour,
                       "size": "small" if side < 10.75 * s else "large", "box": (x0, y0, x1, y1),
@@ -459,10 +478,10 @@ def detect(image):
 
 def evaluate(objects, spec):
     """GenEval's decision on detected objects (its evaluate_images.py, rule for rule): each include
-    requirement takes the `count` most confident objects of its shape (fails if fewer), needs `count` of
-    them of its colour, and for a position needs every one of them in the relation to every object that
-    requirement `index` matched; every exclude requirement fails the image if at least `count` objects of
-    its shape are found."""
+    requirement takes the `count` most confident objects of its shape (fails if fewer), needs
+    `count` of them of its colour, and for a position needs every one of them in the relation to
+    every object that requirement `index` matched; every exclude requirement fails the image if at
+    least `count` objects of its shape are found."""
     by_shape = {}
     for o in sorted(objects, key=lambda o: -o["area"]):
         by_shape.setdefault(o["shape"], []).append(o)
@@ -475,10 +494,12 @@ def evaluate(objects, spec):
         if good and "position" in req:
             rel, target = req["position"]
             good = matched[target] is not None and all(
-                rel in relative_position(o["box"], t["box"]) for o in found for t in matched[target])
+                rel in relative_position(o["box"], t["box"])
+                for o in found for t in matched[target])
         matched.append(found if good else None)
         ok = ok and good
-    return ok and all(len(by_shape.get(r["shape"], [])) < r["count"] for r in spec.get("exclude", []))
+    return ok and all(len(by_shape.get(r["shape"], [])) < r["count"]
+                      for r in spec.get("exclude", []))
 
 
 def check(image, spec):
@@ -487,11 +508,11 @@ def check(image, spec):
 
 
 def score(images, prompts):
-    """Benchmark figures for images generated from `prompts` (benchmark_prompts' dicts, one image each):
-    {task: accuracy, ..., "overall": mean of the task accuracies (GenEval's score), "seen": {...},
-    "heldout": {...}}, the two splits by the prompt's heldout flag, each with its own per-task accuracies
-    and overall (a split's overall averages the tasks present in it: held-out prompts exist only for the
-    four tasks that name colours)."""
+    """Benchmark figures for images generated from `prompts` (benchmark_prompts' dicts, one image
+    each): {task: accuracy, ..., "overall": mean of the task accuracies (GenEval's score), "seen":
+    {...}, "heldout": {...}}, the two splits by the prompt's heldout flag, each with its own
+    per-task accuracies and overall (a split's overall averages the tasks present in it: held-out
+    prompts exist only for the four tasks that name colours)."""
     if len(images) != len(prompts):
         raise UserError(f"score needs one image per prompt, got {len(images)} images for "
                         f"{len(prompts)} prompts")
@@ -509,14 +530,14 @@ def score(images, prompts):
             "heldout": table(lambda p: p["heldout"])}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Ground truth for the benchmark, and the checker's own accuracy
 
 def scene_for(spec, image_size=32, rng=None, distractors=True, avoid=()):
-    """A scene satisfying `spec`: its required objects (a random colour where none is named; a position
-    requirement holding with the captions' clear margin) and, half the time when there is room, one or
-    two distractors of shapes neither the spec nor `avoid` mentions, so the checker must pick the right
-    objects out."""
+    """A scene satisfying `spec`: its required objects (a random colour where none is named; a
+    position requirement holding with the captions' clear margin) and, half the time when there is
+    room, one or two distractors of shapes neither the spec nor `avoid` mentions, so the checker
+    must pick the right objects out."""
     rng = np.random.default_rng(0) if rng is None else rng
     named = {r["shape"] for r in spec["include"] + spec.get("exclude", [])} | set(avoid)
     others = [p for p in ALL_PAIRS if p[1] not in named]
@@ -529,18 +550,19 @@ def scene_for(spec, image_size=32, rng=None, distractors=True, avoid=()):
         if distractors and len(pairs) < 3 and rng.random() < 0.5:
             pairs += [_pick(others, rng) for _ in range(int(rng.integers(1, 4 - len(pairs))))]
         objs = _arrange(pairs, image_size, rng)
-        if all(rel in _clear_relations(objs[owner.index(j)]["box"], objs[owner.index(target)]["box"])
+        box = lambda j: objs[owner.index(j)]["box"]  # noqa: E731  (requirement j's first object)
+        if all(rel in _clear_relations(box(j), box(target))
                for j, req in enumerate(spec["include"]) if "position" in req
                for rel, target in [req["position"]]):
             return objs
-    raise RuntimeError(f"no scene found for {spec}")  # not reached: each relation holds 1 time in 4+
+    raise RuntimeError(f"no scene found for {spec}")  # not reached: a relation holds 1 time in 4+
 
 
 def _wrong_spec(task, spec, rng):
-    """A near miss of `spec` to render when measuring false positives: a missing shape, one object too
-    few or too many, another colour, the opposite relation, the colours swapped."""
+    """A near miss of `spec` to render when measuring false positives: a missing shape, one object
+    too few or too many, another colour, the opposite relation, the colours swapped."""
     inc = [dict(r) for r in spec["include"]]
-    if task in ("single_object", "two_objects"):  # the (last) named shape replaced by an unnamed one
+    if task in ("single_object", "two_objects"):  # the last named shape becomes an unnamed one
         inc[-1]["shape"] = _pick([s for s in SHAPES if s not in {r["shape"] for r in inc}], rng)
     elif task == "counting":
         inc[0]["count"] += -1 if inc[0]["count"] == 3 or rng.random() < 0.5 else 1
@@ -555,8 +577,8 @@ def _wrong_spec(task, spec, rng):
 
 def distort(image, kind, rng):
     """A render made to look more like a sample: "blur" (2x box downsampling and bilinear upsampling
-    back, about a ds4 tokenizer's softness) or "noise" (per-channel gain 0.9-1.1 and Gaussian noise of
-    6/255)."""
+    back, about a ds4 tokenizer's softness) or "noise" (per-channel gain 0.9-1.1 and Gaussian noise
+    of 6/255)."""
     a = _as_uint8(image)
     if kind == "blur":
         pil = Image.fromarray(a)
@@ -588,12 +610,12 @@ def checker_accuracy(per_task=200, image_size=32, seed=0, distortion=None, negat
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 def preview(out, count=32, image_size=32, seed=0, upscale=4):
-    """A PNG grid of the first `count` scenes, upscaled `upscale` x (nearest) for a person to look at;
-    returns their captions."""
+    """A PNG grid of the first `count` scenes, upscaled `upscale` x (nearest) for a person to look
+    at; returns their captions."""
     ds = CaptionedScenes(count, image_size, seed)
     items = [ds[i] for i in range(count)]
     big = [torch.nn.functional.interpolate(x[None], scale_factor=upscale, mode="nearest")[0]
@@ -603,9 +625,10 @@ def preview(out, count=32, image_size=32, seed=0, upscale=4):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    pv = sub.add_parser("preview", help="write a 4x-upscaled PNG grid of scenes, print their captions")
+    pv = sub.add_parser("preview", help="write a 4x-upscaled grid of scenes, print their captions")
     pv.add_argument("--out", default="scenes.png", help="PNG file to write (default: scenes.png)")
     pv.add_argument("--count", type=int, default=32, help="scenes, 8 per row (default: 32)")
     pv.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: 32)")
@@ -622,7 +645,8 @@ def main(argv=None):
     else:
         print("task".ljust(20) + "".join(f"{t[:12]:>13}" for t in TASKS))
         for name, kw in (("clean", {}), ("blur", {"distortion": "blur"}),
-                         ("noise", {"distortion": "noise"}), ("rejects near misses", {"negatives": True})):
+                         ("noise", {"distortion": "noise"}),
+                         ("rejects near misses", {"negatives": True})):
             t0 = time.time()
             r = checker_accuracy(args.per_task, args.image_size, args.seed, **kw)
             print(name.ljust(20) + "".join(f"{r[t]:13.3f}" for t in TASKS)

@@ -1,5 +1,6 @@
-"""scenes.py: the captioned world (determinism, held-out pairs, captions true of their scenes, layout)
-and its benchmark (GenEval's rules by hand-built cases, the checker's accuracy on true renders)."""
+"""scenes.py: the captioned world (determinism, held-out pairs, captions true of their scenes,
+layout) and its benchmark (GenEval's rules by hand-built cases, the checker's accuracy on true
+renders)."""
 import collections
 
 import numpy as np
@@ -17,10 +18,10 @@ SINGULAR = {**{s: s for s in SHAPES}, **{scenes.PLURALS[s]: s for s in SHAPES}}
 
 def parse(caption):
     """A second reading of the grammar, written from the captions' English and not from scenes.py's
-    generator: -> (phrases [(count, size or None, colour or None, shape)], relation or None, place)."""
-    place = next(((rc, caption[:-len(t) - 1]) for t, rc in PLACES.items() if caption.endswith(" " + t)),
-                 (None, caption))
-    place, rest = place
+    generator: -> (phrases [(count, size or None, colour or None, shape)], relation or None,
+    place)."""
+    place, rest = next(((rc, caption[:-len(t) - 1]) for t, rc in PLACES.items()
+                        if caption.endswith(" " + t)), (None, caption))
     relation = next((rel for rel, text in RELATIONS.items() if f" {text} " in rest), None)
     parts = rest.split(f" {RELATIONS[relation]} ") if relation else rest.split(" and ")
     phrases = []
@@ -35,7 +36,7 @@ def parse(caption):
     return phrases, relation, place
 
 
-# ---------------------------------------------------------------------------------------------- the world
+# ---------------------------------------------------------------------------------------- the world
 
 def test_deterministic_per_seed_and_index():
     a, b = CaptionedScenes(100, seed=0), CaptionedScenes(100, seed=0)
@@ -78,8 +79,8 @@ def test_captions_use_the_vocabulary_and_are_true_of_their_scene():
         remaining = list(objs)
         for n, size, colour, shape in phrases:
             for _ in range(n):
-                o = next(o for o in remaining if o["shape"] == shape and colour in (None, o["colour"])
-                         and size in (None, o["size"]))
+                o = next(o for o in remaining if o["shape"] == shape
+                         and colour in (None, o["colour"]) and size in (None, o["size"]))
                 remaining.remove(o)
         if place:
             assert objs[0]["cell"] == place, caption
@@ -92,8 +93,8 @@ def test_captions_use_the_vocabulary_and_are_true_of_their_scene():
                else f"{len(phrases)} listed")] += 1
         forms["no colour"] += phrases[0][2] is None
         forms["size"] += phrases[0][1] is not None
-    assert all(forms[f] > 50 for f in ("group", "relation", "place", "1 listed", "2 listed", "3 listed",
-                                       "no colour", "size")), forms
+    assert all(forms[f] > 50 for f in ("group", "relation", "place", "1 listed", "2 listed",
+                                       "3 listed", "no colour", "size")), forms
 
 
 def test_objects_do_not_overlap_and_sit_in_their_cells():
@@ -113,8 +114,8 @@ def test_objects_do_not_overlap_and_sit_in_their_cells():
                 gx = max(p["box"][0] - x1, x0 - p["box"][2])
                 gy = max(p["box"][1] - y1, y0 - p["box"][3])
                 assert max(gx, gy) >= 2 - 1e-9
-    # the pixels: dark outside the boxes (background channels stay below 90), and each object's shade
-    # is reached inside its box
+    # the pixels: dark outside the boxes (background channels stay below 90), and each object's
+    # shade is reached inside its box
     for i in range(50):
         img = ((ds[i][0].permute(1, 2, 0) + 1) * 127.5).numpy()
         outside = np.ones((32, 32), bool)
@@ -136,16 +137,17 @@ def test_vocabulary_is_small_and_complete():
         benchmark_prompts(0)
 
 
-# ---------------------------------------------------------------------------------------------- the rules
+# ---------------------------------------------------------------------------------------- the rules
 
 def test_relative_position_is_genevals_rule():
-    # centres 10 apart on x, dims 2+2 per axis: revised offset (10 - 0.4) / 10 = 0.96 -> left of only
+    # centres 10 apart on x, dims 2+2 per axis: revised offset (10 - 0.4) / 10 = 0.96 -> left of
+    # only
     assert relative_position((0, 0, 2, 2), (10, 0, 12, 2)) == {"left of"}
-    # offset (3, 4) of zero-size boxes: (0.6, 0.8) -> both; with 5 px boxes each axis loses 0.1 x 10:
-    # (2, 3) / 5 = (0.4, 0.6) -> below only
+    # offset (3, 4) of zero-size boxes: (0.6, 0.8) -> both; with 5 px boxes each axis loses 0.1 x
+    # 10: (2, 3) / 5 = (0.4, 0.6) -> below only
     assert relative_position((3, 4, 3, 4), (0, 0, 0, 0)) == {"right of", "below"}
     assert relative_position((0.5, 1.5, 5.5, 6.5), (-2.5, -2.5, 2.5, 2.5)) == {"below"}
-    assert relative_position((0, 0, 4, 4), (0.2, 0.1, 4.2, 4.1)) == set()  # offsets inside the margin
+    assert relative_position((0, 0, 4, 4), (0.2, 0.1, 4.2, 4.1)) == set()  # inside the margin
 
 
 def obj(shape, colour, x, y, area=50, side=8):
@@ -169,7 +171,8 @@ def test_evaluate_follows_genevals_decisions():
     big_blue = obj("circle", "blue", 25, 25, area=90)
     assert not evaluate([obj("circle", "red", 5, 5), big_blue, obj("square", "blue", 25, 5)], attr)
     above = {"include": [{"shape": "square", "count": 1, "colour": "blue"},
-                         {"shape": "circle", "count": 1, "colour": "red", "position": ["above", 0]}]}
+                         {"shape": "circle", "count": 1, "colour": "red",
+                          "position": ["above", 0]}]}
     assert evaluate([obj("circle", "red", 16, 5), obj("square", "blue", 16, 25)], above)
     assert not evaluate([obj("circle", "red", 16, 25), obj("square", "blue", 16, 5)], above)
     assert not evaluate([obj("circle", "red", 16, 5)], above)  # no target to be above
@@ -177,7 +180,8 @@ def test_evaluate_follows_genevals_decisions():
 
 def test_detect_reads_a_known_scene_from_uint8_and_float_images():
     objs = [scenes._new_object(s, c, z, np.random.default_rng(k)) for k, (s, c, z) in enumerate(
-        [("star", "yellow", "large"), ("cross", "cyan", "small"), ("triangle", "magenta", "small")])]
+        [("star", "yellow", "large"), ("cross", "cyan", "small"),
+         ("triangle", "magenta", "small")])]
     for o, (cx, cy, side) in zip(objs, [(8, 8, 13), (24, 9, 9), (16, 25, 8.5)]):
         hx, hy = (side / 2 * e for e in scenes._HALF[o["shape"]])
         o.update(centre=(cx, cy), side=side, box=(cx - hx, cy - hy, cx + hx, cy + hy))
@@ -189,7 +193,8 @@ def test_detect_reads_a_known_scene_from_uint8_and_float_images():
     for d, o in zip(found, objs):  # pixel boxes within a pixel of the true ones
         assert np.abs(np.array(d["box"]) - np.array(o["box"])).max() <= 1
     spec = {"include": [{"shape": "cross", "count": 1, "colour": "cyan"},
-                        {"shape": "star", "count": 1, "colour": "yellow", "position": ["left of", 0]}]}
+                        {"shape": "star", "count": 1, "colour": "yellow",
+                         "position": ["left of", 0]}]}
     assert check(pil, spec)
     assert not check(pil, {"include": [{"shape": "star", "count": 1, "colour": "red"}]})
     assert detect(np.zeros((32, 32, 3), np.uint8)) == []
@@ -198,9 +203,9 @@ def test_detect_reads_a_known_scene_from_uint8_and_float_images():
 
 
 def test_score_aggregates_tasks_and_splits():
-    """Two prompts per task: the first right in single_object and two_objects (the second blank), the
-    held-out (second) one right in the four colour tasks (the first blank). By hand: every task 1/2,
-    overall 1/2; seen: 1/2, 1/2 and four zeros -> 1/6; held-out: four tasks all right -> 1."""
+    """Two prompts per task: the first right in single_object and two_objects (the second blank),
+    the held-out (second) one right in the four colour tasks (the first blank). By hand: every task
+    1/2, overall 1/2; seen: 1/2, 1/2 and four zeros -> 1/6; held-out: four tasks all right -> 1."""
     prompts = benchmark_prompts(2)
     rng = np.random.default_rng(0)
     blank = np.full((32, 32, 3), 30, np.uint8)
@@ -218,8 +223,8 @@ def test_score_aggregates_tasks_and_splits():
 
 def test_checker_accuracy_on_true_renders():
     """30 prompts per task (180 renders): the checker accepts at least 97% of true renders per task
-    (at this size: all of them). 20 per task for each of the rest: it accepts at least 90% after a 2x
-    blur-and-restore and with noise and a colour gain (measured on 200 per task: clean 100%, blur
+    (at this size: all of them). 20 per task for each of the rest: it accepts at least 90% after a
+    2x blur-and-restore and with noise and a colour gain (measured on 200 per task: clean 100%, blur
     96.5-99.5%, noise 100%), and rejects at least 97% of renders of near misses (another colour, the
     opposite relation, one object fewer...)."""
     clean = checker_accuracy(per_task=30)
