@@ -64,7 +64,7 @@ HELDOUT_PAIRS = (("red", "square"), ("blue", "triangle"), ("yellow", "star"))
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
 
-SIZES = {"small": (8.0, 9.5), "large": (12.0, 13.5)}  # box side in px at 32 px (scaled)
+SIZES = {"small": (9.0, 10.5), "large": (12.5, 14.0)}  # box side in px at 32 px (scaled)
 NUMBERS = {1: "a", 2: "two", 3: "three"}
 # GenEval's relation names; a caption writes "to the left of" for "left of"
 RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
@@ -184,25 +184,30 @@ def _arrange(pairs, image_size, rng, sizes=None):
 
 def render(objects, image_size=32, rng=None):
     """Scene (a list of objects with "shape", "rgb", "centre", "side") -> RGB PIL image on the
-    SyntheticShapes background drawn from `rng`. The objects do not overlap, so one premultiplied
-    colour layer and one coverage mask, both box-filtered from 4x, composite them all at once."""
+    SyntheticShapes background drawn from `rng`."""
+    return Image.fromarray(_render_array(objects, image_size, rng))
+
+
+def _render_array(objects, image_size, rng=None):
+    """render() as a uint8 [H, W, 3] array. The objects do not overlap, so they are all drawn into one
+    4x RGBA layer; Pillow's box reduction of it gives each pixel its colour and its coverage (alpha),
+    and one blend puts them on the background."""
     rng = np.random.default_rng(0) if rng is None else rng
     bg = np.asarray(_background(image_size, rng), np.float32)
     big = image_size * _SS
-    colour, cover = Image.new("RGB", (big, big)), Image.new("L", (big, big))
-    for layer, fill in ((ImageDraw.Draw(colour), None), (ImageDraw.Draw(cover), 255)):
-        for o in objects:
-            cx, cy = o["centre"]
-            r = o["side"] / 2
-            ink = fill if fill is not None else o["rgb"]
-            if OUTLINES[o["shape"]] is None:
-                layer.ellipse([_SS * (cx - r), _SS * (cy - r), _SS * (cx + r), _SS * (cy + r)],
-                              fill=ink)
-            else:
-                layer.polygon(_polygon(OUTLINES[o["shape"]], 0.0, r, cx, cy), fill=ink)
-    premult = np.asarray(colour.reduce(_SS), np.float32)  # = rgb x coverage: colours never mix
-    alpha = np.asarray(cover.reduce(_SS), np.float32)[..., None] / 255
-    return Image.fromarray(np.clip(bg * (1 - alpha) + premult + 0.5, 0, 255).astype(np.uint8))
+    layer = Image.new("RGBA", (big, big))
+    draw = ImageDraw.Draw(layer)
+    for o in objects:
+        cx, cy = o["centre"]
+        r = o["side"] / 2
+        if OUTLINES[o["shape"]] is None:
+            draw.ellipse([_SS * (cx - r), _SS * (cy - r), _SS * (cx + r), _SS * (cy + r)],
+                         fill=(*o["rgb"], 255))
+        else:
+            draw.polygon(_polygon(OUTLINES[o["shape"]], 0.0, r, cx, cy), fill=(*o["rgb"], 255))
+    fg = np.asarray(layer.reduce(_SS), np.float32)
+    alpha = fg[..., 3:] / 255
+    return np.clip(bg * (1 - alpha) + fg[..., :3] * alpha + 0.5, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +288,9 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         objs, caption, rng = self._draw(index)
-        return pil_to_tensor(render(objs, self.image_size, rng)), caption
+        a = _render_array(objs, self.image_size, rng)  # pil_to_tensor's scaling, without a PIL trip
+        x = np.ascontiguousarray(a.transpose(2, 0, 1)) * np.float32(1 / 127.5) - 1
+        return torch.from_numpy(x), caption
 
 
 # --------------------------------------------------------------------------------------------------
@@ -471,7 +478,7 @@ def detect(image):
                          .sum(axis=(1, 2)).min()) for sh in SHAPES}
         side = 2 * math.sqrt(max(mass, 1.0) / _MOMENTS[min(err, key=err.get)][0])
         found.append({"shape": min(err, key=err.get), "colour": colour,
-                      "size": "small" if side < 10.75 * s else "large", "box": (x0, y0, x1, y1),
+                      "size": "small" if side < 11.5 * s else "large", "box": (x0, y0, x1, y1),
                       "centre": ((x0 + x1) / 2, (y0 + y1) / 2), "area": area})
     return sorted(found, key=lambda o: -o["area"])
 

@@ -105,7 +105,7 @@ def test_objects_do_not_overlap_and_sit_in_their_cells():
         for k, o in enumerate(objs):
             x0, y0, x1, y1 = o["box"]
             assert 1 - 1e-9 <= min(x0, y0) and max(x1, y1) <= 31 + 1e-9  # 1 px from the border
-            lo, hi = (8, 9.5) if o["size"] == "small" else (12, 13.5)
+            lo, hi = (9, 10.5) if o["size"] == "small" else (12.5, 14)
             assert lo <= max(x1 - x0, y1 - y0) <= hi
             row, col = o["cell"]
             assert col * 32 / 3 < o["centre"][0] < (col + 1) * 32 / 3
@@ -223,15 +223,15 @@ def test_score_aggregates_tasks_and_splits():
 
 def test_checker_accuracy_on_true_renders():
     """30 prompts per task (180 renders): the checker accepts at least 97% of true renders per task
-    (at this size: all of them). 20 per task for each of the rest: it accepts at least 90% after a
-    2x blur-and-restore and with noise and a colour gain (measured on 200 per task: clean 100%, blur
-    96.5-99.5%, noise 100%), and rejects at least 97% of renders of near misses (another colour, the
-    opposite relation, one object fewer...)."""
+    (at this size: all of them). 20 per task for each of the rest: it accepts at least 95% after a
+    2x blur-and-restore and with noise and a colour gain, and rejects at least 97% of renders of near
+    misses (another colour, the opposite relation, one object fewer...). Measured on 200 per task:
+    clean 100%, blur 98-100%, noise 100%, near misses rejected 100%."""
     clean = checker_accuracy(per_task=30)
     assert all(clean[t] >= 0.97 for t in TASKS), clean
     assert min(clean["heldout"][t] for t in clean["heldout"]) >= 0.97
     for kind in ("blur", "noise"):
         soft = checker_accuracy(per_task=20, seed=1, distortion=kind)
-        assert all(soft[t] >= 0.9 for t in TASKS), (kind, soft)
+        assert all(soft[t] >= 0.95 for t in TASKS), (kind, soft)
     wrong = checker_accuracy(per_task=20, seed=2, negatives=True)
     assert all(wrong[t] >= 0.97 for t in TASKS), wrong
