@@ -189,9 +189,9 @@ def render(objects, image_size=32, rng=None):
 
 
 def _render_array(objects, image_size, rng=None):
-    """render() as a uint8 [H, W, 3] array. The objects do not overlap, so they are all drawn into one
-    4x RGBA layer; Pillow's box reduction of it gives each pixel its colour and its coverage (alpha),
-    and one blend puts them on the background."""
+    """render() as a uint8 [H, W, 3] array. The objects do not overlap, so they are all drawn into
+    one 4x RGBA layer; Pillow's box reduction of it gives each pixel its colour and its coverage
+    (alpha), and one blend puts them on the background."""
     rng = np.random.default_rng(0) if rng is None else rng
     bg = np.asarray(_background(image_size, rng), np.float32)
     big = image_size * _SS

@@ -224,9 +224,9 @@ def test_score_aggregates_tasks_and_splits():
 def test_checker_accuracy_on_true_renders():
     """30 prompts per task (180 renders): the checker accepts at least 97% of true renders per task
     (at this size: all of them). 20 per task for each of the rest: it accepts at least 95% after a
-    2x blur-and-restore and with noise and a colour gain, and rejects at least 97% of renders of near
-    misses (another colour, the opposite relation, one object fewer...). Measured on 200 per task:
-    clean 100%, blur 98-100%, noise 100%, near misses rejected 100%."""
+    2x blur-and-restore and with noise and a colour gain, and rejects at least 97% of renders of
+    near misses (another colour, the opposite relation, one object fewer...). Measured on 200 per
+    task: clean 100%, blur 98-100%, noise 100%, near misses rejected 100%."""
     clean = checker_accuracy(per_task=30)
     assert all(clean[t] >= 0.97 for t in TASKS), clean
     assert min(clean["heldout"][t] for t in clean["heldout"]) >= 0.97
