@@ -265,7 +265,7 @@ class CaptionedScenes(torch.utils.data.Dataset):
     def __init__(self, num_images, image_size=32, seed=0, heldout=True):
         if num_images < 1 or image_size < 24:
             raise UserError(f"CaptionedScenes needs num_images >= 1 and image_size >= 24 (objects "
-                            f"are 8 px and up at 32), got {num_images} and {image_size}")
+                            f"are 9 px and up at 32), got {num_images} and {image_size}")
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
         self.heldout = bool(heldout)
         self.pairs = SEEN_PAIRS if heldout else ALL_PAIRS

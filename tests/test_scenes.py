@@ -51,8 +51,8 @@ def test_deterministic_per_seed_and_index():
 
 
 def test_heldout_pairs_never_in_training_but_in_the_benchmark():
-    train = collections.Counter((o["colour"], o["shape"]) for i in range(3000)
-                                for o in CaptionedScenes(3000, seed=2).scene(i))
+    ds = CaptionedScenes(3000, seed=2)
+    train = collections.Counter((o["colour"], o["shape"]) for i in range(3000) for o in ds.scene(i))
     assert not set(train) & set(HELDOUT_PAIRS)
     assert len(train) == 6 * 5 - 3  # every other pair occurs, so every colour and every shape does
     full = {(o["colour"], o["shape"]) for i in range(1000)
