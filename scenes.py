@@ -472,7 +472,7 @@ def detect(image):
         cov = np.where((lab == 0) | (lab == k), np.clip(cov, -0.5, 1.0), 0.0)
         mass = float(cov.sum())
         yy, xx = np.mgrid[wy0:wy1, wx0:wx1] + 0.5
-        pos = np.clip(cov, 0, None)
+        pos = np.clip(cov, 0, None) + 1e-6 * (labels[wy0:wy1, wx0:wx1] == k)  # never all zero
         centroid = ((xx * pos).sum() / pos.sum() - wx0, (yy * pos).sum() / pos.sum() - wy0)
         err = {sh: float(((_templates(sh, mass, centroid, cov.shape, s) - cov) ** 2)
                          .sum(axis=(1, 2)).min()) for sh in SHAPES}

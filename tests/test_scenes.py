@@ -198,6 +198,7 @@ def test_detect_reads_a_known_scene_from_uint8_and_float_images():
     assert check(pil, spec)
     assert not check(pil, {"include": [{"shape": "star", "count": 1, "colour": "red"}]})
     assert detect(np.zeros((32, 32, 3), np.uint8)) == []
+    assert detect(np.full((32, 32, 3), 255, np.uint8)) == []  # no dark background, nothing stands out
     with pytest.raises(UserError):
         detect(np.zeros((32, 32), np.float32))
 
