@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from common import UserError, cli
-from data import _SHAPES, _SS, _background, _polygon, _star, pil_to_tensor, save_grid
+from data import _SHAPES, _SS, _background, _polygon, _star, save_grid
 
 # --------------------------------------------------------------------------------------------------
 # The world: palette, shapes, the held-out pairs and the words
@@ -288,7 +288,7 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         objs, caption, rng = self._draw(index)
-        a = _render_array(objs, self.image_size, rng)  # pil_to_tensor's scaling, without a PIL trip
+        a = _render_array(objs, self.image_size, rng)  # data.pil_to_tensor's scaling, no PIL trip
         x = np.ascontiguousarray(a.transpose(2, 0, 1)) * np.float32(1 / 127.5) - 1
         return torch.from_numpy(x), caption
 
