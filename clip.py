@@ -303,15 +303,11 @@ def byte_to_unicode():
     """Every byte -> one printable character, so BPE works on strings with no whitespace or control
     symbols inside: printable Latin-1 bytes stand for themselves, the other 68 take code points 256+.
     (GPT-2's table; CLIP reuses it.)"""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in keep]
+    # this insertion order (printable bytes first) is the order of the first 256 vocabulary ids
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
 @lru_cache()
@@ -329,14 +325,26 @@ def word_pattern():
                       rf"|[^\W\d_{n}]+|[\d{n}]|(?:[^\s\w{n}]|_)+", re.IGNORECASE)
 
 
+@lru_cache()
+def _ftfy_table():
+    """The parts of ftfy.fix_text's defaults that change ordinary captions, as a str.translate table
+    (checked character by character against ftfy 6.3): curly quotes -> straight ones, so "it’s" splits
+    like "it's"; Latin ligatures and full-width forms -> their compatibility (NFKC) spelling
+    ("ﬁ" -> "fi", "Ａ" -> "A", ideographic space -> space)."""
+    table = {c: "'" for c in (0x02BC, *range(0x2018, 0x201C))}
+    table.update({c: '"' for c in range(0x201C, 0x2020)})
+    ligatures = [0x132, 0x133, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB05), 0xFB06]
+    for c in [*ligatures, *range(0xFF01, 0xFFEF), 0x3000]:
+        table[c] = unicodedata.normalize("NFKC", chr(c))
+    return table
+
+
 def clean_text(text):
     """OpenAI's cleaning: ftfy.fix_text, HTML entities undone twice ("&amp;amp;" -> "&"), whitespace
-    runs -> one space, lower case. Of ftfy we keep the two fixes that matter for ordinary captions: NFC
-    composition (e + combining accent -> one letter) and curly quotes -> straight ones (so "it’s"
-    splits like "it's"). ftfy would also repair mojibake ("Ã©" -> "é"), expand ligatures ("ﬁ" -> "fi"),
-    narrow full-width forms and drop control characters; text needing those tokenizes differently."""
-    text = unicodedata.normalize("NFC", text)
-    text = re.sub("[\u02bc\u2018-\u201b]", "'", re.sub("[\u201c-\u201f]", '"', text))
+    runs -> one space, lower case. Of ftfy we do NFC composition (e + combining accent -> one letter)
+    and the table above; ftfy would also repair mojibake ("Ã©" -> "é"), read C1 control bytes as
+    Windows-1252 and drop other control characters: text needing those tokenizes differently here."""
+    text = unicodedata.normalize("NFC", text).translate(_ftfy_table())
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
@@ -420,6 +428,7 @@ class Tokenizer:
         """Ids -> text, words separated by spaces where "</w>" stood (the specials are dropped)."""
         from_unicode = {c: b for b, c in byte_to_unicode().items()}
         symbols = "".join(self.decoder[i] for i in ids if i not in (self.sot, self.eot))
+        from_unicode[" "] = 32  # what "</w>" becomes; a real space byte is spelt "Ġ"
         raw = bytes(from_unicode[c] for c in symbols.replace("</w>", " "))
         return raw.decode("utf-8", errors="replace").replace("\0", "").strip()
 
@@ -476,7 +485,7 @@ def hf_config(folder):
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
         raise UserError(f"{path!r}: activations {sorted(acts)} are not supported (quick_gelu or gelu)")
-    eos = text.get("eos_token_id", 2)
+    eos = text.get("eos_token_id", 49407)  # transformers' default when the file does not say
     return CLIPConfig(
         embed_dim=cfg.get("projection_dim", b32.embed_dim),
         image_size=vision.get("image_size", b32.image_size),
