@@ -75,6 +75,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The per-token feed-forward, width -> 4 x width -> width in every OpenAI model."""
+
     def __init__(self, width, hidden, quick):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
@@ -98,6 +100,8 @@ class EncoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
+    """The stack of blocks; `encoder.layers.{i}` in the Hugging Face names."""
+
     def __init__(self, layers, *args):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(*args) for _ in range(layers))
@@ -148,10 +152,14 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixels):
         x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
+        # the class token carries no pixels of its own: after the blocks it holds what it gathered
+        # from every patch, and it alone becomes the image's feature
         return self.post_layernorm(x[:, 0])
 
 
 class TextEmbeddings(nn.Module):
+    """Token table + learned absolute positions (77 in OpenAI's models: captions are short)."""
+
     def __init__(self, c):
         super().__init__()
         self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
@@ -206,6 +214,8 @@ class CLIP(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    # Both encoders return the raw projections, as HF's get_image_features / get_text_features
+    # do: the loss, forward and rank() normalise, so callers may also average or store them.
     def encode_image(self, pixels):
         """Preprocessed pixels (B, 3, S, S) -> projected image embeddings (B, embed_dim), not
         normalised."""
@@ -308,6 +318,8 @@ def preprocess_tensor(images, size=224):
 
 
 def _normalise(x):
+    """Per-channel (x - mean) / std with the statistics above: inputs centred near 0 with unit
+    spread, the range the patch convolution was trained on."""
     mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
     return (x - mean) / torch.tensor(STD, device=x.device).view(3, 1, 1)
 
@@ -317,7 +329,9 @@ def _normalise(x):
 # et al. 2016 over the UTF-8 bytes, as GPT-2) with a lower-cased vocabulary and "</w>" marking the
 # last symbol of a word, so "red" as a word and "red" inside "redder" are different tokens.
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-MAX_MERGES = 49152 - 256 - 2  # OpenAI's vocab budget: 49152 - 256 byte tokens - 2 specials = 48894
+# OpenAI keeps the first 49152 - 256 - 2 = 48894 merges of its file (HF's slow tokenizer too),
+# so the vocabulary is 256 byte symbols + 256 with "</w>" + 48894 merges + 2 specials = 49408 ids
+MAX_MERGES = 49152 - 256 - 2
 
 
 @lru_cache()
@@ -514,6 +528,7 @@ def hf_config(folder):
     text = cfg.get("text_config") or cfg.get("text_config_dict") or {}  # *_dict: older exports
     vision = cfg.get("vision_config") or cfg.get("vision_config_dict") or {}
     b32 = CLIPConfig()
+    # one flag for both towers: every released CLIP uses the same activation in both
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
         raise UserError(f"{path!r}: activations {sorted(acts)} are not supported "
@@ -647,12 +662,12 @@ class CLIPConfig:
     """Defaults are OpenAI's ViT-B/32."""
     embed_dim: int = 512  # the shared space both projections map into
     image_size: int = 224
-    patch_size: int = 32
+    patch_size: int = 32  # 224 / 32 = a 7 x 7 grid: 49 patch tokens + the class token
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
     vision_mlp: Optional[int] = None  # None: 4 x width (every OpenAI model)
-    context_length: int = 77
+    context_length: int = 77  # text positions, <|startoftext|> and <|endoftext|> included
     vocab_size: int = 49408
     text_width: int = 512
     text_layers: int = 12
@@ -693,6 +708,10 @@ CLIP_CONFIGS = {
     "ViT-B/32": dict(),
     "ViT-L/14": dict(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24,
                      vision_heads=16, text_width=768, text_heads=12),
+    # CLIP-tiny: 32 px / patch 4 = an 8 x 8 grid (64 tokens, cheap on a CPU); a context of 32 fits
+    # the built-in world's short captions; vocab 1024 = 512 byte symbols + 510 merges + 2
+    # specials, e.g. the first 510 merges of CLIP's own file (Tokenizer.from_pretrained of a cut
+    # .txt.gz).
     "CLIP-tiny": dict(embed_dim=64, image_size=32, patch_size=4, vision_width=64, vision_layers=3,
                       vision_heads=4, context_length=32, vocab_size=1024, text_width=64,
                       text_layers=3, text_heads=4),

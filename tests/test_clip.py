@@ -1,24 +1,26 @@
 """clip.py against the references it reimplements.
 
-Fixtures in tests/data, recorded once outside the project with transformers 4.57.6 (tokenizers 0.22.2,
-safetensors 0.8.0, ftfy 6.3.1, torch 2.13 CPU) and OpenAI's CLIP repository (simple_tokenizer.py):
-- clip_hf_tiny/ (config.json + model.safetensors): transformers' CLIPModel with a small random config
-  (vision: 16 px, patch 4, width 32, 2 layers, 4 heads, MLP 37; text: vocab 99, context 12, width 24,
-  2 layers, 3 heads, MLP 40; projection 20; quick_gelu), torch.manual_seed(0), then every parameter
-  plus 0.1 * randn so no LayerNorm or bias is trivial, saved with save_pretrained.
-  clip_parity.pt: its inputs (torch.Generator seed 1) and get_image_features, get_text_features and
-  logits_per_image in fp32.
-- clip_bpe/: the first 2000 merges of OpenAI's bpe_simple_vocab_16e6.txt.gz, as HF's merges.txt +
-  vocab.json (the vocabulary rebuilt as simple_tokenizer.py does) and as a .txt.gz.
-  clip_tokens.json: 40 strings; "hf": ids of transformers' slow CLIPTokenizer on that vocab (ftfy
-  installed, padding="max_length", max_length=77, truncation=True); "openai": SimpleTokenizer.encode
-  with the .txt.gz (no specials).
-- clip_released_keys.json: parameter count and state-dict keys/shapes of CLIPModel built on the meta
-  device from the config.json values of openai/clip-vit-base-patch32 (transformers' defaults) and
-  openai/clip-vit-large-patch14 (text width 768, 12 heads, MLP 3072; vision width 1024, 24 layers,
-  16 heads, MLP 4096, patch 14; projection 768).
-- clip_preprocess.pt: CLIPImageProcessor(shortest_edge 16, crop 16) pixel_values of the 45 x 30 test
-  image made below (a margin of 8 px, where HF's and torchvision's crop offsets agree).
+Fixtures in tests/data, recorded once outside the project with transformers 4.57.6 (tokenizers
+0.22.2, safetensors 0.8.0, ftfy 6.3.1, torch 2.13 CPU) and OpenAI's CLIP repository
+(clip/simple_tokenizer.py, clip/bpe_simple_vocab_16e6.txt.gz):
+- clip_hf_tiny/ (config.json + model.safetensors): transformers' CLIPModel with a small random
+  config (vision: 16 px, patch 4, width 32, 2 layers, 4 heads, MLP 37; text: vocab 99, context 12,
+  width 24, 2 layers, 3 heads, MLP 40, eos_token_id 2 as OpenAI's config.json; projection 20;
+  quick_gelu), torch.manual_seed(0), then every parameter plus 0.1 * randn so that no LayerNorm or
+  bias is trivial, saved with save_pretrained. clip_parity.pt: its inputs (torch.Generator seed 1)
+  and get_image_features, get_text_features and logits_per_image, fp32.
+- clip_bpe/: the first 2000 merges of OpenAI's bpe_simple_vocab_16e6.txt.gz as HF's merges.txt +
+  vocab.json (the vocabulary rebuilt as simple_tokenizer.py does) and as bpe_tiny.txt.gz.
+  clip_tokens.json: 41 strings; "hf": ids of transformers' slow CLIPTokenizer on that vocabulary
+  (ftfy installed, padding="max_length", max_length=77, truncation=True); "openai":
+  SimpleTokenizer(bpe_tiny.txt.gz).encode (no specials).
+- clip_released_keys.json: parameter count and state-dict keys/shapes of transformers' CLIPModel
+  built on the meta device from the config.json values of openai/clip-vit-base-patch32 (the
+  defaults of CLIPTextConfig / CLIPVisionConfig, projection 512) and openai/clip-vit-large-patch14
+  (text width 768, 12 heads, MLP 3072; vision width 1024, 24 layers, 16 heads, MLP 4096, patch 14;
+  projection 768).
+- clip_preprocess.pt: CLIPImageProcessor(shortest_edge 16, crop 16) pixel_values of the 45 x 30
+  test image made below (a crop margin of 8 px, where HF's and torchvision's offsets agree).
 """
 import json
 import math
@@ -57,9 +59,10 @@ def test_hf_clipmodel_parity(hf_tiny):
     torch.testing.assert_close(text, ref["text_embeds"], atol=1e-5, rtol=0)
     torch.testing.assert_close(logits, ref["logits_per_image"], atol=1e-4, rtol=1e-5)
     assert hf_tiny.config.vision_mlp_dim == 37 and hf_tiny.config.text_mlp_dim == 40
-    # the three rows end at positions 11, 5, 1: pooling must read exactly there, not at the last slot
+    # the three rows end at positions 11, 5, 1: pooling must read exactly there, not at the last
+    # slot
     changed = ref["ids"].clone()
-    changed[2, 2:] = 7  # tokens after the end of row 2 cannot change its embedding (causal attention)
+    changed[2, 2:] = 7  # tokens after row 2's end cannot change its embedding (causal attention)
     with torch.no_grad():
         torch.testing.assert_close(hf_tiny.encode_text(changed)[2], text[2], atol=1e-6, rtol=0)
         hf_tiny.text_model.eot_id = 98  # naming the end id finds the same positions here
@@ -157,7 +160,8 @@ def test_contrastive_loss_closed_form():
     a, b = torch.randn(6, 8), torch.randn(6, 8)
     scale = torch.tensor(math.log(500), requires_grad=True)
     capped = clip.contrastive_loss(a, b, scale)
-    assert capped.item() == pytest.approx(clip.contrastive_loss(a, b, torch.tensor(math.log(100))).item())
+    at_cap = clip.contrastive_loss(a, b, torch.tensor(math.log(100)))
+    assert capped.item() == pytest.approx(at_cap.item())
     capped.backward()
     assert scale.grad.item() == 0.0  # no push beyond 100
     swapped = clip.contrastive_loss(emb, emb[[1, 0, 2, 3, 4]], torch.tensor(0.0))
@@ -172,12 +176,14 @@ def test_rank_and_rerank(hf_tiny):
     ids = torch.load(os.path.join(DATA, "clip_parity.pt"), weights_only=True)["ids"][:2]
     scores = clip.rank(hf_tiny, images, ids, batch_size=3)
     with torch.no_grad():
-        img = nn.functional.normalize(hf_tiny.encode_image(clip.preprocess_tensor(images, 16)), dim=-1)
+        pixels = clip.preprocess_tensor(images, 16)
+        img = nn.functional.normalize(hf_tiny.encode_image(pixels), dim=-1)
         txt = nn.functional.normalize(hf_tiny.encode_text(ids), dim=-1)
     torch.testing.assert_close(scores, 100 * (img.view(2, 4, -1) @ txt[:, :, None])[..., 0])
     fixed = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.7, 0.8]])
     order, best = clip.rerank(fixed, 1)
-    assert order.tolist() == [[1], [3]] and best.tolist() == [[pytest.approx(0.9)], [pytest.approx(0.8)]]
+    assert order.tolist() == [[1], [3]]
+    assert best.flatten().tolist() == [pytest.approx(0.9), pytest.approx(0.8)]
     order, best = clip.rerank(fixed, 4)  # N = K: every candidate, best first, ties in drawing order
     assert order.tolist() == [[1, 2, 3, 0], [3, 0, 2, 1]]
     assert sorted(best.flatten().tolist()) == sorted(fixed.flatten().tolist())
@@ -191,7 +197,8 @@ def test_rank_and_rerank(hf_tiny):
 
 def test_own_checkpoint_round_trip(hf_tiny, tmp_path):
     path = str(tmp_path / "clip.pt")
-    torch.save({"model": hf_tiny.state_dict(), "config": hf_tiny.checkpoint_config(), "kind": "clip"}, path)
+    torch.save({"model": hf_tiny.state_dict(), "config": hf_tiny.checkpoint_config(),
+                "kind": "clip"}, path)
     again = clip.CLIP.from_pretrained(path)
     ids = torch.load(os.path.join(DATA, "clip_parity.pt"), weights_only=True)["ids"]
     with torch.no_grad():
@@ -211,8 +218,9 @@ def test_bad_files_one_line(tmp_path):
     (t5 / "config.json").write_text('{"model_type": "t5"}')
     bare = str(tmp_path / "bare.pt")
     torch.save({"kind": "clip", "config": {}, "model": {"w": torch.zeros(1)}}, bare)
-    cases = [(script, "TorchScript archive"), (gpt, "a 'gpt' checkpoint"), (str(junk), "cannot read"),
-             (str(t5), "not CLIP"), (str(tmp_path), "no config.json"), (bare, "holds no CLIP weights"),
+    cases = [(script, "TorchScript archive"), (gpt, "a 'gpt' checkpoint"),
+             (str(junk), "cannot read"), (str(t5), "not CLIP"), (str(tmp_path), "no config.json"),
+             (bare, "holds no CLIP weights"),
              (os.path.join(BPE), "no config.json")]
     for path, message in cases:
         with pytest.raises(UserError, match=message) as e:
