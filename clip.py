@@ -236,6 +236,8 @@ class CLIP(nn.Module):
     def from_pretrained(cls, path):
         """A Hugging Face CLIP folder (config.json + model.safetensors or pytorch_model.bin), or one
         of our checkpoints ({"model", "config", "kind": "clip"}) -> CLIP in eval mode on the CPU."""
+        if os.path.basename(path) in ("config.json", "model.safetensors", "pytorch_model.bin"):
+            path = os.path.dirname(path) or "."  # a file of a HF folder stands for the folder
         if os.path.isdir(path):
             config, sd = hf_config(path), _read_hf_weights(path)
         else:

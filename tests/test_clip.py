@@ -25,6 +25,7 @@ Fixtures in tests/data, recorded once outside the project with transformers 4.57
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -201,8 +202,16 @@ def test_own_checkpoint_round_trip(hf_tiny, tmp_path):
                 "kind": "clip"}, path)
     again = clip.CLIP.from_pretrained(path)
     ids = torch.load(os.path.join(DATA, "clip_parity.pt"), weights_only=True)["ids"]
+    # the .bin flavour of a HF folder, with the position_ids buffers older exports carry
+    folder = tmp_path / "hf_bin"
+    folder.mkdir()
+    shutil.copy(os.path.join(DATA, "clip_hf_tiny", "config.json"), folder)
+    sd = {**hf_tiny.state_dict(), "text_model.embeddings.position_ids": torch.arange(12)[None]}
+    torch.save(sd, folder / "pytorch_model.bin")
+    from_bin = clip.CLIP.from_pretrained(str(folder / "pytorch_model.bin"))
     with torch.no_grad():
         assert torch.equal(again.encode_text(ids), hf_tiny.encode_text(ids))
+        assert torch.equal(from_bin.encode_text(ids), hf_tiny.encode_text(ids))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, only to make the bad file
