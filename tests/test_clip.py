@@ -237,3 +237,13 @@ def test_bad_files_one_line(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="vocab.json"):
         clip.Tokenizer.from_pretrained(str(tmp_path))
+
+
+def test_hf_config_defaults(tmp_path):
+    """Keys a config.json leaves out take transformers' defaults (ViT-B/32's; eos_token_id 49407 in
+    transformers 4.57), so a bare file describes B/32 pooled at the first <|endoftext|>."""
+    (tmp_path / "config.json").write_text('{"model_type": "clip"}')
+    assert clip.hf_config(str(tmp_path)) == clip.clip_config("ViT-B/32", eot_id=49407,
+                                                             vision_mlp=3072, text_mlp=2048)
+    tiny = clip.hf_config(os.path.join(DATA, "clip_hf_tiny"))
+    assert (tiny.eot_id, tiny.context_length, tiny.patch_size, tiny.embed_dim) == (None, 12, 4, 20)
