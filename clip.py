@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import struct
 import unicodedata
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import text
 from common import UserError, load_checkpoint, load_weights, unwrap_state_dict
 
 
@@ -557,42 +557,9 @@ def hf_config(folder):
 
 
 def _read_hf_weights(folder):
-    """The state dict of a HF folder: model.safetensors, else pytorch_model.bin (weights_only)."""
-    st, pt = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(st):
-        return _read_safetensors(st)
-    if os.path.isfile(pt):
-        return unwrap_state_dict(load_checkpoint(pt))
-    raise UserError(f"{folder!r} has neither model.safetensors nor pytorch_model.bin; "
-                    "download the weights")
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
-
-
-def _read_safetensors(path):
-    """A minimal safetensors reader (until text.py's is in): an 8-byte little-endian header length,
-    a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + n])
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise UserError(f"{path!r} is not a safetensors file (bad header); "
-                        "re-download it") from None
-    out, body = {}, memoryview(data)[8 + n:]
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in _ST_DTYPES:
-            raise UserError(f"{path!r}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        # a writable copy per tensor: frombuffer shares memory and warns on read-only bytes
-        t = torch.frombuffer(bytearray(body[start:end]), dtype=_ST_DTYPES[meta["dtype"]])
-        out[name] = t.reshape(meta["shape"])
-    return out
+    """The state dict of a HF folder (safetensors, one file or sharded, else pytorch_model.bin with
+    weights_only), through text.py's reader: one loader for T5 and CLIP."""
+    return text.load_hf_state_dict(folder)
 
 
 def _load_clip_file(path):

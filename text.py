@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, cli, load_checkpoint, pick_device, save_file_atomic
+from common import UserError, cli, load_checkpoint, pick_device, save_atomic
 
 # ------------------------------------------------------------------------------------- safetensors
 # A safetensors file is: 8 bytes (little-endian u64) N, then N bytes of JSON header
@@ -143,7 +143,7 @@ def write_safetensors(tensors, path, metadata=None):
             t = tensors[k].detach().cpu().contiguous()
             if t.numel():  # the bytes as they lie in memory (little-endian wherever torch runs)
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    save_file_atomic(path, write)
+    save_atomic(write, path)
 
 
 def load_hf_state_dict(path, keep=None):
