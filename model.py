@@ -118,7 +118,7 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.kv_cache is not None:  # a new token attends to the whole filled prefix
+        if self.kv_cache is not None:  # new tokens attend to the filled part of the cache
             k, v = self.kv_cache.update(pos, k, v)
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # shared k/v, no copies
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

@@ -312,3 +312,18 @@ def test_no_mask_reaches_attention_without_padding(monkeypatch):
     seen.clear()
     t2i.generate(captions, cfg_scale=2.0, cond_mask=mask)  # padding: a mask, never is_causal
     assert len(seen) == 2 * 16 and not any(no_mask or causal for no_mask, causal, _ in seen)
+
+
+def test_bf16_model_takes_float32_captions():
+    """Text-encoder features arrive in float32; a bf16 model casts them (cap_proj's dtype) and its
+    logits stay float32 and near the float32 model's."""
+    model = tiny_t2i()
+    captions, mask = left_padded([6, 3], 6, 8, seed=4)
+    codes = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref, _ = model(codes, captions, cond_mask=mask)
+    half = model.to(torch.bfloat16)
+    assert half.cls_embedding.uncond_embedding.dtype == torch.bfloat16
+    logits, _ = half(codes, captions, cond_mask=mask)
+    assert logits.dtype == torch.float32 and (logits - ref).abs().max() <= 0.05 * ref.abs().max()
+    out = half.generate(captions, cfg_scale=3.0, cond_mask=mask, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (2, 16) and out.dtype == torch.int64 and 0 <= out.min() and out.max() < 32
