@@ -89,11 +89,10 @@ def test_t2i_param_counts_and_state_dict_match_reference():
         with torch.device("meta"):
             model = GPT(cfg)
         n = sum(p.numel() for p in model.parameters())
-        d = cfg.dim
-        with torch.device("meta"):
-            c2i = sum(p.numel() for p in GPT(gpt_config(name)).parameters())
-        # the class table (1001, d) gives way to cap_proj fc1 (d, 2048) and fc2 (d, d)
-        assert n == expected == c2i - 1001 * d + 2048 * d + d * d, name
+        d, f = cfg.dim, cfg.ffn_dim
+        per_layer = d * 3 * d + d * d + 3 * d * f + 2 * d  # wqkv, wo, w1/w2/w3, two norms
+        # c2i's class table (1001, d) gives way to cap_proj fc1 (d, 2048) and fc2 (d, d)
+        assert n == expected == 2 * 16384 * d + 2048 * d + d * d + cfg.n_layer * per_layer + d, name
         sd = model.state_dict()
         assert sd["cls_embedding.uncond_embedding"].shape == (120, 2048)  # a buffer: in the state dict
         assert "cls_embedding.uncond_embedding" not in dict(model.named_parameters())
