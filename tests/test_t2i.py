@@ -100,6 +100,10 @@ def test_t2i_param_counts_and_state_dict_match_reference():
         assert sd["cls_embedding.cap_proj.fc2.weight"].shape == (d, d)
         assert not any("embedding_table" in k or "bias" in k for k in sd)
         assert model.freqs_cis.shape == (120 + 256, cfg.dim // cfg.n_head // 2, 2)
+        # what from_pretrained reads off an official t2i_*.pt: the condition kind, caption_dim and N
+        assert M.config_from_state_dict(sd) == dict(vocab_size=16384, dim=d, n_layer=cfg.n_layer,
+                                                    n_head=cfg.n_head, n_kv_head=None,
+                                                    caption_dim=2048, cls_token_num=120)
     # per-token FLOPs: the matmul weights of the layers and output; cap_proj runs on the prefix only
     m = tiny_t2i()
     c = m.config
