@@ -1,4 +1,5 @@
-"""The image GPT of LlamaGen: a plain Llama decoder over a raster of VQ codes, class-conditioned.
+"""The image GPT of LlamaGen: a plain Llama decoder over a raster of VQ codes, conditioned on a
+class or a caption.
 
 Why this generates images (paper 2.3): the tokenizer turns an image into an h x w grid of discrete
 codes. Read in raster order, the grid is a sentence of L = h*w words, so p(image | class) factorises
@@ -8,11 +9,12 @@ decodes the grid. Nothing in the network is image-specific except where position
 RoPE): it is the text LLM with image codes as its vocabulary and the condition as its prompt.
 
 Read top to bottom: RMSNorm, 2D rotary positions, the KV cache, Attention, FeedForward, Block, the
-class embedding, GPTConfig, the sampling and loading helpers, GPT (forward, generate,
-from_pretrained), the registry, and last a CPU speed detail of the linear layers. Key names and
-shapes follow the official release (LlamaGen autoregressive/models/gpt.py), so its checkpoints load
-unchanged."""
+condition prefix (class embedding, caption embedding, the caption's attention mask), GPTConfig, the
+sampling and loading helpers, GPT (forward, generate, from_pretrained), the registry, and last a
+CPU speed detail of the linear layers. Key names and shapes follow the official release (LlamaGen
+autoregressive/models/gpt.py), so its c2i and t2i checkpoints load unchanged."""
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -107,17 +109,20 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.resid_dropout_p)
         self.kv_cache = None  # a KVCache while generate() runs
 
-    def forward(self, x, rope, pos=0):
+    def forward(self, x, rope, pos=0, mask=None):
+        """mask: None (plain causal) or bool, broadcastable to (B, heads, T, keys), True = may
+        attend; only a caption with padding needs one (prefix_mask)."""
         B, T, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), rope).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.kv_cache is not None:  # one new token attends to the whole filled prefix: no mask
+        if self.kv_cache is not None:  # new tokens attend to the filled part of the cache
             k, v = self.kv_cache.update(pos, k, v)
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # shared k/v, no copies
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, **gqa,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and T > 1, **gqa,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
 
@@ -157,29 +162,99 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x, rope, pos=0):
-        h = self.attention(self.attention_norm(x), rope, pos)
+    def forward(self, x, rope, pos=0, mask=None):
+        h = self.attention(self.attention_norm(x), rope, pos, mask)
         x = x + drop_path(h, self.drop_path_p, self.training)
         return x + drop_path(self.feed_forward(self.ffn_norm(x)), self.drop_path_p, self.training)
 
 
+# ----------------------------------------------------------------------------- the condition prefix
+# The condition is not a side input: it is the first N positions of the sequence, a prefix of N
+# vectors that every image token attends to (paper 2.3), so conditioning needs no extra machinery
+# (no cross-attention, no adaptive norms). A class is a prefix of one learned vector (N = 1); a
+# caption is N = 120 projected text-encoder features, one per text token (paper 3.3). The prefix
+# predicts nothing but code 0, from its last position, and its N RoPE rows are zero (rope_2d_table).
 class ClassEmbedding(nn.Module):
-    """The class is the first token of the sequence (paper 2.3): a prefix that every image token
-    attends to, so conditioning needs no extra machinery (no cross-attention, no adaptive norms).
-    Row num_classes is a learned "null class"; training swaps a label for it with probability
-    class_dropout_prob, so one network learns both p(x | class) and p(x), which classifier-free
-    guidance (GPT.generate) needs."""
+    """One learned vector per class. Row num_classes is a learned "null class"; training swaps a
+    label for it with probability class_dropout_prob, so one network learns both p(x | class) and
+    p(x), which classifier-free guidance (GPT.generate) needs."""
 
     def __init__(self, num_classes, dim, dropout_prob):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
         self.null_class, self.dropout_prob = num_classes, dropout_prob
 
+    def null(self, labels):
+        """The null condition for every sample of labels (B,)."""
+        return torch.full_like(labels, self.null_class)
+
     def forward(self, labels):
         if self.training and self.dropout_prob > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.null_class, labels)
         return self.embedding_table(labels).unsqueeze(1)  # (B, 1, dim): a prefix of one token
+
+
+class CaptionEmbedding(nn.Module):
+    """Caption features (B, N, caption_dim) from a frozen text encoder (FLAN-T5-XL's 2048 for the
+    released models) -> the prefix (B, N, dim), by a per-token MLP `cap_proj` (fc1, tanh-GELU, fc2,
+    no biases; the official CaptionEmbedder).
+
+    The null caption `uncond_embedding` (N, caption_dim) = randn / sqrt(caption_dim) is drawn once
+    and never trained: a buffer, so it is in the state dict (sampling must use the draw training
+    saw) but not among the parameters. The null only has to be one input the network learns to read
+    as "no caption", and cap_proj and the layers after it are learned already, so a learned input
+    would add little; a zero tensor would do less, as the bias-free cap_proj maps it to an all-zero
+    prefix, the state of padding. With probability class_dropout_prob training swaps the WHOLE
+    caption of a sample for it (its padding rows too; the attention mask stays the caption's)."""
+
+    def __init__(self, caption_dim, dim, n_tokens, dropout_prob):
+        super().__init__()
+        self.cap_proj = nn.Sequential(OrderedDict(
+            fc1=Linear(caption_dim, dim), act=nn.GELU(approximate="tanh"), fc2=Linear(dim, dim)))
+        self.register_buffer("uncond_embedding",
+                             torch.randn(n_tokens, caption_dim) / caption_dim ** 0.5)
+        self.dropout_prob = dropout_prob
+
+    def null(self, caption):
+        """The null caption for every sample of caption (B, N, caption_dim)."""
+        return self.uncond_embedding.to(caption.dtype).expand_as(caption)
+
+    def forward(self, caption):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(caption.shape[0], device=caption.device) < self.dropout_prob
+            caption = torch.where(drop[:, None, None], self.uncond_embedding, caption)
+        return self.cap_proj(caption.to(self.cap_proj.fc1.weight.dtype))
+
+
+def prefix_mask(key_ok, pos, T):
+    """The official t2i attention mask (LlamaGen dataset/t2i.py, generate.py), rows pos..pos+T-1:
+    bool (B, 1, T, pos+T), True = may attend. key_ok (B, S >= pos+T) is False at padded caption
+    positions, True elsewhere; it is a key-padding mask, so generation never builds the whole
+    (B, S, S) mask: a decode step takes one row over its cached keys.
+
+    A padded caption key is hidden from every query, image tokens included. That alone would leave
+    a padded query with no key at all, and a softmax over nothing but -inf is 0/0 = NaN, which
+    would spread to every later query through 0 * NaN. So each position still attends to
+    itself: a pad sees only itself, nobody sees a pad, and whatever a padded feature holds changes
+    nothing (the official loader zeroes them, the sampler's null half does not)."""
+    q = torch.arange(pos, pos + T, device=key_ok.device)[:, None]
+    k = torch.arange(pos + T, device=key_ok.device)
+    return (key_ok[:, None, None, :pos + T] & (k <= q)) | (k == q)
+
+
+def left_pad_caption(features, mask):
+    """A right-padded text-encoder output (T5's layout: valid tokens first) -> the left-padded
+    prefix the model takes: features (B, N, d) and mask (B, N) with the valid tokens moved to the
+    end in their order, padded features zeroed, and the mask as bool (the official sample_t2i.py).
+
+    Why the left: the caption's positions carry no position (zero RoPE rows), but its LAST
+    position is the one that predicts code 0. Left padding puts a real token there, one that has
+    seen the whole caption; right padding would put a pad there, which sees only itself, and code
+    0 would be drawn without the caption."""
+    mask, order = torch.sort(mask.bool().long(), dim=1, stable=True)  # pads first, order kept
+    features = features.gather(1, order[..., None].expand_as(features))
+    return features * mask[..., None].to(features.dtype), mask.bool()
 
 
 @dataclass
@@ -195,8 +270,9 @@ class GPTConfig:
     ffn_dim_multiplier: Optional[float] = None
     rope_base: float = 10000
     norm_eps: float = 1e-5
-    num_classes: int = 1000
-    cls_token_num: int = 1  # length of the condition prefix: one token for a class
+    num_classes: int = 1000  # class condition only
+    caption_dim: int = 0  # 0: a class condition; > 0: caption features of this width (T5-XL 2048)
+    cls_token_num: int = 1  # N, the length of the condition prefix: 1 for a class, 120 officially
     class_dropout_prob: float = 0.1
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
@@ -215,7 +291,11 @@ class GPTConfig:
                                 "(2D RoPE splits it in row and column halves of pairs)"),
             (self.n_head % (self.n_kv_head or self.n_head) != 0,
              "n_head must be a multiple of n_kv_head"),
-            (self.cls_token_num != 1, "a class condition is a prefix of exactly one token"),
+            (self.caption_dim < 0, f"caption_dim {self.caption_dim} is negative"),
+            (self.caption_dim == 0 and self.cls_token_num != 1,
+             "a class condition is a prefix of exactly one token "
+             "(cls_token_num 1; set caption_dim for a caption prefix)"),
+            (self.cls_token_num < 1, "the condition prefix needs at least one token"),
         ]
         for bad, message in problems:
             if bad:
@@ -260,29 +340,41 @@ def sample_logits(logits, temperature=1.0, top_k=0, top_p=1.0, greedy=False, gen
 
 # ------------------------------------------------------------------------------------------ loading
 def config_from_state_dict(sd, n_head=None):
-    """The shape fields of a GPT state dict: dim, vocab, layers, classes, k/v heads. n_head is in no
+    """The shape fields of a GPT state dict: dim, vocab, layers, k/v heads, and the condition: the
+    classes, or the caption width and prefix length N (the null caption's rows). n_head is in no
     shape: take it from the registry entry with this dim and depth, else the given one, else
     head_dim 64 (every official config but 3B and 7B)."""
-    if "tok_embeddings.weight" not in sd or "cls_embedding.embedding_table.weight" not in sd:
-        raise UserError("not a class-conditional LlamaGen GPT checkpoint (no tok_embeddings / "
-                        "cls_embedding.embedding_table weights); text-conditional t2i models "
-                        "are not supported")
+    classes, caption = "cls_embedding.embedding_table.weight", "cls_embedding.cap_proj.fc1.weight"
+    if "tok_embeddings.weight" not in sd or (classes not in sd and caption not in sd):
+        raise UserError("not a class-conditional or text-conditional LlamaGen GPT checkpoint (no "
+                        "tok_embeddings weight, or neither cls_embedding.embedding_table nor "
+                        "cls_embedding.cap_proj weights); pass a GPT checkpoint")
     vocab, dim = sd["tok_embeddings.weight"].shape
     n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
     same = [v for v in GPT_CONFIGS.values() if v["dim"] == dim and v["n_layer"] == n_layer]
     n_head = same[0]["n_head"] if same else n_head or max(1, dim // 64)
     qkv = sd.get("layers.0.attention.wqkv.weight")
     n_kv = n_head if qkv is None else (qkv.shape[0] - dim) // (2 * (dim // n_head))
-    return dict(vocab_size=vocab, dim=dim, n_layer=n_layer, n_head=n_head,
-                n_kv_head=None if n_kv == n_head else n_kv,
-                num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1)
+    found = dict(vocab_size=vocab, dim=dim, n_layer=n_layer, n_head=n_head,
+                 n_kv_head=None if n_kv == n_head else n_kv)
+    if classes in sd:
+        return dict(found, num_classes=sd[classes].shape[0] - 1)
+    null = sd.get("cls_embedding.uncond_embedding")
+    if null is None:  # the official sampler loads non-strictly and would draw a fresh one
+        raise UserError("text-conditional GPT checkpoint without its null caption "
+                        "cls_embedding.uncond_embedding; pass the complete checkpoint")
+    return dict(found, caption_dim=null.shape[1], cls_token_num=null.shape[0])
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
-        self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
+        if cfg.caption_dim:
+            self.cls_embedding = CaptionEmbedding(cfg.caption_dim, cfg.dim, cfg.cls_token_num,
+                                                  cfg.class_dropout_prob)
+        else:
+            self.cls_embedding = ClassEmbedding(cfg.num_classes, cfg.dim, cfg.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.tok_dropout = nn.Dropout(cfg.token_dropout_p)  # elementwise, on [prefix ; codes]
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.n_layer, device="cpu").tolist()
@@ -307,56 +399,107 @@ class GPT(nn.Module):
             self.freqs_cis = self.freqs_cis.to(device)
         return self.freqs_cis
 
-    def forward(self, idx, cond, targets=None):
+    def _check_condition(self, cond, cond_mask):
+        """One clear line when the condition does not fit the model: labels (B,) for a class model,
+        features (B, N, caption_dim) and an optional mask (B, N) for a caption model."""
+        cfg, B = self.config, cond.shape[0]
+        if not cfg.caption_dim:
+            if cond.dim() != 1 or cond.is_floating_point() or cond_mask is not None:
+                raise UserError(f"this GPT is class-conditional: pass class labels (B,) as "
+                                f"integers and no caption mask, not a {tuple(cond.shape)} tensor")
+            return
+        want = (B, cfg.cls_token_num, cfg.caption_dim)
+        if tuple(cond.shape) != want or not cond.is_floating_point():
+            raise UserError(f"this GPT is text-conditional: pass caption features of shape {want} "
+                            f"(left padded to N = {cfg.cls_token_num} tokens), not a "
+                            f"{tuple(cond.shape)} {cond.dtype} tensor")
+        if cond_mask is not None and tuple(cond_mask.shape) != want[:2]:
+            raise UserError(f"caption mask of shape {tuple(cond_mask.shape)}, expected {want[:2]}")
+
+    def forward(self, idx, cond, targets=None, cond_mask=None, valid=None):
         """Training semantics in any mode: input [prefix ; idx[:, :-1]] -> T logits (float32), logit
         t predicting idx[:, t]; loss = mean cross-entropy against targets. (The official forward
-        gives these logits only in train mode; in eval mode it needs explicit positions.)"""
+        gives these logits only in train mode; in eval mode it needs explicit positions.)
+
+        cond: class labels (B,) or caption features (B, N, caption_dim), left padded, with
+        cond_mask (B, N) True/1 at the valid tokens (None: all valid). valid (B,): per-sample loss
+        weights as the official t2i trainer's (0 for an unreadable image), loss = sum(CE * valid)
+        / max(sum(valid) * T, 1)."""
+        self._check_condition(cond, cond_mask)
         n, T = self.config.cls_token_num, idx.shape[1]
         assert T <= self.config.block_size, f"{T} codes, but block_size is {self.config.block_size}"
         x = torch.cat([self.cls_embedding(cond), self.tok_embeddings(idx[:, :-1])], dim=1)
         x = self.tok_dropout(x)
         rope = self._rope(x.device)[: x.shape[1]]
+        mask = None  # plain causal unless the caption has padding
+        if cond_mask is not None:
+            key_ok = F.pad(cond_mask.bool(), (0, x.shape[1] - n), value=True)
+            mask = prefix_mask(key_ok, 0, x.shape[1])
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, rope, 0, mask)
         # the last prefix position predicts code 0, so the logits start at index n - 1
         logits = self.output(self.norm(x[:, n - 1:])).float()
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        return logits, loss
+        if targets is None:
+            return logits, None
+        if valid is None:
+            return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        weight = valid.to(ce.dtype)[:, None].expand_as(targets).flatten()
+        return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
 
-    def forward_cached(self, x, pos):
+    def forward_cached(self, x, pos, mask=None):
         """One step of generation: embeddings x (b, T, dim) at positions pos.. go through the
-        layers, reading and extending the KV caches; returns the last position's logits (b, vocab),
-        float32."""
+        layers, reading and extending the KV caches, under mask (prefix_mask; None: causal);
+        returns the last position's logits (b, vocab), float32."""
         rope = self._rope(x.device)[pos:pos + x.shape[1]]
         for layer in self.layers:
-            x = layer(x, rope, pos)
+            x = layer(x, rope, pos, mask)
         return self.output(self.norm(x[:, -1])).float()
 
     @torch.no_grad()
     def generate(self, cond, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-                 greedy=False, generator=None, callback=None):
-        """Sample codes int64 (B, block_size) for class labels cond (B,), one token at a time: the
-        prefill runs the prefix, then each step feeds the last code back in. callback(t, codes[:,
-        :t]) is called after each token (progress bars, the drawing animation).
+                 greedy=False, generator=None, callback=None, cond_mask=None):
+        """Sample codes int64 (B, block_size) one token at a time, for class labels cond (B,) or
+        caption features cond (B, N, caption_dim) left padded as cond_mask (B, N) says
+        (left_pad_caption; None: no padding). The prefill runs the prefix, then each step feeds the
+        last code back in. callback(t, codes[:, :t]) is called after each token (progress bars,
+        the drawing animation).
 
-        Classifier-free guidance (paper 2.3): each sample runs twice, with its class and with the
-        null class, and the logits are extrapolated, uncond + s * (cond - uncond). s > 1 moves every
-        step further in the direction the class pushes: higher fidelity and class identity, less
-        diversity. s = 1 is off (one pass), s = 0 the null class alone. cfg_interval k >= 0 (the
-        official semantics): tokens 0 .. k+1 are guided, then only the conditional half runs."""
+        Classifier-free guidance (paper 2.3): each sample runs twice, with its condition and with
+        the null one (class or caption), and the logits are extrapolated, uncond + s * (cond -
+        uncond). s > 1 moves every step further in the direction the condition pushes: higher
+        fidelity and class identity or prompt alignment, less diversity. s = 1 is off (one pass),
+        s = 0 the null condition alone; the official generate() guides only when s > 1 (an s below
+        1 acts as 1 there), we take every s != 1 at its word, for classes and captions alike. The
+        null caption's half keeps the caption's mask, as officially: it sees the null caption's
+        last n_valid rows, as in training. cfg_interval k >= 0 (the official semantics): tokens
+        0 .. k+1 are guided, then only the conditional half runs. Official t2i picture settings:
+        cfg 7.5, top-k 1000."""
+        self._check_condition(cond, cond_mask)
         cfg, B, L = self.config, cond.shape[0], self.config.block_size
         guided = cfg_scale != 1.0
-        labels = torch.cat([cond, torch.full_like(cond, cfg.num_classes)]) if guided else cond
+        prefix = torch.cat([cond, self.cls_embedding.null(cond)]) if guided else cond
+        key_ok = None  # no mask at all unless a caption has padding
+        if cond_mask is not None:
+            cond_mask = cond_mask.bool()
+            if not (cond_mask[:, 1:] >= cond_mask[:, :-1]).all():
+                raise UserError("caption mask is not left padded (valid tokens last); convert a "
+                                "text encoder's right-padded output with left_pad_caption")
+            key_ok = F.pad(cond_mask, (0, L - 1), value=True).repeat(len(prefix) // B, 1)
         was_training = self.training
         self.eval()
         for layer in self.layers:  # exact length: the prefix and every code but the last one
-            layer.attention.kv_cache = KVCache(len(labels), cfg.cls_token_num + L - 1)
+            layer.attention.kv_cache = KVCache(len(prefix), cfg.cls_token_num + L - 1)
         codes = torch.empty(B, L, dtype=torch.long, device=cond.device)
         self._rope(cond.device)  # moved here, so a compiled forward_cached never has to
         try:
-            x, pos = self.cls_embedding(labels), 0  # prefill: the condition prefix
+            x, pos = self.cls_embedding(prefix), 0  # prefill: the condition prefix
             for t in range(L):
-                logits = self.forward_cached(x, pos)
+                if key_ok is None:
+                    logits = self.forward_cached(x, pos)
+                else:  # the prefill's rows of the mask, then one row per decode step
+                    mask = prefix_mask(key_ok[:len(x)], pos, x.shape[1])
+                    logits = self.forward_cached(x, pos, mask)
                 pos += x.shape[1]
                 if len(logits) > B:  # rows are [cond ; uncond]
                     cond_logits, uncond_logits = logits.split(B)
@@ -376,10 +519,12 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, block_size=None, **overrides):
-        """Our checkpoints or the official c2i_*.pt releases (any container) -> model in eval mode
-        on the CPU. The config comes from the checkpoint (ours) or its tensor shapes (official files
-        carry none). block_size (image tokens) overrides the stored one; official files need it from
-        the caller, who knows the image size (sample.py reads it from the file name), else 256."""
+        """Our checkpoints or the official c2i_*.pt and t2i_*.pt releases (any container) -> model
+        in eval mode on the CPU. The config comes from the checkpoint (ours) or its tensor shapes
+        (official files carry none; class or caption, caption_dim and N show in them). block_size
+        (image tokens) overrides the stored one; official files need it from the caller, who knows
+        the image size (sample.py reads it from the file name), else 256: t2i_XL_stage1_256.pt
+        makes 16x16 codes, t2i_XL_stage2_512.pt 32x32 (block_size 1024)."""
         ckpt = load_checkpoint(path)
         if ckpt.get("kind", "gpt") != "gpt":
             raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a GPT; "
@@ -403,11 +548,12 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token, forward + backward (PaLM appendix B, as in nanoGPT): 6 per
-        weight used in a matmul (embedding tables are lookups) plus 12 * n_layer * dim * sequence
-        for the attention scores and their weighted sums."""
+        weight used in a matmul at every position (not the embedding tables, lookups, nor a
+        caption's cap_proj, run on the prefix only) plus 12 * n_layer * dim * sequence for the
+        attention scores and their weighted sums."""
         cfg = self.config
-        n = sum(p.numel() for p in self.parameters())
-        n -= self.tok_embeddings.weight.numel() + self.cls_embedding.embedding_table.weight.numel()
+        n = sum(p.numel() for p in self.parameters()) - self.tok_embeddings.weight.numel()
+        n -= sum(p.numel() for p in self.cls_embedding.parameters())
         return 6 * n + 12 * cfg.n_layer * cfg.dim * (cfg.cls_token_num + cfg.block_size - 1)
 
     def estimate_mfu(self, tokens_per_second, device):
