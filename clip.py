@@ -489,12 +489,13 @@ class Tokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         pad = self.eot if pad_id is None else pad_id
         out = torch.full((len(texts), context_length), pad, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = self.encode(text)
+        for row, caption in enumerate(texts):
+            ids = self.encode(caption)
             if len(ids) > context_length - 2:
                 if not truncate:
-                    raise UserError(f"text {text[:40]!r}... is {len(ids) + 2} tokens, over CLIP's "
-                                    f"context of {context_length}; shorten it or allow truncation")
+                    raise UserError(f"text {caption[:40]!r}... is {len(ids) + 2} tokens, over "
+                                    f"CLIP's context of {context_length}; shorten it or allow "
+                                    "truncation")
                 ids = ids[: context_length - 2]
             out[row, : len(ids) + 2] = torch.tensor([self.sot, *ids, self.eot])
         return out

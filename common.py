@@ -38,7 +38,8 @@ def first_line(e):
 
 def progress(iterable=None, show=True, **kw):
     """A tqdm bar for long work, drawn only when stderr is a terminal and `show` (rank 0 under
-    torchrun): redirected to a log file, every redraw of a bar would be kept (146 KB for the demo)."""
+    torchrun): redirected to a log file, every redraw of a bar would be kept (146 KB for the demo).
+    """
     return tqdm(iterable, disable=None if show else True, dynamic_ncols=True, **kw)
 
 

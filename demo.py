@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 
-import numpy as np
 import torch
 
 import data

@@ -4,15 +4,14 @@ import json
 import os
 import pickle
 import socket
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import data
+from conftest import HashTokenizer, Interrupted
 from data import CLASS_NAMES, CodesReceipt, SyntheticShapes
 from tokenizer import tokenizer_checksum
 
@@ -207,27 +206,6 @@ def test_ten_crop_geometry():
 
 # ---------------------------------------------------------------------------------------------- code extraction
 
-class Interrupted(Exception):
-    pass
-
-
-class HashTokenizer(torch.nn.Module):
-    """A stand-in with VQModel's interface (encode, config.codebook_size, weights): each 4x4 patch's
-    mean colour hashed over the whole codebook, so codes above 32767 exercise the uint16 round trip.
-    Counts the images it encodes, to see what a resumed extraction recomputes."""
-
-    def __init__(self, codebook_size=65536, salt=0.0, interrupt_after=None):
-        super().__init__()
-        self.config = SimpleNamespace(codebook_size=codebook_size)
-        self.mix = torch.nn.Parameter(torch.tensor([7919.0, 104729.0, 31.0 + salt]), requires_grad=False)
-        self.encoded, self.interrupt_after = 0, interrupt_after
-
-    def encode(self, images):
-        if self.interrupt_after is not None and self.encoded >= self.interrupt_after:
-            raise Interrupted  # as a killed process would stop: between two batches
-        self.encoded += len(images)
-        q = ((F.avg_pool2d(images, 4) + 1) * 127.5).round().long()
-        return (q * self.mix.long()[None, :, None, None]).sum(1) % self.config.codebook_size
 
 
 def _expected_codes(vq, n, size, ten_crop=False, crop=None):

@@ -8,7 +8,6 @@ were generated once in a separate environment that had torchvision; nothing of p
 """
 import dataclasses
 import hashlib
-import os
 import pathlib
 
 import numpy as np
@@ -19,7 +18,8 @@ import torch
 from PIL import Image
 
 import fid
-from common import UserError, cli
+from conftest import run_cli
+from common import UserError
 from data import from_uint8, image_dataset, to_uint8
 from tokenizer import VQModel, psnr, ssim, vq_config
 
@@ -317,13 +317,13 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
 
     # the same through the command line, without rFID
     torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config)}, tmp_path / "vq.pt")
-    code, out, _ = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
+    code, out, _ = fid_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
                            "--image-size", "32", "--no-rfid", "--num-workers", "0", "--batch-size", "5")
     assert code == 0 and "rFID" not in out
     assert f"PSNR: {got['psnr']:.4f} dB" in out and f"SSIM: {got['ssim']:.4f}" in out
-    code, _, err = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"))
+    code, _, err = fid_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"))
     assert code == 2 and "needs both --vq-ckpt and --data" in err
-    code, _, err = run_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
+    code, _, err = fid_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
                            "--num-images", "0")
     assert code == 2 and "--num-images must be at least 1, got 0" in err
 
@@ -331,12 +331,9 @@ def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def run_cli(monkeypatch, capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        cli(lambda: fid.main(list(argv)))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+def fid_cli(monkeypatch, capsys, *argv):
+    """fid.py's command line in-process: (exit code, stdout, stderr)."""
+    return run_cli(fid.main, argv, capsys)
 
 
 @pytest.mark.parametrize("flag", [["--num-workers", "4"], ["--image-size", "256"],
@@ -345,7 +342,7 @@ def test_tokenizer_flags_are_refused_when_scoring_samples(flag, tmp_path, monkey
     """Each tokenizer-evaluation flag would do nothing to sample scoring: one line, exit 2, even
     when given its default value, before any weights are looked for."""
     np.savez(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
-    code, out, err = run_cli(monkeypatch, capsys, str(tmp_path / "s.npz"), str(tmp_path / "s.npz"),
+    code, out, err = fid_cli(monkeypatch, capsys, str(tmp_path / "s.npz"), str(tmp_path / "s.npz"),
                              *flag)
     assert code == 2 and out == ""
     assert err == (f"error: {flag[0]} applies to a tokenizer evaluation (--vq-ckpt, --data) only; "
@@ -370,7 +367,7 @@ def test_tokenizer_flags_keep_their_defaults(monkeypatch):
 ])
 def test_cli_bad_input_is_one_line(make, message, tmp_path, monkeypatch, capsys, weights_file):
     make(tmp_path)
-    code, out, err = run_cli(monkeypatch, capsys, str(tmp_path / "x.npz"), str(tmp_path / "x.npz"),
+    code, out, err = fid_cli(monkeypatch, capsys, str(tmp_path / "x.npz"), str(tmp_path / "x.npz"),
                              "--inception", weights_file, "--device", "cpu")
     assert code == 2 and message in err and err.count("\n") == 1
 
@@ -386,9 +383,9 @@ def test_cli_metrics_and_saved_stats(net, tmp_path, monkeypatch, capsys, weights
     args = ["--inception", weights_file, "--device", "cpu", "--batch-size", "3"]
     ref_stats, sample_stats = str(tmp_path / "ref_stats.npz"), str(tmp_path / "sample_stats.npz")
 
-    code, out, _ = run_cli(monkeypatch, capsys, str(tmp_path / "ref.npz"), "--save-stats", ref_stats, *args)
+    code, out, _ = fid_cli(monkeypatch, capsys, str(tmp_path / "ref.npz"), "--save-stats", ref_stats, *args)
     assert code == 0 and out == f"statistics of {tmp_path / 'ref.npz'} saved to {ref_stats}\n" and not calls
-    code, out, _ = run_cli(monkeypatch, capsys, str(tmp_path / "samples.npz"), ref_stats, "--save-stats",
+    code, out, _ = fid_cli(monkeypatch, capsys, str(tmp_path / "samples.npz"), ref_stats, "--save-stats",
                            sample_stats, *args)
     assert code == 0
     f = fid.compute_features(net, imgs, progress=False)
@@ -407,5 +404,5 @@ def test_cli_metrics_and_saved_stats(net, tmp_path, monkeypatch, capsys, weights
         np.testing.assert_allclose(s["pool"], f["pool"], rtol=1e-5, atol=1e-5)
     # two statistics files: no images, same numbers
     calls.clear()
-    code, out2, _ = run_cli(monkeypatch, capsys, sample_stats, ref_stats, *args)
+    code, out2, _ = fid_cli(monkeypatch, capsys, sample_stats, ref_stats, *args)
     assert code == 0 and out2.splitlines() == out.splitlines()[1:]

@@ -21,13 +21,7 @@ OFFICIAL_PARAMS = {"B": 110_888_448, "L": 342_910_976, "XL": 774_699_520, "XXL":
 OFFICIAL_FFN = {"B": 2048, "L": 2816, "XL": 3584, "XXL": 4096, "XXXL": 6912, "1B": 5632, "3B": 8704, "7B": 11008}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread costs more in hand-offs than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, **overrides):

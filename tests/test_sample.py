@@ -13,23 +13,16 @@ import torch
 from PIL import Image, ImageSequence
 
 import sample
-from common import cli, save_atomic
+from conftest import ENV, ROOT, run_cli
+from common import save_atomic
 from data import CodesReceipt
 from model import GPT, gpt_config
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the machine's 2 cores are shared; one thread each
 VOCAB, GRID, SIZE, CLASSES = 32, 4, 16, 10  # VQ-tiny downsamples by 4: 16 px <-> 4x4 codes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when the other core is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_vq(path, seed, **over):
@@ -70,10 +63,9 @@ def models(ck):
 
 
 def cli_run(argv, capsys):
-    """main() as the command line runs it (common.cli): returns (exit code, stderr)."""
-    with pytest.raises(SystemExit) as e:
-        cli(lambda: sample.main(argv))
-    return e.value.code, capsys.readouterr().err
+    """sample.py's command line in-process: (exit code, stderr)."""
+    code, _, err = run_cli(sample.main, argv, capsys)
+    return code, err
 
 
 EVAL = ["--num-samples", "23", "--batch-size", "4", "--cfg-scale", "2"]  # 6 batches, the last one of 3

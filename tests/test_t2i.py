@@ -27,13 +27,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "official_gpt_t2i_tiny
 OFFICIAL_T2I_PARAMS = {"B": 112_282_368, "L": 345_031_680, "XL": 777_678_080, "XXL": 1_414_940_160}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread costs more in hand-offs than it saves."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,7 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 T5_DIRS = ["t5_tiny", "t5_tiny_sharded", "t5_tiny_bin"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,28 +9,14 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import train
 from common import load_checkpoint
+from conftest import ENV, ROOT, PatchColours
 from tokenizer import VQModel, vq_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-class PatchColours(torch.nn.Module):
-    """A fixed stand-in tokenizer for the trainer's tests: each 4x4 patch -> its mean colour quantised
-    to 4 levels per channel (64 codes). Codes of the embedded dataset that mean something, made fast."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = type("C", (), {"codebook_size": 64})()
-
-    def encode(self, images):
-        q = ((F.avg_pool2d(images, 4) + 1) / 2 * 3.999).floor().long().clamp(0, 3)
-        return q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]
+pytestmark = pytest.mark.subprocess  # python train.py and torchrun, as users run them
 
 
 @pytest.fixture(scope="module")
