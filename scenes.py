@@ -288,7 +288,7 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         objs, caption, rng = self._draw(index)
-        a = _render_array(objs, self.image_size, rng)  # data.pil_to_tensor's scaling, no PIL trip
+        a = _render_array(objs, self.image_size, rng)  # data.from_uint8's scaling, no PIL trip
         x = np.ascontiguousarray(a.transpose(2, 0, 1)) * np.float32(1 / 127.5) - 1
         return torch.from_numpy(x), caption
 

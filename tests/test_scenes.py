@@ -9,7 +9,7 @@ import torch
 
 import scenes
 from common import UserError
-from data import pil_to_tensor
+from data import from_uint8
 from scenes import (COLOURS, HELDOUT_PAIRS, RELATIONS, SHAPES, TASKS, VOCABULARY, CaptionedScenes,
                     benchmark_prompts, check, checker_accuracy, detect, evaluate, relative_position)
 
@@ -47,8 +47,8 @@ def test_deterministic_per_seed_and_index():
     assert a.scene(42) == b.scene(42) and a.caption(42) == a[42][1]
     assert not torch.equal(a[42][0], CaptionedScenes(100, seed=1)[42][0])
     x, _ = a[3]
-    objs, _, rng = a._draw(3)  # the dataset's array path equals render() + data.pil_to_tensor
-    assert torch.equal(x, pil_to_tensor(scenes.render(objs, 32, rng)))
+    objs, _, rng = a._draw(3)  # the dataset's array path equals render() + data.from_uint8
+    assert torch.equal(x, from_uint8(scenes.render(objs, 32, rng)))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() < x.max() <= 1
     assert CaptionedScenes(5, image_size=48)[0][0].shape == (3, 48, 48)
 
@@ -190,7 +190,7 @@ def test_detect_reads_a_known_scene_from_uint8_and_float_images():
         o.update(centre=(cx, cy), side=side, box=(cx - hx, cy - hy, cx + hx, cy + hy))
     pil = scenes.render(objs, 32, np.random.default_rng(0))
     found = detect(np.asarray(pil))
-    assert detect(pil_to_tensor(pil)) == found  # a [-1, 1] tensor reads the same
+    assert detect(from_uint8(pil)) == found  # a [-1, 1] tensor reads the same
     assert [(d["shape"], d["colour"], d["size"]) for d in found] == [
         ("star", "yellow", "large"), ("cross", "cyan", "small"), ("triangle", "magenta", "small")]
     for d, o in zip(found, objs):  # pixel boxes within a pixel of the true ones
