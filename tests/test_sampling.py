@@ -1,0 +1,330 @@
+"""model.py "Faster sampling": the fixed-shape decode step and speculative Jacobi decoding.
+
+Greedy runs must reproduce the sequential sampler code for code; sampled runs must keep its
+distribution, checked by enumerating every sequence of a tiny model."""
+import itertools
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from scipy.stats import chi2
+
+import model as model_module
+from common import UserError, load_weights
+from model import GPT, GPTConfig, filter_logits, rope_2d_table, static_caches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread costs more in hand-offs than it saves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed=0, token_scale=0.1, **overrides):
+    """A random 2-layer model, 16 codes of 32. Token embeddings are shrunk so that, as in images, a
+    code depends weakly on distant codes: drafts made from a partly wrong prefix then survive, and
+    Jacobi decoding really accepts several codes per pass (at full scale it almost never does)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=32, block_size=16, n_layer=2, n_head=4, dim=32, num_classes=5,
+               multiple_of=16)
+    model = GPT(GPTConfig(**{**cfg, **overrides}))
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5)
+        model.tok_embeddings.weight.mul_(token_scale)
+    return model.eval()
+
+
+CFGS = [dict(cfg_scale=1.0), dict(cfg_scale=3.0), dict(cfg_scale=3.0, cfg_interval=4)]
+
+
+class PrefixTable(nn.Module):
+    """Stands in for a caption: each label maps to its own N random condition embeddings."""
+
+    def __init__(self, rows, n, dim):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(rows, n, dim))
+
+    def null(self, labels):  # GPT.generate asks the condition for its null: the last row
+        return torch.full_like(labels, len(self.table) - 1)
+
+    def forward(self, labels):
+        return self.table[labels]
+
+
+def with_prefix(model, n):
+    """The model conditioned on N-token prefixes: config, RoPE table (N zero rows) and embedding."""
+    c = model.config
+    c.cls_token_num = n  # set after construction: GPTConfig admits one class token only
+    model.freqs_cis = rope_2d_table(math.isqrt(c.block_size), c.dim // c.n_head, c.rope_base, n)
+    model.cls_embedding = PrefixTable(c.num_classes + 1, n, c.dim)
+    return model
+
+
+# -------------------------------------------------------------------- KV cache, windows, positions
+@pytest.mark.parametrize("n_prefix,n_kv_head", [(1, None), (3, 2)])
+def test_windows_at_per_row_positions_equal_the_full_forward(n_prefix, n_kv_head):
+    """Windows of W=4 codes scored against the cache after an N-token prefix, rows at their own
+    positions, stale drafts overwritten: logits equal the full causal forward to 1e-5."""
+    model = tiny(n_kv_head=n_kv_head)
+    if n_prefix > 1:
+        model = with_prefix(model, n_prefix)
+    N, L = n_prefix, 16
+    codes, cond = torch.randint(0, 32, (2, L)), torch.tensor([1, 4])
+    with torch.no_grad():
+        full, _ = model(codes, cond)  # full[:, t] predicts code t
+        static_caches(model, 2, N + L + 3)
+        try:
+            first = model.forward_cached(model.cls_embedding(cond), 0)
+            assert (first - full[:, 0]).abs().max() <= 1e-5
+
+            def window(starts, tokens):  # tokens (2, 4) at code indices starts .. starts+3
+                index = torch.tensor(starts)[:, None] + torch.arange(4)
+                return model.decode_step(model.tok_embeddings(tokens), N + index), index
+
+            junk = (codes[1, 1:4] + 1) % 32  # row 1: code 0 right, three wrong drafts after it
+            row1 = torch.cat([codes[1, :1], junk])
+            out, index = window([0, 0], torch.stack([codes[0, :4], row1]))
+            assert (out[0] - full[0, 1:5]).abs().max() <= 1e-5
+            assert (out[1, 0] - full[1, 1]).abs().max() <= 1e-5  # before the first wrong draft
+            assert (out[1, 1:] - full[1, 2:5]).abs().max() > 1e-3  # after it: a different prefix
+            # row 0 moves on to codes 4..7; row 1 rewrites codes 1..4 over its wrong drafts
+            out, _ = window([4, 1], torch.stack([codes[0, 4:8], codes[1, 1:5]]))
+            assert (out[0] - full[0, 5:9]).abs().max() <= 1e-5
+            assert (out[1] - full[1, 2:6]).abs().max() <= 1e-5
+            out, _ = window([8, 5], torch.stack([codes[0, 8:12], codes[1, 5:9]]))
+            # the cache has 3 slots of slack past the image: row 0's window may overhang its end
+            out, _ = window([12, 9], torch.stack([codes[0, 12:16], codes[1, 9:13]]))
+            assert (out[0, :3] - full[0, 13:16]).abs().max() <= 1e-5
+            assert (out[1] - full[1, 10:14]).abs().max() <= 1e-5
+            cache = model.layers[0].attention.kv_cache
+            assert cache.k.shape == (2, n_kv_head or 4, N + L + 3, 8)  # one buffer, never grown
+        finally:
+            for layer in model.layers:
+                layer.attention.kv_cache = None
+
+
+# ---------------------------------------------------------------------- the fixed-shape decode step
+@pytest.mark.parametrize("cfg", CFGS)
+def test_static_step_gives_the_eager_codes(cfg):
+    model = tiny(token_scale=1.0)
+    cond = torch.tensor([0, 3, 4])
+    eager = model.generate(cond, greedy=True, **cfg)
+    shapes, inner = [], model.decode_step
+
+    def spy(x, positions):
+        shapes.append((tuple(x.shape), tuple(positions.shape)))
+        return inner(x, positions)
+    model.decode_step = spy
+    static, passes = model.generate(cond, greedy=True, static=True, return_passes=True, **cfg)
+    assert torch.equal(static, eager) and passes == 16  # one pass per code, the prefill included
+    rows = [6 if cfg["cfg_scale"] != 1.0 else 3]
+    if "cfg_interval" in cfg:  # guided codes 0..5 come from the prefill and steps 1..5, then 3 rows
+        rows = [6] * 5 + [3] * 10
+    assert shapes == [((r, 1, 32), (r, 1)) for r in (rows * 15 if len(rows) == 1 else rows)]
+    # seeded sampling: the same draws from the same generator, so the same codes
+    kw = dict(temperature=1.3, top_k=10, top_p=0.9, **cfg)
+    a = model.generate(cond, generator=torch.Generator().manual_seed(5), **kw)
+    b = model.generate(cond, generator=torch.Generator().manual_seed(5), static=True, **kw)
+    assert torch.equal(a, b) and len(a.unique()) > 4
+    # the Jacobi sampler with a window of one code IS the sequential static sampler
+    c = model.generate(cond, generator=torch.Generator().manual_seed(5), sampler="jacobi", window=1,
+                       **kw)
+    assert torch.equal(a, c)
+
+
+def test_static_step_compiles_once_for_the_whole_image():
+    """torch.compile sees one graph for every token (positions are tensors, the cache has its full
+    length): traced once, never recompiled, also not for a second image."""
+    from torch._dynamo.testing import CompileCounter
+    model = tiny(token_scale=1.0, n_layer=1)  # one layer: less to trace
+    cond = torch.tensor([2, 1])
+    eager = model.generate(cond, cfg_scale=2.0, greedy=True)
+    counter = CompileCounter()
+    model.decode_step = torch.compile(model.decode_step, backend=counter, fullgraph=True,
+                                      dynamic=False)
+    assert torch.equal(model.generate(cond, cfg_scale=2.0, greedy=True, static=True), eager)
+    model.generate(cond.flip(0), cfg_scale=2.0, greedy=True, static=True)
+    assert counter.frame_count == 1
+
+
+# -------------------------------------------------------------------------- greedy Jacobi decoding
+@pytest.mark.parametrize("cfg", CFGS)
+def test_greedy_jacobi_is_the_greedy_sequence(cfg):
+    model = tiny()
+    cond = torch.tensor([0, 3, 4, 1])
+    sequential = model.generate(cond, greedy=True, **cfg)
+    assert len(sequential.unique()) > 4
+    for window in (2, 4, 16):
+        codes, passes = model.generate(cond, greedy=True, sampler="jacobi", window=window,
+                                       return_passes=True, **cfg)
+        assert torch.equal(codes, sequential), window
+        assert passes < 16  # fewer passes than codes: several drafts were accepted in one pass
+        # each row accepts its own count: alone it needs at most as many passes as in the batch
+        alone = [model.generate(cond[i:i + 1], greedy=True, sampler="jacobi", window=window,
+                                return_passes=True, **cfg) for i in range(4)]
+        assert all(torch.equal(c[0], sequential[i]) for i, (c, _) in enumerate(alone))
+        assert max(p for _, p in alone) == passes
+    assert not model.training and all(layer.attention.kv_cache is None for layer in model.layers)
+
+
+def test_greedy_jacobi_and_static_step_reproduce_the_official_codes():
+    """tests/data/official_gpt_tiny.pt holds the official LlamaGen generate(top_k=1) codes of a tiny
+    random model (recorded for test_model.py): both new paths must give them unchanged."""
+    fx = torch.load(os.path.join(os.path.dirname(__file__), "data", "official_gpt_tiny.pt"),
+                    map_location="cpu", weights_only=True)
+    ref = fx["mha"]
+    model = load_weights(GPT(GPTConfig(**ref["config"])), ref["state_dict"], "fixture").eval()
+    for name, kw in {"cfg1": dict(cfg_scale=1.0), "cfg4": dict(cfg_scale=4.0),
+                     "cfg4_interval3": dict(cfg_scale=4.0, cfg_interval=3)}.items():
+        expected = ref[f"generate_{name}"]
+        for options in (dict(static=True), dict(sampler="jacobi", window=4),
+                        dict(sampler="jacobi", window=16)):
+            codes = model.generate(fx["gen_labels"], greedy=True, **options, **kw)
+            assert torch.equal(codes, expected), (name, options)
+
+
+def test_greedy_jacobi_after_a_multi_token_prefix():
+    """A 3-token condition prefix (as a caption's embeddings) enters through the prefill."""
+    model = with_prefix(tiny(seed=1), 3)
+    cond = torch.tensor([1, 2, 0])
+    for cfg in (dict(cfg_scale=1.0), dict(cfg_scale=2.0), dict(cfg_scale=2.0, cfg_interval=2)):
+        sequential = model.generate(cond, greedy=True, **cfg)
+        codes, passes = model.generate(cond, greedy=True, sampler="jacobi", window=8,
+                                       return_passes=True, **cfg)
+        assert torch.equal(codes, sequential) and passes < 16 and len(sequential.unique()) > 4
+    # the prefix really conditions: other embeddings, other codes
+    with torch.no_grad():
+        model.cls_embedding.table.mul_(-1)
+    other = model.generate(cond, greedy=True, sampler="jacobi", window=8)
+    assert not torch.equal(other, sequential)
+
+
+def test_progress_callback_and_bad_options():
+    model = tiny()
+    seen = []
+    codes = model.generate(torch.tensor([1, 2]), greedy=True, sampler="jacobi", window=4,
+                           callback=lambda t, c: seen.append((t, c.clone())))
+    steps = [t for t, _ in seen]
+    assert steps[0] == 1 and steps[-1] == 16 and steps == sorted(steps)
+    assert all(torch.equal(c, codes[:, :t]) for t, c in seen)
+    with pytest.raises(UserError, match="unknown sampler 'beam'"):
+        model.generate(torch.tensor([1]), sampler="beam")
+    with pytest.raises(UserError, match="window 0 is not a whole number >= 1"):
+        model.generate(torch.tensor([1]), sampler="jacobi", window=0)
+
+
+# ------------------------------------------------------------------- the distribution is unchanged
+def enumerable_model():
+    """Vocabulary 4, a 2 x 2 grid: 4^4 = 256 sequences, few enough to list them all."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4, block_size=4, n_layer=2, n_head=2, dim=16, num_classes=3,
+                          multiple_of=16))
+    with torch.no_grad():
+        model.output.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+SETTING = dict(cfg_scale=2.5, cfg_interval=0, temperature=1.3, top_k=3)  # codes 0, 1 guided
+SEQUENCES = torch.tensor(list(itertools.product(range(4), repeat=4)))
+
+
+@torch.no_grad()
+def exact_probabilities(model, label):
+    """P(sequence) for all 256 sequences under SETTING, by the chain rule over the full forward:
+    guided logits uncond + s (cond - uncond) for codes 0..cfg_interval+1, conditional after, then
+    temperature and top-k, a softmax per code, the product over the 4 codes."""
+    cond = torch.full((len(SEQUENCES),), label)
+    logits_c, _ = model(SEQUENCES, cond)
+    logits_u, _ = model(SEQUENCES, torch.full_like(cond, 3))  # the null class
+    guided = logits_u + SETTING["cfg_scale"] * (logits_c - logits_u)
+    inside = (torch.arange(4) <= SETTING["cfg_interval"] + 1)[None, :, None]
+    logits = torch.where(inside, guided, logits_c)
+    probs = filter_logits(logits, SETTING["temperature"], SETTING["top_k"]).softmax(-1)
+    return probs.gather(-1, SEQUENCES[..., None])[..., 0].double().prod(-1)
+
+
+def tv_bound(p, n, seed=1):
+    """The TV distance of n EXACT draws from p fluctuates too: its 99.9% quantile over 1000 seeded
+    batches of n draws."""
+    draws = torch.multinomial(p.float(), 1000 * n, replacement=True,
+                              generator=torch.Generator().manual_seed(seed)).view(1000, n)
+    draws = draws + 256 * torch.arange(1000)[:, None]  # one block of 256 cells per batch
+    freq = torch.bincount(draws.flatten(), minlength=1000 * 256).view(1000, 256).double() / n
+    return torch.quantile(0.5 * (freq - p).abs().sum(-1), 0.999).item()
+
+
+def fit(model, exact, n, seed=0):
+    """n Jacobi samples (window 3: a pass scores 3 of the 4 codes) per label 0 and 2, in ONE batch
+    of 2n rows that accept independently; per label: (TV distance, chi-square p-value)."""
+    labels = torch.tensor([0, 2]).repeat_interleave(n)
+    codes, passes = model.generate(labels, sampler="jacobi", window=3, return_passes=True,
+                                   generator=torch.Generator().manual_seed(seed), **SETTING)
+    index = (codes * torch.tensor([64, 16, 4, 1])).sum(-1)
+    results = []
+    for k, p in enumerate(exact):
+        counts = torch.bincount(index[k * n:(k + 1) * n], minlength=256).double()
+        tv = 0.5 * (counts / n - p).abs().sum().item()
+        # Pearson chi-square over the cells expected >= 5 times, the rest pooled into one cell
+        expected = p * n
+        big = expected >= 5
+        e = torch.cat([expected[big], expected[~big].sum()[None]])
+        o = torch.cat([counts[big], counts[~big].sum()[None]])
+        results.append((tv, chi2.sf(((o - e) ** 2 / e).sum().item(), len(e) - 1)))
+    return results, passes
+
+
+def test_jacobi_samples_follow_the_exact_distribution(monkeypatch):
+    """4000 seeded samples per label against the enumerated distribution (CFG with an interval,
+    temperature, top-k). Passes: chi-square p-value > 1e-3 (a fit this bad happens by chance for one
+    seed in a thousand) and TV below the 99.9% quantile of the TV of 4000 exact draws (about 0.03).
+    The same check must fail, p-value < 1e-6 and TV above that quantile, for wrong acceptance rules:
+    always keeping the draft and min(1, q/p) (500 samples show them: copy drafts flood in), and
+    min(1, p), which ignores q (right only for the one-hot copy drafts, wrong for the re-drawn ones;
+    4000 samples: TV ~0.07-0.11 against a bound of ~0.04, p-values < 1e-10)."""
+    model = enumerable_model()
+    exact = [exact_probabilities(model, label) for label in (0, 2)]
+    for p in exact:
+        assert abs(p.sum().item() - 1) < 1e-6 and (p > 0).sum() == 81  # top-3 of 4 codes: 3^4 left
+    results, passes = fit(model, exact, 4000)
+    assert passes <= 4  # the prefill, then windows of 3: each pass accepts >= 1 code in every row
+    bounds = {n: [tv_bound(p, n) for p in exact] for n in (500, 4000)}
+    for (tv, pvalue), bound in zip(results, bounds[4000]):
+        assert pvalue > 1e-3 and tv < bound < 0.05, (tv, pvalue, bound)
+    wrong = {"always": (500, lambda p, q: torch.ones_like(p)),  # gross errors show in 500 samples
+             "q/p": (500, lambda p, q: (q / p).clamp(max=1.0)),
+             "p only": (4000, lambda p, q: p.clamp(max=1.0))}
+    for name, (n, rule) in wrong.items():
+        monkeypatch.setattr(model_module, "acceptance_probability", rule)
+        results, _ = fit(model, exact, n)
+        for (tv, pvalue), bound in zip(results, bounds[n]):
+            assert pvalue < 1e-6 and tv > bound, (name, tv, pvalue, bound)
+
+
+def test_caption_condition_through_jacobi_and_the_static_step():
+    """A caption model (features embedded by cap_proj inside jacobi_generate, in eval mode): greedy
+    Jacobi and the static step give the sequential codes, with and without guidance; a padded
+    caption (cond_mask) is refused with one line."""
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=4, dim=32,
+                          caption_dim=8, cls_token_num=3, multiple_of=16))
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5)
+        model.tok_embeddings.weight.mul_(0.1)
+    model.train()  # generate must switch condition dropout off on every path
+    caption = torch.randn(2, 3, 8)
+    for cfg in (dict(cfg_scale=1.0), dict(cfg_scale=2.0, cfg_interval=2)):
+        sequential = model.generate(caption, greedy=True, **cfg)
+        assert len(sequential.unique()) > 4
+        for options in (dict(static=True), dict(sampler="jacobi", window=8)):
+            codes, passes = model.generate(caption, greedy=True, return_passes=True, **options,
+                                           **cfg)
+            assert torch.equal(codes, sequential), options
+            assert passes == 16 if "static" in options else passes < 16
+    assert model.training
+    with pytest.raises(UserError, match="not yet for padded captions"):
+        model.generate(caption, sampler="jacobi", cond_mask=torch.ones(2, 3, dtype=torch.bool))
