@@ -1,9 +1,15 @@
 """Speed, measured: `python bench.py [--only gpt,vq,train,fid] [--device cuda] [--quick]`.
 
-Every speed figure in the README comes from here, quoted with the machine it ran on. The tests
-time nothing: speed depends on the machine, correctness does not. Models carry random weights
-(a forward pass costs the same whatever the numbers), so nothing is downloaded.
-"""
+Every speed figure in the README comes from here, quoted with the machine it ran on. The tests time
+nothing: speed depends on the machine, correctness does not. Models carry random weights (a forward
+pass costs the same whatever the numbers), so nothing is downloaded.
+
+How to read the figures: these are wall-clock minima of a few repeats, so they are the machine's
+best case, not its average. On a shared 2-core VM a neighbour's job can double a figure; compare two
+codes only within one run (the same process, the same minute), never across runs or machines. At
+small batch the GPT's decode step is bound by memory bandwidth (every weight is read once per
+token), so its floor is weight bytes / bandwidth; training and the tokenizer are bound by
+arithmetic, so they are quoted against the chip's peak FLOP/s instead (MFU)."""
 import argparse
 import platform
 import time
@@ -23,6 +29,7 @@ def timed(fn, warmup=1, repeat=3, device="cpu"):
         fn()
     sync()
     best = float("inf")
+    # perf_counter: a monotonic clock with sub-microsecond resolution, unaffected by clock changes
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
@@ -171,6 +178,8 @@ def bench_text(args):
     import tempfile
 
     from text import T5Encoder, UnigramTokenizer, t5_config, write_safetensors
+    # the tokenizer first: it is pure Python (Viterbi per word), the part most likely to bind a
+    # feature extraction on many CPU workers; a cold cache is the honest first pass over a dataset
     root = os.path.dirname(os.path.abspath(__file__))
     rng = random.Random(0)  # captions of 14 words from 2000 made-up ones: a cold cache at first
     words = ["".join(rng.choice("aeioubcdfglmnprst") for _ in range(rng.randint(2, 9)))
@@ -181,6 +190,8 @@ def bench_text(args):
         texts, length=120), warmup=0, repeat=1)
     print(f"tokenizer (tests/data/spm_tiny, vocab 300), {len(texts)} captions of 14 words to 120 "
           f"ids from a cold cache: {len(texts) / sec:.0f} captions/s", flush=True)
+    # random weights of the real FLAN-T5-XL shape; the speed of a 24-layer, 2048-wide encoder
+    # does not depend on what the weights are
     torch.manual_seed(0)
     batch = 8 if args.device != "cpu" else 1 if args.quick else 2  # 2 CPU cores: ~1 min/caption
     ids = torch.randint(3, 32000, (batch, 120), device=args.device)
