@@ -4,10 +4,14 @@ One copy of each, so that train.py, sample.py, data.py, fid.py and the rest pick
 save, download and fail the same way. Nothing here knows about images, codes or models.
 """
 import argparse
+import errno
+import glob
 import os
+import shutil
 import socket
 import sys
 import tempfile
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -18,16 +22,52 @@ class UserError(ValueError):
     """Bad input from the user (a path, a flag, a checkpoint): CLIs print one line and exit 2."""
 
 
+def is_rank0():
+    """True in a single process and in torchrun's rank 0, the one process that speaks for all."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def say(line):
+    """Print one line on stderr above any tqdm bar (a plain print would be drawn over)."""
+    tqdm.write(line, file=sys.stderr)
+
+
+# The faults of the file system a user can fix: a full disk, a folder that cannot be written, a
+# path that runs through a file. Anything else from the OS is a bug and keeps its traceback.
+_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+            errno.EISDIR, errno.EEXIST}
+
+
+def os_error_line(e, path=None):
+    """One line for a fixable OSError: what happened to which path, and what to do."""
+    where = e.filename or path or "the output folder"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on {where}; free some space or write elsewhere (files kept)"
+    if e.errno == errno.ENOTDIR:
+        return f"cannot write {where}: part of that path is a file, not a folder; choose another"
+    return f"cannot write {where} ({e.strerror}); choose a writable location"
+
+
 def cli(main):
-    """Run `main()`; a UserError becomes one line on stderr and exit code 2, never a traceback."""
+    """Run `main()`; bad input becomes one line on stderr and exit code 2, never a traceback.
+    Under torchrun only rank 0 prints (every rank sees the same bad input), and the process group
+    is closed so that no rank waits for a dead peer."""
+    def leave(line, code):
+        if is_rank0():
+            say(line)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(code)
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        leave(f"error: {e}", 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        leave("interrupted", 130)
+    except OSError as e:
+        if e.errno not in _FIXABLE:
+            raise
+        leave(f"error: {os_error_line(e)}", 2)
 
 
 def first_line(e):
@@ -92,15 +132,26 @@ def resolve_precision(precision, device):
 # -------------------------------------------------------------------------------- checkpoint files
 def load_checkpoint(path):
     """torch.load with weights_only=True. The official LlamaGen files pickle an argparse.Namespace
-    under "args"; it is allow-listed by name instead of turning the safety off."""
+    under "args"; it is allow-listed by name instead of turning the safety off. A file that is not
+    a checkpoint is named as such; torch's own advice to load it unsafely is never passed on."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist; check the path")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "pickle protocol 4" chatter from old files
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated download, not a torch file, a pickled class we do not trust
-        raise UserError(f"cannot read checkpoint {path!r} ({first_line(e)}); "
-                        "re-download or re-save it") from None
+    except Exception as e:
+        text = str(e)
+        if isinstance(e, EOFError) or os.path.getsize(path) == 0:
+            why = "it is empty or cut short; re-download or re-save it"
+        elif "central directory" in text or "zip archive" in text:
+            why = "it is truncated or damaged; re-download or re-save it"
+        elif "Unsupported global" in text:
+            why = ("it holds pickled Python objects besides tensors, which are never unpickled "
+                   "here (they can run code); save its state_dict instead")
+        else:  # a KeyError on a byte value, "invalid load key": some other kind of file
+            why = "it is not a PyTorch checkpoint; check the path"
+        raise UserError(f"cannot read checkpoint {path!r}: {why}") from None
 
 
 def unwrap_state_dict(ckpt):
@@ -148,14 +199,19 @@ def save_atomic(what, path):
     """Write `path` so that a crash leaves the old file or the new one, never half of one: into a
     temporary file in the same folder, flushed to disk, then renamed over `path` (a rename within
     one filesystem is atomic). `what` is an object for torch.save, or a function that writes to a
-    file."""
+    file. A full disk or an unwritable folder is one UserError; the old file stays."""
     folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        # a process killed mid-save leaves its temporary file; each path has one writer, so the
+        # leftovers of this very name are dead and can go
+        for old in glob.glob(os.path.join(glob.escape(folder), ".tmp-*" + glob.escape(name))):
+            if len(os.path.basename(old)) == len(".tmp-12345678") + len(name):
+                os.remove(old)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
     except OSError as e:
-        raise UserError(f"cannot write to {path!r} ({e.strerror}); "
-                        "choose a writable location") from None
+        raise UserError(os_error_line(e, path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             what(f) if callable(what) else torch.save(what, f)
@@ -165,9 +221,17 @@ def save_atomic(what, path):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e  # torch.save turns a failed write into a RuntimeError raised over the OSError
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is not None and cause.errno in _FIXABLE:
+            raise UserError(os_error_line(cause, folder if cause.errno == errno.ENOSPC else path)
+                            ) from None
+        if isinstance(e, RuntimeError) and shutil.disk_usage(folder).free < (1 << 20):
+            raise UserError(os_error_line(OSError(errno.ENOSPC, "full"), folder)) from None
         raise
 
 
