@@ -6,6 +6,7 @@ save, download and fail the same way. Nothing here knows about images, codes or 
 import argparse
 import errno
 import glob
+import hashlib
 import os
 import shutil
 import socket
@@ -152,6 +153,22 @@ def load_checkpoint(path):
         else:  # a KeyError on a byte value, "invalid load key": some other kind of file
             why = "it is not a PyTorch checkpoint; check the path"
         raise UserError(f"cannot read checkpoint {path!r}: {why}") from None
+
+
+def weights_checksum(module, as_dtype=None):
+    """sha256 of a module's floating-point tensors (names, dtypes, shapes and bytes, in key order):
+    the identity of a set of weights, the same whichever file they came from, so that data made
+    with them (tokenizer codes, text features) can be matched to them later. as_dtype hashes every
+    tensor cast to that dtype, so one model loaded in float32 or in bfloat16 gets one checksum (a
+    frozen text encoder runs in either); None hashes the tensors as they are."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        if v.is_floating_point():
+            v = v.detach().cpu()  # one tensor at a time: never a second copy of the whole model
+            v = v if as_dtype is None else v.to(as_dtype)
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
+            h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def unwrap_state_dict(ckpt):

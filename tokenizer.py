@@ -7,7 +7,6 @@ Read top to bottom, smallest pieces first: blocks -> Encoder/Decoder -> VectorQu
 VQModel -> losses -> metrics -> named configs. Key names and shapes equal the official LlamaGen
 checkpoints (vq_ds16_c2i.pt, vq_ds8_c2i.pt), which load with VQModel.from_pretrained."""
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -15,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, download, load_checkpoint, load_weights, unwrap_state_dict
+from common import (UserError, download, load_checkpoint, load_weights, unwrap_state_dict,
+                    weights_checksum)
 
 
 @dataclass
@@ -381,15 +381,10 @@ class VQModel(nn.Module):
 
 
 def tokenizer_checksum(vq):
-    """sha256 of a tokenizer's weights (its floating-point tensors, in key order): the same for a
-    model whichever file it came from (ours or an official release), so codes can be matched to the
-    tokenizer that decodes them. data.py records it in every codes folder's receipt."""
-    h = hashlib.sha256()
-    for k, v in sorted(vq.state_dict().items()):
-        if v.is_floating_point():
-            h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
-            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """sha256 of a tokenizer's weights (common.weights_checksum): the same for a model whichever
+    file it came from (ours or an official release), so codes can be matched to the tokenizer that
+    decodes them. data.py records it in every codes folder's receipt."""
+    return weights_checksum(vq)
 
 
 # ------------------------------------------------------------------------------------------------
