@@ -4,15 +4,19 @@ Read top to bottom, in the order the data flows: SyntheticShapes, ten classes of
 drawn on the fly so that every command runs with nothing downloaded; image folders in the ImageNet
 layout with the two crops of the official recipe; the pixel rule (floats <-> uint8) and the PNG grid
 that sample.py, the demo and the preview write; then the extraction of the tokenizer codes the GPT
-trains on, the receipt that says how they were made, and CodesDataset that reads them back.
+trains on, the receipt that says how they were made, and CodesDataset that reads them back; last,
+captioned images and the text encoder's features of their captions, extracted the same way.
 
     python data.py preview --out shapes.png                     # synthetic examples by class
     python data.py extract --vq-ckpt vq_ds16_c2i.pt --data /imagenet/train --out codes/in256 \\
         --ten-crop
     torchrun --nproc_per_node 8 data.py extract ...             # the same, sharded over 8 GPUs
+    python data.py extract --vq-ckpt VQ.pt --data scenes:2000 --image-size 32 --out codes/scenes
+    python data.py features --data codes/scenes --t5 flan-t5-xl/ --out features/scenes
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import UserError, cli, save_atomic, setup_device
+from common import (DTYPES, UserError, cli, first_line, is_rank0, progress, save_atomic,
+                    setup_device, weights_checksum)
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
 
@@ -296,10 +301,13 @@ class ImageFolder(torch.utils.data.Dataset):
 
 def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     """The dataset behind a --data flag: "synthetic" (10,000 SyntheticShapes), "synthetic:N" (N of
-    them, from `seed`), or an ImageNet-layout folder. `augment` and `flip` apply to folders;
+    them, from `seed`), an ImageNet-layout folder, or a caption spec (caption_dataset) as
+    Captioned (image, 0) items. `augment` and `flip` apply to folders;
     synthetic images are drawn at the final size, already varied in position, size and rotation (a
     random crop could cut the shape that defines the class out of the picture)."""
     spec = str(spec)
+    if is_caption_spec(spec):  # scenes[:N], coco:..., captions:DIR: label 0 (see Captions below)
+        return Captioned(caption_dataset(spec, image_size, augment, flip, seed))
     if spec == "synthetic" or spec.startswith("synthetic:"):
         n = spec.partition(":")[2] or "10000"
         if not n.isdigit() or int(n) < 1:
@@ -510,7 +518,8 @@ def _receipt(vq, base, data, image_size, ten_crop, crop_range, device):
         count=len(base), tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop,
         crop_range=crop_range if ten_crop else None, codes_dtype=np.dtype(codes_dtype).name,
         labels_dtype=np.dtype(labels_dtype).name,
-        data=data if isinstance(base, SyntheticShapes) else os.path.abspath(data),
+        data=getattr(base, "spec", data if isinstance(base, SyntheticShapes) else
+                     os.path.abspath(data)),
         num_classes=base.num_classes, classes=tuple(base.classes))
 
 
@@ -569,6 +578,8 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
     progress_path = os.path.join(parts, f"progress-{tag}.json")
     lo, hi = receipt.count * rank // world, receipt.count * (rank + 1) // world  # this shard
     done = _rows_done(out, parts, progress_path, world, receipt)
+    if rank == 0 and isinstance(base, Captioned):  # row i's caption, for t2i training
+        write_captions(out, captions_of(base))
     if done < hi - lo:
         os.makedirs(parts, exist_ok=True)
         # memory-mapped part files: "w+" creates a shard's arrays, "r+" reopens them on resume,
@@ -741,10 +752,581 @@ def codes_dataset(spec):
 
 
 # ------------------------------------------------------------------------------------------------
+# Captions: image-caption datasets, and the frozen text encoder's features computed once
+#
+# The text-to-image GPT never reads words: a caption reaches it as the output of a frozen FLAN-T5-XL
+# encoder (paper 3.3), 1.2B parameters whose result for a given caption never changes, because the
+# encoder is not trained. Running it in every epoch would cost more than the GPT itself, so, like
+# the image codes, the features are computed once and stored (the official extract_t5_feature.py).
+#
+# Caption sources, each a Dataset of (image float32 [3, S, S] in [-1, 1], caption str) with
+# `.spec` (how --data names it) and every caption readable without decoding an image
+# (captions_of):
+#   captions:DIR  images anywhere under DIR, each with a same-stem .txt beside it (cat.jpg, cat.txt)
+#   coco:ANNOTATIONS.json:IMAGES_DIR  a COCO captions file: one item per image, its first caption
+#   scenes[:N]    N scenes of the built-in captioned world (scenes.CaptionedScenes; 10,000 if no N)
+# image_dataset takes the same specs and gives (image, 0): captioned images form one class, and
+# extract_codes writes their captions, in row order, into the codes folder's captions.json.
+
+def is_caption_spec(spec):
+    """True for the --data specs that name captioned images (captions:, coco:, scenes[:N])."""
+    spec = str(spec)
+    return spec.startswith(("captions:", "coco:")) or spec == "scenes" or spec.startswith("scenes:")
+
+
+def _read_caption(path, image):
+    """The caption file of `image`: its whole text, every run of white space (line breaks too) read
+    as one space, so a caption written over several lines stays one caption."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = " ".join(f.read().split())
+    except FileNotFoundError:
+        raise UserError(f"image {image} has no caption: {path} does not exist; write it or move "
+                        "the image out of the folder") from None
+    except UnicodeDecodeError:
+        raise UserError(f"caption file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read caption file {path} ({e.strerror})") from None
+    if not text:
+        raise UserError(f"caption file {path} is empty; write the caption of {image} in it, or "
+                        "move both out of the folder")
+    return text
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """(image file, caption) pairs -> (image float32 [3, image_size, image_size] in [-1, 1],
+    caption str); augment "center" (ADM's centre crop) or "random_resize_crop", and an optional
+    random flip (off by default: a caption may say "left of").
+
+    An image that cannot be decoded is an error naming it, not a substitute as in ImageFolder:
+    another image would then carry this caption, and codes row i must show caption i."""
+
+    def __init__(self, samples, image_size, augment="center", flip=False, spec=""):
+        if augment not in ("center", "random_resize_crop"):
+            raise UserError(f"augment must be 'center' or 'random_resize_crop', got {augment!r}")
+        self.samples, self.image_size, self.augment, self.flip = samples, image_size, augment, flip
+        self.spec, self.captions = spec, [caption for _, caption in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, caption = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode now: a truncated file fails here, inside the try
+                pil = to_rgb(im)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"unreadable image {path} ({first_line(e)}); remove it and its "
+                            "caption, then extract into a new folder") from None
+        crop = center_crop if self.augment == "center" else random_resize_crop
+        x = from_uint8(crop(pil, self.image_size))
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, caption
+
+
+def caption_folder(root, image_size, augment="center", flip=False):
+    """Images anywhere under `root` (sorted paths, as ImageFolder), each with its same-stem .txt
+    caption; an image without one is an error, not a silent gap in the data."""
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    if not os.path.isdir(root):
+        raise UserError(f"caption folder {root!r} does not exist; pass a folder of images, each "
+                        "with a same-stem .txt caption beside it")
+    samples = []
+    for folder, _, files in sorted(os.walk(root, followlinks=True)):
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                image = os.path.join(folder, name)
+                samples.append((image, _read_caption(os.path.splitext(image)[0] + ".txt", image)))
+    if not samples:
+        raise UserError(f"no images under {root!r}; expected images with a same-stem .txt caption "
+                        "beside each (cat.jpg and cat.txt)")
+    return CaptionedImages(samples, image_size, augment, flip, spec=f"captions:{root}")
+
+
+def coco_captions(annotations, images_dir, image_size, augment="center", flip=False):
+    """A COCO captions file (captions_train2017.json: "images" [{id, file_name}], "annotations"
+    [{image_id, caption}]): one item per image, in the file's order of "images", with the first
+    of its captions in the file (COCO has five per image; LlamaGen's t2i data has one per image).
+    Images with no caption are left out, counted in `.uncaptioned`."""
+    annotations = os.path.abspath(os.path.expanduser(annotations))
+    images_dir = os.path.abspath(os.path.expanduser(images_dir))
+    layout = ("it needs 'images' [{id, file_name}] and 'annotations' [{image_id, caption}], as "
+              "captions_train2017.json has")
+    try:
+        with open(annotations, encoding="utf-8") as f:
+            raw = json.load(f)
+        names = {im["id"]: im["file_name"] for im in raw["images"]}  # in the file's order
+        first = {}
+        for a in raw["annotations"]:
+            if not isinstance(a["caption"], str):
+                raise TypeError("caption")
+            first.setdefault(a["image_id"], " ".join(a["caption"].split()))
+    except FileNotFoundError:
+        raise UserError(f"COCO annotations {annotations!r} do not exist; write "
+                        "coco:ANNOTATIONS.json:IMAGES_DIR") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{annotations}: not valid JSON ({e.msg}, line {e.lineno}); the file is "
+                        "damaged or cut short, download it again") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{annotations}: not UTF-8 JSON; give a COCO captions file") from None
+    except (KeyError, TypeError, AttributeError):
+        raise UserError(f"{annotations}: not a COCO captions file; {layout}") from None
+    if not os.path.isdir(images_dir):
+        raise UserError(f"COCO image folder {images_dir!r} does not exist; write "
+                        "coco:ANNOTATIONS.json:IMAGES_DIR")
+    samples = [(os.path.join(images_dir, str(name)), first[i]) for i, name in names.items()
+               if i in first]
+    empty = next((i for i, name in names.items() if first.get(i) == ""), None)
+    if empty is not None:
+        raise UserError(f"{annotations}: image {empty} has an empty first caption; fix the file")
+    missing = [path for path, _ in samples if not os.path.isfile(path)]
+    if missing:
+        raise UserError(f"{missing[0]} (named in {os.path.basename(annotations)}) does not exist"
+                        f"{f', nor {len(missing) - 1} more' if len(missing) > 1 else ''}; is "
+                        f"{images_dir} the image folder of these annotations?")
+    if not samples:
+        raise UserError(f"{annotations}: no image has a caption")
+    ds = CaptionedImages(samples, image_size, augment, flip,
+                         spec=f"coco:{annotations}:{images_dir}")
+    ds.uncaptioned = len(names) - len(samples)
+    return ds
+
+
+def caption_dataset(spec, image_size, augment="center", flip=False, seed=0):
+    """The captioned dataset a spec names: "scenes[:N]" (scenes.CaptionedScenes, drawn at the
+    final size like SyntheticShapes, so augment and flip do not apply), "coco:ANN.json:IMAGES"
+    (coco_captions), "captions:DIR" or a plain folder (caption_folder). Items: (image float32
+    [3, S, S] in [-1, 1], caption str); `.spec` is the normalised spec (absolute paths)."""
+    spec = str(spec)
+    if spec == "scenes" or spec.startswith("scenes:"):
+        from scenes import CaptionedScenes  # here, not at the top: scenes.py imports data.py
+        n = spec.partition(":")[2] or "10000"
+        if not n.isdigit() or int(n) < 1:
+            raise UserError(f"--data {spec!r}: write scenes:N with N a positive number of scenes, "
+                            "e.g. scenes:2000")
+        ds = CaptionedScenes(int(n), image_size, seed)
+        ds.spec = f"scenes:{int(n)}"
+        return ds
+    if spec.startswith("coco:"):
+        annotations, sep, images = spec[len("coco:"):].partition(".json:")
+        if not sep or not images:
+            raise UserError(f"--data {spec!r}: write coco:ANNOTATIONS.json:IMAGES_DIR, e.g. "
+                            "coco:annotations/captions_train2017.json:train2017")
+        return coco_captions(annotations + ".json", images, image_size, augment, flip)
+    return caption_folder(spec.removeprefix("captions:"), image_size, augment, flip)
+
+
+def captions_of(dataset):
+    """Every caption of a caption_dataset (or of its Captioned view), in item order, with no image
+    decoded or drawn."""
+    dataset = getattr(dataset, "base", dataset)
+    if hasattr(dataset, "captions"):
+        return list(dataset.captions)
+    return [dataset.caption(i) for i in range(len(dataset))]
+
+
+class Captioned(torch.utils.data.Dataset):
+    """A caption dataset as the labelled image dataset that extraction and tokenizer training take:
+    item -> (image, 0). One class: a t2i model is conditioned on the caption, not on a label, and
+    the caption of row i is captions_of(self)[i]."""
+    num_classes, classes = 1, ("captioned",)
+
+    def __init__(self, base):
+        self.base, self.spec = base, base.spec
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return self.base[index][0], 0
+
+
+# Captions travel with the codes of their images: captions.json in the codes folder holds them in
+# row order, with their checksum, which the features receipt quotes, so codes row i and features
+# item i can be checked to describe one image before a t2i model trains on the pair.
+def captions_checksum(captions):
+    """sha256 of a list of captions (their JSON form, UTF-8): equal lists, equal checksums."""
+    text = json.dumps(list(captions), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_captions(folder, captions):
+    """captions.json: {"count", "checksum", "captions"}, written atomically."""
+    captions = list(captions)
+    _write_json(os.path.join(folder, "captions.json"), dict(
+        count=len(captions), checksum=captions_checksum(captions), captions=captions))
+
+
+def read_captions(folder):
+    """(captions in row order, checksum) of a codes folder made from captioned data."""
+    path = os.path.join(str(folder), "captions.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder} holds no captions.json: its codes were not extracted from "
+                        "captioned data; extract them with --data scenes:N, coco:... or "
+                        "captions:DIR")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        captions = raw["captions"]
+        ok = all(isinstance(c, str) for c in captions) and raw["count"] == len(captions)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok or captions_checksum(captions) != raw.get("checksum"):
+        raise UserError(f"{path} is damaged (its captions do not match their count or checksum); "
+                        "extract the codes again")
+    return captions, raw["checksum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturesReceipt:
+    """How a caption-features folder was made, stored as its features.json. Features mean
+    something only to a GPT trained on that encoder's output, and only next to the codes of the
+    images their captions describe: train.py checks both (check_same_encoder, and
+    CaptionFeatures.check_codes against the codes folder's captions)."""
+    encoder: str  # a name for people: the T5 folder's name (flan-t5-xl) or the caller's
+    encoder_checksum: str  # encoder_checksum(): weights, vocabulary and caption cleaning
+    length: int  # N, the tokens per caption the features were padded or truncated to (120)
+    d_model: int  # width of each feature vector (2048 for FLAN-T5-XL)
+    dtype: str  # storage: "float16", or "bfloat16" kept as its uint16 bit patterns
+    compute_dtype: str  # the encoder's precision while encoding: "float32" or "bfloat16"
+    clean: bool  # LlamaGen's caption cleaning applied before tokenizing
+    count: int  # captions, one per codes row
+    captions_checksum: str  # captions_checksum() of the captions, in item order
+    data: str  # where the captions came from: a codes folder (absolute path) or a caption spec
+
+    @classmethod
+    def from_dict(cls, d, where):
+        """The receipt in a features.json or a checkpoint's dict; unknown keys are ignored."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in names if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise UserError(f"{where}: the features receipt lacks {missing[0]!r}; it was not "
+                            "written by data.py features (or is damaged): extract them again")
+        return cls(**{k: d[k] for k in names})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def describe(self):
+        """The fields that tie features to their encoder, as error messages quote them."""
+        return (f"encoder {self.encoder} {self.encoder_checksum[:12]}, N {self.length}, "
+                f"d_model {self.d_model}")
+
+    def check_same_encoder(self, other, mine="these features", theirs="the others"):
+        """One UserError line, naming both checksums, unless `other` (a FeaturesReceipt) comes from
+        the same encoder at the same N: a GPT trained on one encoder's features reads another's
+        as noise."""
+        keys = ("encoder_checksum", "length", "d_model", "clean")
+        if any(getattr(self, k) != getattr(other, k) for k in keys):
+            raise UserError(f"the caption features of {mine} come from another text encoder "
+                            f"({self.describe()}) than those of {theirs} ({other.describe()}): "
+                            f"extract features with the encoder of {mine}, or start afresh")
+
+
+def encoder_checksum(text_encoder):
+    """sha256 of what turns a caption into features (a text.TextEncoder): the T5 weights, hashed
+    as bfloat16 so that one model loaded in float32 or in bfloat16 has one checksum, plus the
+    tokenizer's pieces and scores and whether captions are cleaned. A whole pass over the weights:
+    a few seconds for FLAN-T5-XL, once per extraction."""
+    tok = text_encoder.tokenizer
+    vocab = json.dumps([tok.pieces, tok.vocab, tok.unk_id, tok.eos_id, tok.pad_id,
+                        tok.split_any_space, tok.special_ids, bool(text_encoder.clean)],
+                       sort_keys=True, ensure_ascii=False)
+    weights = weights_checksum(text_encoder.encoder, as_dtype=torch.bfloat16)
+    return hashlib.sha256(f"{weights};{vocab}".encode()).hexdigest()
+
+
+# A features folder holds features.bin, every caption's valid token vectors one after another
+# ([total tokens, d_model], 2 bytes a number, little-endian, no header), lengths.npy [count] int32
+# (item i's rows follow those of the items before it) and features.json, the receipt, written
+# last: its presence means the folder is complete. Only valid tokens are kept: a COCO caption fills
+# about 15 of its 120 positions, so the padded layout would be about 8 times larger, and it is
+# rebuilt on reading (CaptionFeatures). Two bytes, because the encoder's own precision in LlamaGen
+# is bf16 and a GPT's caption projection does not need more.
+STORAGE = {"bf16": "bfloat16", "fp16": "float16"}  # --storage -> FeaturesReceipt.dtype
+_STORED = {"bfloat16": "<u2", "float16": "<f2"}  # how each is laid out in features.bin
+
+
+def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="bfloat16", data="",
+                     name="t5"):
+    """Encode `captions` (a list of str, in item order) with `encoder` (a text.TextEncoder, on its
+    device and in its precision) into the features folder `out`; returns its FeaturesReceipt.
+    dtype: the stored format, "bfloat16" or "float16"; data and name: what the receipt says the
+    captions and the encoder are.
+
+    Sharded and resumable like extract_codes: under torchrun each rank encodes its share into its
+    own part files, appending each batch's rows and then atomically recording how far it got, so
+    rerunning the same command after an interruption continues where each rank stopped; rank 0
+    joins the parts and writes features.json last."""
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if own_group:  # as in extract_codes: only a barrier crosses processes
+        dist.init_process_group("nccl" if encoder.device.type == "cuda" else "gloo")
+    try:
+        return _extract_features(encoder, captions, str(out), length, batch_size, dtype, data,
+                                 name)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _shard(count, batch_size, rank, world):
+    """Rank `rank`'s items [lo, hi). Cut at multiples of batch_size, so every batch holds the same
+    captions whatever the number of processes: the encoder then computes the very same numbers,
+    and 1 and 8 processes write byte-identical folders."""
+    batches = math.ceil(count / batch_size)
+    return (min(count, batches * rank // world * batch_size),
+            min(count, batches * (rank + 1) // world * batch_size))
+
+
+def _extract_features(encoder, captions, out, length, batch_size, dtype, data, name):
+    """extract_features inside its process group: receipt, resume point, this rank's rows, join."""
+    if dtype not in _STORED:
+        raise UserError(f"features are stored as bfloat16 or float16, not {dtype!r}")
+    if length < 1 or batch_size < 1:
+        raise UserError(f"the caption length N and the batch size must be >= 1, got {length} and "
+                        f"{batch_size}")
+    captions = list(captions)
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise UserError("extract_features needs a non-empty list of caption strings")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    d = encoder.encoder.config.d_model
+    receipt = FeaturesReceipt(
+        encoder=name, encoder_checksum=encoder_checksum(encoder), length=length, d_model=d,
+        dtype=dtype, compute_dtype=str(encoder.dtype).removeprefix("torch."),
+        clean=bool(encoder.clean), count=len(captions),
+        captions_checksum=captions_checksum(captions), data=data)
+    if _features_finished(out, receipt, rank):
+        return receipt
+    parts, tag = os.path.join(out, "parts"), f"{rank}-of-{world}"
+    progress_path = os.path.join(parts, f"progress-{tag}.json")
+    lo, hi = _shard(len(captions), batch_size, rank, world)
+    done, tokens = _features_done(out, parts, progress_path, world, receipt, batch_size)
+    if done < hi - lo:
+        os.makedirs(parts, exist_ok=True)
+        rows_path = os.path.join(parts, f"features-{tag}.bin")
+        lengths_path = os.path.join(parts, f"lengths-{tag}.bin")
+        mode = "r+b" if done else "wb"
+        try:
+            rows_file, lengths_file = open(rows_path, mode), open(lengths_path, mode)
+        except FileNotFoundError:
+            raise UserError(f"{parts} lost its part files; delete {parts} to start over") from None
+        with rows_file, lengths_file:
+            # a killed run may have written past what its progress file vouches for: cut it off
+            rows_file.truncate(tokens * d * 2)
+            lengths_file.truncate(done * 4)
+            rows_file.seek(0, os.SEEK_END)
+            lengths_file.seek(0, os.SEEK_END)
+            bar = progress(total=hi - lo, initial=done, unit="caption", desc="features",
+                           show=rank == 0)
+            for start in range(lo + done, hi, batch_size):
+                texts = captions[start:min(start + batch_size, hi)]
+                rows, counts = _encode_valid(encoder, texts, length, dtype, start)
+                rows_file.write(rows)
+                lengths_file.write(counts.astype("<i4").tobytes())
+                rows_file.flush()  # the rows reach the file before the progress that vouches
+                lengths_file.flush()
+                done, tokens = done + len(texts), tokens + int(counts.sum())
+                _write_json(progress_path, dict(meta=receipt.to_dict(), batch_size=batch_size,
+                                                done=done, tokens=tokens))
+                bar.update(len(texts))
+            bar.close()
+    if world > 1:  # rank 0 joins the parts only once every shard is complete
+        dist.barrier()
+    if rank == 0:
+        _join_features(out, parts, world, receipt, batch_size)
+    return receipt
+
+
+@torch.no_grad()
+def _encode_valid(encoder, texts, length, dtype, start):
+    """A batch of captions -> (the valid tokens' features as little-endian 16-bit bytes, one row
+    of d_model per token, caption after caption; the number of tokens of each, a numpy array)."""
+    from text import clean_caption  # here: text.py is only needed by the t2i side
+    # Run the encoder at the batch's longest caption rather than at N: with the padding masked, the
+    # valid tokens' outputs do not depend on how many pads follow, and most captions are far
+    # shorter than 120 tokens. Truncation is unchanged: a caption longer than N makes this N.
+    _, mask = encoder.tokenizer([clean_caption(t) if encoder.clean else t for t in texts], length)
+    feats, mask = encoder.encode_captions(texts, int(mask.sum(1).max()), batch_size=len(texts))
+    stored = feats.to(getattr(torch, dtype))
+    bad = ~torch.isfinite(stored).all(2).all(1)  # pads are zeros: only real tokens can be bad
+    if bad.any():
+        k = int(bad.float().argmax())
+        why = ("exceed float16's range (65504); store them as bf16 (--storage bf16)"
+               if torch.isfinite(feats[k]).all() else
+               "are not finite: check the weights, or run the encoder in fp32 (--precision fp32)")
+        raise UserError(f"the features of caption {start + k} ({texts[k][:40]!r}) {why}")
+    valid = stored[mask]
+    bits = valid.cpu().view(torch.int16).numpy().astype("<i2")  # bf16 kept as its bit pattern
+    return bits.tobytes(), mask.sum(1).cpu().numpy()
+
+
+def _features_finished(out, receipt, rank):
+    """True if `out` already holds these very features; refuses a folder holding others."""
+    path = os.path.join(out, "features.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        found, meta = json.load(f), receipt.to_dict()
+    if found != meta:
+        key = next((k for k in meta if found.get(k) != meta[k]), "data")
+        raise UserError(f"{out} already holds finished caption features with {key}="
+                        f"{found.get(key)!r} (this run: {meta[key]!r}); choose another --out or "
+                        f"delete {out}")
+    if rank == 0:
+        shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
+        print(f"{out} already holds these features; nothing to do")
+    return True
+
+
+def _features_done(out, parts, progress_path, world, receipt, batch_size):
+    """(captions, tokens) of this rank's share that an interrupted run of the same command wrote.
+    Shards depend on the number of processes and the batch size, so both must stay the same."""
+    if os.path.isdir(parts):
+        stale = [f for f in os.listdir(parts)
+                 if f.startswith("progress-") and not f.endswith(f"-of-{world}.json")]
+        if stale:
+            raise UserError(f"{out} holds an unfinished feature extraction run with another number "
+                            f"of processes ({stale[0]}); resume it with that many, or delete "
+                            f"{parts} to start over")
+    if not os.path.exists(progress_path):
+        return 0, 0
+    with open(progress_path) as f:
+        progress_json = json.load(f)
+    if progress_json["meta"] != receipt.to_dict():
+        raise UserError(f"{out} holds an unfinished feature extraction with other settings "
+                        "(captions, encoder, N or storage); rerun that command to finish it, or "
+                        f"delete {parts} to start over")
+    if progress_json["batch_size"] != batch_size:
+        raise UserError(f"{out} holds an unfinished feature extraction with --batch-size "
+                        f"{progress_json['batch_size']}; resume it with that batch size (the "
+                        "shards follow it)")
+    return progress_json["done"], progress_json["tokens"]
+
+
+def _join_features(out, parts, world, receipt, batch_size):
+    """Parts -> lengths.npy and features.bin (a rename for one process), then features.json, then
+    no parts. Rerunnable: the parts stay until the receipt is written."""
+    lengths = []
+    for r in range(world):
+        lo, hi = _shard(receipt.count, batch_size, r, world)
+        path = os.path.join(parts, f"lengths-{r}-of-{world}.bin")
+        lengths.append(np.fromfile(path, "<i4") if hi > lo else np.zeros(0, "<i4"))
+    lengths = np.concatenate(lengths).astype(np.int32)
+    save_atomic(lambda f: np.save(f, lengths), os.path.join(out, "lengths.npy"))
+    dst = os.path.join(out, "features.bin")
+    if world == 1:
+        src = os.path.join(parts, "features-0-of-1.bin")
+        if os.path.exists(src):  # absent when a previous run already moved it, then stopped
+            os.replace(src, dst)
+    else:
+        with open(dst, "wb") as joined:
+            for r in range(world):
+                src = os.path.join(parts, f"features-{r}-of-{world}.bin")
+                if os.path.exists(src):  # an empty shard has no file
+                    with open(src, "rb") as part:
+                        shutil.copyfileobj(part, joined, 1 << 24)
+    if len(lengths) != receipt.count or os.path.getsize(dst) != int(lengths.sum()) * \
+            receipt.d_model * 2:
+        raise UserError(f"the part files in {parts} are incomplete; delete {out} and extract "
+                        "again")
+    _write_json(os.path.join(out, "features.json"), receipt.to_dict())
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+class CaptionFeatures(torch.utils.data.Dataset):
+    """A features folder for t2i training: item i -> (features float32 [N, d_model], right-padded
+    with zeros, mask bool [N]), the layout of TextEncoder.encode_captions, so that
+    model.left_pad_caption applies unchanged. `.receipt` is the FeaturesReceipt; check_codes ties
+    the features to a codes folder. The file is memory-mapped lazily in each process, as in
+    CodesDataset."""
+
+    def __init__(self, folder):
+        folder = str(folder)
+        fix = f"python data.py features --data CODES_OR_CAPTIONS --t5 T5_FOLDER --out {folder}"
+        path = os.path.join(folder, "features.json")
+        if not os.path.isdir(folder):
+            raise UserError(f"features folder {folder!r} does not exist; make it with {fix}")
+        if not os.path.exists(path):
+            if os.path.isdir(os.path.join(folder, "parts")):
+                raise UserError(f"the feature extraction into {folder!r} did not finish; rerun "
+                                "the same features command to resume it")
+            raise UserError(f"{folder!r} holds no caption features (no features.json); make "
+                            f"them with {fix}")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            lengths = np.load(os.path.join(folder, "lengths.npy"))
+            size = os.path.getsize(os.path.join(folder, "features.bin"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder}: cannot read the features ({first_line(e)}); extract them "
+                            "again") from None
+        self.receipt = receipt = FeaturesReceipt.from_dict(raw, path)
+        if lengths.shape != (receipt.count,) or size != int(lengths.sum()) * receipt.d_model * 2:
+            raise UserError(f"{folder}: features.bin ({size} bytes) and lengths.npy disagree "
+                            "with features.json; the folder is damaged, extract it again")
+        self.folder, self.lengths = folder, lengths.astype(np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # item i: rows from here
+        self._rows = None
+
+    def _map(self):
+        if self._rows is None:
+            self._rows = np.memmap(os.path.join(self.folder, "features.bin"),
+                                   _STORED[self.receipt.dtype], "r",
+                                   shape=(int(self.offsets[-1]), self.receipt.d_model))
+        return self._rows
+
+    def __getstate__(self):
+        return {**self.__dict__, "_rows": None}  # workers reopen the map, never copy it
+
+    def __len__(self):
+        return self.receipt.count
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} captions")
+        index %= len(self)
+        a, n, N = int(self.offsets[index]), int(self.lengths[index]), self.receipt.length
+        rows = np.array(self._map()[a:a + n])  # a copy: the map is read-only
+        if self.receipt.dtype == "bfloat16":  # the bit patterns, reinterpreted, not converted
+            rows = torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+        else:
+            rows = torch.from_numpy(rows)
+        features = torch.zeros(N, self.receipt.d_model)
+        features[:n] = rows.float()
+        mask = torch.zeros(N, dtype=torch.bool)
+        mask[:n] = True
+        return features, mask
+
+    def check_codes(self, codes_folder):
+        """One UserError line unless these features were made from the captions of the codes in
+        `codes_folder`, in the same order: codes row i must be the image of caption i."""
+        _, checksum = read_captions(codes_folder)
+        if checksum != self.receipt.captions_checksum:
+            raise UserError(f"the caption features in {self.folder} were made from other captions "
+                            f"(captions {self.receipt.captions_checksum[:12]}) than the codes in "
+                            f"{codes_folder} (captions {checksum[:12]}); extract features with "
+                            f"--data {codes_folder}")
+
+
+def load_captions(spec):
+    """(captions, data) for `features --data`: a codes folder's captions.json, or the captions of a
+    caption spec, no image read (scenes:N draws its scenes' layouts at 32 px)."""
+    spec = str(spec)
+    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f))
+                                   for f in ("captions.json", "meta.json", "parts")):
+        return read_captions(spec)[0], os.path.abspath(spec)
+    ds = caption_dataset(spec, 32)
+    return captions_of(ds), ds.spec
+
+
+# ------------------------------------------------------------------------------------------------
 # command line
 
 def get_args(argv=None):
-    """Two subcommands: `preview` draws the embedded dataset, `extract` makes a codes folder."""
+    """Three subcommands: `preview` draws the embedded dataset, `extract` makes a codes folder,
+    `features` a caption-features folder."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -765,7 +1347,9 @@ def get_args(argv=None):
     which.add_argument("--vq-config", help="a tokenizer config name with random weights "
                        "(seed 0), for smoke tests")
     ex.add_argument("--data", required=True, help="an ImageNet-layout folder "
-                    "(root/<class>/<image>), 'synthetic' (10,000 images) or 'synthetic:N'")
+                    "(root/<class>/<image>), 'synthetic' (10,000 images) or 'synthetic:N'; or "
+                    "captioned images, one class, their captions kept in captions.json: "
+                    "'scenes[:N]', 'coco:ANNOTATIONS.json:IMAGES_DIR' or 'captions:DIR'")
     ex.add_argument("--out", required=True,
                     help="codes folder to write (codes.npy, labels.npy, meta.json)")
     ex.add_argument("--image-size", type=int, default=256,
@@ -782,7 +1366,62 @@ def get_args(argv=None):
                     help="DataLoader processes decoding images (default: 4)")
     ex.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best "
                     "available)")
+
+    ft = sub.add_parser("features", help="encode the captions of a dataset once with a frozen T5 "
+                        "encoder into a features folder for text-to-image training "
+                        "(torchrun-sharded, resumable: rerun the same command after an "
+                        "interruption)")
+    ft.add_argument("--data", required=True, help="a codes folder extracted from captioned data "
+                    "(its captions.json: the features then pair with its codes row by row), or "
+                    "a caption spec: 'scenes[:N]', 'coco:ANNOTATIONS.json:IMAGES_DIR', "
+                    "'captions:DIR' or a folder of images with same-stem .txt captions")
+    ft.add_argument("--t5", required=True, help="a Hugging Face (FLAN-)T5 folder: config.json, "
+                    "spiece.model or tokenizer.json, and the weights (LlamaGen: "
+                    "google/flan-t5-xl)")
+    ft.add_argument("--out", required=True, help="features folder to write (features.bin, "
+                    "lengths.npy, features.json)")
+    ft.add_argument("--length", type=int, default=120, help="N, tokens per caption; longer "
+                    "captions are truncated, keeping </s> (default: 120, the paper's)")
+    ft.add_argument("--batch-size", type=int, default=64,
+                    help="captions per encoder call per process (default: 64)")
+    ft.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="the encoder's precision (default auto: bf16 on GPUs that have it, as "
+                    "LlamaGen runs T5, else fp32); no fp16: FLAN-T5's activations overflow it")
+    ft.add_argument("--storage", choices=list(STORAGE), default="bf16", help="stored format, 2 "
+                    "bytes a number (default: bf16, float32's range; fp16 keeps 3 more bits of "
+                    "mantissa and is refused if a feature exceeds 65504)")
+    ft.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best "
+                    "available)")
     return p.parse_args(argv)
+
+
+def features_command(args):
+    """`data.py features`: check the flags, read the captions, load the encoder, extract, report."""
+    if args.length < 1 or args.batch_size < 1:
+        raise UserError(f"--length and --batch-size must be >= 1, got {args.length} and "
+                        f"{args.batch_size}")
+    captions, data = load_captions(args.data)
+    t5 = os.path.expanduser(args.t5)
+    if not os.path.isdir(t5):
+        raise UserError(f"--t5 {args.t5!r} is not a folder; download a Hugging Face T5 folder "
+                        "(google/flan-t5-xl: config.json, spiece.model, model.safetensors) and "
+                        "pass its path")
+    device = setup_device(args.device, tf32=False)  # the features are stored: full fp32 when fp32
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() \
+            else "fp32"
+    from text import TextEncoder
+    encoder = TextEncoder.from_pretrained(t5, device, DTYPES[precision])
+    name = os.path.basename(os.path.normpath(t5))
+    receipt = extract_features(encoder, captions, args.out, args.length, args.batch_size,
+                               STORAGE[args.storage], data, name)
+    if is_rank0():  # one summary, not one per process
+        tokens = int(np.load(os.path.join(args.out, "lengths.npy")).sum())
+        print(f"wrote {args.out}: {receipt.count} captions, {tokens} tokens "
+              f"({tokens / receipt.count:.1f} per caption, N {receipt.length}) x "
+              f"{receipt.d_model} {receipt.dtype} (encoder {name} {receipt.encoder_checksum[:12]}, "
+              f"captions {receipt.captions_checksum[:12]})")
 
 
 def extract_command(args):
@@ -815,6 +1454,8 @@ def main(argv=None):
     if args.command == "preview":
         preview(args.out, args.image_size, args.per_class, args.seed)
         print(f"wrote {args.out}: {', '.join(CLASS_NAMES)} (one row each)")
+    elif args.command == "features":
+        features_command(args)
     else:
         extract_command(args)
 
