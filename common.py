@@ -22,6 +22,14 @@ from tqdm import tqdm
 class UserError(ValueError):
     """Bad input from the user (a path, a flag, a checkpoint): CLIs print one line and exit 2."""
 
+    def __init__(self, line=""):
+        # one raised in a DataLoader worker is re-made in the main process from "Caught UserError
+        # in DataLoader worker process 0.\nOriginal Traceback ...\ncommon.UserError: <line>":
+        # only <line> is meant for the user
+        if isinstance(line, str) and line.startswith("Caught UserError"):
+            line = line.rstrip().rpartition("UserError: ")[2]
+        super().__init__(line)
+
 
 def is_rank0():
     """True in a single process and in torchrun's rank 0, the one process that speaks for all."""

@@ -128,10 +128,15 @@ def test_bad_caption_inputs_are_one_line(tmp_path, t5_dir, capsys):
     code, _, err = run_cli(data.main, ["features", "--data", tmp_path / "f", "--t5", tmp_path / "no-t5",
                                        "--out", tmp_path / "x"], capsys)
     assert code == 2 and "is not a folder" in err and err.count("\n") == 1
-    # an undecodable image stops the extraction with its name: a substitute would carry a wrong caption
+    # an undecodable image stops the extraction with its name (a substitute would carry a wrong caption),
+    # in one line even when a DataLoader worker met it
     (tmp_path / "f" / "b.png").write_bytes(b"\x89PNG not really")
-    with pytest.raises(UserError, match=r"unreadable image .*b\.png"):
-        data.extract_codes(PatchColours(), f"captions:{tmp_path}/f", tmp_path / "codes", image_size=16)
+    code, _, err = run_cli(data.main, ["extract", "--vq-config", "VQ-tiny", "--data", f"captions:{tmp_path}/f",
+                                       "--image-size", 16, "--out", tmp_path / "codes", "--num-workers", 2,
+                                       "--device", "cpu"], capsys)
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith(f"error: unreadable image {tmp_path}/f/b.png (")
     assert not (tmp_path / "x").exists()
 
 
