@@ -1024,6 +1024,16 @@ class FeaturesReceipt:
                             f"({self.describe()}) than those of {theirs} ({other.describe()}): "
                             f"extract features with the encoder of {mine}, or start afresh")
 
+    def check_encoder(self, text_encoder, mine="these features", theirs="this text encoder"):
+        """The same check against a live text.TextEncoder (sampling from prompts encodes them
+        with it): one UserError line naming both checksums unless it is the one that made them."""
+        have, width = encoder_checksum(text_encoder), text_encoder.encoder.config.d_model
+        if have != self.encoder_checksum or width != self.d_model:
+            raise UserError(f"{mine} were made with text encoder {self.encoder} "
+                            f"{self.encoder_checksum[:12]} (d_model {self.d_model}), but {theirs} "
+                            f"is {have[:12]} (d_model {width}); pass the T5 folder the features "
+                            "were extracted with")
+
 
 def encoder_checksum(text_encoder):
     """sha256 of what turns a caption into features (a text.TextEncoder): the T5 weights, hashed

@@ -181,6 +181,9 @@ def test_features_round_trip_valid_tokens_only(tmp_path, dtype, rel):
     assert lengths.tolist() == mask.sum(1).tolist()
     assert os.path.getsize(tmp_path / "features.bin") == int(lengths.sum()) * 64 * 2
     x, m = left_pad_caption(got, got_mask)  # the GPT's layout, unchanged
+    # DataLoader workers reopen the memory map and read the same items
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=1 if dtype == "float16" else 0)
+    assert all(torch.equal(f, got[i * 5:i * 5 + 5]) for i, (f, _) in enumerate(loader))
     assert torch.equal(m[:, -1], torch.ones(10, dtype=torch.bool))
 
 
@@ -265,6 +268,9 @@ def test_receipt_checks_name_both_checksums(tmp_path, t5_dir):
     assert str(e.value).startswith(f"the caption features of ckpt.pt come from another text encoder (encoder "
                                    f"t5-tiny {a}, N 120, d_model 64) than those of features/b (encoder t5-other "
                                    f"{b}, N 120, d_model 64)") and "\n" not in str(e.value)
+    mine.check_encoder(TextEncoder.from_pretrained(t5_dir, "cpu", torch.bfloat16))  # the same weights: no error
+    with pytest.raises(UserError, match=f"made with text encoder t5-tiny {a} .*, but the prompt encoder is {b} "):
+        mine.check_encoder(tiny_encoder(seed=1), theirs="the prompt encoder")
     with pytest.raises(UserError, match="lacks 'length'"):
         FeaturesReceipt.from_dict({k: v for k, v in on_disk.items() if k != "length"}, "x")
     # the features pair with the codes of the same captions only
