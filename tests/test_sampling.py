@@ -368,3 +368,124 @@ def test_padded_captions_through_jacobi_and_the_static_step():
     assert torch.equal(a, b)
     with pytest.raises(UserError, match="not left padded"):
         model.generate(caption, sampler="jacobi", cond_mask=mask.flip(1))
+
+
+# ---------------------------------------------------------------------- sample.py's speed flags
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny GPT (tiny(): Jacobi accepts several codes per pass) and a VQ-tiny tokenizer of 32
+    codes in train.py's format: 16 px pictures of 4x4 codes, 5 classes."""
+    import dataclasses
+
+    from common import save_atomic
+    from data import CodesReceipt
+    from tokenizer import VQModel, tokenizer_checksum, vq_config
+    d = tmp_path_factory.mktemp("speed")
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-tiny", codebook_size=32))
+    save_atomic(dict(model=vq.state_dict(), config=dataclasses.asdict(vq.config), kind="vq"),
+                d / "vq.pt")
+    gpt = tiny()
+    meta = CodesReceipt(vocab_size=32, grid=(4, 4), image_size=16, n_aug=2, count=10,
+                        tokenizer_checksum=tokenizer_checksum(vq), ten_crop=False,
+                        crop_range=None, codes_dtype="uint16", labels_dtype="int16",
+                        data="synthetic:10", num_classes=5, classes=tuple("abcde")).to_dict()
+    save_atomic(dict(model=gpt.state_dict(), config=dataclasses.asdict(gpt.config), kind="gpt",
+                     meta=meta), d / "gpt.pt")
+    return ["--gpt-ckpt", str(d / "gpt.pt"), "--vq-ckpt", str(d / "vq.pt")], gpt, vq
+
+
+def draw(checkpoints, tmp_path, capsys, *flags):
+    """sample.py with the tiny models, 3 classes x 2 pictures in batches of 4, top-k 1 (the greedy
+    choice: the filtered distribution is one-hot) -> (exit code, stdout, stderr, pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    from conftest import run_cli
+    out = tmp_path / f"{len(os.listdir(tmp_path))}.png"
+    argv = [*checkpoints[0], "--class", 0, 3, 4, "--per-class", 2, "--batch-size", 4,
+            "--top-k", 1, "--out", out, *flags]
+    code, stdout, err = run_cli(sample.main, argv, capsys)
+    return code, stdout, err, np.asarray(Image.open(out)) if code == 0 else None
+
+
+def test_sample_cli_jacobi_draws_the_greedy_pictures_in_fewer_passes(checkpoints, tmp_path,
+                                                                     capsys):
+    """--sampler jacobi with top-k 1 gives the pictures of --sampler sequential, pixel for pixel,
+    and those are the pictures of GPT.generate's greedy codes; it reports fewer forward passes
+    per image than the 16 codes."""
+    import re
+
+    import numpy as np
+
+    from data import make_grid
+    from sample import decode
+    code, _, _, sequential = draw(checkpoints, tmp_path, capsys)
+    assert code == 0
+    for window in ("4", "16"):
+        code, out, _, jacobi = draw(checkpoints, tmp_path, capsys, "--sampler", "jacobi",
+                                    "--window", window)
+        assert code == 0 and np.array_equal(jacobi, sequential)
+        found = re.search(r"jacobi, window (\d+): ([\d.]+) forward passes per image \(min (\d+), "
+                          r"max (\d+) over 2 batches; sequential: 16\)", out)
+        assert found and found[1] == window and float(found[2]) < 16, out
+        assert float(found[2]) == (int(found[3]) + int(found[4])) / 2
+    _, gpt, vq = checkpoints
+    labels = torch.tensor([0, 0, 3, 3, 4, 4])
+    codes = torch.cat([gpt.generate(labels[:4], cfg_scale=4.0, greedy=True),
+                       gpt.generate(labels[4:], cfg_scale=4.0, greedy=True)])
+    expected = np.asarray(make_grid(torch.from_numpy(decode(vq, codes)).permute(0, 3, 1, 2)
+                                    .float() / 127.5 - 1, 2))
+    assert np.array_equal(sequential, expected)
+    _, out, _, _ = draw(checkpoints, tmp_path, capsys)
+    assert "forward passes" not in out  # the sequential sampler's count is the code count
+
+
+def test_sample_cli_jacobi_progress_gif_has_every_frame(checkpoints, tmp_path, capsys):
+    """Jacobi decoding reports several codes at once, yet every frame's step is captured: with
+    top-k 1 its animation is the sequential sampler's, frame for frame (one per code)."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+    frames = {}
+    for sampler in ("sequential", "jacobi"):
+        gif = tmp_path.parent / f"{tmp_path.name}-{sampler}.gif"  # outside the pictures' folder
+        code, _, err, _ = draw(checkpoints, tmp_path, capsys, "--sampler", sampler,
+                               "--progress", gif, "--progress-frames", 16)
+        assert code == 0, err
+        frames[sampler] = [np.asarray(f.convert("RGB"))
+                           for f in ImageSequence.Iterator(Image.open(gif))]
+    assert len(frames["jacobi"]) == 16
+    assert all(np.array_equal(a, b) for a, b in zip(frames["jacobi"], frames["sequential"]))
+    assert not np.array_equal(frames["jacobi"][3], frames["jacobi"][4])  # frames differ
+
+
+def test_sample_cli_compile_compiles_the_static_step(checkpoints, tmp_path, capsys,
+                                                     monkeypatch):
+    """--compile hands GPT.decode_step to torch.compile (fixed shapes: dynamic=False; CUDA graphs
+    only on CUDA), and sequential sampling runs through it: one call per code after the prefill,
+    the same pictures."""
+    import numpy as np
+    seen, calls = [], []
+
+    def fake_compile(fn, **kw):
+        seen.append((fn.__name__, kw))
+        return lambda *a: calls.append(1) or fn(*a)
+    code, _, _, plain = draw(checkpoints, tmp_path, capsys)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for flags in ([], ["--sampler", "jacobi"]):
+        calls.clear()
+        code, _, err, compiled = draw(checkpoints, tmp_path, capsys, "--compile", *flags)
+        assert code == 0 and np.array_equal(compiled, plain), err
+        assert seen.pop() == ("decode_step", dict(mode=None, dynamic=False))
+        assert len(calls) == 2 * 15 if not flags else 0 < len(calls) < 2 * 15
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--window", "4"], "--window only applies with --sampler jacobi; drop it"),
+    (["--sampler", "jacobi", "--window", "0"], "--window 0 is out of range"),
+])
+def test_sample_cli_refuses_bad_speed_flags(checkpoints, tmp_path, capsys, flags, message):
+    code, _, err, _ = draw(checkpoints, tmp_path, capsys, *flags)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
