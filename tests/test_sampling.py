@@ -489,3 +489,55 @@ def test_sample_cli_refuses_bad_speed_flags(checkpoints, tmp_path, capsys, flags
     code, _, err, _ = draw(checkpoints, tmp_path, capsys, *flags)
     assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
     assert os.listdir(tmp_path) == []
+
+
+# -------------------------------------------------------------- bench.py's peer and jacobi rows
+@pytest.mark.parametrize("argv,message", [
+    (["--only", "peer"], "--only peer needs --peer PATH"),
+    (["--only", "vq", "--peer", "x"], "--peer only applies with --only peer; drop it"),
+    (["--only", "vq", "--repeat", "2"], "--repeat only applies with --only peer or jacobi"),
+    (["--only", "vq", "--window", "4"], "--window only applies with --only jacobi; drop it"),
+    (["--only", "jacobi", "--repeat", "0"], "--repeat 0 / --window 16: both must be >= 1"),
+    (["--peer", "{tmp}"], "no autoregressive/models/gpt.py there; pass a checkout of"),
+    (["--peer", "{broken}"], "importing autoregressive/models/gpt.py failed "
+                             "(ModuleNotFoundError: No module named 'nowhere_to_be_found')"),
+])
+def test_bench_sampling_flags_are_checked(tmp_path, capsys, argv, message):
+    """Flags without their benchmark, and checkouts that are not LlamaGen's, are one line each;
+    a failed import leaves sys.path and any `utils` module of the caller as they were."""
+    import sys
+    import types
+
+    import bench
+    from conftest import run_cli
+    broken = tmp_path / "broken"
+    for file in bench.PEER_FILES.values():
+        (broken / file).parent.mkdir(parents=True, exist_ok=True)
+        (broken / file).write_text("import nowhere_to_be_found\n")
+    argv = [a.format(tmp=tmp_path / "empty", broken=broken) for a in argv]
+    path, theirs = list(sys.path), types.ModuleType("utils")
+    sys.modules["utils"] = theirs
+    try:
+        code, out, err = run_cli(bench.main, argv, capsys)
+        assert sys.path == path and sys.modules["utils"] is theirs
+    finally:
+        del sys.modules["utils"]
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and "== " not in out  # refused before any benchmark ran
+
+
+def test_bench_jacobi_rows_on_a_trained_checkpoint(checkpoints, capsys):
+    """`bench.py --only jacobi --gpt-ckpt`: per batch, the sequential pass count (one per code)
+    and a Jacobi count below it, whose ratio is the one printed."""
+    import re
+
+    import bench
+    from conftest import run_cli
+    code, out, err = run_cli(bench.main, ["--only", "jacobi", "--gpt-ckpt",
+                                          checkpoints[0][1], "--quick", "--window", "8"], capsys)
+    assert code == 0, err
+    rows = re.findall(r"batch (\d), CFG 4.0: sequential +\d+ ms/image, 16 passes; jacobi window "
+                      r"8 +\d+ ms/image, ([\d.]+) passes \(([\d.]+)x fewer\)", out)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    for _, passes, fewer in rows:
+        assert 16 / 8 < float(passes) < 16 and float(fewer) == round(16 / float(passes), 2)
