@@ -126,7 +126,8 @@ def picture_grid(args, gpt, vq, sample_kw):
 
         # GPT.generate calls this after every token; it copies the raster at the frames' steps
         # (the default argument binds this batch's dict, not the loop's last one). Jacobi
-        # decoding accepts several tokens per call: t may jump past a frame's step
+        # decoding accepts several tokens per call: t may jump past a frame's step. done: the
+        # tokens this batch has reported (a fresh list per batch, as the def runs per batch)
         def step(t, codes, shot=shots[-1], done=[0]):
             bar.update(t - done[0])
             for s in steps:
@@ -484,7 +485,7 @@ def add_speed_flags(speed):
     """The faster samplers of model.py ("Faster sampling"). Not in the resume stamp: they keep the
     distribution, so parts drawn with either are samples of the same thing (Jacobi decoding
     spends the random numbers differently, so a seed gives other pictures; --compile gives the
-    same ones)."""
+    same ones, up to the float rounding of fused kernels)."""
     a = speed.add_argument
     a("--sampler", choices=["sequential", "jacobi"], default="sequential",
       help="sequential: one forward pass per code; jacobi: speculative Jacobi decoding, "
