@@ -38,6 +38,18 @@ def timed(fn, warmup=1, repeat=3, device="cpu"):
     return best
 
 
+# memory bandwidth in bytes/s (SXM parts; the PCIe H100 listed first, as names contain "H100" in
+# both): batch-1 sampling reads every weight once per token, so bandwidth bounds it
+HBM_BANDWIDTH = {"A100": 2.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}
+
+
+def hbm_bandwidth(device):
+    """The GPU's memory bandwidth in bytes/s, None off CUDA or for a GPU not in the table."""
+    if not device.startswith("cuda"):
+        return None
+    return next((v for k, v in HBM_BANDWIDTH.items() if k in torch.cuda.get_device_name()), None)
+
+
 def bench_gpt(args):
     """GPT-B sampling: tokens/s and ms per 256-token image, batch 1 and 16, CFG, fp32/bf16,
     with and without torch.compile."""
@@ -46,12 +58,7 @@ def bench_gpt(args):
     from model import GPT, gpt_config
     torch.manual_seed(0)
     base = GPT(gpt_config("B")).eval()  # random weights: the speed does not depend on them
-    cuda = args.device.startswith("cuda")
-    # memory bandwidth in bytes/s (SXM parts; the PCIe H100 listed first, as names contain
-    # "H100" in both): batch-1 sampling reads every weight once per token, so bandwidth bounds it
-    bandwidths = {"A100": 2.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}
-    hbm = next((v for k, v in bandwidths.items()
-                if cuda and k in torch.cuda.get_device_name()), None)
+    hbm = hbm_bandwidth(args.device)
     # one token per forward pass: at batch 1 the GPU waits on memory and on Python's launch of
     # each of its many small kernels, which compiling the per-token step fuses into fewer
     for compiled in ([False] if args.quick else [False, True]):
@@ -241,20 +248,256 @@ def bench_text(args):
               "(torch itself ~0.2 GB)", flush=True)
 
 
+# ------------------------------------------------------------------- side by side with the official
+# The official code is never part of this project: `--peer PATH` names a checkout the user has of
+# github.com/FoundationVision/LlamaGen, and its own files are imported from there for the run.
+PEER_FILES = {"gpt": "autoregressive/models/gpt.py",
+              "generate": "autoregressive/models/generate.py",
+              "vq": "tokenizer/tokenizer_image/vq_model.py"}
+
+
+def load_peer(path):
+    """The official gpt.py, generate.py and vq_model.py of the checkout at `path`, as modules
+    (llamagen_gpt, ...). gpt.py imports `utils.drop_path` from the checkout's root, so that root is
+    on sys.path while they load, and any `utils` module of ours or the user's is put back after."""
+    import importlib.util
+    import os
+    import sys
+    missing = [f for f in PEER_FILES.values() if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise UserError(f"--peer {path}: no {missing[0]} there; pass a checkout of "
+                        "github.com/FoundationVision/LlamaGen")
+    is_utils = lambda name: name == "utils" or name.startswith("utils.")  # noqa: E731
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if is_utils(k)}
+    sys.path.insert(0, os.path.abspath(path))
+    modules = {}
+    try:
+        for name, file in PEER_FILES.items():
+            spec = importlib.util.spec_from_file_location(f"llamagen_{name}",
+                                                          os.path.join(path, file))
+            modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+    except Exception as e:  # an old or modified checkout: say which file, not a traceback
+        raise UserError(f"--peer {path}: importing {file} failed ({type(e).__name__}: "
+                        f"{first_line(e)[:100]}); pass a checkout of LlamaGen's main branch")
+    finally:
+        sys.path.remove(os.path.abspath(path))
+        for k in [k for k in sys.modules if is_utils(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    return modules
+
+
+def timed_side_by_side(fns, repeat, device):
+    """Best seconds of each function in fns and its last output. The calls alternate (theirs,
+    ours, theirs, ours, ...), so a neighbour's job that slows the machine for a while slows both
+    sides alike. On a CPU there is no warm-up: a 256-token generation dwarfs the one-time costs,
+    and skipping it halves the run; a GPU pays its first kernels' setup in one warm-up call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for fn in fns if device.startswith("cuda") else ():
+        fn()
+    best, outs = [float("inf")] * len(fns), [None] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            sync()
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            sync()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best, outs
+
+
+def bench_peer(args):
+    """Ours against the official LlamaGen code (--peer PATH) in this process on the same random
+    weights: GPT-B sampling (256 tokens, CFG 4, full codebook) fp32 and bf16 at batch 1 and 8, and
+    the VQ-16 decoder at 256 px (fp32) at batch 1 and 8; ms per image and the ratio."""
+    # Why in one process: two runs minutes apart on a shared VM differ by more than the effect
+    # measured (README: these VMs differ 1.5-2x), while alternating calls within one process see
+    # the same machine. Why the same weights: the speed does not depend on them, but the parity
+    # check does, and it is what shows that both sides compute the same model.
+    import copy
+
+    import torch.nn as nn
+
+    from common import load_weights
+    from model import GPT, GPTConfig
+    from tokenizer import VQModel, vq_config
+    import warnings
+    peer = args.peer_modules
+    # generate.py enters torch.backends.cuda.sdp_kernel for every token, which newer torch
+    # deprecates with a warning each time; it is their code's and changes no figure
+    warnings.filterwarnings("ignore", message=".*sdp_kernel.*", category=FutureWarning)
+    repeat, dev = args.repeat, args.device
+    # --quick: a 4-layer, 128-wide GPT over an 8x8 grid, and 64 px decodes: the same code paths
+    # in seconds, to check a checkout works before a real run
+    shape = dict(n_layer=4, n_head=4, dim=128) if args.quick else dict(n_layer=12, n_head=12,
+                                                                           dim=768)
+    length, batches = (64, (1, 2)) if args.quick else (256, (1, 8))
+    torch.manual_seed(0)
+    official = peer["gpt"].Transformer(peer["gpt"].ModelArgs(
+        **shape, vocab_size=16384, block_size=length, num_classes=1000, cls_token_num=1,
+        model_type="c2i")).eval()
+    # the official init zeroes the output layer (every code equally likely); drawn here, so that
+    # the parity check below compares logits that differ from code to code
+    nn.init.normal_(official.output.weight, std=0.02)
+    ours = load_weights(GPT(GPTConfig(**shape, block_size=length)), official.state_dict(),
+                        "the official GPT's weights").eval()
+    # the same weights, checked: logits of one teacher-forced sequence agree to float32 rounding
+    idx, cond = torch.randint(0, 16384, (2, 16)), torch.tensor([3, 1000])  # 1000: the null class
+    with torch.no_grad():
+        theirs_logits = official(idx, cond, input_pos=torch.arange(17))[0][:, :16]
+        gap = (ours(idx, cond)[0] - theirs_logits).abs().max().item()
+    if gap > 1e-3:
+        raise UserError(f"--peer {args.peer}: its GPT's logits differ from ours by {gap:.2g} on "
+                        "the same weights; is it a modified checkout?")
+    name = "GPT-B" if not args.quick else "GPT 4x128"
+    print(f"same weights, logits agree to {gap:.1g}; times: best of {repeat}, interleaved")
+    hbm = hbm_bandwidth(dev)
+    for dtype in (torch.float32, torch.bfloat16):
+        theirs_model = copy.deepcopy(official).to(dev, dtype)
+        ours_model = copy.deepcopy(ours).to(dev, dtype)
+        for batch in batches:
+            # varied classes; CFG 4 runs each image twice (conditional and null rows) on both
+            # sides, and both keep guiding to the end (no cfg_interval), as the official demo
+            cond = torch.arange(batch, device=dev) * 97 % 1000
+            # the official sampler's arguments for the full codebook: no top-k, no top-p
+            (theirs_s, ours_s), _ = timed_side_by_side([
+                lambda: peer["generate"].generate(theirs_model, cond, length, cfg_scale=4.0,
+                                                  temperature=1.0, top_k=0, top_p=1.0),
+                lambda: ours_model.generate(cond, cfg_scale=4.0)], repeat, dev)
+            floor = ""
+            if hbm and batch == 1:  # each forward pass reads every weight once
+                weight_bytes = sum(p.numel() * p.element_size() for p in ours_model.parameters())
+                floor = f", bandwidth floor {weight_bytes / hbm * length * 1e3:.0f} ms"
+            print(f"{name} sample {str(dtype).removeprefix('torch.'):8s} batch {batch}, CFG 4.0, "
+                  f"{length} passes per image: official {theirs_s / batch * 1e3:7.0f} ms/image, "
+                  f"ours {ours_s / batch * 1e3:7.0f} ms/image: {theirs_s / ours_s:.2f}x{floor}",
+                  flush=True)
+        del theirs_model, ours_model
+    # the tokenizer's decoder: random codes of one grid through both, the pixels compared. It is
+    # timed in float32 only, the precision sample.py decodes in; at batch 8 on a CPU it costs
+    # about as much per image as the whole GPT, so it counts in the end-to-end ratio
+    official_vq = peer["vq"].VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8).eval()
+    ours_vq = load_weights(VQModel(vq_config("VQ-16")), official_vq.state_dict(),
+                           "the official VQ-16's weights").eval()
+    official_vq, ours_vq = official_vq.to(dev), ours_vq.to(dev)
+    side = 4 if args.quick else 16
+    for batch in batches:
+        codes = torch.randint(0, 16384, (batch, side, side), device=dev)
+        with torch.inference_mode():
+            (theirs_s, ours_s), (theirs_px, ours_px) = timed_side_by_side([
+                lambda: official_vq.decode_code(codes.flatten(), [batch, 8, side, side]),
+                lambda: ours_vq.decode(codes)], repeat, dev)
+        gap = (theirs_px - ours_px).abs().max().item()
+        print(f"VQ-16 decode {side * 16} px fp32 batch {batch}: official "
+              f"{theirs_s / batch * 1e3:6.0f} ms/image, ours {ours_s / batch * 1e3:6.0f} ms/image: "
+              f"{theirs_s / ours_s:.2f}x (pixels agree to {gap:.1g})", flush=True)
+
+
+def bench_jacobi(args):
+    """Speculative Jacobi decoding against sequential sampling, the same model and settings (CFG 4,
+    full codebook, window --window): forward passes and ms per image at batch 1 and 8, and the
+    speed-up. With --gpt-ckpt a trained GPT (the demo's results/demo/gpt.pt, an official c2i file);
+    without, random GPT-B weights: the cost of a pass at the official shapes, but not a trained
+    model's pass count (random logits are nearly uniform and blind to the codes before, so drafts
+    are kept far more often than on real images)."""
+    from common import resolve_precision
+    from model import GPT, gpt_config
+    from sample import load_gpt
+    # Jacobi decoding trades passes for width: each pass scores `window` codes per row. On a CPU
+    # a pass's cost grows with its rows (model.Linear: 2 rows 11 ms, 16 rows 39 ms for GPT-B), so
+    # fewer passes pay off less than on a GPU, where a batch-1 pass is bound by reading the
+    # weights whatever its width: read the wall-clock speed-up of each machine next to the passes.
+    dev = args.device
+    torch.manual_seed(0)
+    if args.gpt_ckpt:  # sample.py's loader: an official file's grid from its name (_384: 24x24)
+        model, what = load_gpt(args.gpt_ckpt, None, 16)[0], args.gpt_ckpt
+    else:
+        model, what = GPT(gpt_config("nano" if args.quick else "B")), "random weights"
+        torch.nn.init.normal_(model.output.weight, std=0.02)  # codes not all equally likely
+    precision, dtype = resolve_precision("auto", dev)  # fp32 on CPUs, bf16 on recent GPUs
+    model = model.to(dev, dtype).eval()
+    L = model.config.block_size
+    print(f"GPT {model.config.n_layer} layers x {model.config.dim} ({what}), {L} codes, "
+          f"{precision}; times: best of {args.repeat}, interleaved; passes: mean over the runs")
+    for batch in (1, 2) if args.quick else (1, 8):
+        cond = torch.arange(batch, device=dev) * 97 % model.config.num_classes
+        passes = {"sequential": [], "jacobi": []}
+
+        def run(sampler):
+            # a fresh seed per run: the pass count of a Jacobi run varies with its draws
+            gen = torch.Generator(dev).manual_seed(len(passes[sampler]))
+            codes, n = model.generate(cond, cfg_scale=4.0, sampler=sampler, window=args.window,
+                                      generator=gen, return_passes=True)
+            passes[sampler].append(n)
+        (seq_s, jac_s), _ = timed_side_by_side([lambda: run("sequential"), lambda: run("jacobi")],
+                                               args.repeat, dev)
+        jac_passes = sum(passes["jacobi"]) / len(passes["jacobi"])
+        print(f"batch {batch}, CFG 4.0: sequential {seq_s / batch * 1e3:7.0f} ms/image, {L} "
+              f"passes; jacobi window {args.window} {jac_s / batch * 1e3:7.0f} ms/image, "
+              f"{jac_passes:.1f} passes ({L / jac_passes:.2f}x fewer): {seq_s / jac_s:.2f}x "
+              "faster", flush=True)
+
+
 BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid,
-           "text": bench_text}
+           "text": bench_text, "peer": bench_peer, "jacobi": bench_jacobi}
+# opt-in: these run only when asked for by name (peer also needs --peer PATH)
+OPT_IN = ("peer", "jacobi")
+
+
+def add_sampling_flags(group):
+    """The flags of the opt-in sampling benchmarks (peer, jacobi)."""
+    a = group.add_argument
+    a("--peer", default=None, metavar="PATH", help="peer: a checkout of "
+      "github.com/FoundationVision/LlamaGen whose gpt.py, generate.py and vq_model.py are timed "
+      "against ours (imported from there for the run, never copied)")
+    a("--repeat", type=int, default=None,
+      help="peer, jacobi: timed runs of each case, the best one kept (default: 3; --quick: 1)")
+    a("--gpt-ckpt", default=None, help="jacobi: a trained GPT, ours or an official c2i file "
+      "(default: random GPT-B weights: a pass's cost at the official shapes, not a trained "
+      "model's pass count)")
+    a("--window", type=int, default=None, help="jacobi: codes scored per forward pass (default: 16)")
+
+
+def check_sampling_flags(args, names):
+    """One UserError line for a sampling flag without its benchmark, or out of range."""
+    # a flag that cannot act in this run is refused, never ignored: a --window that silently did
+    # nothing would read as a measurement of that window
+    if "peer" in names and not args.peer:
+        raise UserError("--only peer needs --peer PATH, a checkout of "
+                        "github.com/FoundationVision/LlamaGen")
+    jacobi = "jacobi" in names
+    given = [("--peer", args.peer is not None, "peer" in names, "--only peer"),
+             ("--repeat", args.repeat is not None, "peer" in names or jacobi,
+              "--only peer or jacobi"),
+             ("--gpt-ckpt", args.gpt_ckpt is not None, jacobi, "--only jacobi"),
+             ("--window", args.window is not None, jacobi, "--only jacobi")]
+    for flag, is_given, applies, needs in given:
+        if is_given and not applies:
+            raise UserError(f"{flag} only applies with {needs}; drop it")
+    args.repeat = (1 if args.quick else 3) if args.repeat is None else args.repeat
+    args.window = 16 if args.window is None else args.window
+    if args.repeat < 1 or args.window < 1:
+        raise UserError(f"--repeat {args.repeat} / --window {args.window}: both must be >= 1")
+    # imported now, so that a wrong PATH fails before the benchmarks that run ahead of peer
+    args.peer_modules = load_peer(args.peer) if "peer" in names else None
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(BENCHES),
-                   help=f"comma-separated subset of {list(BENCHES)}")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated subset of {list(BENCHES)} (default: all but "
+                        f"{' and '.join(OPT_IN)}; peer too when --peer is given)")
     p.add_argument("--device", default="auto",
                    help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats, for a smoke run")
+    add_sampling_flags(p.add_argument_group("peer and jacobi"))
     args = p.parse_args(argv)
-    names = args.only.split(",")
+    names = args.only.split(",") if args.only else [n for n in BENCHES if n not in OPT_IN]
+    if args.only is None and args.peer:
+        names.append("peer")
+    check_sampling_flags(args, names)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         raise UserError(f"--only {unknown[0]!r} is not a benchmark; choose from {list(BENCHES)}")

@@ -411,13 +411,14 @@ def target_distributions(logits, n_images, codes, cfg_scale=1.0, cfg_interval=-1
 @torch.no_grad()
 def jacobi_generate(model, cond, n_images, sampler="jacobi", window=16, cfg_scale=1.0,
                     cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0, greedy=False,
-                    generator=None, callback=None, return_passes=False):
+                    generator=None, callback=None, return_passes=False, cond_mask=None):
     """GPT.generate's sampler="jacobi" and static=True: codes int64 (n_images, block_size) through
     the fixed-shape GPT.decode_step, `window` codes scored per forward (sampler "sequential": 1,
     which is exactly the sequential sampler). cond: labels (rows,), caption features (rows, N,
     caption_dim) without padding, or for a class model condition embeddings (rows, N, dim), with
     N = cls_token_num; rows = n_images, or 2 n_images as [cond ; uncond] under guidance.
-    return_passes: (codes, passes).
+    cond_mask (n_images, N) bool: a left-padded caption's valid tokens (GPT.generate checks it),
+    shared by the null half as in generate. return_passes: (codes, passes).
 
     A pass feeds, per row, its newest accepted code and the W-1 drafts after it and scores W codes;
     1 to W of them are accepted (all W-1 drafts kept: the last score gives a free exact draw). Each
@@ -449,9 +450,14 @@ def jacobi_generate(model, cond, n_images, sampler="jacobi", window=16, cfg_scal
     # k/v of accepted codes stay where they were written; a rejected draft's slot is overwritten by
     # the next pass and masked until then. W-1 slots of slack let every window fit.
     static_caches(model, rows, N + L + W - 1)
+    key_ok = None  # a padded caption: which cache slots are keys (prefix_mask's semantics)
+    if cond_mask is not None:
+        key_ok = F.pad(cond_mask.bool(), (0, L + W - 1), value=True).repeat(rows // B, 1)
     try:
-        # prefill: the condition at positions 0..N-1 (top-left causal is right at 0) gives code 0
-        logits = model.forward_cached(prefix, 0)[:, None]
+        # prefill: the condition at positions 0..N-1 (top-left causal is right at 0) gives code 0;
+        # a padded caption's prefill takes the official mask, each pad seeing only itself
+        mask = None if key_ok is None else prefix_mask(key_ok, 0, N)
+        logits = model.forward_cached(prefix, 0, mask)[:, None]
         p = target_distributions(logits, B, ar[None, :1], **kw)[:, 0]
         first = p.argmax(-1) if greedy else torch.multinomial(p, 1, generator=generator)[:, 0]
         tokens[:, :W] = first[:, None]  # first drafts: copies of the code to their left, q one-hot
@@ -469,7 +475,10 @@ def jacobi_generate(model, cond, n_images, sampler="jacobi", window=16, cfg_scal
             x = model.tok_embeddings(inputs)
             if guided and (cfg_interval < 0 or int(n.min()) <= cfg_interval + 1):
                 x, positions = x.repeat(2, 1, 1), positions.repeat(2, 1)  # cond and uncond rows
-            logits = model.decode_step(x, positions)
+            if key_ok is None:
+                logits = model.decode_step(x, positions)
+            else:  # the first len(x) rows: the unconditional half drops out after cfg_interval
+                logits = model.decode_step(x, positions, key_ok[:len(x)])
             p = target_distributions(logits, B, index + 1, **kw)  # of codes n .. n+W-1
             passes += 1
             drafts = inputs[:, 1:]  # drafts of codes n .. n+W-2, scored by outputs 0 .. W-2
@@ -634,18 +643,23 @@ class GPT(nn.Module):
             x = layer(x, rope, pos, mask)
         return self.output(self.norm(x[:, -1])).float()
 
-    def decode_step(self, x, positions):
+    def decode_step(self, x, positions, key_ok=None):
         """The fixed-shape step: embeddings x (b, T, dim) at sequence positions (b, T) int64, one
         row each, against caches of full length (static_caches) -> logits (b, T, vocab) float32.
         k/v are written BY POSITION and every query attends to the whole cache under the mask
         key <= query: causal inside the block, full over the cached prefix (bottom-right aligned),
         blind to stale keys further on. No shape depends on how far generation has got, so a
         compiled step is captured once (one CUDA graph under torch.compile(mode="reduce-overhead"))
-        and replayed for every token."""
+        and replayed for every token. key_ok (b, cache length) bool, for a left-padded caption:
+        False at its padded slots, which no image query may see (prefix_mask's rule; a query is
+        never a pad here, so nobody is left with no key at all)."""
         table = self._rope(x.device)
         rope = table[positions.clamp(max=len(table) - 1)]  # past the last image token: unused slots
         keys = torch.arange(self.layers[0].attention.kv_cache.length, device=x.device)
-        mask = (keys <= positions[..., None])[:, None]  # (b, 1, T, cache length), for all heads
+        mask = keys <= positions[..., None]  # (b, T, cache length)
+        if key_ok is not None:
+            mask = mask & key_ok[:, None, :]
+        mask = mask[:, None]  # (b, 1, T, cache length), for all heads
         for layer in self.layers:
             x = layer(x, rope, positions, mask)
         return self.output(self.norm(x)).float()
@@ -660,8 +674,8 @@ class GPT(nn.Module):
         last code back in. callback(t, codes[:, :t]) is called after each token (progress bars,
         the drawing animation). sampler="jacobi": speculative Jacobi decoding, `window` codes scored
         per forward; static: sequential sampling through the fixed-shape decode_step (both:
-        "Faster sampling" above; not yet for padded captions). return_passes: return (codes,
-        forward passes) instead.
+        "Faster sampling" above; padded captions too). return_passes: return (codes, forward
+        passes) instead.
 
         Classifier-free guidance (paper 2.3): each sample runs twice, with its condition and with
         the null one (class or caption), and the logits are extrapolated, uncond + s * (cond -
@@ -677,19 +691,17 @@ class GPT(nn.Module):
         cfg, B, L = self.config, cond.shape[0], self.config.block_size
         guided = cfg_scale != 1.0
         prefix = torch.cat([cond, self.cls_embedding.null(cond)]) if guided else cond
-        if sampler != "sequential" or static:
-            if cond_mask is not None:
-                raise UserError(f"sampler={sampler!r}, static={static}: not yet for padded "
-                                "captions; pass cond_mask=None or sampler='sequential'")
-            return jacobi_generate(self, prefix, B, sampler, window, cfg_scale, cfg_interval,
-                                   temperature, top_k, top_p, greedy, generator, callback,
-                                   return_passes)
-        key_ok = None  # no mask at all unless a caption has padding
         if cond_mask is not None:
             cond_mask = cond_mask.bool()
             if not (cond_mask[:, 1:] >= cond_mask[:, :-1]).all():
                 raise UserError("caption mask is not left padded (valid tokens last); convert a "
                                 "text encoder's right-padded output with left_pad_caption")
+        if sampler != "sequential" or static:
+            return jacobi_generate(self, prefix, B, sampler, window, cfg_scale, cfg_interval,
+                                   temperature, top_k, top_p, greedy, generator, callback,
+                                   return_passes, cond_mask)
+        key_ok = None  # no mask at all unless a caption has padding
+        if cond_mask is not None:
             key_ok = F.pad(cond_mask, (0, L - 1), value=True).repeat(len(prefix) // B, 1)
         was_training = self.training
         self.eval()

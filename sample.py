@@ -60,17 +60,23 @@ DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's Im
 
 @torch.no_grad()
 def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-                  top_p=1.0, generator=None, resize_to=None, callback=None):
+                  top_p=1.0, generator=None, resize_to=None, callback=None, sampler="sequential",
+                  window=16, static=False, passes=None):
     """Images of the classes `labels` (list or int64 tensor [B]) as uint8 [B, H, W, 3]. The
     sampling knobs are GPT.generate's (cfg_interval's meaning is documented there); callback(t,
     codes[:, :t]) is called after each token. The tokenizer runs in float32 whatever the GPT's
-    dtype: the decoder is a small share of the time, and its pixels then match any GPU's."""
+    dtype: the decoder is a small share of the time, and its pixels then match any GPU's.
+    sampler, window, static: GPT.generate's faster samplers (--sampler, --window, --compile);
+    passes: a list that gets this batch's number of GPT forward passes appended."""
     # the labels go where the GPT's weights are, so callers may pass a plain list
     device = next(gpt.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    codes = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                         callback=callback)
+    codes, n_passes = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator, callback=callback, sampler=sampler,
+                                   window=window, static=static, return_passes=True)
+    if passes is not None:
+        passes.append(n_passes)
     return decode(vq, codes, resize_to)
 
 
@@ -119,11 +125,15 @@ def picture_grid(args, gpt, vq, sample_kw):
         shots.append({})
 
         # GPT.generate calls this after every token; it copies the raster at the frames' steps
-        # (the default argument binds this batch's dict, not the loop's last one)
-        def step(t, codes, shot=shots[-1]):
-            bar.update()
-            if t in steps:
-                shot[t] = codes.clone()
+        # (the default argument binds this batch's dict, not the loop's last one). Jacobi
+        # decoding accepts several tokens per call: t may jump past a frame's step. done: the
+        # tokens this batch has reported (a fresh list per batch, as the def runs per batch)
+        def step(t, codes, shot=shots[-1], done=[0]):
+            bar.update(t - done[0])
+            for s in steps:
+                if done[0] < s <= t:
+                    shot[s] = codes[:, :s].clone()
+            done[0] = t
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b // args.batch_size))
         images.append(sample_images(gpt, vq, labels[b:b + args.batch_size], generator=gen,
                                     callback=step, **sample_kw))
@@ -278,6 +288,24 @@ def report(rank, n, seconds, tokens_per_image, args):
         per = " per process" if args.world > 1 else ""
         print(f"{n} images in {seconds:.1f} s on {args.device} ({args.precision}): "
               f"{seconds / n:.3f} s/image, {n * tokens_per_image / seconds:,.0f} tokens/s" + per)
+
+
+def report_passes(rank, passes, length, args):
+    """With --sampler jacobi: the GPT forward passes per image (a batch's images share its
+    passes, the prefill included), against one per code for the sequential sampler."""
+    if rank == 0 and args.sampler == "jacobi" and passes:
+        print(f"jacobi, window {args.window}: {sum(passes) / len(passes):.1f} forward passes per "
+              f"image (min {min(passes)}, max {max(passes)} over {len(passes)} batches; "
+              f"sequential: {length})")
+
+
+def compiled_step(gpt, device):
+    """torch.compile of GPT.decode_step. Its shapes never change within an image, so one trace
+    serves every token (a second one once guidance stops at --cfg-interval, and one per batch
+    size); on CUDA, mode reduce-overhead records it as a CUDA graph and replays it, which removes
+    the per-kernel launch cost that bounds batch-1 sampling."""
+    mode = "reduce-overhead" if str(device).startswith("cuda") else None
+    return torch.compile(gpt.decode_step, mode=mode, dynamic=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,16 +469,43 @@ def get_args(argv=None):
       help="pictures per class, one row each (default: 4); not with --num-samples")
     a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the "
       ".npz with --num-samples (default: samples/samples<N>.npz)")
-    a("--compile", action="store_true",
-      help="torch.compile the GPT's one-token step (slow start, faster steps)")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     a("--progress", default=None, metavar="GIF",
       help="also write an animation of the rasters being written")
     a("--progress-frames", type=int, default=None,
       help="with --progress: frames, at most one per token (default: 32)")
+    add_speed_flags(p.add_argument_group("speed", "how fast the codes come: the same "
+                                         "distribution whichever is chosen"))
     args = p.parse_args(argv)
     args.pixel_settings = pixel_settings
     return args
+
+
+def add_speed_flags(speed):
+    """The faster samplers of model.py ("Faster sampling"). Not in the resume stamp: they keep the
+    distribution, so parts drawn with either are samples of the same thing (Jacobi decoding
+    spends the random numbers differently, so a seed gives other pictures; --compile gives the
+    same ones, up to the float rounding of fused kernels)."""
+    a = speed.add_argument
+    a("--sampler", choices=["sequential", "jacobi"], default="sequential",
+      help="sequential: one forward pass per code; jacobi: speculative Jacobi decoding, "
+           "--window codes scored per pass and accepted by the speculative-sampling test, so "
+           "fewer passes than codes (prints the passes per image)")
+    a("--window", type=int, default=None,
+      help="with --sampler jacobi: codes scored per forward pass (default: 16)")
+    a("--compile", action="store_true",
+      help="torch.compile the fixed-shape decode step (GPT.decode_step: captured once, as a "
+           "CUDA graph on GPUs; slow start, faster steps); sequential sampling then runs "
+           "through that step too")
+
+
+def check_speed_args(args):
+    """One UserError line for a speed flag out of its range or without its sampler."""
+    if args.window is not None and args.sampler != "jacobi":
+        raise UserError("--window only applies with --sampler jacobi; drop it")
+    args.window = 16 if args.window is None else args.window
+    if args.window < 1:
+        raise UserError(f"--window {args.window} is out of range: codes scored per pass, >= 1")
 
 
 # Flags that apply to one mode only: given in the other, they are refused, never ignored (a
@@ -503,6 +558,7 @@ def main(argv=None):
     # torchrun sets RANK and WORLD_SIZE; a plain `python sample.py` is rank 0 of 1
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_args(args)
+    check_speed_args(args)
     # under torchrun each process takes the GPU of its LOCAL_RANK (common.setup_device)
     args.device = device = setup_device(args.device)
     args.precision, dtype = resolve_precision(args.precision, device)
@@ -529,13 +585,16 @@ def main(argv=None):
 
     # the GPT in --precision, the tokenizer kept in float32 (sample_images says why)
     gpt, vq = gpt.to(device=device, dtype=dtype), vq.to(device)
-    if args.compile:  # generation loops over this one-token step: compile it, not the loop
-        gpt.forward_cached = torch.compile(gpt.forward_cached)
+    if args.compile:  # generation loops over this one step: compile it, not the loop
+        gpt.decode_step = compiled_step(gpt, device)
+    passes = []  # forward passes of each batch
     sample_kw = dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     resize_to=args.resize_to)
+                     resize_to=args.resize_to, sampler=args.sampler, window=args.window,
+                     static=args.compile, passes=passes)
     if args.num_samples is None:
         picture_grid(args, gpt, vq, sample_kw)
+        report_passes(rank, passes, gpt.config.block_size, args)
         print(f"wrote {args.out}" + (f" and {args.progress}" if args.progress else ""))
         return
     # only barriers cross processes, so gloo serves GPUs too; the long timeout covers rank 0's
@@ -544,6 +603,7 @@ def main(argv=None):
         dist.init_process_group("gloo", timeout=timedelta(hours=6))
     try:
         evaluation_npz(args, gpt, vq, sample_kw, rank, args.world)
+        report_passes(rank, passes, gpt.config.block_size, args)
     finally:
         if args.world > 1:
             dist.destroy_process_group()

@@ -307,8 +307,7 @@ def test_jacobi_samples_follow_the_exact_distribution(monkeypatch):
 
 def test_caption_condition_through_jacobi_and_the_static_step():
     """A caption model (features embedded by cap_proj inside jacobi_generate, in eval mode): greedy
-    Jacobi and the static step give the sequential codes, with and without guidance; a padded
-    caption (cond_mask) is refused with one line."""
+    Jacobi and the static step give the sequential codes, with and without guidance."""
     torch.manual_seed(2)
     model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=4, dim=32,
                           caption_dim=8, cls_token_num=3, multiple_of=16))
@@ -326,5 +325,219 @@ def test_caption_condition_through_jacobi_and_the_static_step():
             assert torch.equal(codes, sequential), options
             assert passes == 16 if "static" in options else passes < 16
     assert model.training
-    with pytest.raises(UserError, match="not yet for padded captions"):
-        model.generate(caption, sampler="jacobi", cond_mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+def caption_model(seed=2, n=4):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=4, dim=32,
+                          caption_dim=8, cls_token_num=n, multiple_of=16))
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5)
+        model.tok_embeddings.weight.mul_(0.1)
+    return model.eval()
+
+
+def test_padded_captions_through_jacobi_and_the_static_step():
+    """Left-padded captions of 4, 2, 3 and 1 valid tokens in one batch (the official key-padding
+    mask): greedy Jacobi and the static step give the sequential codes, with guidance (also with
+    an interval) and without. The mask really acts: junk in the padded slots changes nothing,
+    while the same junk read as caption tokens (no mask) gives other codes."""
+    model = caption_model()
+    caption = torch.randn(4, 4, 8)
+    mask = torch.arange(4)[None, :] >= torch.tensor([0, 2, 1, 3])[:, None]  # valid tokens last
+    caption = caption * mask[..., None]  # padded features zeroed, as left_pad_caption leaves them
+    junk = torch.where(mask[..., None], caption, torch.randn(4, 4, 8) * 5)
+    for cfg in CFGS:
+        sequential = model.generate(caption, greedy=True, cond_mask=mask, **cfg)
+        assert len(sequential.unique()) > 4
+        unpadded = model.generate(junk, greedy=True, **cfg)  # the junk read as caption tokens
+        assert torch.equal(unpadded[0], sequential[0])  # row 0 has no padding
+        assert all(not torch.equal(unpadded[i], sequential[i]) for i in (1, 2, 3))
+        for options in (dict(static=True), dict(sampler="jacobi", window=4),
+                        dict(sampler="jacobi", window=16)):
+            codes, passes = model.generate(caption, greedy=True, cond_mask=mask,
+                                           return_passes=True, **options, **cfg)
+            assert torch.equal(codes, sequential), (cfg, options)
+            assert passes == 16 if "static" in options else passes < 16
+            assert torch.equal(model.generate(junk, greedy=True, cond_mask=mask, **options,
+                                              **cfg), sequential)
+    # seeded sampling: the static step draws exactly what the eager sampler draws
+    kw = dict(cfg_scale=3.0, temperature=1.3, top_k=10, cond_mask=mask)
+    a = model.generate(caption, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(caption, generator=torch.Generator().manual_seed(3), static=True, **kw)
+    assert torch.equal(a, b)
+    with pytest.raises(UserError, match="not left padded"):
+        model.generate(caption, sampler="jacobi", cond_mask=mask.flip(1))
+
+
+# ---------------------------------------------------------------------- sample.py's speed flags
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny GPT (tiny(): Jacobi accepts several codes per pass) and a VQ-tiny tokenizer of 32
+    codes in train.py's format: 16 px pictures of 4x4 codes, 5 classes."""
+    import dataclasses
+
+    from common import save_atomic
+    from data import CodesReceipt
+    from tokenizer import VQModel, tokenizer_checksum, vq_config
+    d = tmp_path_factory.mktemp("speed")
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-tiny", codebook_size=32))
+    save_atomic(dict(model=vq.state_dict(), config=dataclasses.asdict(vq.config), kind="vq"),
+                d / "vq.pt")
+    gpt = tiny()
+    meta = CodesReceipt(vocab_size=32, grid=(4, 4), image_size=16, n_aug=2, count=10,
+                        tokenizer_checksum=tokenizer_checksum(vq), ten_crop=False,
+                        crop_range=None, codes_dtype="uint16", labels_dtype="int16",
+                        data="synthetic:10", num_classes=5, classes=tuple("abcde")).to_dict()
+    save_atomic(dict(model=gpt.state_dict(), config=dataclasses.asdict(gpt.config), kind="gpt",
+                     meta=meta), d / "gpt.pt")
+    return ["--gpt-ckpt", str(d / "gpt.pt"), "--vq-ckpt", str(d / "vq.pt")], gpt, vq
+
+
+def draw(checkpoints, tmp_path, capsys, *flags):
+    """sample.py with the tiny models, 3 classes x 2 pictures in batches of 4, top-k 1 (the greedy
+    choice: the filtered distribution is one-hot) -> (exit code, stdout, stderr, pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    import sample
+    from conftest import run_cli
+    out = tmp_path / f"{len(os.listdir(tmp_path))}.png"
+    argv = [*checkpoints[0], "--class", 0, 3, 4, "--per-class", 2, "--batch-size", 4,
+            "--top-k", 1, "--out", out, *flags]
+    code, stdout, err = run_cli(sample.main, argv, capsys)
+    return code, stdout, err, np.asarray(Image.open(out)) if code == 0 else None
+
+
+def test_sample_cli_jacobi_draws_the_greedy_pictures_in_fewer_passes(checkpoints, tmp_path,
+                                                                     capsys):
+    """--sampler jacobi with top-k 1 gives the pictures of --sampler sequential, pixel for pixel,
+    and those are the pictures of GPT.generate's greedy codes; it reports fewer forward passes
+    per image than the 16 codes."""
+    import re
+
+    import numpy as np
+
+    from data import make_grid
+    from sample import decode
+    code, _, _, sequential = draw(checkpoints, tmp_path, capsys)
+    assert code == 0
+    for window in ("4", "16"):
+        code, out, _, jacobi = draw(checkpoints, tmp_path, capsys, "--sampler", "jacobi",
+                                    "--window", window)
+        assert code == 0 and np.array_equal(jacobi, sequential)
+        found = re.search(r"jacobi, window (\d+): ([\d.]+) forward passes per image \(min (\d+), "
+                          r"max (\d+) over 2 batches; sequential: 16\)", out)
+        assert found and found[1] == window and float(found[2]) < 16, out
+        assert float(found[2]) == (int(found[3]) + int(found[4])) / 2
+    _, gpt, vq = checkpoints
+    labels = torch.tensor([0, 0, 3, 3, 4, 4])
+    codes = torch.cat([gpt.generate(labels[:4], cfg_scale=4.0, greedy=True),
+                       gpt.generate(labels[4:], cfg_scale=4.0, greedy=True)])
+    expected = np.asarray(make_grid(torch.from_numpy(decode(vq, codes)).permute(0, 3, 1, 2)
+                                    .float() / 127.5 - 1, 2))
+    assert np.array_equal(sequential, expected)
+    _, out, _, _ = draw(checkpoints, tmp_path, capsys)
+    assert "forward passes" not in out  # the sequential sampler's count is the code count
+
+
+def test_sample_cli_jacobi_progress_gif_has_every_frame(checkpoints, tmp_path, capsys):
+    """Jacobi decoding reports several codes at once, yet every frame's step is captured: with
+    top-k 1 its animation is the sequential sampler's, frame for frame (one per code)."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+    frames = {}
+    for sampler in ("sequential", "jacobi"):
+        gif = tmp_path.parent / f"{tmp_path.name}-{sampler}.gif"  # outside the pictures' folder
+        code, _, err, _ = draw(checkpoints, tmp_path, capsys, "--sampler", sampler,
+                               "--progress", gif, "--progress-frames", 16)
+        assert code == 0, err
+        frames[sampler] = [np.asarray(f.convert("RGB"))
+                           for f in ImageSequence.Iterator(Image.open(gif))]
+    assert len(frames["jacobi"]) == 16
+    assert all(np.array_equal(a, b) for a, b in zip(frames["jacobi"], frames["sequential"]))
+    assert not np.array_equal(frames["jacobi"][3], frames["jacobi"][4])  # frames differ
+
+
+def test_sample_cli_compile_compiles_the_static_step(checkpoints, tmp_path, capsys,
+                                                     monkeypatch):
+    """--compile hands GPT.decode_step to torch.compile (fixed shapes: dynamic=False; CUDA graphs
+    only on CUDA), and sequential sampling runs through it: one call per code after the prefill,
+    the same pictures."""
+    import numpy as np
+    seen, calls = [], []
+
+    def fake_compile(fn, **kw):
+        seen.append((fn.__name__, kw))
+        return lambda *a: calls.append(1) or fn(*a)
+    code, _, _, plain = draw(checkpoints, tmp_path, capsys)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    for flags in ([], ["--sampler", "jacobi"]):
+        calls.clear()
+        code, _, err, compiled = draw(checkpoints, tmp_path, capsys, "--compile", *flags)
+        assert code == 0 and np.array_equal(compiled, plain), err
+        assert seen.pop() == ("decode_step", dict(mode=None, dynamic=False))
+        assert len(calls) == 2 * 15 if not flags else 0 < len(calls) < 2 * 15
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--window", "4"], "--window only applies with --sampler jacobi; drop it"),
+    (["--sampler", "jacobi", "--window", "0"], "--window 0 is out of range"),
+])
+def test_sample_cli_refuses_bad_speed_flags(checkpoints, tmp_path, capsys, flags, message):
+    code, _, err, _ = draw(checkpoints, tmp_path, capsys, *flags)
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
+# -------------------------------------------------------------- bench.py's peer and jacobi rows
+@pytest.mark.parametrize("argv,message", [
+    (["--only", "peer"], "--only peer needs --peer PATH"),
+    (["--only", "vq", "--peer", "x"], "--peer only applies with --only peer; drop it"),
+    (["--only", "vq", "--repeat", "2"], "--repeat only applies with --only peer or jacobi"),
+    (["--only", "vq", "--window", "4"], "--window only applies with --only jacobi; drop it"),
+    (["--only", "jacobi", "--repeat", "0"], "--repeat 0 / --window 16: both must be >= 1"),
+    (["--peer", "{tmp}"], "no autoregressive/models/gpt.py there; pass a checkout of"),
+    (["--peer", "{broken}"], "importing autoregressive/models/gpt.py failed "
+                             "(ModuleNotFoundError: No module named 'nowhere_to_be_found')"),
+])
+def test_bench_sampling_flags_are_checked(tmp_path, capsys, argv, message):
+    """Flags without their benchmark, and checkouts that are not LlamaGen's, are one line each;
+    a failed import leaves sys.path and any `utils` module of the caller as they were."""
+    import sys
+    import types
+
+    import bench
+    from conftest import run_cli
+    broken = tmp_path / "broken"
+    for file in bench.PEER_FILES.values():
+        (broken / file).parent.mkdir(parents=True, exist_ok=True)
+        (broken / file).write_text("import nowhere_to_be_found\n")
+    argv = [a.format(tmp=tmp_path / "empty", broken=broken) for a in argv]
+    path, theirs = list(sys.path), types.ModuleType("utils")
+    sys.modules["utils"] = theirs
+    try:
+        code, out, err = run_cli(bench.main, argv, capsys)
+        assert sys.path == path and sys.modules["utils"] is theirs
+    finally:
+        del sys.modules["utils"]
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1 and "== " not in out  # refused before any benchmark ran
+
+
+def test_bench_jacobi_rows_on_a_trained_checkpoint(checkpoints, capsys):
+    """`bench.py --only jacobi --gpt-ckpt`: per batch, the sequential pass count (one per code)
+    and a Jacobi count below it, whose ratio is the one printed."""
+    import re
+
+    import bench
+    from conftest import run_cli
+    code, out, err = run_cli(bench.main, ["--only", "jacobi", "--gpt-ckpt",
+                                          checkpoints[0][1], "--quick", "--window", "8"], capsys)
+    assert code == 0, err
+    rows = re.findall(r"batch (\d), CFG 4.0: sequential +\d+ ms/image, 16 passes; jacobi window "
+                      r"8 +\d+ ms/image, ([\d.]+) passes \(([\d.]+)x fewer\)", out)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    for _, passes, fewer in rows:
+        assert 16 / 8 < float(passes) < 16 and float(fewer) == round(16 / float(passes), 2)
