@@ -181,7 +181,7 @@ REFUSED = [
     ("nano", ["--ckpt-interval", 0], "--ckpt-interval must be at least 1, got 0"),
     ("nano", ["--grad-accum", 0], "--grad-accum must be at least 1, got 0"),
     ("nano", ["--val-size", 0], "--val-size must be at least 1, got 0"),
-    ("nano", ["--lr", 0], "--lr must be positive, got 0.0"),
+    ("nano", ["--lr", 0], "--lr must be > 0, got 0"),
 ]
 
 
