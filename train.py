@@ -430,6 +430,8 @@ def check_resumable(ckpt, path, stage, model):
     needed = ["model", "optimizer", "step", "config", "rng"]
     needed += ["discriminator", "optimizer_disc"] if stage.discriminator is not None else []
     for key in needed:
+        # an empty AdamW state comes only from a hand-made file: get_state_dict (Trainer.save)
+        # fills in zero moments for every weight, even those that have not stepped yet
         if key not in ckpt or (key.startswith("optimizer") and not ckpt[key].get("state")):
             raise UserError(f"--resume: {path} has no {key!r} state (a file of train.py always "
                             "has); it cannot continue a run: start a new one in another "

@@ -58,7 +58,8 @@ def one_line(code, err, expected_code, *words):
 
 @pytest.fixture(scope="module")
 def runs(codes, tmp_path_factory):
-    """A finished 2-step GPT run and a 1-step tokenizer run, copied by the tests that change them."""
+    """A finished 2-step GPT run and a 1-step tokenizer run, copied by the tests that change
+    them."""
     root = tmp_path_factory.mktemp("runs")
     train.main(list(map(str, gpt(codes, root / "gpt"))))
     train.main(list(map(str, vq(root / "vq"))))
@@ -287,6 +288,17 @@ def test_resume_names_what_the_file_is(case, run, change, flags, words, runs, co
     code, _, err = run_cli(train.main, gpt(codes, out, "--resume", *flags, steps=3), capsys)
     one_line(code, err, 2, *words)
     assert path.read_bytes() == before  # a refused resume writes nothing
+
+
+def test_tokenizer_resumes_before_its_discriminator_starts(runs, tmp_path, capsys):
+    """The tokenizer's checkpoint, discriminator and its AdamW included, passes the same checks
+    (before --disc-start its AdamW has not stepped: get_state_dict saves zero moments)."""
+    out = copy_run(runs, "vq", tmp_path)
+    argv = vq(out, "--resume")
+    argv[argv.index("--max-steps") + 1] = 2
+    code, _, err = run_cli(train.main, argv, capsys)
+    assert code == 0, err
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 2
 
 
 def test_gpt_checkpoint_in_a_tokenizer_run(runs, tmp_path, capsys):
