@@ -432,11 +432,14 @@ class CodesReceipt:
         """One UserError line unless `other` was made by the same tokenizer (same weights
         checksum, hence the same vocabulary and grid): a GPT trained on one tokenizer's codes
         reads another's as noise."""
-        keys = ("tokenizer_checksum", "vocab_size", "grid")
-        if any(getattr(self, k) != getattr(other, k) for k in keys):
-            raise UserError(f"the codes of {mine} come from another tokenizer ({self.describe()}) "
-                            f"than those in {theirs} ({other.describe()}): extract codes with the "
-                            f"tokenizer of {mine}, or start afresh")
+        said = {"tokenizer_checksum": "tokenizer checksum", "vocab_size": "vocab", "grid": "grid"}
+        shown = {"tokenizer_checksum": lambda c: c[:16], "vocab_size": str, "grid": list}
+        differ = [f"{said[k]} {shown[k](getattr(self, k))} vs {shown[k](getattr(other, k))}"
+                  for k in said if getattr(self, k) != getattr(other, k)]  # only what differs
+        if differ:
+            raise UserError(f"the codes of {mine} come from another tokenizer than those in "
+                            f"{theirs} ({', '.join(differ)}): extract codes with the tokenizer "
+                            f"of {mine}, or start afresh")
 
 
 def code_views(x, image_size, ten_crop=False):
