@@ -530,6 +530,9 @@ def _open_part(path, mode, dtype, shape):
     except OSError as e:
         # a filesystem that cannot preallocate is written as before
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            array = None  # the map is closed, and a part made here gives its blocks back
+            if mode == "w+" and os.path.isfile(path):
+                os.remove(path)
             raise UserError(os_error_line(e, path)) from None
     return array
 
