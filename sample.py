@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import UserError, cli, resolve_precision, save_atomic, setup_device
-from data import CodesReceipt, from_uint8, make_grid, save_grid, to_uint8
+from common import UserError, cli, resolve_precision, save_atomic, say, setup_device
+from data import (CodesReceipt, check_image_size, from_uint8, make_grid, save_grid,
+                  to_uint8)
 from model import GPT
 from tokenizer import VQModel, tokenizer_checksum
 
@@ -212,8 +213,14 @@ def resume_stamp(args, parts, rank):
     # evaluation_npz comes before any rank writes a part
     path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):  # ValueError: not JSON (hand-edited, cut short)
+            old = None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is damaged, so the samples in {parts} cannot be matched to "
+                            "these settings; delete that folder to start over")
         if old != stamp:
             diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
                              if old.get(k) != v)
@@ -235,6 +242,7 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     done = set()
     if os.path.isdir(parts):
         done = {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
+        done = checked_parts(parts, done, n, bs, rank)
     if world > 1:
         dist.barrier()  # every rank has listed the finished batches before any rank adds one
     # round-robin over the batches still missing: each rank gets an equal share, and a rerun
@@ -257,6 +265,44 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
         dist.barrier()
     if rank == 0:
         gather_parts(args, parts, n_batches)
+
+
+def part_damage(path, count):
+    """Why the part at `path` cannot be gathered (cut short, not an .npz, not `count` images and
+    labels), or None. Only the zip directory and the two .npy headers are read, not the pixels,
+    so checking 1,563 parts of a 50k run takes a moment, not a re-read of 10 GB."""
+    try:
+        with zipfile.ZipFile(path) as z:  # the directory sits at the end: a cut file fails here
+            shapes = {}
+            for name in ("arr_0", "arr_1"):
+                info = z.getinfo(name + ".npy")
+                with z.open(info) as m:
+                    read_header = (np.lib.format.read_array_header_1_0
+                                   if np.lib.format.read_magic(m) == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(m)
+                    size = m.tell() + math.prod(shape) * dtype.itemsize  # header + data
+                if info.file_size != size:
+                    return f"{name} is cut short"
+                shapes[name] = shape
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        return f"not a complete part ({type(e).__name__})"
+    if shapes["arr_0"][:1] != (count,) or shapes["arr_1"] != (count,):
+        return f"holds {shapes['arr_0'][:1]} images, not {count}"
+    return None
+
+
+def checked_parts(parts, done, n, bs, rank):
+    """The finished batches whose part files are whole. A damaged one (a copy cut short, a disk
+    error) is drawn again now, before sampling, rather than found by the gathering at the end."""
+    good = set()
+    for b in sorted(b for b in done if b * bs < n):
+        why = part_damage(os.path.join(parts, f"{b:06d}.npz"), min(bs, n - b * bs))
+        if why is None:
+            good.add(b)
+        elif rank == 0:
+            say(f"{parts}/{b:06d}.npz is damaged ({why}); sampling that batch again")
+    return good
 
 
 def gather_parts(args, parts, n_batches):
@@ -329,15 +375,26 @@ def size_in_name(path):
 def load_gpt(path, image_size, downsample):
     """(GPT, its codes receipt or None) with the token grid of its images: (image_size //
     downsample)^2 tokens. The size is --image-size if given; else ours know theirs (the receipt,
-    saved with the config), and an official release states it in its file name (_256, _384;
-    256 if absent). One load in the usual cases; a second only when the name misled the first."""
+    saved with the config), and an official release states it in its file name (_256, _384);
+    a file with neither is refused rather than guessed. One load in the usual cases; a second
+    only when the name misled the first."""
     # the first guess needs no receipt: an explicit size, else the name's, else the saved config
     named = image_size or size_in_name(path)
     gpt = GPT.from_pretrained(path, block_size=(named // downsample) ** 2 if named else None)
     receipt = CodesReceipt.from_dict(gpt.meta, path) if gpt.meta else None
     if image_size is None:
-        h, w = receipt.grid if receipt else ((named or 256) // downsample,) * 2
-        if h * w != gpt.config.block_size:  # one of ours named _256, or an official file unnamed
+        if receipt:
+            h, w = receipt.grid
+        elif named:
+            h = w = named // downsample
+        elif gpt.block_size_known:  # ours without a receipt: the saved config has the grid
+            return gpt, receipt
+        else:  # a bare state dict: guessing 256 px drew 64x64 tokens from a GPT trained on 8x8
+            raise UserError(f"the GPT {path} does not say which image size it was trained at (no "
+                            "config inside, no _256/_384/_512 in its name): pass --image-size "
+                            "(256 or 384 for the official c2i files), or rename it like "
+                            "c2i_B_256.pt")
+        if h * w != gpt.config.block_size:  # one of ours named _256
             gpt = GPT.from_pretrained(path, block_size=h * w)
     return gpt, receipt
 
@@ -356,9 +413,8 @@ def load_models(gpt_path, vq_path, image_size=None):
     # the tokenizer first: its downsampling factor turns an image size into the GPT's grid
     vq = VQModel.from_pretrained(vq_path)
     ds = vq.config.downsample
-    if image_size is not None and (image_size <= 0 or image_size % ds):
-        raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's "
-                        f"downsampling factor {ds}; use e.g. {max(1, round(image_size / ds)) * ds}")
+    if image_size is not None:
+        check_image_size(image_size, ds)
     gpt, receipt = load_gpt(gpt_path, image_size, ds)
     # official files carry no receipt, but the vocabulary is in the shapes: check at least that
     if gpt.config.vocab_size != vq.config.codebook_size:
@@ -392,11 +448,16 @@ def check_receipt(receipt, gpt_path, vq, vq_path, image_size):
                         "were extracted with")
 
 
-def check_writable(path):
+def check_writable(path, overwrite=False, flag="--out"):
     """Fail before minutes of sampling, not after: the folder must exist (or be creatable) and
-    take a file."""
+    take a file, and a file already there (a finished evaluation set, a picture) is kept unless
+    --overwrite says otherwise: 50,000 samples cost GPU-hours, and a new --seed would replace them
+    without a word."""
     if os.path.isdir(path):
         raise UserError(f"output {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose "
+                        f"another {flag}")
     # a real file, at once deleted: the only test that catches read-only mounts and full quotas
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -421,23 +482,25 @@ def add_pixel_flags(decides):
       help="class ids to draw (default: the official demo's 8 ImageNet classes if the GPT has "
            "them, else all its classes); with --num-samples, every class unless given, and the "
            "labels are drawn from them")
-    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s (paper "
-      "2.3): 1 = off, 0 = the null class alone (unconditional); the official code treats every "
-      "s <= 1 as off. Pictures: default 4.0, as the official demo. --num-samples: required "
-      "(paper FIDs: 2.0 for B and L)")
+    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s >= 0 "
+      "(paper 2.3): 1 = off, 0 = the null class alone (unconditional), between 0 and 1 a blend "
+      "of the two, above 1 guidance; negative s (pushing away from the class) is refused. (The "
+      "official code treats every s <= 1 as off.) Pictures: default 4.0, as the official demo. "
+      "--num-samples: required (paper FIDs: 2.0 for B and L)")
     a("--cfg-interval", type=int, default=-1, help="-1: guide every token; k >= 0: only tokens "
       "0..k+1, then the conditional logits alone (the official semantics)")
-    a("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    a("--temperature", type=float, default=1.0,
+      help="softmax temperature, > 0 and finite (default: 1.0)")
     a("--top-k", type=int, default=None, help="sample among the k most likely codes only, 0 = "
       "all (default: 2000 for pictures, as the official demo; 0 for --num-samples, as the "
       "official FID runs)")
     a("--top-p", type=float, default=1.0,
-      help="nucleus sampling: smallest set with this mass (1 = all)")
+      help="nucleus sampling: smallest set with this mass, in (0, 1] (1 = all)")
     a("--seed", type=int, default=0,
-      help="batch b is seeded from (seed, b), whatever the number of processes")
+      help="batch b is seeded from (seed, b), whatever the number of processes; >= 0")
     a("--image-size", type=int, default=None, help="pixels per side, (size/downsample)^2 tokens "
       "(default: the size the GPT was trained at: recorded in ours, _256/_384 in official file "
-      "names)")
+      "names; a file that states neither is refused without --image-size)")
     a("--resize-to", type=int, default=None, help="resize the images bicubically to this size, "
       "e.g. 256 for 384 px models before FID, as the official evaluation did")
     a("--batch-size", type=int, default=32,
@@ -468,7 +531,10 @@ def get_args(argv=None):
     a("--per-class", type=int, default=None,
       help="pictures per class, one row each (default: 4); not with --num-samples")
     a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the "
-      ".npz with --num-samples (default: samples/samples<N>.npz)")
+      ".npz with --num-samples (default: samples/samples<N>.npz); an existing file is never "
+      "replaced without --overwrite (an unfinished .npz run resumes instead)")
+    a("--overwrite", action="store_true",
+      help="replace an existing --out (and --progress GIF) instead of refusing")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     a("--progress", default=None, metavar="GIF",
       help="also write an animation of the rasters being written")
@@ -541,15 +607,26 @@ def check_args(args):
     elif args.world > 1:
         raise UserError("torchrun is for --num-samples evaluation runs; draw pictures with "
                         "plain python")
-    for name, ok in [("per_class", args.per_class >= 1), ("batch_size", args.batch_size >= 1),
-                     ("top_k", args.top_k >= 0), ("progress_frames", args.progress_frames >= 1),
-                     ("temperature", args.temperature > 0), ("top_p", 0 < args.top_p <= 1),
-                     ("resize_to", args.resize_to is None or args.resize_to > 0)]:
-        if not ok:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; "
-                            "see --help")
     if not evaluation and args.cfg_scale is None:
         args.cfg_scale = 4.0  # the official demo's guidance for pictures
+    # each flag with the range it must lie in, as the one line names it; nan and inf fail every
+    # comparison or the isfinite test, so they are refused here instead of inside the sampler
+    finite = math.isfinite
+    for name, ok, valid in [
+            ("per_class", args.per_class >= 1, ">= 1"),
+            ("batch_size", args.batch_size >= 1, ">= 1"),
+            ("top_k", args.top_k >= 0, ">= 0 (0 = every code)"),
+            ("progress_frames", args.progress_frames >= 1, ">= 1"),
+            ("temperature", finite(args.temperature) and args.temperature > 0, "finite and > 0"),
+            ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+            ("cfg_scale", finite(args.cfg_scale) and args.cfg_scale >= 0,
+             "finite and >= 0 (1 = no guidance, 0 = unconditional)"),
+            ("cfg_interval", args.cfg_interval >= -1, ">= -1 (-1 = guide every token)"),
+            ("seed", args.seed >= 0, ">= 0"),
+            ("resize_to", args.resize_to is None or args.resize_to > 0, ">= 1 pixel")]:
+        if not ok:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: "
+                            f"it must be {valid}")
 
 
 @torch.no_grad()  # sampling only: no autograd graph (and none left switched off for the caller)
@@ -579,9 +656,9 @@ def main(argv=None):
     if args.out is None:
         args.out = (f"samples/samples{args.num_samples}.npz" if args.num_samples else
                     "samples/class" + "-".join(map(str, args.classes)) + ".png")
-    for path in (args.out, args.progress):  # all checks done before the first token is drawn
-        if path:
-            check_writable(path)
+    for flag, path in (("--out", args.out), ("--progress", args.progress)):
+        if path:  # all checks done before the first token is drawn
+            check_writable(path, args.overwrite, flag)
 
     # the GPT in --precision, the tokenizer kept in float32 (sample_images says why)
     gpt, vq = gpt.to(device=device, dtype=dtype), vq.to(device)
