@@ -777,6 +777,9 @@ def clip_score(clip, images, captions, tokenizer, prefix=PHOTO_DEPICTS, w=2.5, b
     """images: float [-1, 1] (N, 3, H, W) or an iterable of such batches; captions: N strings, in
     the same order. -> {"clip_score": 100 x mean cosine, "clipscore": 100 x mean w max(cos, 0),
     "count": N}, the cosines of each image with `prefix` + its caption ("" for none)."""
+    if torch.is_tensor(images) and len(images) != len(captions):
+        raise UserError(f"CLIP score: {len(captions)} captions for {len(images)} images; give "
+                        "one caption per image")
     batches = images.split(batch_size) if torch.is_tensor(images) else images
     cos, done = [], 0
     for chunk in batches:

@@ -315,7 +315,6 @@ class ClipStage(Stage):
                                        heldout=not recipe.with_heldout)
         items = clip.TokenizedCaptions(world, self.tokenizer, self.config.context_length)
         self.train_set, self.val_set = split(items, recipe.val_size)
-        self._loss = clip.distributed_contrastive_loss
 
     @property
     def blocks(self):
@@ -325,7 +324,7 @@ class ClipStage(Stage):
         images, ids = batch
         image, text, scale = model(images, ids, return_embeddings=True)
         # every rank's loss is the global batch's: its pairs meet the negatives of all ranks
-        loss = self._loss(image, text, scale)
+        loss = clip.distributed_contrastive_loss(image, text, scale)
         return loss, {"temperature": scale.detach().float().exp().clamp(max=100)}
 
     def val_metric(self, model, batch):
