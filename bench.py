@@ -275,6 +275,7 @@ def stand_in_generator(success=0.3, image_size=32):
     import scenes
 
     def generate(prompts, n, seed):
+        # one stream for the whole run: the same seed gives the same candidates, in order
         rng = np.random.default_rng([seed, 4242])
         out = []
         for p in prompts:
@@ -301,14 +302,18 @@ def rerank_sweep(generate, clip_model, tokenizer, prompts, ns=(1, 2, 4, 8, 16, 3
     texts, top = [p["prompt"] for p in prompts], max(ns)
     t0 = time.perf_counter()
     drawn = generate(prompts, top, seed)
+    # sampling is the cost that grows with N: N candidates are paid for every image kept
     per_candidate = (time.perf_counter() - t0) / len(drawn)
-    grouped = drawn.reshape(len(prompts), top, *drawn.shape[1:])
+    grouped = drawn.reshape(len(prompts), top, *drawn.shape[1:])  # (prompt, candidate, H, W, 3)
     rows = []
     for n in ns:
         t0 = time.perf_counter()
         kept, _ = rerank_candidates(grouped[:, :n].reshape(-1, *drawn.shape[1:]), texts,
                                     clip_model, 1, tokenizer)
+        # CLIP's own share: N image embeddings and one text embedding per prompt
         ranking = (time.perf_counter() - t0) / len(prompts)
+        # graded by the exact checker, as the GPT's own pictures are: best-of-N changes only
+        # which candidate is shown, never the grading
         res = scenes.score(list(kept), prompts)
         rows.append({"n": n, "overall": res["overall"], **{t: res[t] for t in scenes.TASKS},
                      "s_per_kept": n * per_candidate + ranking})

@@ -322,8 +322,8 @@ def test_sample_candidates_grid_keeps_the_best_in_rank_order(class_models, train
         code, _, err = run_cli(sample.main, [*base, *extra, "--out", tmp_path / "x.png"], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
     code, _, err = run_cli(sample.main, ["--gpt-ckpt", m["nameless"], "--vq-ckpt", m["vq"],
-                                         "--image-size", 32, "--candidates", 2, "--clip", trained, "--out",
-                                         tmp_path / "x.png"], capsys)
+                                         "--image-size", 32, "--candidates", 2, "--clip", trained,
+                                         "--out", tmp_path / "x.png"], capsys)
     assert code == 2 and "carries no class names" in err
     assert sorted(os.listdir(tmp_path)) == ["g.png"]
 
