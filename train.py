@@ -301,6 +301,9 @@ class ClipStage(Stage):
         if spec != "scenes" or not (n == "" or n.isdigit() and int(n) > 0):
             raise UserError(f"--data {recipe.data!r}: CLIP trains on the built-in captioned world, "
                             "scenes[:N] (N scenes, default 20000)")
+        if recipe.fsdp:  # the released checkpoints store logit_scale as a 0-d tensor
+            raise UserError("--fsdp cannot shard CLIP's scalar logit_scale (FSDP2 refuses 0-d "
+                            "parameters); CLIP-tiny fits any device: drop --fsdp to train with DDP")
         merges = resumed["meta"]["bpe_merges"] if resumed else None
         self.tokenizer = (clip.Tokenizer.from_merges([tuple(m) for m in merges]) if merges else
                           clip.Tokenizer.from_words(scenes.VOCABULARY))

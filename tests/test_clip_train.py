@@ -108,7 +108,8 @@ def test_clip_stage_refuses_other_data_and_flags(tmp_path, capsys):
              (["--model", "CLIP-tiny", "--data", "scenes", "--image-size", "32"],
               "--image-size only applies to the tokenizer stage"),
              (["--model", "VQ-tiny", "--data", "synthetic:100", "--with-heldout"],
-              "--with-heldout only applies to the CLIP stage")]
+              "--with-heldout only applies to the CLIP stage"),
+             (["--model", "CLIP-tiny", "--data", "scenes", "--fsdp"], "drop --fsdp")]
     for argv, message in cases:
         code, _, err = run_cli(train.main, [*argv, "--out-dir", tmp_path / "o"], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
