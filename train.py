@@ -429,7 +429,8 @@ def add_stage_flags(a):
 def add_clip_flags(p):
     """The CLIP stage's flags, in their own group (default None, as add_stage_flags says why)."""
     g = p.add_argument_group("CLIP (--model CLIP-tiny --data scenes[:N], the built-in captioned "
-                             "world; default lr 1e-3, weight decay 0.2)")
+                             "world; defaults batch 128, lr 1e-3, weight decay 0.2; a short "
+                             "--warmup-steps, e.g. 20, spares the towers a slow start)")
     g.add_argument("--with-heldout", action="store_true", default=None,
                    help="CLIP: also train on the held-out colour-shape pairs (default: never "
                    "shown, as to the text-to-image GPT)")
