@@ -3,6 +3,7 @@
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz    # IS, FID, sFID, precision, recall
     python fid.py reference.npz --save-stats reference_stats.npz # cache statistics for later runs
     python fid.py --vq-ckpt vq_ds16_c2i.pt --data imagenet/val   # rFID, PSNR, SSIM, usage
+    python fid.py samples.npz --clip-score clip-vit-base-patch32 --captions prompts.txt # CLIP score
 
 The paper's ImageNet metrics (paper 3.2) come from ADM's TensorFlow evaluator
 (guided-diffusion evaluations/evaluator.py), which runs the 2015-12-05 Inception-v3 graph. Below is
@@ -14,7 +15,8 @@ batches, or our --save-stats), or, from Python, arrays, tensors or an iterable o
 
 Read top to bottom: the network, its weights, inputs -> image batches -> features, the metrics,
 the command line. This file is a leaf: it needs only the tokenizer (for rFID), the pixel rule
-(data.to_uint8) and the project's image reader (data.read_image).
+(data.to_uint8), the project's image reader (data.read_image) and, for the CLIP score of
+text-to-image samples, clip.py.
 """
 import argparse
 import itertools
@@ -30,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import clip
 from common import (UserError, cli, download, first_line, load_checkpoint, load_weights,
                     pick_device, save_atomic, say, unwrap_state_dict)
 from data import (IMAGE_EXTENSIONS, UNREADABLE, check_image_size, from_uint8, image_dataset,
@@ -715,6 +718,7 @@ def build_parser():
     group.add_argument("--num-workers", type=int, help="image-decoding processes (default 4)")
     group.add_argument("--no-rfid", action="store_true", default=None,
                        help="PSNR, SSIM and usage only: no Inception weights needed")
+    add_clip_score_flags(parser)
     return parser
 
 
@@ -724,6 +728,9 @@ def main(argv=None):
     of the other mode is refused with one line rather than silently ignored."""
     args = build_parser().parse_args(argv)
     if args.vq_ckpt or args.data:
+        if args.clip_score or args.captions or args.clip_prefix is not None:
+            raise UserError("--clip-score scores sample images against captions; drop it with "
+                            "--vq-ckpt/--data")
         for name, default in TOKENIZER_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)  # the defaults users have always had
@@ -735,11 +742,13 @@ def main(argv=None):
     if args.samples is None:
         raise UserError("give the samples to score (an .npz or a folder), or --vq-ckpt and --data "
                         "for a tokenizer")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if report_clip_score(args) and args.reference is None and not args.save_stats:
+        return  # text-image alignment alone; with a reference, FID follows as ever
     if args.reference is None and not args.save_stats:
         raise UserError("give a reference to compare against, or --save-stats OUT.npz to cache "
                         "statistics")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_save_stats(args)
     score_samples(args)
 
@@ -820,6 +829,59 @@ def report_tokenizer(args):
         print(f"rFID: {metrics['rfid']:.4f}")
     print(f"PSNR: {metrics['psnr']:.4f} dB\nSSIM: {metrics['ssim']:.4f}\n"
           f"codebook usage: {100 * metrics['codebook_usage']:.2f}% of {vq.config.codebook_size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP score: how well text-to-image samples agree with their captions (clip.clip_score says how
+# it is computed); LlamaGen's t2i table reports it beside FID, with ViT-B/32 and "A photo depicts"
+
+
+def add_clip_score_flags(parser):
+    g = parser.add_argument_group("CLIP score of text-to-image samples (with or without a "
+                                  "reference for FID)")
+    g.add_argument("--clip-score", metavar="CLIP", help="our CLIP checkpoint (train.py --model "
+                   "CLIP-tiny) or a Hugging Face CLIP folder; LlamaGen's protocol: "
+                   "openai/clip-vit-base-patch32")
+    g.add_argument("--captions", metavar="FILE", help="with --clip-score: a text file with one "
+                   "caption per line, line i for image i of the samples")
+    g.add_argument("--clip-prefix", default=None, help="with --clip-score: text put before every "
+                   f"caption (default {clip.PHOTO_DEPICTS!r}, as CLIPScore and LlamaGen; '' for "
+                   "none)")
+
+
+def read_captions(path):
+    """One caption per line (a trailing newline is not one more caption)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read captions {path!r} ({e}); give a UTF-8 text file, one "
+                        "caption per line") from None
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def report_clip_score(args):
+    """The --clip-score mode: prints both CLIP scores of args.samples; False when not asked."""
+    if not (args.clip_score or args.captions or args.clip_prefix is not None):
+        return False
+    if not (args.clip_score and args.captions):
+        raise UserError("a CLIP score needs both --clip-score CLIP and --captions FILE")
+    captions = read_captions(args.captions)
+    count, batches = image_batches(args.samples, args.batch_size)
+    if count is not None and count != len(captions):
+        raise UserError(f"{args.captions} has {len(captions)} captions for {count} images in "
+                        f"{args.samples}; give one caption per image, in order")
+    model, tokenizer = clip.load(args.clip_score)
+    model = model.to(pick_device(args.device))
+    prefix = clip.PHOTO_DEPICTS if args.clip_prefix is None else args.clip_prefix
+    # uint8 batches are the samples' own pixels; a folder of mixed sizes arrives as floats in [0, 1]
+    floats = (from_uint8(b) if isinstance(b, np.ndarray) else b * 2 - 1 for b in batches)
+    got = clip.clip_score(model, tqdm(floats, desc="CLIP", total=None), captions, tokenizer,
+                          prefix)
+    print(f"CLIP score ({got['count']} images, prefix {prefix!r}, {args.clip_score}):\n"
+          f"  mean cosine x 100 (LlamaGen, GigaGAN): {got['clip_score']:.4f}\n"
+          f"  CLIPScore x 100 (Hessel et al. 2021, 2.5 max(cos, 0)): {got['clipscore']:.4f}")
+    return True
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import clip
 from common import UserError, cli, resolve_precision, save_atomic, say, setup_device
 from data import (CodesReceipt, check_image_size, from_uint8, make_grid, save_grid,
                   to_uint8)
@@ -54,6 +55,7 @@ OFFICIAL_GPTS = ["c2i_B_256.pt", "c2i_B_384.pt", "c2i_L_256.pt", "c2i_L_384.pt",
                  "c2i_XXL_384.pt", "c2i_3B_384.pt"]
 OFFICIAL_VQ = "vq_ds16_c2i.pt"
 DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's ImageNet classes
+DEMO_CLIP = "results/demo/clip.pt"  # the re-ranker, when the demo has trained one
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,6 +143,7 @@ def picture_grid(args, gpt, vq, sample_kw):
     bar.close()
     images = np.concatenate(images)
     report(0, len(images), time.perf_counter() - t0, length, args)
+    images = rerank_grid(args, images)  # --candidates: each row keeps its --keep best, ranked
     # one row per class; a single class (or one picture each) fills rows of 8 instead
     nrow = args.per_class if len(args.classes) > 1 and args.per_class > 1 else 8
     save_grid(from_uint8(images), args.out, nrow=nrow)
@@ -254,7 +257,7 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     for b in tqdm(todo, disable=rank != 0, desc="sampling", unit="batch", dynamic_ncols=True):
         batch_labels = labels[b * bs:(b + 1) * bs]
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b))
-        images = sample_images(gpt, vq, batch_labels, generator=gen, **sample_kw)
+        images = draw_best(args, gpt, vq, batch_labels, gen, sample_kw)
         # one file per batch, written atomically: a process killed mid-batch loses that batch
         # only, and a file that exists is always complete
         save_atomic(lambda f: write_npz(f, arr_0=images, arr_1=batch_labels.numpy()),
@@ -352,6 +355,136 @@ def compiled_step(gpt, device):
     the per-kernel launch cost that bounds batch-1 sampling."""
     mode = "reduce-overhead" if str(device).startswith("cuda") else None
     return torch.compile(gpt.decode_step, mode=mode, dynamic=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Re-ranking by CLIP (DALL-E, Ramesh et al. 2021, 2.5): draw N candidates per prompt and keep the K
+# that CLIP finds most similar to it. The sampler's draws differ in whether they show what was
+# asked; CLIP's contrastive score is trained to answer exactly that question (clip.py), so best-of-N
+# trades N times the sampling for better agreement with the prompt (DALL-E's FID and IS improve up
+# to N = 32). Class models are prompted with their class names ("a red circle"); text models with
+# their prompts.
+
+def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
+    """images: uint8 (P*N, H, W, 3) in prompt-major order (prompt p's N candidates together);
+    texts: the P prompts; clip_model: clip.CLIP (its .tokenizer unless `tokenizer` is given). ->
+    (uint8 (P*keep, H, W, 3): each prompt's `keep` best, best first; float (P, keep): their scores,
+    100 x cosine). keep = N returns every candidate, pixels untouched, in rank order. CLIP scores
+    the uint8 pixels, exactly what is saved, not the decoder's unrounded floats."""
+    if len(texts) == 0 or len(images) % len(texts):
+        raise UserError(f"{len(images)} candidates do not split evenly over {len(texts)} prompts")
+    scores = clip.rank(clip_model, from_uint8(images), list(texts),
+                       tokenizer or clip_model.tokenizer)
+    order, best = clip.rerank(scores, keep)
+    # candidate j of prompt p is row p * N + j of the prompt-major stack
+    rows = torch.arange(len(texts))[:, None] * scores.shape[1] + order
+    return images[rows.flatten().numpy()], best
+
+
+def add_rerank_flags(p):
+    """The re-ranking flags, their own group; a --num-samples run given them records them with the
+    others that decide the pixels (check_rerank_args)."""
+    g = p.add_argument_group("re-ranking by CLIP (DALL-E 2.5)", "draw N candidates per class, "
+                             "keep the K most similar to its prompt \"a <class name>\" by CLIP")
+    g.add_argument("--candidates", type=int, default=None, metavar="N",
+                   help="candidates drawn per picture kept (DALL-E: up to 32; 512 in its blog)")
+    g.add_argument("--keep", type=int, default=None, metavar="K", help="with --candidates: the "
+                   "best K of each class, best first (default: 4, or N if smaller, for pictures; "
+                   "--num-samples keeps 1 of N per sample and takes only 1)")
+    g.add_argument("--clip", default=None, metavar="CKPT", help="with --candidates: our CLIP "
+                   "(train.py --model CLIP-tiny) or a Hugging Face CLIP folder such as "
+                   f"openai/clip-vit-base-patch32 (default: {DEMO_CLIP})")
+    return g
+
+
+def check_rerank_args(args):
+    """One line for a re-ranking flag out of range or out of its mode; then the defaults. Runs
+    before check_args: pictures draw --candidates per class in place of --per-class."""
+    if args.candidates is None:
+        for flag in ("keep", "clip"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} only applies with --candidates N; add it or drop "
+                                f"--{flag}")
+        return
+    if args.candidates < 1:
+        raise UserError(f"--candidates must be at least 1, got {args.candidates}")
+    if args.per_class is not None:
+        raise UserError("--per-class and --candidates both set the draws per class; with "
+                        "--candidates each row shows its --keep best")
+    if args.progress:
+        raise UserError("--progress animates every candidate, kept or not; drop it with "
+                        "--candidates")
+    if args.num_samples is not None:
+        if args.keep not in (None, 1):
+            raise UserError(f"--keep {args.keep} with --num-samples: each sample is the best 1 "
+                            "of --candidates; drop --keep")
+        args.keep = 1
+    else:
+        args.keep = min(4, args.candidates) if args.keep is None else args.keep
+        args.per_class = args.candidates
+    if not 1 <= args.keep <= args.candidates:
+        raise UserError(f"--keep {args.keep} must be between 1 and --candidates "
+                        f"{args.candidates}")
+    if args.clip is None:
+        if not os.path.exists(DEMO_CLIP):
+            raise UserError(f"--candidates needs a CLIP to rank with: --clip CKPT (train.py "
+                            f"--model CLIP-tiny --data scenes, or a Hugging Face CLIP folder); "
+                            f"none at {DEMO_CLIP}")
+        args.clip = DEMO_CLIP
+    args.clip = os.path.abspath(args.clip)  # the resume stamp must not depend on the cwd
+    # stamped only when given: parts drawn without re-ranking keep the stamp they always had
+    args.pixel_settings += ("candidates", "keep", "clip")
+
+
+def class_prompts(gpt, classes):
+    """{class id: "a <class name>"} from the names our checkpoints carry in their codes receipt;
+    official ImageNet checkpoints know their classes by id only, so there is no text to score."""
+    receipt = CodesReceipt.from_dict(gpt.meta, "the GPT checkpoint") if gpt.meta else None
+    if receipt is None or len(receipt.classes) != gpt.config.num_classes:
+        raise UserError("--candidates scores each class by its name, and this GPT carries no "
+                        "class names (official checkpoints know ImageNet classes by id only); "
+                        "use a GPT trained here")
+    return {k: f"a {receipt.classes[k]}".replace("_", " ") for k in classes}
+
+
+def setup_reranker(args, gpt):
+    """With --candidates: the CLIP (on the GPT's device) and the prompt of every class drawn."""
+    args.reranker = None
+    if not args.candidates:
+        return
+    args.prompts_of = class_prompts(gpt, args.classes)
+    model, tokenizer = clip.load(args.clip)
+    args.reranker = model.to(args.device)
+    args.reranker.tokenizer = tokenizer
+
+
+def rerank_grid(args, images):
+    """Pictures: the P classes' N candidates each -> their K best, best first, the scores
+    printed row by row; args.per_class becomes K so the grid has K per row."""
+    if not args.candidates:
+        return images
+    t0 = time.perf_counter()
+    texts = [args.prompts_of[k] for k in args.classes]
+    kept, scores = rerank_candidates(images, texts, args.reranker, args.keep)
+    print(f"CLIP kept {args.keep} of {args.candidates} per class in "
+          f"{time.perf_counter() - t0:.1f} s; scores (100 x cosine), best first:")
+    for text, row in zip(texts, scores.tolist()):
+        print(f"  {text}: " + " ".join(f"{v:.1f}" for v in row))
+    args.per_class = args.keep
+    return kept
+
+
+def draw_best(args, gpt, vq, labels, gen, sample_kw):
+    """An evaluation batch: one image per label, or with --candidates the best of N each (drawn in
+    chunks of --batch-size, from this batch's generator)."""
+    if not args.candidates:
+        return sample_images(gpt, vq, labels, generator=gen, **sample_kw)
+    many = labels.repeat_interleave(args.candidates)
+    drawn = np.concatenate([sample_images(gpt, vq, many[i:i + args.batch_size], generator=gen,
+                                          **sample_kw)
+                            for i in range(0, len(many), args.batch_size)])
+    texts = [args.prompts_of[int(k)] for k in labels]
+    return rerank_candidates(drawn, texts, args.reranker, 1)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -526,6 +659,7 @@ def get_args(argv=None):
                                    "these; resuming it needs the same values")
     add_pixel_flags(decides)
     pixel_settings = tuple(action.dest for action in decides._group_actions)
+    add_rerank_flags(p)
     # the flags below change where the pictures go or how fast they come, not what they show
     a = p.add_argument
     a("--per-class", type=int, default=None,
@@ -634,6 +768,7 @@ def main(argv=None):
     args = get_args(argv)
     # torchrun sets RANK and WORLD_SIZE; a plain `python sample.py` is rank 0 of 1
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_rerank_args(args)
     check_args(args)
     check_speed_args(args)
     # under torchrun each process takes the GPU of its LOCAL_RANK (common.setup_device)
@@ -656,6 +791,7 @@ def main(argv=None):
     if args.out is None:
         args.out = (f"samples/samples{args.num_samples}.npz" if args.num_samples else
                     "samples/class" + "-".join(map(str, args.classes)) + ".png")
+    setup_reranker(args, gpt)
     for flag, path in (("--out", args.out), ("--progress", args.progress)):
         if path:  # all checks done before the first token is drawn
             check_writable(path, args.overwrite, flag)

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import clip
 import data
 from common import (DTYPES, UserError, check_weights, cli, first_line, load_checkpoint,
                     os_error_line, resolve_precision, save_atomic, setup_device)
@@ -280,7 +281,66 @@ class VQStage(Stage):
         return self.crit.discriminator_loss(images, recon, step, discriminator=discriminator)
 
 
-STAGES = [GPTStage, VQStage]
+class ClipStage(Stage):
+    """CLIP (Radford et al. 2021) on the built-in captioned world (scenes.py): the image and text
+    towers learn one embedding space by symmetric InfoNCE over the global batch, with a learned
+    temperature (clip.py explains both). It is the re-ranker and scorer of sample.py and fid.py.
+    The captions' vocabulary is closed, so the tokenizer is BPE learnt on it (clip.Tokenizer.
+    from_words), carried in the checkpoint's meta: a resumed run keeps the tokens it learnt."""
+    # the small configs only: the released ViT-B/32 and L/14 are loaded, never trained here
+    name, kind, unit = "CLIP", "clip", "img"
+    configs = {k: v for k, v in clip.CLIP_CONFIGS.items() if k.startswith("CLIP-")}
+    # the CLIP paper's weight decay 0.2 and a peak rate for a small batch (its 5e-4 was at 32k);
+    # an lr here, not scaled with the batch as the other stages' 1e-4 rule
+    defaults = dict(epochs=30, batch_size=128, weight_decay=0.2, lr=1e-3)
+    flags = dict(with_heldout=False)
+    val_label = "validation accuracy of an image picking its caption among 10"
+    units_per_item = 1
+
+    def __init__(self, recipe, resumed):
+        import scenes
+        spec, _, n = str(recipe.data).partition(":")
+        if spec != "scenes" or not (n == "" or n.isdigit() and int(n) > 0):
+            raise UserError(f"--data {recipe.data!r}: CLIP trains on the built-in captioned world, "
+                            "scenes[:N] (N scenes, default 20000)")
+        if recipe.fsdp:  # the released checkpoints store logit_scale as a 0-d tensor
+            raise UserError("--fsdp cannot shard CLIP's scalar logit_scale (FSDP2 refuses 0-d "
+                            "parameters); CLIP-tiny fits any device: drop --fsdp to train with DDP")
+        merges = resumed["meta"]["bpe_merges"] if resumed else None
+        self.tokenizer = (clip.Tokenizer.from_merges([tuple(m) for m in merges]) if merges else
+                          clip.Tokenizer.from_words(scenes.VOCABULARY))
+        # the table has exactly the tokenizer's ids; <|endoftext|> is the last, where pooling reads
+        self.config = clip.clip_config(recipe.model, vocab_size=len(self.tokenizer.encoder))
+        self.model = clip.CLIP(self.config)
+        self.meta = {"bpe_merges": [list(m) for m in self.tokenizer.merges], "data": recipe.data}
+        # without held-out pairs by default, as the text-to-image GPT: re-ranking a held-out prompt
+        # then tests whether CLIP, too, composes colour and shape; no flips or crops, which would
+        # falsify "on the left" and "at the top" in the captions
+        world = scenes.CaptionedScenes(int(n or 20000), self.config.image_size, seed=recipe.seed,
+                                       heldout=not recipe.with_heldout)
+        items = clip.TokenizedCaptions(world, self.tokenizer, self.config.context_length)
+        self.train_set, self.val_set = split(items, recipe.val_size)
+
+    @property
+    def blocks(self):
+        return [*self.model.vision_model.encoder.layers, *self.model.text_model.encoder.layers]
+
+    def loss(self, model, batch, step):
+        images, ids = batch
+        image, text, scale = model(images, ids, return_embeddings=True)
+        # every rank's loss is the global batch's: its pairs meet the negatives of all ranks
+        loss = clip.distributed_contrastive_loss(image, text, scale)
+        return loss, {"temperature": scale.detach().float().exp().clamp(max=100)}
+
+    def val_metric(self, model, batch):
+        # retrieval among 10, a figure that does not move with the batch size as the loss does
+        # (chance ln B); local to this rank, whose share of validation batches may differ
+        images, ids = batch
+        image, text, _ = model(images, ids, return_embeddings=True)
+        return clip.retrieval_accuracy(image, text, ids, group=10)
+
+
+STAGES = [GPTStage, VQStage, ClipStage]
 
 
 def stage_for(model):
@@ -347,6 +407,7 @@ def get_args(argv=None):
       help="global seed; rank r seeds its dropout with seed * world + r")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     add_stage_flags(a)
+    add_clip_flags(p)
     return p.parse_args(argv)
 
 
@@ -373,6 +434,16 @@ def add_stage_flags(a):
       help="tokenizer: codes in the codebook (default: the config's)")
     a("--entropy-loss-ratio", type=float, default=None, help="tokenizer: weight of the entropy "
       "loss that spreads use over the codebook (default 0, the paper's)")
+
+
+def add_clip_flags(p):
+    """The CLIP stage's flags, in their own group (default None, as add_stage_flags says why)."""
+    g = p.add_argument_group("CLIP (--model CLIP-tiny --data scenes[:N], the built-in captioned "
+                             "world; defaults batch 128, lr 1e-3, weight decay 0.2; a short "
+                             "--warmup-steps, e.g. 20, spares the towers a slow start)")
+    g.add_argument("--with-heldout", action="store_true", default=None,
+                   help="CLIP: also train on the held-out colour-shape pairs (default: never "
+                   "shown, as to the text-to-image GPT)")
 
 
 def refuse_other_stages_flags(args, stage):
