@@ -408,7 +408,13 @@ def get_args(argv=None):
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     add_stage_flags(a)
     add_clip_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # which flags were typed: a resumed run takes every other one from its checkpoint, so that a
+    # restart without --max-steps does not turn into today's default of 300 epochs
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.typed = set(vars(p.parse_args(argv)))
+    return args
 
 
 def add_stage_flags(a):
@@ -522,6 +528,10 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
                             f"{saved[name]}: a resumed run keeps it; start a new --out-dir to "
                             "change it")
     recipe = dict(vars(args))
+    typed = recipe.pop("typed", set(recipe))
+    for name, value in saved.items():  # resumed: what was not typed now, the run decided then
+        if name in recipe and name not in typed and name not in PER_INVOCATION:
+            recipe[name] = value
     for other in STAGES:  # every flag keeps a value, as the checkpoints have always listed them
         recipe.update({k: v for k, v in other.flags.items() if recipe[k] is None})
     for name, value in stage.defaults.items():
@@ -535,6 +545,11 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
     recipe = argparse.Namespace(**recipe)
     check_recipe(recipe, world, stage, device)
     return recipe
+
+
+# Flags that describe this invocation rather than the run: a resumed run may change them freely.
+PER_INVOCATION = {"resume", "overwrite", "out_dir", "device", "num_workers", "precision",
+                  "compile"}
 
 
 # flag -> (the values it may take, how messages say so). A float must also be finite: a nan

@@ -419,3 +419,21 @@ def test_torchrun_prints_a_bad_flag_once(codes, tmp_path):
     assert p.stderr.count("error: --lr must be > 0, got -1") == 1, p.stderr
     assert "exitcode  : 2" in p.stderr and p.returncode != 0
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_keeps_the_flags_it_is_not_given(codes, tmp_path, capsys):
+    """A resumed run takes every flag not typed again from its checkpoint: without --max-steps a
+    finished 2-step run stays finished (it does not restart as today's default of 300 epochs),
+    and the schedule, warmup and EMA of the first run carry on when only --max-steps changes."""
+    out = str(tmp_path / "r")
+    first = gpt(codes, out, "--lr-schedule", "cosine", "--warmup-steps", 1, "--ema", 0.5)
+    assert run_cli(train.main, first, capsys)[0] == 0
+    base = ["--model", "nano", "--data", codes, "--out-dir", out, "--num-workers", 0, "--resume"]
+    code, _, err = run_cli(train.main, base, capsys)
+    one_line(code, err, 2, "at step 2, and the run ends at step 2")
+    code, _, err = run_cli(train.main, base + ["--max-steps", 3], capsys)
+    assert code == 0, err
+    saved = load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
+    assert (saved["max_steps"], saved["lr_schedule"], saved["warmup_steps"], saved["ema"],
+            saved["log_interval"], saved["val_size"]) == (3, "cosine", 1, 0.5, 1, 10)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
