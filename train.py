@@ -481,10 +481,9 @@ class T2IStage(GPTStage):
         self.text_meta = dict(kind="frozen", features=os.path.abspath(recipe.text),
                               length=int(length), width=int(width), receipt=receipt)
 
-    @property
-    def blocks(self):
-        extra = self.model.text_encoder.encoder.block if isinstance(self.model, JointT2I) else []
-        return list(self.model.layers) + list(extra)
+    # blocks: the GPT's layers only (GPTStage's). T5's blocks stay in the root FSDP unit: its
+    # forward reads block 0's relative-position table before block 0 runs, when a block of its
+    # own would still be sharded.
 
     def loss(self, model, batch, step):
         codes, caption, mask, valid = batch

@@ -24,7 +24,7 @@ from tokenizer import VQModel, tokenizer_checksum, vq_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ---------------------------------------------------------------------------------- a fixed tokenizer
+# ------------------------------------------------------------------------------ a fixed tokenizer
 class SceneCodes(torch.nn.Module):
     """A fixed, non-learned tokenizer made for the built-in world, so that a test can train the
     GPT without first training a VQ: each 4x4 patch of a 32 px scene -> one of 486 codes, its
@@ -51,7 +51,8 @@ class SceneCodes(torch.nn.Module):
         lit = (bright.unfold(1, P, P).unfold(2, P, P) > bg[..., None, None] + 60).float()
         mean = (patches * lit[:, None]).sum((-1, -2)) / lit.sum((-1, -2)).clamp(min=1)[:, None]
         # the palette colour of the patch's lit pixels: nearest in chroma (grey removed)
-        chroma = F.normalize(mean.permute(0, 2, 3, 1) - mean.permute(0, 2, 3, 1).mean(-1, True), dim=-1)
+        mean = mean.permute(0, 2, 3, 1)
+        chroma = F.normalize(mean - mean.mean(-1, True), dim=-1)
         pal = F.normalize(self.palette - self.palette.mean(-1, True), dim=-1)
         colour = (chroma @ pal.T).argmax(-1)  # B, h, w
         top = self.palette[colour].amax(-1).repeat_interleave(P, 1).repeat_interleave(P, 2)
@@ -138,7 +139,8 @@ def test_joint_checkpoint_is_self_contained(vq_world):
     info = ckpt["meta"]["text"]
     assert info["kind"] == "joint" and info["encoder"] == "t5-nano" and info["length"] == 16
     assert info["words"][:len(scenes.VOCABULARY)] == list(scenes.VOCABULARY)
-    assert info["config"]["vocab_size"] == 3 + len(info["words"]) and info["config"]["d_model"] == 64
+    assert info["config"]["vocab_size"] == 3 + len(info["words"])
+    assert info["config"]["d_model"] == 64
     assert ckpt["config"]["caption_dim"] == 64 and ckpt["config"]["cls_token_num"] == 16
     assert ckpt["config"]["class_dropout_prob"] == 0.1 and ckpt["config"]["vocab_size"] == 512
     t5_keys = [k for k in ckpt["model"] if k.startswith("text_encoder.")]
@@ -196,22 +198,27 @@ def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monk
     code, _, err = run_cli(train.main, argv[:i] + argv[i + 2:], capsys)
     assert code == 0, err
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["meta"]["text"]["kind"] == "frozen" and ckpt["meta"]["text"]["receipt"] == Features.receipt
+    info = ckpt["meta"]["text"]
+    assert info["kind"] == "frozen" and info["receipt"] == Features.receipt
     assert ckpt["config"]["caption_dim"] == 24 and ckpt["config"]["cls_token_num"] == 12
     assert not any(k.startswith("text_encoder.") for k in ckpt["model"])
     code, _, err = run_cli(sample.main, ["--gpt-ckpt", out / "ckpt.pt", "--vq-ckpt", vq_world["vq"],
                                          "--prompt", "a red circle", "--out", tmp_path / "x.png"],
                            capsys)
-    assert code == 2 and "(flan-t5-tiny): pass its folder with --t5" in err and len(err.splitlines()) == 1
+    assert code == 2 and "(flan-t5-tiny): pass its folder with --t5" in err
+    assert len(err.splitlines()) == 1
     # --caption-len belongs to a trained encoder; frozen features keep their length
     code, _, err = run_cli(train.main, argv[:-1] + [tmp_path / "o2"], capsys)
     assert code == 2 and "--caption-len applies when a text encoder is trained" in err
 
 
 REFUSED = [
-    (["--model", "VQ-tiny", "--text", "t5-nano"], "--text only applies to the text-to-image GPT stage"),
-    (["--model", "nano", "--caption-len", 16], "--caption-len only applies to the text-to-image GPT stage"),
-    (["--model", "nano", "--text", "t5-nano", "--caption-len", 1], "--caption-len 1: a caption needs"),
+    (["--model", "VQ-tiny", "--text", "t5-nano"],
+     "--text only applies to the text-to-image GPT stage"),
+    (["--model", "nano", "--caption-len", 16],
+     "--caption-len only applies to the text-to-image GPT stage"),
+    (["--model", "nano", "--text", "t5-nano", "--caption-len", 1],
+     "--caption-len 1: a caption needs"),
 ]
 
 
@@ -231,22 +238,24 @@ def test_resume_keeps_the_text_encoder(vq_world, tmp_path, capsys):
     train_main(train_args(vq_world["codes"], b, 4, "--dropout", 0))
     wa, wb = load_checkpoint(a / "ckpt.pt")["model"], load_checkpoint(b / "ckpt.pt")["model"]
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    code, _, err = run_cli(train.main, ["--model", "nano", "--data", vq_world["codes"], "--num-workers", 0,
-                                        "--out-dir", a, "--max-steps", 5, "--resume"], capsys)
+    code, _, err = run_cli(train.main, ["--model", "nano", "--data", vq_world["codes"],
+                                        "--num-workers", 0, "--out-dir", a, "--max-steps", 5,
+                                        "--resume"], capsys)
     assert code == 2 and "is a text-to-image GPT; resume it with the --text" in err
 
 
 @pytest.mark.subprocess
 def test_ddp_and_fsdp_match_one_process(vq_world, tmp_path):
-    """Dropout off (caption dropout too): 2-rank DDP and 2-rank FSDP (the T5's blocks sharded as
-    well) train the joint model exactly as one process does."""
+    """Dropout off (caption dropout too): 2-rank DDP and 2-rank FSDP (the T5 in the root unit)
+    train the joint model exactly as one process does."""
     outs = {}
     for name, launcher in (("one", [sys.executable]),
                            ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                     "--nproc_per_node=2"])):
         for fsdp in ([[]] if name == "one" else [[], ["--fsdp"]]):
             out = tmp_path / (name + "".join(fsdp))
-            argv = train_args(vq_world["codes"], out, 3, "--dropout", 0, "--class-dropout", 0, *fsdp)
+            argv = train_args(vq_world["codes"], out, 3, "--dropout", 0, "--class-dropout", 0,
+                              *fsdp)
             p = subprocess.run(launcher + ["train.py", *map(str, argv)], cwd=ROOT, env=ENV,
                                capture_output=True, text=True)
             assert p.returncode == 0, p.stderr[-3000:]
@@ -258,7 +267,7 @@ def test_ddp_and_fsdp_match_one_process(vq_world, tmp_path):
         assert worst < 1e-5, (name, worst)
 
 
-# ------------------------------------------------------------------------------------------ sampling
+# -------------------------------------------------------------------------------------- sampling
 def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp_path, capsys):
     """sample.py --prompt (repeatable) and --prompts FILE: one row per prompt; the evaluation .npz
     draws prompt i for sample i (arr_1 = prompt index); a class flag with a t2i model, --t5 with a
@@ -266,23 +275,26 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
     base = ["--gpt-ckpt", vq_world["gpt"], "--vq-ckpt", vq_world["vq"]]
     png = tmp_path / "grid.png"
     code, out, err = run_cli(sample.main, base + ["--prompt", "a red circle", "--prompt",
-                                                  "two blue stars", "--per-prompt", 3, "--out", png], capsys)
+                                                  "two blue stars", "--per-prompt", 3,
+                                                  "--out", png], capsys)
     assert code == 0, err
     from PIL import Image
     assert Image.open(png).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px, 2 px gaps
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na green cross\n")
     npz = tmp_path / "eval.npz"
-    code, _, err = run_cli(sample.main, base + ["--prompts", prompts, "--num-samples", 5, "--cfg-scale", 1,
-                                                "--batch-size", 2, "--out", npz], capsys)
+    code, _, err = run_cli(sample.main, base + ["--prompts", prompts, "--num-samples", 5,
+                                                "--cfg-scale", 1, "--batch-size", 2,
+                                                "--out", npz], capsys)
     assert code == 0, err
     with np.load(npz) as z:
         assert z["arr_0"].shape == (5, 32, 32, 3) and z["arr_1"].tolist() == [0, 1, 0, 1, 0]
-    for flags, message in ((["--class", 1, "--prompt", "a star"], "--class is for class-conditional GPTs"),
-                           (["--class", 1], "is text-conditional: give --prompt"),
-                           (["--prompt", "a star", "--t5", tmp_path], "carries its own text encoder"),
-                           (["--t5", tmp_path], "--t5 only applies with --prompt"),
-                           (["--prompt", "a star", "--per-class", 2], "--per-class is for class")):
+    for flags, message in (
+            (["--class", 1, "--prompt", "a star"], "--class is for class-conditional GPTs"),
+            (["--class", 1], "is text-conditional: give --prompt"),
+            (["--prompt", "a star", "--t5", tmp_path], "carries its own text encoder"),
+            (["--t5", tmp_path], "--t5 only applies with --prompt"),
+            (["--prompt", "a star", "--per-class", 2], "--per-class is for class")):
         code, _, err = run_cli(sample.main, base + flags + ["--out", tmp_path / "r.png"], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
     c2i = tmp_path / "c2i"
@@ -297,8 +309,8 @@ def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
     """PromptCondition: the checkpoint's own T5 and words, captions left padded to N = 16."""
     gpt = GPT.from_pretrained(vq_world["gpt"])
     enc = sample.joint_text_encoder(vq_world["gpt"], gpt.meta["text"], "cpu", torch.float32)
-    feats, mask = sample.PromptCondition(["a red circle", "three green crosses at the top"], enc, 16)(
-        torch.tensor([1, 0]))
+    condition = sample.PromptCondition(["a red circle", "three green crosses at the top"], enc, 16)
+    feats, mask = condition(torch.tensor([1, 0]))
     assert feats.shape == (2, 16, 64) and mask.sum(1).tolist() == [6 + 1, 3 + 1]
     assert mask[:, -1].all() and not mask[:, 0].any()  # valid tokens last
     assert (feats[~mask] == 0).all() and (feats[mask].abs().sum(-1) > 0).all()
