@@ -444,7 +444,9 @@ def check_prompt_args(args):
     prompts = (args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     args.prompt_list = prompts or None
     evaluation = args.num_samples is not None
-    if not prompts:
+    if not prompts:  # a class run's stamp keeps the keys it always had: old parts still compare
+        args.pixel_settings = tuple(k for k in args.pixel_settings
+                                    if k not in ("prompt", "prompts", "t5"))
         for flag, value in (("--t5", args.t5), ("--per-prompt", args.per_prompt)):
             if value is not None:
                 raise UserError(f"{flag} only applies with --prompt or --prompts; drop it")
