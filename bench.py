@@ -543,9 +543,44 @@ def bench_rerank(args):
               + f"  {r['s_per_kept']:.4f}", flush=True)
 
 
+
+def bench_t2i(args):
+    """Text-to-image sampling: ms per 256-token image after a 120-token caption prefix (the
+    official N, features 2048-d as FLAN-T5-XL's, 20 valid tokens left padded, so the masked path
+    runs) against one class token, batch 1 and 16, CFG on, fp32 and bf16; GPT-B (--quick: micro,
+    batch 1)."""
+    import copy
+
+    from model import GPT, gpt_config, left_pad_caption
+    name = "micro" if args.quick else "B"
+    torch.manual_seed(0)
+    models = {"class token": GPT(gpt_config(name)).eval(),
+              "caption, N = 120": GPT(gpt_config(name, caption_dim=2048,
+                                                 cls_token_num=120)).eval()}
+    # The prefix is run once (the prefill) and then sits in the KV cache: each of the 256 steps
+    # attends over 120 + t keys instead of 1 + t, and a padded caption adds a mask row per step.
+    # Guidance doubles the rows either way; its cost does not depend on the scale.
+    for dtype in (torch.float32, torch.bfloat16):
+        for batch in ([1] if args.quick else [1, 16]):
+            for kind, base in models.items():
+                model = copy.deepcopy(base).to(args.device, dtype)
+                if model.config.caption_dim:
+                    valid = torch.arange(120) >= 100  # 20 valid tokens, then right-pad -> left
+                    feats = torch.randn(batch, 120, 2048) * valid[:, None]
+                    cond, mask = left_pad_caption(feats, valid.expand(batch, -1))
+                    cond, mask = cond.to(args.device), mask.to(args.device)
+                else:
+                    cond, mask = torch.arange(batch, device=args.device) * 97 % 1000, None
+                sec = timed(lambda: model.generate(cond, cfg_scale=7.5, cond_mask=mask),
+                            warmup=1, repeat=1 if args.quick else 2, device=args.device)
+                label = str(dtype).removeprefix("torch.")
+                print(f"GPT-{name} {label:8s} batch {batch:2d}, CFG, {kind:16s}: "
+                      f"{sec / batch * 1e3:8.0f} ms/image", flush=True)
+
+
 BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid,
            "text": bench_text, "clip": bench_clip, "rerank": bench_rerank, "peer": bench_peer,
-           "jacobi": bench_jacobi}
+           "jacobi": bench_jacobi, "t2i": bench_t2i}
 # opt-in: these run only when asked for by name (peer also needs --peer PATH)
 OPT_IN = ("peer", "jacobi")
 
@@ -561,7 +596,8 @@ def add_sampling_flags(group):
     a("--gpt-ckpt", default=None, help="jacobi: a trained GPT, ours or an official c2i file "
       "(default: random GPT-B weights: a pass's cost at the official shapes, not a trained "
       "model's pass count)")
-    a("--window", type=int, default=None, help="jacobi: codes scored per forward pass (default: 16)")
+    a("--window", type=int, default=None,
+      help="jacobi: codes scored per forward pass (default: 16)")
 
 
 def check_sampling_flags(args, names):

@@ -758,7 +758,10 @@ class GPT(nn.Module):
         name = next((k for k, v in GPT_CONFIGS.items()
                      if all(found.get(f) == v[f] for f in v)), None)
         fits = f"GPT-{name}" if name else ", ".join(f"{k}={v}" for k, v in found.items())
-        load_weights(model, sd, f"GPT checkpoint {path!r}", ignore=("kv_cache", "freqs_cis"),
+        # text_encoder.*: the T5 of a GPT trained with its encoder (train.py JointT2I), which
+        # the caller loads itself (sample.py); the GPT reads the encoder's features
+        load_weights(model, sd, f"GPT checkpoint {path!r}",
+                     ignore=("kv_cache", "freqs_cis", "text_encoder."),
                      hint=f"its shapes fit {fits}")
         model.meta = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
         # known: given by the caller or saved with the config; else GPTConfig's default, a guess

@@ -41,10 +41,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import clip
-from common import UserError, cli, resolve_precision, save_atomic, say, setup_device
+from common import (UserError, cli, load_checkpoint, load_weights, resolve_precision, save_atomic,
+                    say, setup_device, unwrap_state_dict)
 from data import (CodesReceipt, check_image_size, from_uint8, make_grid, save_grid,
                   to_uint8)
-from model import GPT
+from model import GPT, left_pad_caption
+from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer
 from tokenizer import VQModel, tokenizer_checksum
 
 DEMO_GPT = "results/demo/gpt.pt"  # written by the demo; the default models when none is given
@@ -63,21 +65,25 @@ DEMO_CLIP = "results/demo/clip.pt"  # the re-ranker, when the demo has trained o
 
 @torch.no_grad()
 def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-                  top_p=1.0, generator=None, resize_to=None, callback=None, sampler="sequential",
-                  window=16, static=False, passes=None):
+                  top_p=1.0, generator=None, resize_to=None, callback=None, condition=None,
+                  sampler="sequential", window=16, static=False, passes=None):
     """Images of the classes `labels` (list or int64 tensor [B]) as uint8 [B, H, W, 3]. The
     sampling knobs are GPT.generate's (cfg_interval's meaning is documented there); callback(t,
     codes[:, :t]) is called after each token. The tokenizer runs in float32 whatever the GPT's
     dtype: the decoder is a small share of the time, and its pixels then match any GPU's.
+    condition: for a text-to-image GPT, labels are prompt indices and condition(labels) gives
+    their (caption features, mask) (PromptCondition).
     sampler, window, static: GPT.generate's faster samplers (--sampler, --window, --compile);
     passes: a list that gets this batch's number of GPT forward passes appended."""
     # the labels go where the GPT's weights are, so callers may pass a plain list
     device = next(gpt.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    codes, n_passes = gpt.generate(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+    cond, mask = condition(labels) if condition is not None else (labels, None)
+    codes, n_passes = gpt.generate(cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator, callback=callback, sampler=sampler,
-                                   window=window, static=static, return_passes=True)
+                                   generator=generator, callback=callback, cond_mask=mask,
+                                   sampler=sampler, window=window, static=static,
+                                   return_passes=True)
     if passes is not None:
         passes.append(n_passes)
     return decode(vq, codes, resize_to)
@@ -201,6 +207,8 @@ def evaluation_labels(args):
     # the published numbers; balanced ones remove that spread from the comparison
     classes = torch.tensor(args.classes)
     n = args.num_samples
+    if getattr(args, "prompt_list", None):  # captions: sample i draws prompt i (cycling)
+        return torch.arange(n) % len(args.prompt_list)
     if args.labels == "balanced":
         return classes[torch.arange(n) % len(classes)]
     draw = torch.Generator().manual_seed(args.seed)  # on the CPU: the same labels on any device
@@ -602,6 +610,174 @@ def check_writable(path, overwrite=False, flag="--out"):
 
 
 # ------------------------------------------------------------------------------------------------
+# Text-to-image (paper 3.3): prompts in, the caption prefix out, then the same sampler
+#
+# A text-conditional GPT reads caption features, not words. Which encoder makes them is part of
+# the model: ours trained with --text t5-nano carry their T5 and its words inside the checkpoint;
+# the official t2i_XL_*.pt files, and ours trained on frozen features, read FLAN-T5-XL's, so --t5
+# names that folder (google/flan-t5-xl: config.json, spiece.model, the safetensors shards).
+
+DEMO_T2I_GPT = "results/demo/t2i_gpt.pt"  # the demo's text-to-image half writes these
+DEMO_T2I_VQ = "results/demo/t2i_vq.pt"
+OFFICIAL_T2I = ["t2i_XL_stage1_256.pt", "t2i_XL_stage2_512.pt"]  # 16x16 and 32x32 codes
+OFFICIAL_T2I_VQ = "vq_ds16_t2i.pt"
+NO_T2I_WEIGHTS = f"""no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2I_GPT}, \
+{DEMO_T2I_VQ}. Run the demo, or use the official LlamaGen text-to-image weights ({OFFICIAL_URL}):
+  tokenizer: {OFFICIAL_T2I_VQ}; GPT: {' or '.join(OFFICIAL_T2I)}; text encoder: the
+  google/flan-t5-xl folder from Hugging Face (config.json, spiece.model, model-*.safetensors)
+  e.g.  python sample.py --gpt-ckpt t2i_XL_stage1_256.pt --vq-ckpt {OFFICIAL_T2I_VQ} \\
+            --t5 flan-t5-xl --prompt "a red apple on a wooden table\""""
+
+
+def add_text_flags(p):
+    """The text-to-image flags, in their own group; returns their names (they decide pixels)."""
+    g = p.add_argument_group("text-to-image", "draw captions with a text-conditional GPT "
+                             "(pictures default to cfg 7.5 and top-k 1000, the official t2i "
+                             "settings)")
+    g.add_argument("--prompt", dest="prompt", action="append", default=None, metavar="TEXT",
+                   help="a caption to draw, one row each; repeat for more rows")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="a text file of captions, one "
+                   "per line; with --num-samples, sample i draws line i (cycling), as FID-30k "
+                   "draws the COCO captions")
+    g.add_argument("--t5", default=None, metavar="FOLDER", help="the T5 folder whose features "
+                   "the GPT reads (google/flan-t5-xl for the official t2i files); not for GPTs "
+                   "trained with their own encoder (--text t5-nano)")
+    g.add_argument("--per-prompt", type=int, default=None,
+                   help="pictures per prompt, one row each (default: 4); not with --num-samples")
+    return ("prompt", "prompts", "t5")
+
+
+def read_prompts(path):
+    """The non-empty lines of a prompts file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {path}: cannot read it ({e}); give a UTF-8 text file, one "
+                        "prompt per line") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"--prompts {path} holds no prompt; write one per line")
+    return lines
+
+
+def check_prompt_args(args):
+    """Prompts: one list (args.prompt_list) whose indices stand where class ids stand elsewhere,
+    the official t2i picture defaults, and one line for every flag that does not go with them."""
+    prompts = (args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
+    args.prompt_list = prompts or None
+    evaluation = args.num_samples is not None
+    if not prompts:  # a class run's stamp keeps the keys it always had: old parts still compare
+        args.pixel_settings = tuple(k for k in args.pixel_settings
+                                    if k not in ("prompt", "prompts", "t5"))
+        for flag, value in (("--t5", args.t5), ("--per-prompt", args.per_prompt)):
+            if value is not None:
+                raise UserError(f"{flag} only applies with --prompt or --prompts; drop it")
+        return
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt: an empty prompt; give some words, or --cfg-scale 0 for "
+                        "unconditional pictures")
+    for flag, value in (("--class", args.classes), ("--per-class", args.per_class),
+                        ("--labels", args.labels)):
+        if value is not None:
+            raise UserError(f"{flag} is for class-conditional GPTs; with prompts drop it"
+                            + (" (--per-prompt sets pictures per prompt)"
+                               if flag == "--per-class" else ""))
+    if evaluation and args.per_prompt is not None:
+        raise UserError("--per-prompt applies to pictures; with --num-samples each sample draws "
+                        "the next prompt: drop it")
+    args.classes = list(range(len(prompts)))  # sample_images' labels: indices into the prompts
+    args.per_class = args.per_prompt
+    if evaluation:
+        args.labels = "prompt indices"
+    else:  # the official text-to-image demo: cfg 7.5, top-k 1000
+        args.cfg_scale = 7.5 if args.cfg_scale is None else args.cfg_scale
+        args.top_k = 1000 if args.top_k is None else args.top_k
+    if args.out is None and not evaluation:
+        args.out = "samples/prompts.png"
+
+
+def default_t2i_models(args):
+    """With prompts and no checkpoints: the demo's text-to-image models, or where to get some."""
+    if args.prompt_list and args.gpt_ckpt is None and args.vq_ckpt is None:
+        if not (os.path.isfile(DEMO_T2I_GPT) and os.path.isfile(DEMO_T2I_VQ)):
+            raise UserError(NO_T2I_WEIGHTS)
+        args.gpt_ckpt, args.vq_ckpt = DEMO_T2I_GPT, DEMO_T2I_VQ
+
+
+class PromptCondition:
+    """Prompt indices -> (caption features [B, N, caption_dim], mask [B, N]) left padded, on the
+    GPT's device: the text encoder's right-padded output moved as the GPT was trained on it."""
+
+    def __init__(self, prompts, encoder, length):
+        self.prompts, self.encoder, self.length = prompts, encoder, length
+
+    def __call__(self, indices):
+        texts = [self.prompts[int(i)] for i in indices]
+        features, mask = self.encoder.encode_captions(texts, self.length)
+        features, mask = left_pad_caption(features.float(), mask)
+        return features.to(indices.device), mask.to(indices.device)
+
+
+def joint_text_encoder(gpt_path, info, device, dtype):
+    """The T5 and word tokenizer a GPT was trained with (train.py --text t5-nano), rebuilt from
+    its checkpoint: the config and words from "meta", the weights under text_encoder.*."""
+    ckpt = load_checkpoint(gpt_path)
+    sd = {k.removeprefix("text_encoder."): v for k, v in unwrap_state_dict(ckpt).items()
+          if k.startswith("text_encoder.")}
+    try:
+        encoder = T5Encoder(T5Config(**info["config"]))
+    except (KeyError, TypeError):
+        raise UserError(f"{gpt_path}: its text encoder record is damaged; train it again") \
+            from None
+    load_weights(encoder, sd, f"text encoder of {gpt_path!r}")
+    return TextEncoder(UnigramTokenizer.from_words(info["words"]), encoder, device, dtype)
+
+
+def pretrained_text_encoder(args, gpt, gpt_path, info, device, dtype):
+    """--t5 FOLDER, checked against what the GPT reads: the width always, and for ours the
+    encoder receipt its training features carried."""
+    if args.t5 is None:
+        name = info.get("receipt", {}).get("name") if info else "google/flan-t5-xl"
+        raise UserError(f"the GPT {gpt_path} reads the features of a frozen text encoder "
+                        f"({name}): pass its folder with --t5")
+    encoder = TextEncoder.from_pretrained(args.t5, device, dtype)
+    width = encoder.encoder.config.d_model
+    if width != gpt.config.caption_dim:
+        raise UserError(f"--t5 {args.t5} makes {width}-d features, the GPT {gpt_path} reads "
+                        f"{gpt.config.caption_dim}-d ones: pass the encoder it was trained on")
+    stamp = (info or {}).get("receipt", {}).get("checksum")
+    if stamp and stamp != tokenizer_checksum(encoder.encoder):
+        raise UserError(f"--t5 {args.t5} is not the text encoder whose features the GPT "
+                        f"{gpt_path} learned (weights checksum differs): pass that one")
+    return encoder
+
+
+def text_condition(args, gpt, gpt_path, device, dtype):
+    """The PromptCondition for a text-to-image GPT and its prompts; None for a class GPT. The
+    condition kinds must agree: one line when they do not."""
+    if not gpt.config.caption_dim:
+        if args.prompt_list:
+            raise UserError(f"the GPT {gpt_path} is class-conditional: draw it with --class, or "
+                            "pass a text-to-image GPT for --prompt")
+        return None
+    if not args.prompt_list:
+        raise UserError(f"the GPT {gpt_path} is text-conditional: give --prompt TEXT or "
+                        "--prompts FILE, not --class")
+    info = gpt.meta.get("text")
+    # FLAN-T5 overflows float16 (text.py); bf16 has float32's range, as LlamaGen runs it
+    text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    if info and info.get("kind") == "joint":
+        if args.t5 is not None:
+            raise UserError(f"the GPT {gpt_path} carries its own text encoder "
+                            f"({info.get('encoder')}, trained with it): drop --t5")
+        encoder = joint_text_encoder(gpt_path, info, device, text_dtype)
+    else:
+        encoder = pretrained_text_encoder(args, gpt, gpt_path, info, device, text_dtype)
+    return PromptCondition(args.prompt_list, encoder, gpt.config.cls_token_num)
+
+
+# ------------------------------------------------------------------------------------------------
 # command line
 
 def add_pixel_flags(decides):
@@ -660,6 +836,7 @@ def get_args(argv=None):
     add_pixel_flags(decides)
     pixel_settings = tuple(action.dest for action in decides._group_actions)
     add_rerank_flags(p)
+    pixel_settings += add_text_flags(p)  # the prompts and their encoder decide pixels too
     # the flags below change where the pictures go or how fast they come, not what they show
     a = p.add_argument
     a("--per-class", type=int, default=None,
@@ -769,18 +946,21 @@ def main(argv=None):
     # torchrun sets RANK and WORLD_SIZE; a plain `python sample.py` is rank 0 of 1
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_rerank_args(args)
+    check_prompt_args(args)
     check_args(args)
     check_speed_args(args)
     # under torchrun each process takes the GPU of its LOCAL_RANK (common.setup_device)
     args.device = device = setup_device(args.device)
     args.precision, dtype = resolve_precision(args.precision, device)
 
+    default_t2i_models(args)
     gpt, vq, gpt_path, vq_path = load_models(args.gpt_ckpt, args.vq_ckpt, args.image_size)
     # absolute paths: the resume stamp must not depend on the working directory
     args.gpt_ckpt, args.vq_ckpt = os.path.abspath(gpt_path), os.path.abspath(vq_path)
     # the size actually drawn, resolved from the GPT, is what the resume stamp records
     args.image_size = math.isqrt(gpt.config.block_size) * vq.config.downsample
-    n_classes = gpt.config.num_classes
+    condition = text_condition(args, gpt, gpt_path, device, dtype)
+    n_classes = len(args.prompt_list) if condition else gpt.config.num_classes
     if args.classes is None:  # evaluation covers every class; pictures show the official demo's
         demo = max(DEMO_CLASSES) < n_classes and not args.num_samples
         args.classes = DEMO_CLASSES if demo else list(range(n_classes))
@@ -803,8 +983,8 @@ def main(argv=None):
     passes = []  # forward passes of each batch
     sample_kw = dict(cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     resize_to=args.resize_to, sampler=args.sampler, window=args.window,
-                     static=args.compile, passes=passes)
+                     resize_to=args.resize_to, condition=condition, sampler=args.sampler,
+                     window=args.window, static=args.compile, passes=passes)
     if args.num_samples is None:
         picture_grid(args, gpt, vq, sample_kw)
         report_passes(rank, passes, gpt.config.block_size, args)

@@ -39,8 +39,9 @@ import clip
 import data
 from common import (DTYPES, UserError, check_weights, cli, first_line, load_checkpoint,
                     os_error_line, resolve_precision, save_atomic, setup_device)
-from model import GPT, GPT_CONFIGS, gpt_config
+from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
+from text import T5_CONFIGS, T5Encoder, UnigramTokenizer, clean_caption, t5_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +195,9 @@ class GPTStage(Stage):
         if recipe.class_dropout is not None:
             over["class_dropout_prob"] = recipe.class_dropout
         self.config = gpt_config(recipe.model, **over)
+        if resumed and resumed["config"].get("caption_dim"):
+            raise UserError(f"{checkpoint_path(recipe.out_dir)} is a text-to-image GPT; resume it "
+                            "with the --text it was trained with")
         if resumed and resumed["meta"]:  # a GPT only speaks the tokens of the tokenizer it learned
             was = data.CodesReceipt.from_dict(resumed["meta"], checkpoint_path(recipe.out_dir))
             was.check_same_tokenizer(receipt, mine="the checkpoint",
@@ -340,11 +344,226 @@ class ClipStage(Stage):
         return clip.retrieval_accuracy(image, text, ids, group=10)
 
 
-STAGES = [GPTStage, VQStage, ClipStage]
+
+# ----------------------------------------------------------------------------------------------
+# The text-to-image GPT (paper 3.3): the same next-token loss, a caption prefix instead of a class
+#
+# Two ways to turn a caption into the prefix's features:
+#   --text FEATURES_DIR  frozen features, computed once by `data.py features` (FLAN-T5-XL for the
+#       paper), the LlamaGen recipe. A 1.2B encoder trained on the C4 web corpus knows far more
+#       language than any caption set teaches, costs nothing to train, and its outputs can be
+#       stored like the image codes (paper 3.3).
+#   --text t5-nano       a small T5 (text.T5_CONFIGS) learnt together with the GPT from the
+#       captions, as DALL-E learns its text embeddings jointly. Right for a tiny closed world such
+#       as scenes.py's: 35 words and one grammar, which the captions themselves cover completely,
+#       so there is nothing for a pretrained encoder to add, and no pretrained encoder on a CPU
+#       with no network. At scale it is the wrong trade: the GPT would have to learn language from
+#       short machine-written captions alone.
+
+def caption_texts(folder):
+    """The captions of a codes folder, item by item: each entry a caption or a list of captions
+    (COCO: several per image, one drawn per access). Read from captions.json (a JSON list) beside
+    codes.npy. The one place that knows how captions are stored."""
+    path = os.path.join(str(folder), "captions.json")
+    try:
+        with open(path) as f:
+            texts = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{folder} holds no captions ({path} missing): extract the codes of a "
+                        "captioned dataset, or train a class-conditional GPT without --text") \
+            from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); extract the codes again") from None
+    if not isinstance(texts, list) or not all(
+            isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(s, str) for s in t))
+            for t in texts):
+        raise UserError(f"{path} is not a list of captions (strings, or lists of strings)")
+    return texts
 
 
-def stage_for(model):
-    """The Stage class whose configs hold --model."""
+def caption_features(folder):
+    """The frozen text features of a --text folder: a dataset whose item i is (features float32
+    [N, d] right-padded as T5 returns them, mask bool [N]) for codes item i, with a .receipt of
+    the encoder that made them (data.py features)."""
+    if not hasattr(data, "CaptionFeatures"):
+        raise UserError(f"--text {folder}: this data.py cannot read caption features yet; pass a "
+                        f"T5 config name ({', '.join(T5_CONFIGS)}) to train a text encoder too")
+    return data.CaptionFeatures(folder)
+
+
+def receipt_dict(receipt):
+    """A features receipt as a plain dict (what a checkpoint can hold)."""
+    if isinstance(receipt, dict):
+        return dict(receipt)
+    if dataclasses.is_dataclass(receipt):
+        return dataclasses.asdict(receipt)
+    return dict(receipt.to_dict())
+
+
+def caption_vocabulary(texts):
+    """The words of a jointly-trained tokenizer: the built-in world's vocabulary (scenes.py), then
+    every other word of the training captions, in sorted order: the same list for the same data."""
+    from scenes import VOCABULARY
+    seen = {w for t in texts for c in ([t] if isinstance(t, str) else t)
+            for w in clean_caption(c).split()}
+    return list(VOCABULARY) + sorted(seen - set(VOCABULARY))
+
+
+class CaptionedCodes(torch.utils.data.Dataset):
+    """Codes with their captions: item -> (codes int64 [L], caption, mask bool [N], valid).
+
+    The caption is token ids int64 [N] (joint training: a tokenizer is given) or frozen features
+    float32 [N, d]; both right-padded as T5 reads and writes them, the model side moves them to
+    the left (left_pad_caption). valid (float32) weighs the item's loss as the official trainer's
+    flag does (0 for an image it could not read); every item here has its codes, so it is 1."""
+
+    def __init__(self, codes, texts=None, tokenizer=None, length=120, features=None):
+        self.codes, self.texts, self.tokenizer = codes, texts, tokenizer
+        self.length, self.features = length, features
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, index):
+        codes = self.codes[index][0]
+        if self.features is not None:
+            feats, mask = self.features[index]
+            caption, mask = torch.as_tensor(feats, dtype=torch.float32), torch.as_tensor(mask)
+        else:
+            text = self.texts[index]
+            if not isinstance(text, str):  # several captions: one per access (Seeded's RNG)
+                text = text[int(torch.randint(len(text), ()))]
+            ids, mask = self.tokenizer(clean_caption(text), self.length)
+            caption, mask = ids[0], mask[0]
+        return codes, caption, mask.bool(), torch.tensor(1.0)
+
+
+class JointT2I(GPT):
+    """The text-conditional GPT with its own T5 encoder inside, trained together. forward takes
+    token ids (B, N) and their right-padded mask where GPT.forward takes features: T5 reads the
+    ids, its output is left-padded, and from there on it is GPT.forward. One module, so DDP and
+    FSDP see every weight in one forward; the GPT's keys keep their names and the encoder's sit
+    under text_encoder., which GPT.from_pretrained skips (sample.py loads them for the T5)."""
+
+    def __init__(self, config, text_config):
+        super().__init__(config)  # GPT's N(0, 0.02) init runs before the encoder exists ...
+        self.text_encoder = T5Encoder(text_config)  # ... which keeps T5's own
+
+    def forward(self, idx, ids, targets=None, cond_mask=None, valid=None):
+        features, mask = left_pad_caption(self.text_encoder(ids, cond_mask), cond_mask)
+        return super().forward(idx, features, targets, mask, valid)
+
+    def flops_per_token(self):
+        """GPT.flops_per_token, with the encoder counted once per caption token, not per code."""
+        t5 = sum(p.numel() for p in self.text_encoder.parameters())
+        t5 -= self.text_encoder.shared.weight.numel()  # a lookup, no matmul
+        per_code = self.config.cls_token_num / self.config.block_size
+        return GPT.flops_per_token(self) - 6 * t5 + 6 * t5 * per_code
+
+
+class T2IStage(GPTStage):
+    """Paper 3.3: next-token prediction of the codes after a caption prefix. With probability 0.1
+    (--class-dropout, the official rate) the whole caption becomes the null caption, so that
+    classifier-free guidance can sample at cfg 7.5 (the official picture setting)."""
+    name = "text-to-image GPT"
+    flags = dict(GPTStage.flags, text=None, caption_len=None)
+
+    def __init__(self, recipe, resumed):
+        codes = data.codes_dataset(recipe.data)
+        receipt = codes.receipt
+        h, w = receipt.grid
+        over = dict(vocab_size=receipt.vocab_size, block_size=h * w)
+        if recipe.dropout is not None:
+            over.update(token_dropout_p=recipe.dropout, resid_dropout_p=recipe.dropout,
+                        ffn_dropout_p=recipe.dropout)
+        if recipe.class_dropout is not None:
+            over["class_dropout_prob"] = recipe.class_dropout
+        was = resumed["meta"].get("text") if resumed else None
+        if recipe.text in T5_CONFIGS:
+            self._joint(recipe, codes, over, was)
+        else:
+            self._frozen(recipe, codes, over, was)
+        if resumed:
+            old = data.CodesReceipt.from_dict(resumed["meta"], checkpoint_path(recipe.out_dir))
+            old.check_same_tokenizer(receipt, mine="the checkpoint",
+                                     theirs=f"the codes in {recipe.data}")
+        self.meta = {**receipt.to_dict(), "text": self.text_meta}
+        self.train_set, self.val_set = split(self.dataset, recipe.val_size)
+        self.units_per_item = self.config.block_size
+
+    def _joint(self, recipe, codes, over, was):
+        """--text <T5 config>: the tokenizer's words from the captions, a T5 of that config."""
+        texts = caption_texts(recipe.data)
+        if len(texts) != len(codes):
+            raise UserError(f"{recipe.data}: {len(texts)} captions for {len(codes)} images; "
+                            "extract the codes again")
+        if was is not None and (was.get("kind"), was.get("encoder")) != ("joint", recipe.text):
+            raise UserError(f"the checkpoint's text encoder is {was.get('encoder')!r}, not "
+                            f"--text {recipe.text}; resume with the --text it was trained with")
+        # a resumed run keeps its words: token ids must mean what they meant
+        words = was["words"] if was else caption_vocabulary(texts)
+        length = recipe.caption_len or (was["length"] if was else 120)  # N = 120 (paper 3.3)
+        if length < 2:
+            raise UserError(f"--caption-len {length}: a caption needs at least 2 tokens (a word "
+                            "and </s>)")
+        if was and length != was["length"]:
+            raise UserError(f"--caption-len {length} differs from the checkpoint's "
+                            f"{was['length']}; a resumed run keeps it")
+        tokenizer = UnigramTokenizer.from_words(words)
+        t5 = dict(vocab_size=len(tokenizer))
+        if recipe.dropout is not None:  # --dropout 0 switches every dropout off, T5's too
+            t5["dropout_rate"] = recipe.dropout
+        text_config = t5_config(recipe.text, **t5)
+        self.config = gpt_config(recipe.model, caption_dim=text_config.d_model,
+                                 cls_token_num=length, **over)
+        self.model = JointT2I(self.config, text_config)
+        self.dataset = CaptionedCodes(codes, texts, tokenizer, length)
+        self.text_meta = dict(kind="joint", encoder=recipe.text, length=length, words=words,
+                              config=dataclasses.asdict(text_config))
+
+    def _frozen(self, recipe, codes, over, was):
+        """--text <features folder>: the GPT alone, on features of a frozen encoder."""
+        if recipe.caption_len is not None:
+            raise UserError("--caption-len applies when a text encoder is trained (--text "
+                            f"{'/'.join(T5_CONFIGS)}); frozen features keep their own length")
+        feats = caption_features(recipe.text)
+        if len(feats) != len(codes):
+            raise UserError(f"--text {recipe.text} holds features of {len(feats)} captions, "
+                            f"--data {recipe.data} {len(codes)} images: make both from one "
+                            "dataset")
+        first, _ = feats[0]
+        length, width = first.shape
+        receipt = receipt_dict(feats.receipt)
+        if was is not None and was.get("receipt") != receipt:
+            raise UserError(f"--text {recipe.text} holds features of another text encoder than "
+                            "the checkpoint was trained on; resume with the same features")
+        self.config = gpt_config(recipe.model, caption_dim=int(width), cls_token_num=int(length),
+                                 **over)
+        self.model = GPT(self.config)
+        self.dataset = CaptionedCodes(codes, length=length, features=feats)
+        self.text_meta = dict(kind="frozen", features=os.path.abspath(recipe.text),
+                              length=int(length), width=int(width), receipt=receipt)
+
+    # blocks: the GPT's layers only (GPTStage's). T5's blocks stay in the root FSDP unit: its
+    # forward reads block 0's relative-position table before block 0 runs, when a block of its
+    # own would still be sharded.
+
+    def loss(self, model, batch, step):
+        codes, caption, mask, valid = batch
+        if not caption.is_floating_point():  # token ids: the joint model encodes them itself
+            return model(codes, caption, targets=codes, cond_mask=mask, valid=valid)[1], {}
+        # frozen features come right-padded (T5's layout); the prefix wants them on the left
+        features, mask = left_pad_caption(caption, mask)
+        return model(codes, features, targets=codes, cond_mask=mask, valid=valid)[1], {}
+
+
+STAGES = [GPTStage, VQStage, ClipStage, T2IStage]
+
+
+def stage_for(model, text=None):
+    """The Stage class whose configs hold --model; a GPT with --text is the text-to-image stage."""
+    if text is not None and model in T2IStage.configs:
+        return T2IStage
     for stage in STAGES:
         if model in stage.configs:
             return stage
@@ -408,6 +627,7 @@ def get_args(argv=None):
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     add_stage_flags(a)
     add_clip_flags(p)
+    add_text_flags(p)
     args = p.parse_args(argv)
     # which flags were typed: a resumed run takes every other one from its checkpoint, so that a
     # restart without --max-steps does not turn into today's default of 300 epochs
@@ -450,6 +670,19 @@ def add_clip_flags(p):
     g.add_argument("--with-heldout", action="store_true", default=None,
                    help="CLIP: also train on the held-out colour-shape pairs (default: never "
                    "shown, as to the text-to-image GPT)")
+
+
+def add_text_flags(p):
+    """The text-to-image GPT's flags: --text makes a GPT --model caption-conditional."""
+    g = p.add_argument_group("text-to-image", "a GPT conditioned on captions (paper 3.3): --data "
+                             "is a codes folder holding captions.json")
+    g.add_argument("--text", default=None, metavar="FEATURES_DIR|T5_CONFIG", help="a folder of "
+                   "frozen caption features from `data.py features` (LlamaGen's recipe: "
+                   "FLAN-T5-XL), or a T5 config name to train that encoder with the GPT from the "
+                   f"captions ({', '.join(T5_CONFIGS)}; t5-nano for the built-in world)")
+    g.add_argument("--caption-len", type=int, default=None, help="with a T5 config: caption "
+                   "tokens N, the prefix length (default 120, the paper's); longer captions are "
+                   "cut, </s> kept")
 
 
 def refuse_other_stages_flags(args, stage):
@@ -1077,7 +1310,7 @@ def loop(trainer, batches, step, total, log, bar, ctrl_c):
 
 def main(argv=None):
     args = get_args(argv)
-    Stage = stage_for(args.model)
+    Stage = stage_for(args.model, args.text)
     refuse_other_stages_flags(args, Stage)
     device, world = setup_device(args.device), world_size()
     out_dir = args.out_dir or os.path.join("runs", args.model)

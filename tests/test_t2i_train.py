@@ -1,0 +1,316 @@
+"""train.py's text-to-image stage and sample.py --prompt: a caption-conditional GPT trained on the
+built-in captioned world (scenes.py) with its own small T5 (--text t5-nano), or on frozen caption
+features; sampled from prompts; its pictures scored by the world's exact checker."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sample
+import scenes
+import train
+from common import load_checkpoint
+from conftest import ENV, ROOT, run_cli
+from data import CodesReceipt
+from model import GPT
+from scenes import COLOURS
+from tokenizer import VQModel, tokenizer_checksum, vq_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------ a fixed tokenizer
+class SceneCodes(torch.nn.Module):
+    """A fixed, non-learned tokenizer made for the built-in world, so that a test can train the
+    GPT without first training a VQ: each 4x4 patch of a 32 px scene -> one of 486 codes, its
+    palette colour (6) x the coverage of its four 2x2 sub-blocks, each 0, 1/2 or 1 (3^4 = 81;
+    no coverage is code 0, the background). decode paints the sub-blocks back on a flat dark
+    background. The checker reads true renders through this round trip at 93% overall (100% on
+    single objects and colours, seen on 40 prompts per task): it keeps what the checker needs."""
+    levels, patch = 3, 4
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+    background = 40.0
+
+    def __init__(self):
+        super().__init__()
+        self.codebook_size = len(self.palette) * self.levels ** 4
+        self.config = type("Config", (), {"codebook_size": self.codebook_size})
+
+    def encode(self, x):
+        """[B, 3, H, W] in [-1, 1] -> codes [B, H/4, W/4]."""
+        rgb = (x + 1) * 127.5
+        bright = rgb.amax(1)
+        bg = bright.flatten(1).median(1).values[:, None, None]
+        P = self.patch
+        patches = rgb.unfold(2, P, P).unfold(3, P, P)  # B, 3, h, w, P, P
+        lit = (bright.unfold(1, P, P).unfold(2, P, P) > bg[..., None, None] + 60).float()
+        mean = (patches * lit[:, None]).sum((-1, -2)) / lit.sum((-1, -2)).clamp(min=1)[:, None]
+        # the palette colour of the patch's lit pixels: nearest in chroma (grey removed)
+        mean = mean.permute(0, 2, 3, 1)
+        chroma = F.normalize(mean - mean.mean(-1, True), dim=-1)
+        pal = F.normalize(self.palette - self.palette.mean(-1, True), dim=-1)
+        colour = (chroma @ pal.T).argmax(-1)  # B, h, w
+        top = self.palette[colour].amax(-1).repeat_interleave(P, 1).repeat_interleave(P, 2)
+        cover = ((bright - bg) / (top - bg).clamp(min=1)).clamp(0, 1)
+        cover = F.avg_pool2d(cover[:, None], 2)[:, 0]  # per 2x2 sub-block
+        q = (cover * (self.levels - 1) + 0.5).floor().long().clamp(max=self.levels - 1)
+        digits = q.unfold(1, 2, 2).unfold(2, 2, 2).flatten(-2)  # B, h, w, 4
+        pattern = (digits * self.levels ** torch.arange(4)).sum(-1)
+        return torch.where(pattern == 0, 0, colour * self.levels ** 4 + pattern)
+
+    def decode(self, codes):
+        """codes [B, h, w] -> [B, 3, 4h, 4w] in [-1, 1]."""
+        n = self.levels ** 4
+        colour, pattern = codes // n, codes % n
+        digits = torch.stack([(pattern // self.levels ** k) % self.levels for k in range(4)], -1)
+        B, h, w = codes.shape
+        cover = (digits.float() / (self.levels - 1)).view(B, h, w, 2, 2).permute(0, 1, 3, 2, 4)
+        cover = cover.reshape(B, 2 * h, 2 * w).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        rgb = self.palette[colour].permute(0, 3, 1, 2)
+        rgb = rgb.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+        return (self.background * (1 - cover[:, None]) + rgb * cover[:, None]) / 127.5 - 1
+
+
+def scene_codes(tokenizer, n, out, seed=0, checksum=None):
+    """A codes folder of n CaptionedScenes as data.py extract lays one out (codes.npy, labels.npy,
+    meta.json) plus captions.json, item by item. One view per image: a mirror would contradict
+    the captions' left and right."""
+    ds = scenes.CaptionedScenes(n, 32, seed)
+    os.makedirs(out, exist_ok=True)
+    codes, captions = [], []
+    for b in range(0, n, 500):
+        items = [ds[i] for i in range(b, min(n, b + 500))]
+        with torch.no_grad():
+            codes.append(tokenizer.encode(torch.stack([x for x, _ in items])).flatten(1).numpy())
+        captions += [c for _, c in items]
+    codes = np.concatenate(codes).astype(np.uint16)[:, None]
+    np.save(os.path.join(out, "codes.npy"), codes)
+    np.save(os.path.join(out, "labels.npy"), np.zeros(n, np.int16))
+    receipt = CodesReceipt(
+        vocab_size=tokenizer.config.codebook_size, grid=(8, 8), image_size=32, n_aug=1, count=n,
+        tokenizer_checksum=checksum or "scene-codes", ten_crop=False, crop_range=None,
+        codes_dtype="uint16", labels_dtype="int16", data=f"scenes:{n}", num_classes=1,
+        classes=("scene",))
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(receipt.to_dict(), f)
+    with open(os.path.join(out, "captions.json"), "w") as f:
+        json.dump(captions, f)
+    return str(out)
+
+
+def train_args(codes, out, steps, *extra):
+    return ["--model", "nano", "--data", codes, "--text", "t5-nano", "--caption-len", 16,
+            "--batch-size", 8, "--max-steps", steps, "--val-size", 16, "--num-workers", 0,
+            "--eval-interval", steps, "--log-interval", 1, "--out-dir", out, *extra]
+
+
+def train_main(argv):
+    train.main([str(a) for a in argv])
+
+
+# ---------------------------------------------------------------------------- small worlds on disk
+@pytest.fixture(scope="module")
+def vq_world(tmp_path_factory):
+    """A random-weight VQ-tiny (32 px -> 8x8 of 512 codes) saved as ours, the codes of 120 scenes
+    it made, and a t2i GPT trained 2 steps on them: what sample.py's command line needs."""
+    root = tmp_path_factory.mktemp("vq_world")
+    torch.manual_seed(0)
+    vq = VQModel(vq_config("VQ-tiny")).eval()
+    vq_path = root / "vq.pt"
+    import dataclasses
+    torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config), "kind": "vq"},
+               vq_path)
+    codes = scene_codes(vq, 120, root / "codes", checksum=tokenizer_checksum(vq))
+    train_main(train_args(codes, root / "t2i", 2))
+    return dict(root=root, vq=str(vq_path), codes=codes, gpt=str(root / "t2i" / "ckpt.pt"))
+
+
+# ---------------------------------------------------------------------------------------- the stage
+def test_joint_checkpoint_is_self_contained(vq_world):
+    """--text t5-nano: the checkpoint holds the GPT (caption_dim = T5's width, N = --caption-len),
+    the T5's weights under text_encoder.*, its config and the tokenizer's words; GPT.from_pretrained
+    loads the GPT alone; caption dropout is the official 0.1."""
+    ckpt = load_checkpoint(vq_world["gpt"])
+    info = ckpt["meta"]["text"]
+    assert info["kind"] == "joint" and info["encoder"] == "t5-nano" and info["length"] == 16
+    assert info["words"][:len(scenes.VOCABULARY)] == list(scenes.VOCABULARY)
+    assert info["config"]["vocab_size"] == 3 + len(info["words"])
+    assert info["config"]["d_model"] == 64
+    assert ckpt["config"]["caption_dim"] == 64 and ckpt["config"]["cls_token_num"] == 16
+    assert ckpt["config"]["class_dropout_prob"] == 0.1 and ckpt["config"]["vocab_size"] == 512
+    t5_keys = [k for k in ckpt["model"] if k.startswith("text_encoder.")]
+    assert "text_encoder.shared.weight" in t5_keys and len(t5_keys) == 1 + 1 + 2 * 9 + 1
+    gpt = GPT.from_pretrained(vq_world["gpt"])
+    assert gpt.config.caption_dim == 64 and not any("text_encoder" in k for k in gpt.state_dict())
+    assert CodesReceipt.from_dict(gpt.meta, "x").tokenizer_checksum == \
+        json.load(open(os.path.join(vq_world["codes"], "meta.json")))["tokenizer_checksum"]
+
+
+def test_caption_items_are_right_padded_token_ids(vq_world):
+    """An item: codes [64], the caption's ids right-padded to N with </s> last, its mask, valid 1;
+    the joint model's forward equals GPT.forward on its own T5's left-padded features."""
+    import text
+    captions = json.load(open(os.path.join(vq_world["codes"], "captions.json")))
+    args = train.get_args([str(a) for a in train_args(vq_world["codes"], "/tmp/unused", 1)])
+    recipe = train.resolve_recipe(args, train.T2IStage, "/tmp/unused", None, 1, "cpu")
+    stage = train.T2IStage(recipe, None)
+    codes, ids, mask, valid = stage.dataset[5]
+    words = captions[5].split()
+    assert codes.shape == (64,) and ids.shape == mask.shape == (16,) and valid.item() == 1.0
+    assert mask.tolist() == [True] * (len(words) + 1) + [False] * (15 - len(words))
+    assert ids[len(words)].item() == 1 and (ids[~mask] == 0).all()  # </s>, then <pad>
+    vocab = stage.text_meta["words"]
+    assert [vocab[i - 3] for i in ids[:len(words)].tolist()] == words
+    model = stage.model.eval()
+    b = torch.utils.data.default_collate([stage.dataset[i] for i in (0, 5, 9)])
+    feats, m = text.TextEncoder(text.UnigramTokenizer.from_words(vocab), model.text_encoder
+                                ).encode_captions([captions[i] for i in (0, 5, 9)], 16)
+    from model import left_pad_caption
+    f2, m2 = left_pad_caption(feats, m)
+    want = GPT.forward(model, b[0], f2, targets=b[0], cond_mask=m2)[1]
+    assert model(b[0], b[1], targets=b[0], cond_mask=b[2], valid=b[3])[1].item() == \
+        pytest.approx(want.item(), abs=1e-6)
+
+
+def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monkeypatch, capsys):
+    """--text FEATURES_DIR: the GPT alone on stored features (N and width from them), the
+    encoder's receipt kept in the checkpoint, and sample.py asks for --t5 to draw it."""
+    class Features(torch.utils.data.Dataset):  # the shape of data.CaptionFeatures
+        receipt = {"name": "flan-t5-tiny", "checksum": "abc", "length": 12, "d_model": 24}
+
+        def __len__(self):
+            return 120
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            mask = torch.arange(12) < 3 + i % 7
+            return torch.randn(12, 24, generator=g) * mask[:, None], mask
+    monkeypatch.setattr(train, "caption_features", lambda folder: Features())
+    out = tmp_path / "frozen"
+    argv = train_args(vq_world["codes"], out, 2)
+    argv[argv.index("--text") + 1] = str(tmp_path)
+    i = argv.index("--caption-len")
+    code, _, err = run_cli(train.main, argv[:i] + argv[i + 2:], capsys)
+    assert code == 0, err
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    info = ckpt["meta"]["text"]
+    assert info["kind"] == "frozen" and info["receipt"] == Features.receipt
+    assert ckpt["config"]["caption_dim"] == 24 and ckpt["config"]["cls_token_num"] == 12
+    assert not any(k.startswith("text_encoder.") for k in ckpt["model"])
+    code, _, err = run_cli(sample.main, ["--gpt-ckpt", out / "ckpt.pt", "--vq-ckpt", vq_world["vq"],
+                                         "--prompt", "a red circle", "--out", tmp_path / "x.png"],
+                           capsys)
+    assert code == 2 and "(flan-t5-tiny): pass its folder with --t5" in err
+    assert len(err.splitlines()) == 1
+    # --caption-len belongs to a trained encoder; frozen features keep their length
+    code, _, err = run_cli(train.main, argv[:-1] + [tmp_path / "o2"], capsys)
+    assert code == 2 and "--caption-len applies when a text encoder is trained" in err
+
+
+REFUSED = [
+    (["--model", "VQ-tiny", "--text", "t5-nano"],
+     "--text only applies to the text-to-image GPT stage"),
+    (["--model", "nano", "--caption-len", 16],
+     "--caption-len only applies to the text-to-image GPT stage"),
+    (["--model", "nano", "--text", "t5-nano", "--caption-len", 1],
+     "--caption-len 1: a caption needs"),
+]
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(map(str, f)) for f, _ in REFUSED])
+def test_text_flags_that_do_not_apply_are_refused(flags, message, vq_world, tmp_path, capsys):
+    code, _, err = run_cli(train.main, ["--data", vq_world["codes"], "--num-workers", 0,
+                                        "--out-dir", tmp_path / "o", *flags], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_keeps_the_text_encoder(vq_world, tmp_path, capsys):
+    """A t2i checkpoint resumes only as one (with its --text); a resumed run continues exactly:
+    2 + 2 steps end with the weights of 4 straight ones (dropout off)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_main(train_args(vq_world["codes"], a, 2, "--dropout", 0))
+    train_main(train_args(vq_world["codes"], a, 4, "--dropout", 0, "--resume"))
+    train_main(train_args(vq_world["codes"], b, 4, "--dropout", 0))
+    wa, wb = load_checkpoint(a / "ckpt.pt")["model"], load_checkpoint(b / "ckpt.pt")["model"]
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    code, _, err = run_cli(train.main, ["--model", "nano", "--data", vq_world["codes"],
+                                        "--num-workers", 0, "--out-dir", a, "--max-steps", 5,
+                                        "--resume"], capsys)
+    assert code == 2 and "is a text-to-image GPT; resume it with the --text" in err
+
+
+@pytest.mark.subprocess
+def test_ddp_and_fsdp_match_one_process(vq_world, tmp_path):
+    """Dropout off (caption dropout too): 2-rank DDP and 2-rank FSDP (the T5 in the root unit)
+    train the joint model exactly as one process does."""
+    outs = {}
+    for name, launcher in (("one", [sys.executable]),
+                           ("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    "--nproc_per_node=2"])):
+        for fsdp in ([[]] if name == "one" else [[], ["--fsdp"]]):
+            out = tmp_path / (name + "".join(fsdp))
+            argv = train_args(vq_world["codes"], out, 3, "--dropout", 0, "--class-dropout", 0,
+                              *fsdp)
+            p = subprocess.run(launcher + ["train.py", *map(str, argv)], cwd=ROOT, env=ENV,
+                               capture_output=True, text=True)
+            assert p.returncode == 0, p.stderr[-3000:]
+            outs[out.name] = load_checkpoint(out / "ckpt.pt")["model"]
+    ref = outs.pop("one")
+    for name, w in outs.items():
+        assert w.keys() == ref.keys()
+        worst = max((w[k] - ref[k]).abs().max().item() for k in ref)
+        assert worst < 1e-5, (name, worst)
+
+
+# -------------------------------------------------------------------------------------- sampling
+def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp_path, capsys):
+    """sample.py --prompt (repeatable) and --prompts FILE: one row per prompt; the evaluation .npz
+    draws prompt i for sample i (arr_1 = prompt index); a class flag with a t2i model, --t5 with a
+    model that has its own encoder, and a prompt for a class model: one line each."""
+    base = ["--gpt-ckpt", vq_world["gpt"], "--vq-ckpt", vq_world["vq"]]
+    png = tmp_path / "grid.png"
+    code, out, err = run_cli(sample.main, base + ["--prompt", "a red circle", "--prompt",
+                                                  "two blue stars", "--per-prompt", 3,
+                                                  "--out", png], capsys)
+    assert code == 0, err
+    from PIL import Image
+    assert Image.open(png).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px, 2 px gaps
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na green cross\n")
+    npz = tmp_path / "eval.npz"
+    code, _, err = run_cli(sample.main, base + ["--prompts", prompts, "--num-samples", 5,
+                                                "--cfg-scale", 1, "--batch-size", 2,
+                                                "--out", npz], capsys)
+    assert code == 0, err
+    with np.load(npz) as z:
+        assert z["arr_0"].shape == (5, 32, 32, 3) and z["arr_1"].tolist() == [0, 1, 0, 1, 0]
+    for flags, message in (
+            (["--class", 1, "--prompt", "a star"], "--class is for class-conditional GPTs"),
+            (["--class", 1], "is text-conditional: give --prompt"),
+            (["--prompt", "a star", "--t5", tmp_path], "carries its own text encoder"),
+            (["--t5", tmp_path], "--t5 only applies with --prompt"),
+            (["--prompt", "a star", "--per-class", 2], "--per-class is for class")):
+        code, _, err = run_cli(sample.main, base + flags + ["--out", tmp_path / "r.png"], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
+    c2i = tmp_path / "c2i"
+    train_main(["--model", "nano", "--data", vq_world["codes"], "--batch-size", 8, "--max-steps", 1,
+                "--val-size", 16, "--num-workers", 0, "--out-dir", c2i])
+    code, _, err = run_cli(sample.main, ["--gpt-ckpt", c2i / "ckpt.pt", "--vq-ckpt", vq_world["vq"],
+                                         "--prompt", "a star", "--out", tmp_path / "r.png"], capsys)
+    assert code == 2 and "is class-conditional: draw it with --class" in err
+
+
+def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
+    """PromptCondition: the checkpoint's own T5 and words, captions left padded to N = 16."""
+    gpt = GPT.from_pretrained(vq_world["gpt"])
+    enc = sample.joint_text_encoder(vq_world["gpt"], gpt.meta["text"], "cpu", torch.float32)
+    condition = sample.PromptCondition(["a red circle", "three green crosses at the top"], enc, 16)
+    feats, mask = condition(torch.tensor([1, 0]))
+    assert feats.shape == (2, 16, 64) and mask.sum(1).tolist() == [6 + 1, 3 + 1]
+    assert mask[:, -1].all() and not mask[:, 0].any()  # valid tokens last
+    assert (feats[~mask] == 0).all() and (feats[mask].abs().sum(-1) > 0).all()
