@@ -439,8 +439,113 @@ def bench_jacobi(args):
               "faster", flush=True)
 
 
+
+def bench_clip(args):
+    """CLIP ViT-B/32 (random weights of the released shape): image tower images/s at 224 px and
+    text tower captions/s at the full 77-token context, fp32 and bf16 autocast; what re-ranking
+    and the CLIP score cost per image."""
+    import clip
+    torch.manual_seed(0)
+    model = clip.CLIP(clip.clip_config("ViT-B/32")).to(args.device).eval()
+    dev = args.device.split(":")[0]
+    for precision in ("fp32",) if args.quick else ("fp32", "bf16"):
+        for batch in (2,) if args.quick else (1, 64):
+            pixels = torch.randn(batch, 3, 224, 224, device=args.device)
+            # full-length captions: the tower cuts the columns after the longest caption's end,
+            # so this is the context's worst case (short prompts cost several times less)
+            ids = torch.randint(0, 49406, (batch, 77), device=args.device)
+            ids[:, -1] = 49407
+            bf16 = torch.autocast(dev, torch.bfloat16, enabled=precision == "bf16")
+            repeat = 1 if args.quick else 3
+            with torch.inference_mode(), bf16:
+                image = timed(lambda: model.encode_image(pixels), repeat=repeat, device=args.device)
+                text = timed(lambda: model.encode_text(ids), repeat=repeat, device=args.device)
+            print(f"CLIP ViT-B/32 batch {batch:2d} {precision}: image {batch / image:8.1f} img/s, "
+                  f"text {batch / text:8.1f} captions/s", flush=True)
+
+
+def stand_in_generator(success=0.3, image_size=32):
+    """generate(prompts, n, seed) for rerank_sweep until a text-to-image model is at hand: each
+    candidate renders the benchmark prompt's spec with probability `success`, else a near miss of
+    it (scenes._wrong_spec), blurred like a ds4 tokenizer's output. The true renders are there to
+    be found, as a generator's lucky draws are, so the curve shows the re-ranker, not a model."""
+    import numpy as np
+
+    import scenes
+
+    def generate(prompts, n, seed):
+        # one stream for the whole run: the same seed gives the same candidates, in order
+        rng = np.random.default_rng([seed, 4242])
+        out = []
+        for p in prompts:
+            avoid = [r["shape"] for r in p["spec"]["include"]]
+            for _ in range(n):
+                spec = p["spec"] if rng.random() < success else \
+                    scenes._wrong_spec(p["task"], p["spec"], rng)
+                img = scenes.render(scenes.scene_for(spec, image_size, rng, avoid=avoid),
+                                    image_size, rng)
+                out.append(scenes.distort(img, "blur", rng))
+        return np.stack(out)
+    return generate
+
+
+def rerank_sweep(generate, clip_model, tokenizer, prompts, ns=(1, 2, 4, 8, 16, 32), seed=0):
+    """DALL-E's best-of-N figure on the built-in benchmark: for each N, every prompt keeps the
+    CLIP-best of N candidates and scenes.score grades the kept images. generate(prompt dicts, n,
+    seed) -> uint8 (P*n, H, W, 3), prompt-major. The max(ns) candidates are drawn once and best-of-N
+    reads each prompt's first N, so the N's share draws (a fair comparison, and one sampling run).
+    -> rows {"n", "overall", each task, "s_per_kept"}: the sampling cost of N candidates (their
+    share of the one run) plus CLIP's, per kept image."""
+    import scenes
+    from sample import rerank_candidates
+    texts, top = [p["prompt"] for p in prompts], max(ns)
+    t0 = time.perf_counter()
+    drawn = generate(prompts, top, seed)
+    # sampling is the cost that grows with N: N candidates are paid for every image kept
+    per_candidate = (time.perf_counter() - t0) / len(drawn)
+    grouped = drawn.reshape(len(prompts), top, *drawn.shape[1:])  # (prompt, candidate, H, W, 3)
+    rows = []
+    for n in ns:
+        t0 = time.perf_counter()
+        kept, _ = rerank_candidates(grouped[:, :n].reshape(-1, *drawn.shape[1:]), texts,
+                                    clip_model, 1, tokenizer)
+        # CLIP's own share: N image embeddings and one text embedding per prompt
+        ranking = (time.perf_counter() - t0) / len(prompts)
+        # graded by the exact checker, as the GPT's own pictures are: best-of-N changes only
+        # which candidate is shown, never the grading
+        res = scenes.score(list(kept), prompts)
+        rows.append({"n": n, "overall": res["overall"], **{t: res[t] for t in scenes.TASKS},
+                     "s_per_kept": n * per_candidate + ranking})
+    return rows
+
+
+def bench_rerank(args):
+    """Re-ranking on the built-in benchmark: overall and per-task accuracy against N = 1..32
+    candidates with the demo's CLIP (results/demo/clip.pt), and seconds per kept image."""
+    import os
+
+    import clip
+    import scenes
+    from sample import DEMO_CLIP
+    if not os.path.isfile(DEMO_CLIP):
+        print(f"skipped: no CLIP at {DEMO_CLIP} (python train.py --model CLIP-tiny --data scenes "
+              f"--out-dir runs/clip, then copy runs/clip/ckpt.pt there)")
+        return
+    model, tokenizer = clip.load(DEMO_CLIP)
+    prompts = scenes.benchmark_prompts(2 if args.quick else 50)
+    ns = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32)
+    # a text-to-image sampler plugs in as generate(prompts, n, seed); until one is at hand, the
+    # stand-in (and the line below says which one made the figures)
+    print("generator: stand_in_generator (true renders 30% of the time, near misses otherwise)")
+    print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")
+    for r in rerank_sweep(stand_in_generator(), model, tokenizer, prompts, ns):
+        print(f"{r['n']:<3} {r['overall']:7.3f} " + " ".join(f"{r[t]:10.3f}" for t in scenes.TASKS)
+              + f"  {r['s_per_kept']:.4f}", flush=True)
+
+
 BENCHES = {"gpt": bench_gpt, "train": bench_train, "vq": bench_vq, "fid": bench_fid,
-           "text": bench_text, "peer": bench_peer, "jacobi": bench_jacobi}
+           "text": bench_text, "clip": bench_clip, "rerank": bench_rerank, "peer": bench_peer,
+           "jacobi": bench_jacobi}
 # opt-in: these run only when asked for by name (peer also needs --peer PATH)
 OPT_IN = ("peer", "jacobi")
 

@@ -71,8 +71,8 @@ def cli(main):
         main()
     except UserError as e:
         leave(f"error: {e}", 2)
-    except KeyboardInterrupt:
-        leave("interrupted", 130)
+    except KeyboardInterrupt as e:  # its message, if any, says what was kept (train.py's Ctrl-C)
+        leave(str(e) or "interrupted", 130)
     except OSError as e:
         if e.errno not in _FIXABLE:
             raise
@@ -204,6 +204,14 @@ def load_weights(module, state_dict, what, ignore=(), hint=""):
     one UserError naming the key, both shapes and `hint` (for example, the config that would
     fit)."""
     sd = {k: v for k, v in state_dict.items() if not any(s in k for s in ignore)}
+    check_weights(module, sd, what, hint)
+    module.load_state_dict(sd, strict=True)
+    return module
+
+
+def check_weights(module, sd, what, hint=""):
+    """load_weights' checks alone: every tensor of `module` in `sd` with its shape, nothing more.
+    Also for a module sharded by FSDP, whose state_dict shapes are those of the whole tensors."""
     own = module.state_dict()
     hint = f"; {hint}" if hint else ""
     for k, v in own.items():
@@ -216,8 +224,6 @@ def load_weights(module, state_dict, what, ignore=(), hint=""):
     if extra:
         raise UserError(f"{what}: unexpected weight {extra[0]!r} (+{len(extra) - 1} more) "
                         f"in the checkpoint{hint}")
-    module.load_state_dict(sd, strict=True)
-    return module
 
 
 def save_atomic(what, path):

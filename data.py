@@ -16,11 +16,13 @@ captioned images and the text encoder's features of their captions, extracted th
 """
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
 
 import numpy as np
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import (DTYPES, UserError, cli, first_line, is_rank0, progress, save_atomic,
-                    setup_device, weights_checksum)
+from common import (DTYPES, UserError, cli, first_line, is_rank0, os_error_line, progress,
+                    save_atomic, setup_device, weights_checksum)
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
 
@@ -204,6 +206,20 @@ def random_resize_crop(pil_image, image_size, max_scale=1.25):
     return pil.crop((x, y, x + image_size, y + image_size))
 
 
+# what Pillow raises for a file it cannot decode: corrupt or cut short (OSError, SyntaxError,
+# ValueError), empty or not an image (UnidentifiedImageError, an OSError), or a decompression bomb
+# (a small file declaring billions of pixels)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(path):
+    """The project's one image reader (ImageFolder, fid.py's folders): the file decoded now, as
+    RGB by to_rgb's rules. Raises one of UNREADABLE for a file that cannot be decoded."""
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, not later in a crop
+        return to_rgb(im)
+
+
 def to_rgb(pil):
     """Any Pillow mode -> RGB. Transparent pixels are composited on white, the page colour such
     images (logos, product shots) were made to be seen on; dropping alpha instead would expose
@@ -272,10 +288,8 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             path, label = self.samples[i]
             try:
-                with Image.open(path) as im:
-                    im.load()  # decode now: a truncated file fails here, inside the try
-                    return to_rgb(im), label
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                return read_image(path), label
+            except UNREADABLE as e:
                 if not self.bad:
                     warnings.warn(f"unreadable image {path} ({e}); substituting the next readable "
                                   "one and counting the rest silently in ImageFolder.skipped",
@@ -301,20 +315,39 @@ class ImageFolder(torch.utils.data.Dataset):
 
 def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     """The dataset behind a --data flag: "synthetic" (10,000 SyntheticShapes), "synthetic:N" (N of
-    them, from `seed`), an ImageNet-layout folder, or a caption spec (caption_dataset) as
-    Captioned (image, 0) items. `augment` and `flip` apply to folders;
+    them, from `seed`), an ImageNet-layout folder ("./synthetic" for a folder of that name; a
+    bare "synthetic" with such a folder present is refused as ambiguous), or a caption spec
+    (caption_dataset) as Captioned (image, 0) items. `augment` and `flip` apply to folders;
     synthetic images are drawn at the final size, already varied in position, size and rotation (a
     random crop could cut the shape that defines the class out of the picture)."""
     spec = str(spec)
     if is_caption_spec(spec):  # scenes[:N], coco:..., captions:DIR: label 0 (see Captions below)
         return Captioned(caption_dataset(spec, image_size, augment, flip, seed))
     if spec == "synthetic" or spec.startswith("synthetic:"):
+        if os.path.isdir(spec):  # a real folder of that name: neither reading may be guessed
+            raise UserError(f"--data {spec!r} is ambiguous: a folder of that name is here too; "
+                            f"write ./{spec} for the folder, or synthetic:N (e.g. synthetic:10000)"
+                            " for the built-in shapes")
         n = spec.partition(":")[2] or "10000"
         if not n.isdigit() or int(n) < 1:
             raise UserError(f"--data {spec!r}: write synthetic:N with N a positive number of "
                             "images, e.g. synthetic:5000")
         return SyntheticShapes(int(n), image_size, seed)
     return ImageFolder(spec, image_size, augment, flip)
+
+
+def check_image_size(image_size, downsample, flag="--image-size"):
+    """One UserError line unless `image_size` is a positive multiple of the tokenizer's
+    downsampling factor, naming the nearest sizes that are. The encoder floors each halving, so
+    30 px through VQ-tiny (4) gives 7x7 codes of a 28 px crop, a grid the decoder turns back into
+    28 px: not what was asked for, and said nowhere."""
+    if image_size >= downsample and image_size % downsample == 0:
+        return
+    below = image_size // downsample * downsample
+    sizes = " or ".join(str(n) for n in (below, below + downsample) if n > 0)
+    sizes = sizes or str(downsample)
+    raise UserError(f"{flag} {image_size} is not a multiple of the tokenizer's downsampling "
+                    f"factor {downsample}; use {sizes}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,11 +465,14 @@ class CodesReceipt:
         """One UserError line unless `other` was made by the same tokenizer (same weights
         checksum, hence the same vocabulary and grid): a GPT trained on one tokenizer's codes
         reads another's as noise."""
-        keys = ("tokenizer_checksum", "vocab_size", "grid")
-        if any(getattr(self, k) != getattr(other, k) for k in keys):
-            raise UserError(f"the codes of {mine} come from another tokenizer ({self.describe()}) "
-                            f"than those in {theirs} ({other.describe()}): extract codes with the "
-                            f"tokenizer of {mine}, or start afresh")
+        said = {"tokenizer_checksum": "tokenizer checksum", "vocab_size": "vocab", "grid": "grid"}
+        shown = {"tokenizer_checksum": lambda c: c[:16], "vocab_size": str, "grid": list}
+        differ = [f"{said[k]} {shown[k](getattr(self, k))} vs {shown[k](getattr(other, k))}"
+                  for k in said if getattr(self, k) != getattr(other, k)]  # only what differs
+        if differ:
+            raise UserError(f"the codes of {mine} come from another tokenizer than those in "
+                            f"{theirs} ({', '.join(differ)}): extract codes with the tokenizer "
+                            f"of {mine}, or start afresh")
 
 
 def code_views(x, image_size, ten_crop=False):
@@ -477,8 +513,64 @@ def _write_json(path, obj):
     save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
 
 
+def _read_json(path):
+    """A receipt or progress file as a dict; a damaged one (hand-edited, not JSON) is one line."""
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"{path} cannot be read ({first_line(e)}); the codes folder is damaged: "
+                        "extract it again (--overwrite starts over)") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path} holds no JSON object; the codes folder is damaged: extract it "
+                        "again (--overwrite starts over)")
+    return found
+
+
+def _open_part(path, mode, dtype, shape):
+    """A memory-mapped .npy file with every block of it reserved on disk now. A memory map
+    writes into a sparse file: on a full disk the kernel finds no block for a page only when it is
+    written back, and the process dies of SIGBUS with no message (exit 135). posix_fallocate asks
+    for the blocks up front, so a full disk is one ENOSPC line before any image is encoded."""
+    try:
+        array = np.lib.format.open_memmap(path, mode, dtype, shape)
+        if hasattr(os, "posix_fallocate"):  # Linux and most Unixes; macOS has none
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        # a filesystem that cannot preallocate is written as before
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            array = None  # the map is closed, and a part made here gives its blocks back
+            if mode == "w+" and os.path.isfile(path):
+                os.remove(path)
+            raise UserError(os_error_line(e, path)) from None
+    return array
+
+
+def _clear_output(out):
+    """--overwrite: remove a previous extraction's files from `out` (meta.json first, the mark of
+    a finished folder), nothing else that may live there."""
+    for name in ("meta.json", "codes.npy", "labels.npy"):
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
+
+
+def check_out_folder(out):
+    """Fail before the tokenizer loads, not after: --out must be a folder that exists or can be
+    made, and take a file (a real one, at once deleted: the only test that catches read-only
+    mounts and paths through a file)."""
+    if os.path.isfile(out):
+        raise UserError(f"--out {out} is a file; codes go into a folder: choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(os_error_line(e, out)) from None
+
+
 def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1, batch_size=64,
-                  num_workers=0, device="cpu"):
+                  num_workers=0, device="cpu", overwrite=False):
     """Encode dataset `data` (an image_dataset spec) with tokenizer `vq` into the codes folder
     `out`; returns its CodesReceipt.
 
@@ -487,7 +579,8 @@ def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1,
     part files; after every batch it flushes them and atomically records how many rows are done, so
     rerunning the same command after an interruption resumes where each rank stopped (with the same
     number of processes). Rank 0 then joins the parts and writes meta.json last: its presence means
-    the folder is complete."""
+    the folder is complete. overwrite: an earlier extraction in `out`, finished or not, is
+    removed first instead of refused."""
     # under torchrun, join the process group unless the caller already has (train.py, a test);
     # only a barrier crosses processes, so gloo serves CPUs and nccl GPUs alike
     own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
@@ -495,7 +588,7 @@ def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1,
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
     try:
         return _extract(vq, str(data), str(out), image_size, ten_crop, crop_range, batch_size,
-                        num_workers, device)
+                        num_workers, device, overwrite)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -530,12 +623,12 @@ def _finished(out, receipt, rank):
     path = os.path.join(out, "meta.json")
     if not os.path.exists(path):
         return False
-    with open(path) as f:
-        found, meta = json.load(f), receipt.to_dict()
+    found, meta = _read_json(path), receipt.to_dict()
     if found != meta:
         key = next(k for k in meta if found.get(k) != meta[k])
         raise UserError(f"{out} already holds finished codes with {key}={found.get(key)!r} (this "
-                        f"run: {meta[key]!r}); choose another --out or delete {out}")
+                        f"run: {meta[key]!r}); pass --overwrite to replace them, or choose "
+                        "another --out")
     if rank == 0:
         # parts are left over if a run stopped right after writing meta.json
         shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
@@ -552,22 +645,27 @@ def _rows_done(out, parts, progress_path, world, receipt):
                  if f.startswith("progress-") and not f.endswith(f"-of-{world}.json")]
         if stale:
             raise UserError(f"{out} holds an unfinished extraction run with another number of "
-                            f"processes ({stale[0]}); resume it with that many, or delete {parts} "
-                            "to start over")
+                            f"processes ({stale[0]}); resume it with that many, or pass "
+                            "--overwrite to start over")
     if not os.path.exists(progress_path):
         return 0
-    with open(progress_path) as f:
-        progress = json.load(f)
-    if progress["meta"] != receipt.to_dict():
+    progress = _read_json(progress_path)
+    if progress.get("meta") != receipt.to_dict() or not isinstance(progress.get("done"), int):
         raise UserError(f"{out} holds an unfinished extraction with other settings (data, size, "
-                        f"crops or tokenizer); rerun that command to finish it, or delete {parts} "
-                        "to start over")
+                        f"crops or tokenizer); rerun that command to finish it, or pass "
+                        "--overwrite to start over")
     return progress["done"]
 
 
-def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_workers, device):
+def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_workers, device,
+             overwrite=False):
     """extract_codes inside its process group: receipt, resume point, this rank's rows, join."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if overwrite:
+        if rank == 0:
+            _clear_output(out)
+        if world > 1:  # no rank looks for old files before they are gone
+            dist.barrier()
     side = int(image_size * crop_range) if ten_crop else image_size
     base = image_dataset(data, side, augment="center", flip=False)
     vq = vq.to(device).eval()
@@ -585,10 +683,10 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
         # memory-mapped part files: "w+" creates a shard's arrays, "r+" reopens them on resume,
         # so rows already written stay and the rest of the shard is filled in place
         mode, length = "r+" if done else "w+", receipt.grid[0] * receipt.grid[1]
-        codes = np.lib.format.open_memmap(os.path.join(parts, f"codes-{tag}.npy"), mode,
-                                          receipt.codes_dtype, (hi - lo, receipt.n_aug, length))
-        labels = np.lib.format.open_memmap(os.path.join(parts, f"labels-{tag}.npy"), mode,
-                                           receipt.labels_dtype, (hi - lo,))
+        codes = _open_part(os.path.join(parts, f"codes-{tag}.npy"), mode,
+                           receipt.codes_dtype, (hi - lo, receipt.n_aug, length))
+        labels = _open_part(os.path.join(parts, f"labels-{tag}.npy"), mode,
+                            receipt.labels_dtype, (hi - lo,))
         rows = torch.utils.data.Subset(_Views(base, image_size, ten_crop), range(lo + done, hi))
         loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers,
                                              pin_memory=str(device).startswith("cuda"))
@@ -626,8 +724,7 @@ def _join_parts(out, parts, world, receipt):
             continue
         srcs = [np.load(os.path.join(parts, f"{name}-{r}-of-{world}.npy"), mmap_mode="r")
                 for r in range(world)]
-        joined = np.lib.format.open_memmap(dst, "w+", srcs[0].dtype,
-                                           (receipt.count, *srcs[0].shape[1:]))
+        joined = _open_part(dst, "w+", srcs[0].dtype, (receipt.count, *srcs[0].shape[1:]))
         row = 0
         for src in srcs:
             for i in range(0, len(src), 65536):  # in chunks: a shard can exceed the memory
@@ -662,8 +759,7 @@ class CodesDataset(torch.utils.data.Dataset):
                 raise UserError(f"the code extraction into {folder!r} did not finish; "
                                 "rerun the same extract command to resume it")
             raise UserError(f"{folder!r} holds no codes (no meta.json); make them with {fix}")
-        with open(meta_path) as f:
-            self.receipt = receipt = CodesReceipt.from_dict(json.load(f), meta_path)
+        self.receipt = receipt = CodesReceipt.from_dict(_read_json(meta_path), meta_path)
         if grid is not None:
             grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
         redo = f"re-extract the codes with the tokenizer you use ({fix})"
@@ -684,6 +780,7 @@ class CodesDataset(torch.utils.data.Dataset):
         if codes.shape != want or labels.shape != (receipt.count,):
             raise UserError(f"{folder}: codes.npy {codes.shape} / labels.npy {labels.shape} "
                             "disagree with meta.json; the folder is damaged, extract it again")
+        _check_ranges(folder, codes, labels, receipt)
 
     def _arrays(self):
         """(codes, labels) memory maps, opened on first use in this process."""
@@ -692,7 +789,10 @@ class CodesDataset(torch.utils.data.Dataset):
                 self._codes = np.load(os.path.join(self.folder, "codes.npy"), mmap_mode="r")
                 self._labels = np.load(os.path.join(self.folder, "labels.npy"), mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise UserError(f"{self.folder}: cannot read the codes ({e}); "
+                # numpy's advice for an array of Python objects (allow_pickle) is never passed on
+                why = ("it holds Python objects, not codes" if "pickle" in str(e) or
+                       "object" in str(e).lower() else first_line(e))
+                raise UserError(f"{self.folder}: cannot read the codes ({why}); "
                                 "extract them again") from None
         return self._codes, self._labels
 
@@ -712,6 +812,27 @@ class CodesDataset(torch.utils.data.Dataset):
         # int64 is what nn.Embedding and cross_entropy take; the file keeps 2 bytes a code
         row = torch.from_numpy(codes[index, view].astype(np.int64))
         return row, torch.tensor(int(labels[index]))
+
+
+def _check_ranges(folder, codes, labels, receipt):
+    """Every code below the vocabulary and every label below the number of classes, as meta.json
+    states them: a hand-edited or damaged file would otherwise reach the GPT's embedding as an
+    index error (on a GPU, a device-side assert). One pass in blocks of 16M codes: seconds for
+    ImageNet's 6.6 GB, once per training run."""
+    flat = codes.reshape(len(codes), -1)
+    step = max(1, (1 << 24) // max(flat.shape[1], 1))
+    for i in range(0, len(flat), step):
+        block = flat[i:i + step]
+        bad = (block >= receipt.vocab_size) | (block < 0)
+        if bad.any():
+            row = i + int(bad.any(1).argmax())
+            code = int(flat[row][bad[row - i]][0])
+            raise UserError(f"{folder}: codes.npy row {row} holds code {code}, "
+                            f"outside the vocabulary of {receipt.vocab_size} codes in meta.json; "
+                            "the folder is damaged, extract it again")
+    if len(labels) and not (0 <= labels.min() and labels.max() < receipt.num_classes):
+        raise UserError(f"{folder}: labels.npy holds labels outside [0, {receipt.num_classes}) "
+                        "of meta.json; the folder is damaged, extract it again")
 
 
 class MixedCodes(torch.utils.data.Dataset):
@@ -1341,7 +1462,9 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pv = sub.add_parser("preview", help="write a PNG grid of SyntheticShapes, one row per class")
-    pv.add_argument("--out", default="shapes.png", help="PNG file to write (default: shapes.png)")
+    pv.add_argument("--out", default="shapes.png", help="PNG file to write (default: shapes.png); "
+                    "an existing file is kept unless --overwrite")
+    pv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     pv.add_argument("--image-size", type=int, default=64,
                     help="side of each image in pixels (default: 64)")
     pv.add_argument("--per-class", type=int, default=8,
@@ -1357,13 +1480,18 @@ def get_args(argv=None):
     which.add_argument("--vq-config", help="a tokenizer config name with random weights "
                        "(seed 0), for smoke tests")
     ex.add_argument("--data", required=True, help="an ImageNet-layout folder "
-                    "(root/<class>/<image>), 'synthetic' (10,000 images) or 'synthetic:N'; or "
-                    "captioned images, one class, their captions kept in captions.json: "
-                    "'scenes[:N]', 'coco:ANNOTATIONS.json:IMAGES_DIR' or 'captions:DIR'")
+                    "(root/<class>/<image>), 'synthetic' (10,000 images) or 'synthetic:N' (a "
+                    "folder named synthetic is ./synthetic); or captioned images, one class, "
+                    "their captions kept in captions.json: 'scenes[:N]', "
+                    "'coco:ANNOTATIONS.json:IMAGES_DIR' or 'captions:DIR'")
     ex.add_argument("--out", required=True,
-                    help="codes folder to write (codes.npy, labels.npy, meta.json)")
-    ex.add_argument("--image-size", type=int, default=256,
-                    help="image side fed to the tokenizer (default: 256)")
+                    help="codes folder to write (codes.npy, labels.npy, meta.json); finished "
+                    "codes of other settings there are refused unless --overwrite, the same "
+                    "command resumes an interrupted run")
+    ex.add_argument("--overwrite", action="store_true", help="remove an earlier extraction in "
+                    "--out (finished or not) and start over")
+    ex.add_argument("--image-size", type=int, default=256, help="image side fed to the "
+                    "tokenizer, a multiple of its downsampling factor (default: 256)")
     ex.add_argument("--ten-crop", action="store_true", help="10 views per image (corners + "
                     "centre of the image and of its mirror) instead of 2 (the image and its "
                     "mirror)")
@@ -1436,6 +1564,7 @@ def features_command(args):
 
 def extract_command(args):
     """`data.py extract`: check the flags, load the tokenizer, extract, report."""
+    check_out_folder(args.out)  # before the tokenizer loads: an unwritable --out fails at once
     if args.crop_range is not None and not args.ten_crop:
         raise UserError("--crop-range only applies with --ten-crop; add --ten-crop or drop "
                         "--crop-range")
@@ -1450,8 +1579,10 @@ def extract_command(args):
     else:
         torch.manual_seed(0)  # the same random weights in every process
         vq = VQModel(vq_config(args.vq_config))
+    check_image_size(args.image_size, vq.config.downsample)
     receipt = extract_codes(vq, args.data, args.out, args.image_size, args.ten_crop,
-                            args.crop_range or 1.1, args.batch_size, args.num_workers, device)
+                            args.crop_range or 1.1, args.batch_size, args.num_workers, device,
+                            overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
         # the checksum's first 12 hex digits are what train.py and sample.py quote on a mismatch
         h, w = receipt.grid
@@ -1462,6 +1593,12 @@ def extract_command(args):
 def main(argv=None):
     args = get_args(argv)
     if args.command == "preview":
+        if os.path.exists(args.out) and not args.overwrite:
+            raise UserError(f"--out {args.out} already exists; pass --overwrite to replace it, "
+                            "or choose another --out")
+        if args.image_size < 8 or args.per_class < 1:
+            raise UserError(f"--image-size must be >= 8 and --per-class >= 1, got "
+                            f"{args.image_size} and {args.per_class}")
         preview(args.out, args.image_size, args.per_class, args.seed)
         print(f"wrote {args.out}: {', '.join(CLASS_NAMES)} (one row each)")
     elif args.command == "features":

@@ -189,6 +189,7 @@ def draw_pictures(args, vq, device, figures):
     sample.main(["--class", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--per-class", "1",
                  "--cfg-scale", "4", "--seed", str(args.seed),
                  "--progress", os.path.join(out, "drawing.gif"), "--device", device,
+                 "--overwrite",  # a rerun of the demo replaces its own pictures
                  "--out", os.path.join(out, "one_per_class.png"),
                  "--gpt-ckpt", os.path.join(out, "gpt.pt"),
                  "--vq-ckpt", os.path.join(out, "vq.pt")])

@@ -3,6 +3,7 @@
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz    # IS, FID, sFID, precision, recall
     python fid.py reference.npz --save-stats reference_stats.npz # cache statistics for later runs
     python fid.py --vq-ckpt vq_ds16_c2i.pt --data imagenet/val   # rFID, PSNR, SSIM, usage
+    python fid.py samples.npz --clip-score clip-vit-base-patch32 --captions prompts.txt # CLIP score
 
 The paper's ImageNet metrics (paper 3.2) come from ADM's TensorFlow evaluator
 (guided-diffusion evaluations/evaluator.py), which runs the 2015-12-05 Inception-v3 graph. Below is
@@ -13,8 +14,9 @@ images under `arr_0` (the ADM sample format), a folder of images, a statistics .
 batches, or our --save-stats), or, from Python, arrays, tensors or an iterable of batches.
 
 Read top to bottom: the network, its weights, inputs -> image batches -> features, the metrics,
-the command line. This file is a leaf: it needs only the tokenizer (for rFID) and the pixel rule
-(data.to_uint8).
+the command line. This file is a leaf: it needs only the tokenizer (for rFID), the pixel rule
+(data.to_uint8), the project's image reader (data.read_image) and, for the CLIP score of
+text-to-image samples, clip.py.
 """
 import argparse
 import itertools
@@ -28,12 +30,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from common import (UserError, cli, download, load_checkpoint, load_weights, pick_device,
-                    save_atomic, unwrap_state_dict)
-from data import IMAGE_EXTENSIONS, from_uint8, image_dataset, to_uint8
+import clip
+from common import (UserError, cli, download, first_line, load_checkpoint, load_weights,
+                    pick_device, save_atomic, say, unwrap_state_dict)
+from data import (IMAGE_EXTENSIONS, UNREADABLE, check_image_size, from_uint8, image_dataset,
+                  read_image, to_uint8)
 from tokenizer import VQModel, codebook_usage_of, psnr, ssim
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -282,7 +285,7 @@ def to_float_images(batch, what="images"):
                     f"(N x 3 x H x W), got {batch.dtype}")
 
 
-def _npz_images(path, batch_size):
+def _npz_images(path, batch_size, sizes=None):
     """(count, batches) of arr_0, streamed from the zip member: 50k ImageNet samples are ~10 GB in
     memory. np.load would read the whole array; the .npy header says where the pixels start."""
     try:
@@ -303,6 +306,8 @@ def _npz_images(path, batch_size):
         raise UserError(f"{path!r}: arr_0 must hold uint8 images N x H x W x 3 (ADM's format), "
                         f"found {dtype} {tuple(shape)}")
     per_image = int(np.prod(shape[1:]))
+    if sizes is not None:
+        sizes.add(tuple(shape[1:3]))
 
     def batches():
         with archive, member:
@@ -317,37 +322,55 @@ def _npz_images(path, batch_size):
     return shape[0], batches()
 
 
-def _folder_images(path, batch_size):
+def _folder_images(path, batch_size, sizes=None):
     """(count, batches) of the images in one folder, in sorted file-name order (pytorch-fid's
-    extensions; sub-folders are not read), each decoded to RGB only when its batch is drawn."""
+    extensions; sub-folders are not read), each decoded only when its batch is drawn, by the
+    project's one reader (data.read_image: 16-bit and transparent images as training sees them).
+    A file that cannot be decoded (corrupt, empty, a decompression bomb) is left out and counted
+    in one line at the end, never a crash: a metric over N - 1 images beats no metric."""
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
 
+    def readable(chunk, skipped):
+        for p in chunk:
+            try:
+                yield np.array(read_image(p))
+            except UNREADABLE as e:
+                skipped.append(f"{os.path.basename(p)}: {first_line(e)}")
+
     def batches():
+        skipped = []
         for start in range(0, len(files), batch_size):
-            imgs = [np.array(Image.open(p).convert("RGB")) for p in files[start:start + batch_size]]
+            imgs = list(readable(files[start:start + batch_size], skipped))
+            if sizes is not None:
+                sizes.update(im.shape[:2] for im in imgs)
+            if not imgs:
+                continue
             if len({im.shape for im in imgs}) == 1:
                 yield np.stack(imgs)
             else:  # mixed sizes cannot be stacked; the net resizes each to 299 anyway: do it first
                 yield torch.cat([resize299(to_float_images(im[None])) for im in imgs])
+        if skipped:
+            say(f"skipped {len(skipped)} unreadable image(s) of {len(files)} in {path} (first: "
+                f"{skipped[0]})")
 
     return len(files), batches()
 
 
-def image_batches(source, batch_size):
+def image_batches(source, batch_size, sizes=None):
     """(count or None, iterator of image batches) for a path (.npz or folder), one array/tensor
     holding all images, or an iterable of such batches (for example a decoder's outputs,
-    streamed)."""
+    streamed). sizes: a set that collects the (H, W) of a path's images as they are read."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            return _folder_images(path, batch_size)
+            return _folder_images(path, batch_size, sizes)
         if not os.path.isfile(path):
             raise UserError(f"{path!r} does not exist; "
                             "give an .npz of samples or a folder of images")
         if not path.endswith(".npz"):
             raise UserError(f"{path!r} is neither an .npz file nor a folder of images")
-        return _npz_images(path, batch_size)
+        return _npz_images(path, batch_size, sizes)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         return len(source), (source[i:i + batch_size] for i in range(0, len(source), batch_size))
     return None, iter(source)  # a generator's length is unknown until it is read
@@ -603,7 +626,11 @@ def load_input(path, get_net, batch_size, device):
                 found = {k: npz[k] for k in STAT_KEYS if k in npz.files}
                 has_images = "arr_0" in npz.files
         except Exception as e:
-            raise UserError(f"cannot read {path!r} as an .npz file ({e}); check the file") from None
+            # numpy's own advice for object arrays (allow_pickle=True) would run code from the file
+            why = ("it holds pickled Python objects, which are never unpickled here; save plain "
+                   "numeric arrays" if "pickle" in str(e) else f"{first_line(e)}; check the file")
+            raise UserError(f"cannot read {path!r} as an .npz file ({why})") from None
+        check_statistics(found, path)
         if not has_images and "mu" not in found:
             raise UserError(f"{path!r} holds neither images ('arr_0') nor statistics ('mu', "
                             "'sigma'); give an ADM sample/reference .npz or one written by "
@@ -612,11 +639,41 @@ def load_input(path, get_net, batch_size, device):
             raise UserError(f"{path!r} has 'mu' but no 'sigma'; re-create the statistics file")
         if not has_images:
             return found
-    count, batches = image_batches(path, batch_size)  # bad input fails here, before weights load
+    sizes = set()  # (H, W) of every image read, for the size check in score_samples
+    # bad input fails here, before the weights load
+    count, batches = image_batches(path, batch_size, sizes=sizes)
     feats = batch_features(get_net(), count, batches, device)
     stats = dict(zip(("mu", "sigma"), statistics(feats["pool"])))
     stats.update(zip(("mu_s", "sigma_s"), statistics(feats["spatial"])))
-    return {**stats, **found, "pool": feats["pool"]}  # stored statistics win over recomputed ones
+    # stored statistics win over recomputed ones; "sizes" is bookkeeping, never saved
+    return {**stats, **found, "pool": feats["pool"], "sizes": sizes}
+
+
+def check_statistics(found, path):
+    """Stored statistics must be finite numbers: a NaN passes through every formula and prints
+    as `FID: nan` with exit code 0, and an infinity stops the eigensolver with LinAlgError."""
+    for key, value in found.items():
+        if not np.issubdtype(value.dtype, np.number):
+            raise UserError(f"{path!r}: '{key}' is {value.dtype}, not numbers; re-create the "
+                            "statistics file")
+        if not np.isfinite(value).all():
+            what = "NaN" if np.isnan(value).any() else "infinite values"
+            raise UserError(f"{path!r}: '{key}' holds {what}; the statistics are damaged, "
+                            "re-create them from the images (--save-stats)")
+
+
+def check_sizes(samples, ref, names):
+    """One warning line when the two sides' images differ in size. Inception resizes both to
+    299 px, so FID is still computed, but a 384 px sample set is sharper than 256 px references
+    after that resize and scores worse for it: the official evaluation resizes 384 px samples to
+    256 first (sample.py --resize-to 256). A warning, not a refusal: comparing sizes can be the
+    point of a run; statistics files carry no size, so they are not checked."""
+    a, b = samples.get("sizes"), ref.get("sizes")
+    if a and b and a != b:
+        show = [", ".join(f"{h}x{w}" for h, w in sorted(s)) for s in (a, b)]
+        say(f"warning: the images of {names[0]} are {show[0]} px but those of {names[1]} "
+            f"{show[1]} px; FID compares them after resizing both to 299 px (resize the samples to "
+            "the reference size, e.g. sample.py --resize-to 256)")
 
 
 # The tokenizer evaluation's own flags, with the defaults they stand for. They default to None so
@@ -642,15 +699,18 @@ def build_parser():
                         "available)")
     parser.add_argument("--save-stats", metavar="OUT.npz", help="write the first argument's mu, "
                         "sigma, mu_s, sigma_s and pool features here, reusable in place of its "
-                        "images")
+                        "images; an existing file is kept unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="with --save-stats: replace an "
+                        "existing file")
     group = parser.add_argument_group("a tokenizer instead of samples (paper Table 2: rFID, PSNR, "
                                       "SSIM, codebook usage)")
     group.add_argument("--vq-ckpt", help="tokenizer checkpoint (ours or the official "
                        "vq_ds16_c2i.pt) to evaluate on --data")
     group.add_argument("--data", help="images it reconstructs, in class sub-folders (the paper: "
-                       "the 50k ImageNet val images), or synthetic:N")
-    group.add_argument("--image-size", type=int, help="ADM centre crop size in pixels "
-                       "(default 256)")
+                       "the 50k ImageNet val images), or synthetic:N (./synthetic for a folder of "
+                       "that name)")
+    group.add_argument("--image-size", type=int, help="ADM centre crop size in pixels, a multiple "
+                       "of the tokenizer's downsampling factor (default 256)")
     group.add_argument("--resize-to", type=int, help="measure at this size: originals and "
                        "reconstructions resized bicubically, as paper Table 3 measures 384/512 px "
                        "at 256")
@@ -658,6 +718,7 @@ def build_parser():
     group.add_argument("--num-workers", type=int, help="image-decoding processes (default 4)")
     group.add_argument("--no-rfid", action="store_true", default=None,
                        help="PSNR, SSIM and usage only: no Inception weights needed")
+    add_clip_score_flags(parser)
     return parser
 
 
@@ -667,6 +728,9 @@ def main(argv=None):
     of the other mode is refused with one line rather than silently ignored."""
     args = build_parser().parse_args(argv)
     if args.vq_ckpt or args.data:
+        if args.clip_score or args.captions or args.clip_prefix is not None:
+            raise UserError("--clip-score scores sample images against captions; drop it with "
+                            "--vq-ckpt/--data")
         for name, default in TOKENIZER_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)  # the defaults users have always had
@@ -678,12 +742,25 @@ def main(argv=None):
     if args.samples is None:
         raise UserError("give the samples to score (an .npz or a folder), or --vq-ckpt and --data "
                         "for a tokenizer")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if report_clip_score(args) and args.reference is None and not args.save_stats:
+        return  # text-image alignment alone; with a reference, FID follows as ever
     if args.reference is None and not args.save_stats:
         raise UserError("give a reference to compare against, or --save-stats OUT.npz to cache "
                         "statistics")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_save_stats(args)
     score_samples(args)
+
+
+def check_save_stats(args):
+    """--save-stats keeps an existing file unless --overwrite; --overwrite alone does nothing and
+    is refused (the statistics of 50,000 images are minutes of Inception time)."""
+    if args.overwrite and not args.save_stats:
+        raise UserError("--overwrite only applies with --save-stats; drop it")
+    if args.save_stats and os.path.exists(args.save_stats) and not args.overwrite:
+        raise UserError(f"--save-stats {args.save_stats} already exists; pass --overwrite to "
+                        "replace it, or choose another file")
 
 
 def score_samples(args):
@@ -698,11 +775,13 @@ def score_samples(args):
 
     samples = load_input(args.samples, get_net, args.batch_size, device)
     if args.save_stats:
-        save_atomic(lambda f: np.savez(f, **samples), args.save_stats)
+        stats = {k: v for k, v in samples.items() if k in STAT_KEYS}
+        save_atomic(lambda f: np.savez(f, **stats), args.save_stats)
         print(f"statistics of {args.samples} saved to {args.save_stats}")
     if args.reference is None:
         return
     ref = load_input(args.reference, get_net, args.batch_size, device)
+    check_sizes(samples, ref, (args.samples, args.reference))
     if "pool" in samples:
         inception = get_net()
         # IS from the pool features already at hand: the logits are one matrix product away
@@ -726,15 +805,16 @@ def report_tokenizer(args):
     """The --vq-ckpt mode: tokenizer_metrics of one checkpoint on --data, printed."""
     if not (args.vq_ckpt and args.data):
         raise UserError("a tokenizer evaluation needs both --vq-ckpt and --data")
-    if args.samples or args.reference or args.save_stats:
+    if args.samples or args.reference or args.save_stats or args.overwrite:
         raise UserError("--vq-ckpt evaluates a tokenizer on --data alone; drop the "
-                        "sample/reference arguments")
+                        "sample/reference arguments (and --save-stats, --overwrite)")
     for name in ("batch_size", "num_images", "resize_to", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, "
                             f"got {getattr(args, name)}")
     device = pick_device(args.device)
     vq = VQModel.from_pretrained(args.vq_ckpt)  # ours or an official file, topology from shapes
+    check_image_size(args.image_size, vq.config.downsample)
     images = image_dataset(args.data, args.image_size, augment="center", flip=False)
     if args.num_images is not None:
         n = min(args.num_images, len(images))
@@ -749,6 +829,59 @@ def report_tokenizer(args):
         print(f"rFID: {metrics['rfid']:.4f}")
     print(f"PSNR: {metrics['psnr']:.4f} dB\nSSIM: {metrics['ssim']:.4f}\n"
           f"codebook usage: {100 * metrics['codebook_usage']:.2f}% of {vq.config.codebook_size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP score: how well text-to-image samples agree with their captions (clip.clip_score says how
+# it is computed); LlamaGen's t2i table reports it beside FID, with ViT-B/32 and "A photo depicts"
+
+
+def add_clip_score_flags(parser):
+    g = parser.add_argument_group("CLIP score of text-to-image samples (with or without a "
+                                  "reference for FID)")
+    g.add_argument("--clip-score", metavar="CLIP", help="our CLIP checkpoint (train.py --model "
+                   "CLIP-tiny) or a Hugging Face CLIP folder; LlamaGen's protocol: "
+                   "openai/clip-vit-base-patch32")
+    g.add_argument("--captions", metavar="FILE", help="with --clip-score: a text file with one "
+                   "caption per line, line i for image i of the samples")
+    g.add_argument("--clip-prefix", default=None, help="with --clip-score: text put before every "
+                   f"caption (default {clip.PHOTO_DEPICTS!r}, as CLIPScore and LlamaGen; '' for "
+                   "none)")
+
+
+def read_captions(path):
+    """One caption per line (a trailing newline is not one more caption)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read captions {path!r} ({e}); give a UTF-8 text file, one "
+                        "caption per line") from None
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def report_clip_score(args):
+    """The --clip-score mode: prints both CLIP scores of args.samples; False when not asked."""
+    if not (args.clip_score or args.captions or args.clip_prefix is not None):
+        return False
+    if not (args.clip_score and args.captions):
+        raise UserError("a CLIP score needs both --clip-score CLIP and --captions FILE")
+    captions = read_captions(args.captions)
+    count, batches = image_batches(args.samples, args.batch_size)
+    if count is not None and count != len(captions):
+        raise UserError(f"{args.captions} has {len(captions)} captions for {count} images in "
+                        f"{args.samples}; give one caption per image, in order")
+    model, tokenizer = clip.load(args.clip_score)
+    model = model.to(pick_device(args.device))
+    prefix = clip.PHOTO_DEPICTS if args.clip_prefix is None else args.clip_prefix
+    # uint8 batches are the samples' own pixels; a folder of mixed sizes arrives as floats in [0, 1]
+    floats = (from_uint8(b) if isinstance(b, np.ndarray) else b * 2 - 1 for b in batches)
+    got = clip.clip_score(model, tqdm(floats, desc="CLIP", total=None), captions, tokenizer,
+                          prefix)
+    print(f"CLIP score ({got['count']} images, prefix {prefix!r}, {args.clip_score}):\n"
+          f"  mean cosine x 100 (LlamaGen, GigaGAN): {got['clip_score']:.4f}\n"
+          f"  CLIPScore x 100 (Hessel et al. 2021, 2.5 max(cos, 0)): {got['clipscore']:.4f}")
+    return True
 
 
 if __name__ == "__main__":

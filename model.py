@@ -761,6 +761,9 @@ class GPT(nn.Module):
         load_weights(model, sd, f"GPT checkpoint {path!r}", ignore=("kv_cache", "freqs_cis"),
                      hint=f"its shapes fit {fits}")
         model.meta = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
+        # known: given by the caller or saved with the config; else GPTConfig's default, a guess
+        # the caller must not pass off as the trained grid (a bare state dict has no size in it)
+        model.block_size_known = block_size is not None or "block_size" in (saved or {})
         return model.eval()
 
     def flops_per_token(self):

@@ -40,8 +40,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import UserError, cli, resolve_precision, save_atomic, setup_device
-from data import CodesReceipt, from_uint8, make_grid, save_grid, to_uint8
+import clip
+from common import UserError, cli, resolve_precision, save_atomic, say, setup_device
+from data import (CodesReceipt, check_image_size, from_uint8, make_grid, save_grid,
+                  to_uint8)
 from model import GPT
 from tokenizer import VQModel, tokenizer_checksum
 
@@ -53,6 +55,7 @@ OFFICIAL_GPTS = ["c2i_B_256.pt", "c2i_B_384.pt", "c2i_L_256.pt", "c2i_L_384.pt",
                  "c2i_XXL_384.pt", "c2i_3B_384.pt"]
 OFFICIAL_VQ = "vq_ds16_c2i.pt"
 DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's ImageNet classes
+DEMO_CLIP = "results/demo/clip.pt"  # the re-ranker, when the demo has trained one
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,6 +143,7 @@ def picture_grid(args, gpt, vq, sample_kw):
     bar.close()
     images = np.concatenate(images)
     report(0, len(images), time.perf_counter() - t0, length, args)
+    images = rerank_grid(args, images)  # --candidates: each row keeps its --keep best, ranked
     # one row per class; a single class (or one picture each) fills rows of 8 instead
     nrow = args.per_class if len(args.classes) > 1 and args.per_class > 1 else 8
     save_grid(from_uint8(images), args.out, nrow=nrow)
@@ -212,8 +216,14 @@ def resume_stamp(args, parts, rank):
     # evaluation_npz comes before any rank writes a part
     path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):  # ValueError: not JSON (hand-edited, cut short)
+            old = None
+        if not isinstance(old, dict):
+            raise UserError(f"{path} is damaged, so the samples in {parts} cannot be matched to "
+                            "these settings; delete that folder to start over")
         if old != stamp:
             diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
                              if old.get(k) != v)
@@ -235,6 +245,7 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     done = set()
     if os.path.isdir(parts):
         done = {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
+        done = checked_parts(parts, done, n, bs, rank)
     if world > 1:
         dist.barrier()  # every rank has listed the finished batches before any rank adds one
     # round-robin over the batches still missing: each rank gets an equal share, and a rerun
@@ -246,7 +257,7 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     for b in tqdm(todo, disable=rank != 0, desc="sampling", unit="batch", dynamic_ncols=True):
         batch_labels = labels[b * bs:(b + 1) * bs]
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b))
-        images = sample_images(gpt, vq, batch_labels, generator=gen, **sample_kw)
+        images = draw_best(args, gpt, vq, batch_labels, gen, sample_kw)
         # one file per batch, written atomically: a process killed mid-batch loses that batch
         # only, and a file that exists is always complete
         save_atomic(lambda f: write_npz(f, arr_0=images, arr_1=batch_labels.numpy()),
@@ -257,6 +268,44 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
         dist.barrier()
     if rank == 0:
         gather_parts(args, parts, n_batches)
+
+
+def part_damage(path, count):
+    """Why the part at `path` cannot be gathered (cut short, not an .npz, not `count` images and
+    labels), or None. Only the zip directory and the two .npy headers are read, not the pixels,
+    so checking 1,563 parts of a 50k run takes a moment, not a re-read of 10 GB."""
+    try:
+        with zipfile.ZipFile(path) as z:  # the directory sits at the end: a cut file fails here
+            shapes = {}
+            for name in ("arr_0", "arr_1"):
+                info = z.getinfo(name + ".npy")
+                with z.open(info) as m:
+                    read_header = (np.lib.format.read_array_header_1_0
+                                   if np.lib.format.read_magic(m) == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(m)
+                    size = m.tell() + math.prod(shape) * dtype.itemsize  # header + data
+                if info.file_size != size:
+                    return f"{name} is cut short"
+                shapes[name] = shape
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        return f"not a complete part ({type(e).__name__})"
+    if shapes["arr_0"][:1] != (count,) or shapes["arr_1"] != (count,):
+        return f"holds {shapes['arr_0'][:1]} images, not {count}"
+    return None
+
+
+def checked_parts(parts, done, n, bs, rank):
+    """The finished batches whose part files are whole. A damaged one (a copy cut short, a disk
+    error) is drawn again now, before sampling, rather than found by the gathering at the end."""
+    good = set()
+    for b in sorted(b for b in done if b * bs < n):
+        why = part_damage(os.path.join(parts, f"{b:06d}.npz"), min(bs, n - b * bs))
+        if why is None:
+            good.add(b)
+        elif rank == 0:
+            say(f"{parts}/{b:06d}.npz is damaged ({why}); sampling that batch again")
+    return good
 
 
 def gather_parts(args, parts, n_batches):
@@ -309,6 +358,136 @@ def compiled_step(gpt, device):
 
 
 # ------------------------------------------------------------------------------------------------
+# Re-ranking by CLIP (DALL-E, Ramesh et al. 2021, 2.5): draw N candidates per prompt and keep the K
+# that CLIP finds most similar to it. The sampler's draws differ in whether they show what was
+# asked; CLIP's contrastive score is trained to answer exactly that question (clip.py), so best-of-N
+# trades N times the sampling for better agreement with the prompt (DALL-E's FID and IS improve up
+# to N = 32). Class models are prompted with their class names ("a red circle"); text models with
+# their prompts.
+
+def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
+    """images: uint8 (P*N, H, W, 3) in prompt-major order (prompt p's N candidates together);
+    texts: the P prompts; clip_model: clip.CLIP (its .tokenizer unless `tokenizer` is given). ->
+    (uint8 (P*keep, H, W, 3): each prompt's `keep` best, best first; float (P, keep): their scores,
+    100 x cosine). keep = N returns every candidate, pixels untouched, in rank order. CLIP scores
+    the uint8 pixels, exactly what is saved, not the decoder's unrounded floats."""
+    if len(texts) == 0 or len(images) % len(texts):
+        raise UserError(f"{len(images)} candidates do not split evenly over {len(texts)} prompts")
+    scores = clip.rank(clip_model, from_uint8(images), list(texts),
+                       tokenizer or clip_model.tokenizer)
+    order, best = clip.rerank(scores, keep)
+    # candidate j of prompt p is row p * N + j of the prompt-major stack
+    rows = torch.arange(len(texts))[:, None] * scores.shape[1] + order
+    return images[rows.flatten().numpy()], best
+
+
+def add_rerank_flags(p):
+    """The re-ranking flags, their own group; a --num-samples run given them records them with the
+    others that decide the pixels (check_rerank_args)."""
+    g = p.add_argument_group("re-ranking by CLIP (DALL-E 2.5)", "draw N candidates per class, "
+                             "keep the K most similar to its prompt \"a <class name>\" by CLIP")
+    g.add_argument("--candidates", type=int, default=None, metavar="N",
+                   help="candidates drawn per picture kept (DALL-E: up to 32; 512 in its blog)")
+    g.add_argument("--keep", type=int, default=None, metavar="K", help="with --candidates: the "
+                   "best K of each class, best first (default: 4, or N if smaller, for pictures; "
+                   "--num-samples keeps 1 of N per sample and takes only 1)")
+    g.add_argument("--clip", default=None, metavar="CKPT", help="with --candidates: our CLIP "
+                   "(train.py --model CLIP-tiny) or a Hugging Face CLIP folder such as "
+                   f"openai/clip-vit-base-patch32 (default: {DEMO_CLIP})")
+    return g
+
+
+def check_rerank_args(args):
+    """One line for a re-ranking flag out of range or out of its mode; then the defaults. Runs
+    before check_args: pictures draw --candidates per class in place of --per-class."""
+    if args.candidates is None:
+        for flag in ("keep", "clip"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} only applies with --candidates N; add it or drop "
+                                f"--{flag}")
+        return
+    if args.candidates < 1:
+        raise UserError(f"--candidates must be at least 1, got {args.candidates}")
+    if args.per_class is not None:
+        raise UserError("--per-class and --candidates both set the draws per class; with "
+                        "--candidates each row shows its --keep best")
+    if args.progress:
+        raise UserError("--progress animates every candidate, kept or not; drop it with "
+                        "--candidates")
+    if args.num_samples is not None:
+        if args.keep not in (None, 1):
+            raise UserError(f"--keep {args.keep} with --num-samples: each sample is the best 1 "
+                            "of --candidates; drop --keep")
+        args.keep = 1
+    else:
+        args.keep = min(4, args.candidates) if args.keep is None else args.keep
+        args.per_class = args.candidates
+    if not 1 <= args.keep <= args.candidates:
+        raise UserError(f"--keep {args.keep} must be between 1 and --candidates "
+                        f"{args.candidates}")
+    if args.clip is None:
+        if not os.path.exists(DEMO_CLIP):
+            raise UserError(f"--candidates needs a CLIP to rank with: --clip CKPT (train.py "
+                            f"--model CLIP-tiny --data scenes, or a Hugging Face CLIP folder); "
+                            f"none at {DEMO_CLIP}")
+        args.clip = DEMO_CLIP
+    args.clip = os.path.abspath(args.clip)  # the resume stamp must not depend on the cwd
+    # stamped only when given: parts drawn without re-ranking keep the stamp they always had
+    args.pixel_settings += ("candidates", "keep", "clip")
+
+
+def class_prompts(gpt, classes):
+    """{class id: "a <class name>"} from the names our checkpoints carry in their codes receipt;
+    official ImageNet checkpoints know their classes by id only, so there is no text to score."""
+    receipt = CodesReceipt.from_dict(gpt.meta, "the GPT checkpoint") if gpt.meta else None
+    if receipt is None or len(receipt.classes) != gpt.config.num_classes:
+        raise UserError("--candidates scores each class by its name, and this GPT carries no "
+                        "class names (official checkpoints know ImageNet classes by id only); "
+                        "use a GPT trained here")
+    return {k: f"a {receipt.classes[k]}".replace("_", " ") for k in classes}
+
+
+def setup_reranker(args, gpt):
+    """With --candidates: the CLIP (on the GPT's device) and the prompt of every class drawn."""
+    args.reranker = None
+    if not args.candidates:
+        return
+    args.prompts_of = class_prompts(gpt, args.classes)
+    model, tokenizer = clip.load(args.clip)
+    args.reranker = model.to(args.device)
+    args.reranker.tokenizer = tokenizer
+
+
+def rerank_grid(args, images):
+    """Pictures: the P classes' N candidates each -> their K best, best first, the scores
+    printed row by row; args.per_class becomes K so the grid has K per row."""
+    if not args.candidates:
+        return images
+    t0 = time.perf_counter()
+    texts = [args.prompts_of[k] for k in args.classes]
+    kept, scores = rerank_candidates(images, texts, args.reranker, args.keep)
+    print(f"CLIP kept {args.keep} of {args.candidates} per class in "
+          f"{time.perf_counter() - t0:.1f} s; scores (100 x cosine), best first:")
+    for text, row in zip(texts, scores.tolist()):
+        print(f"  {text}: " + " ".join(f"{v:.1f}" for v in row))
+    args.per_class = args.keep
+    return kept
+
+
+def draw_best(args, gpt, vq, labels, gen, sample_kw):
+    """An evaluation batch: one image per label, or with --candidates the best of N each (drawn in
+    chunks of --batch-size, from this batch's generator)."""
+    if not args.candidates:
+        return sample_images(gpt, vq, labels, generator=gen, **sample_kw)
+    many = labels.repeat_interleave(args.candidates)
+    drawn = np.concatenate([sample_images(gpt, vq, many[i:i + args.batch_size], generator=gen,
+                                          **sample_kw)
+                            for i in range(0, len(many), args.batch_size)])
+    texts = [args.prompts_of[int(k)] for k in labels]
+    return rerank_candidates(drawn, texts, args.reranker, 1)[0]
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading and checking the inputs
 
 NO_WEIGHTS = f"""no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_GPT}, {DEMO_VQ}.
@@ -329,15 +508,26 @@ def size_in_name(path):
 def load_gpt(path, image_size, downsample):
     """(GPT, its codes receipt or None) with the token grid of its images: (image_size //
     downsample)^2 tokens. The size is --image-size if given; else ours know theirs (the receipt,
-    saved with the config), and an official release states it in its file name (_256, _384;
-    256 if absent). One load in the usual cases; a second only when the name misled the first."""
+    saved with the config), and an official release states it in its file name (_256, _384);
+    a file with neither is refused rather than guessed. One load in the usual cases; a second
+    only when the name misled the first."""
     # the first guess needs no receipt: an explicit size, else the name's, else the saved config
     named = image_size or size_in_name(path)
     gpt = GPT.from_pretrained(path, block_size=(named // downsample) ** 2 if named else None)
     receipt = CodesReceipt.from_dict(gpt.meta, path) if gpt.meta else None
     if image_size is None:
-        h, w = receipt.grid if receipt else ((named or 256) // downsample,) * 2
-        if h * w != gpt.config.block_size:  # one of ours named _256, or an official file unnamed
+        if receipt:
+            h, w = receipt.grid
+        elif named:
+            h = w = named // downsample
+        elif gpt.block_size_known:  # ours without a receipt: the saved config has the grid
+            return gpt, receipt
+        else:  # a bare state dict: guessing 256 px drew 64x64 tokens from a GPT trained on 8x8
+            raise UserError(f"the GPT {path} does not say which image size it was trained at (no "
+                            "config inside, no _256/_384/_512 in its name): pass --image-size "
+                            "(256 or 384 for the official c2i files), or rename it like "
+                            "c2i_B_256.pt")
+        if h * w != gpt.config.block_size:  # one of ours named _256
             gpt = GPT.from_pretrained(path, block_size=h * w)
     return gpt, receipt
 
@@ -356,9 +546,8 @@ def load_models(gpt_path, vq_path, image_size=None):
     # the tokenizer first: its downsampling factor turns an image size into the GPT's grid
     vq = VQModel.from_pretrained(vq_path)
     ds = vq.config.downsample
-    if image_size is not None and (image_size <= 0 or image_size % ds):
-        raise UserError(f"--image-size {image_size} is not a multiple of the tokenizer's "
-                        f"downsampling factor {ds}; use e.g. {max(1, round(image_size / ds)) * ds}")
+    if image_size is not None:
+        check_image_size(image_size, ds)
     gpt, receipt = load_gpt(gpt_path, image_size, ds)
     # official files carry no receipt, but the vocabulary is in the shapes: check at least that
     if gpt.config.vocab_size != vq.config.codebook_size:
@@ -392,11 +581,16 @@ def check_receipt(receipt, gpt_path, vq, vq_path, image_size):
                         "were extracted with")
 
 
-def check_writable(path):
+def check_writable(path, overwrite=False, flag="--out"):
     """Fail before minutes of sampling, not after: the folder must exist (or be creatable) and
-    take a file."""
+    take a file, and a file already there (a finished evaluation set, a picture) is kept unless
+    --overwrite says otherwise: 50,000 samples cost GPU-hours, and a new --seed would replace them
+    without a word."""
     if os.path.isdir(path):
         raise UserError(f"output {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose "
+                        f"another {flag}")
     # a real file, at once deleted: the only test that catches read-only mounts and full quotas
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -421,23 +615,25 @@ def add_pixel_flags(decides):
       help="class ids to draw (default: the official demo's 8 ImageNet classes if the GPT has "
            "them, else all its classes); with --num-samples, every class unless given, and the "
            "labels are drawn from them")
-    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s (paper "
-      "2.3): 1 = off, 0 = the null class alone (unconditional); the official code treats every "
-      "s <= 1 as off. Pictures: default 4.0, as the official demo. --num-samples: required "
-      "(paper FIDs: 2.0 for B and L)")
+    a("--cfg-scale", type=float, default=None, help="classifier-free guidance scale s >= 0 "
+      "(paper 2.3): 1 = off, 0 = the null class alone (unconditional), between 0 and 1 a blend "
+      "of the two, above 1 guidance; negative s (pushing away from the class) is refused. (The "
+      "official code treats every s <= 1 as off.) Pictures: default 4.0, as the official demo. "
+      "--num-samples: required (paper FIDs: 2.0 for B and L)")
     a("--cfg-interval", type=int, default=-1, help="-1: guide every token; k >= 0: only tokens "
       "0..k+1, then the conditional logits alone (the official semantics)")
-    a("--temperature", type=float, default=1.0, help="softmax temperature (default: 1.0)")
+    a("--temperature", type=float, default=1.0,
+      help="softmax temperature, > 0 and finite (default: 1.0)")
     a("--top-k", type=int, default=None, help="sample among the k most likely codes only, 0 = "
       "all (default: 2000 for pictures, as the official demo; 0 for --num-samples, as the "
       "official FID runs)")
     a("--top-p", type=float, default=1.0,
-      help="nucleus sampling: smallest set with this mass (1 = all)")
+      help="nucleus sampling: smallest set with this mass, in (0, 1] (1 = all)")
     a("--seed", type=int, default=0,
-      help="batch b is seeded from (seed, b), whatever the number of processes")
+      help="batch b is seeded from (seed, b), whatever the number of processes; >= 0")
     a("--image-size", type=int, default=None, help="pixels per side, (size/downsample)^2 tokens "
       "(default: the size the GPT was trained at: recorded in ours, _256/_384 in official file "
-      "names)")
+      "names; a file that states neither is refused without --image-size)")
     a("--resize-to", type=int, default=None, help="resize the images bicubically to this size, "
       "e.g. 256 for 384 px models before FID, as the official evaluation did")
     a("--batch-size", type=int, default=32,
@@ -463,12 +659,16 @@ def get_args(argv=None):
                                    "these; resuming it needs the same values")
     add_pixel_flags(decides)
     pixel_settings = tuple(action.dest for action in decides._group_actions)
+    add_rerank_flags(p)
     # the flags below change where the pictures go or how fast they come, not what they show
     a = p.add_argument
     a("--per-class", type=int, default=None,
       help="pictures per class, one row each (default: 4); not with --num-samples")
     a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the "
-      ".npz with --num-samples (default: samples/samples<N>.npz)")
+      ".npz with --num-samples (default: samples/samples<N>.npz); an existing file is never "
+      "replaced without --overwrite (an unfinished .npz run resumes instead)")
+    a("--overwrite", action="store_true",
+      help="replace an existing --out (and --progress GIF) instead of refusing")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     a("--progress", default=None, metavar="GIF",
       help="also write an animation of the rasters being written")
@@ -541,15 +741,26 @@ def check_args(args):
     elif args.world > 1:
         raise UserError("torchrun is for --num-samples evaluation runs; draw pictures with "
                         "plain python")
-    for name, ok in [("per_class", args.per_class >= 1), ("batch_size", args.batch_size >= 1),
-                     ("top_k", args.top_k >= 0), ("progress_frames", args.progress_frames >= 1),
-                     ("temperature", args.temperature > 0), ("top_p", 0 < args.top_p <= 1),
-                     ("resize_to", args.resize_to is None or args.resize_to > 0)]:
-        if not ok:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range; "
-                            "see --help")
     if not evaluation and args.cfg_scale is None:
         args.cfg_scale = 4.0  # the official demo's guidance for pictures
+    # each flag with the range it must lie in, as the one line names it; nan and inf fail every
+    # comparison or the isfinite test, so they are refused here instead of inside the sampler
+    finite = math.isfinite
+    for name, ok, valid in [
+            ("per_class", args.per_class >= 1, ">= 1"),
+            ("batch_size", args.batch_size >= 1, ">= 1"),
+            ("top_k", args.top_k >= 0, ">= 0 (0 = every code)"),
+            ("progress_frames", args.progress_frames >= 1, ">= 1"),
+            ("temperature", finite(args.temperature) and args.temperature > 0, "finite and > 0"),
+            ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+            ("cfg_scale", finite(args.cfg_scale) and args.cfg_scale >= 0,
+             "finite and >= 0 (1 = no guidance, 0 = unconditional)"),
+            ("cfg_interval", args.cfg_interval >= -1, ">= -1 (-1 = guide every token)"),
+            ("seed", args.seed >= 0, ">= 0"),
+            ("resize_to", args.resize_to is None or args.resize_to > 0, ">= 1 pixel")]:
+        if not ok:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: "
+                            f"it must be {valid}")
 
 
 @torch.no_grad()  # sampling only: no autograd graph (and none left switched off for the caller)
@@ -557,6 +768,7 @@ def main(argv=None):
     args = get_args(argv)
     # torchrun sets RANK and WORLD_SIZE; a plain `python sample.py` is rank 0 of 1
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_rerank_args(args)
     check_args(args)
     check_speed_args(args)
     # under torchrun each process takes the GPU of its LOCAL_RANK (common.setup_device)
@@ -579,9 +791,10 @@ def main(argv=None):
     if args.out is None:
         args.out = (f"samples/samples{args.num_samples}.npz" if args.num_samples else
                     "samples/class" + "-".join(map(str, args.classes)) + ".png")
-    for path in (args.out, args.progress):  # all checks done before the first token is drawn
-        if path:
-            check_writable(path)
+    setup_reranker(args, gpt)
+    for flag, path in (("--out", args.out), ("--progress", args.progress)):
+        if path:  # all checks done before the first token is drawn
+            check_writable(path, args.overwrite, flag)
 
     # the GPT in --precision, the tokenizer kept in float32 (sample_images says why)
     gpt, vq = gpt.to(device=device, dtype=dtype), vq.to(device)

@@ -23,7 +23,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from functools import partial
 
@@ -33,9 +35,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import clip
 import data
-from common import (DTYPES, UserError, cli, load_checkpoint, resolve_precision, save_atomic,
-                    setup_device)
+from common import (DTYPES, UserError, check_weights, cli, first_line, load_checkpoint,
+                    os_error_line, resolve_precision, save_atomic, setup_device)
 from model import GPT, GPT_CONFIGS, gpt_config
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
@@ -278,7 +281,66 @@ class VQStage(Stage):
         return self.crit.discriminator_loss(images, recon, step, discriminator=discriminator)
 
 
-STAGES = [GPTStage, VQStage]
+class ClipStage(Stage):
+    """CLIP (Radford et al. 2021) on the built-in captioned world (scenes.py): the image and text
+    towers learn one embedding space by symmetric InfoNCE over the global batch, with a learned
+    temperature (clip.py explains both). It is the re-ranker and scorer of sample.py and fid.py.
+    The captions' vocabulary is closed, so the tokenizer is BPE learnt on it (clip.Tokenizer.
+    from_words), carried in the checkpoint's meta: a resumed run keeps the tokens it learnt."""
+    # the small configs only: the released ViT-B/32 and L/14 are loaded, never trained here
+    name, kind, unit = "CLIP", "clip", "img"
+    configs = {k: v for k, v in clip.CLIP_CONFIGS.items() if k.startswith("CLIP-")}
+    # the CLIP paper's weight decay 0.2 and a peak rate for a small batch (its 5e-4 was at 32k);
+    # an lr here, not scaled with the batch as the other stages' 1e-4 rule
+    defaults = dict(epochs=30, batch_size=128, weight_decay=0.2, lr=1e-3)
+    flags = dict(with_heldout=False)
+    val_label = "validation accuracy of an image picking its caption among 10"
+    units_per_item = 1
+
+    def __init__(self, recipe, resumed):
+        import scenes
+        spec, _, n = str(recipe.data).partition(":")
+        if spec != "scenes" or not (n == "" or n.isdigit() and int(n) > 0):
+            raise UserError(f"--data {recipe.data!r}: CLIP trains on the built-in captioned world, "
+                            "scenes[:N] (N scenes, default 20000)")
+        if recipe.fsdp:  # the released checkpoints store logit_scale as a 0-d tensor
+            raise UserError("--fsdp cannot shard CLIP's scalar logit_scale (FSDP2 refuses 0-d "
+                            "parameters); CLIP-tiny fits any device: drop --fsdp to train with DDP")
+        merges = resumed["meta"]["bpe_merges"] if resumed else None
+        self.tokenizer = (clip.Tokenizer.from_merges([tuple(m) for m in merges]) if merges else
+                          clip.Tokenizer.from_words(scenes.VOCABULARY))
+        # the table has exactly the tokenizer's ids; <|endoftext|> is the last, where pooling reads
+        self.config = clip.clip_config(recipe.model, vocab_size=len(self.tokenizer.encoder))
+        self.model = clip.CLIP(self.config)
+        self.meta = {"bpe_merges": [list(m) for m in self.tokenizer.merges], "data": recipe.data}
+        # without held-out pairs by default, as the text-to-image GPT: re-ranking a held-out prompt
+        # then tests whether CLIP, too, composes colour and shape; no flips or crops, which would
+        # falsify "on the left" and "at the top" in the captions
+        world = scenes.CaptionedScenes(int(n or 20000), self.config.image_size, seed=recipe.seed,
+                                       heldout=not recipe.with_heldout)
+        items = clip.TokenizedCaptions(world, self.tokenizer, self.config.context_length)
+        self.train_set, self.val_set = split(items, recipe.val_size)
+
+    @property
+    def blocks(self):
+        return [*self.model.vision_model.encoder.layers, *self.model.text_model.encoder.layers]
+
+    def loss(self, model, batch, step):
+        images, ids = batch
+        image, text, scale = model(images, ids, return_embeddings=True)
+        # every rank's loss is the global batch's: its pairs meet the negatives of all ranks
+        loss = clip.distributed_contrastive_loss(image, text, scale)
+        return loss, {"temperature": scale.detach().float().exp().clamp(max=100)}
+
+    def val_metric(self, model, batch):
+        # retrieval among 10, a figure that does not move with the batch size as the loss does
+        # (chance ln B); local to this rank, whose share of validation batches may differ
+        images, ids = batch
+        image, text, _ = model(images, ids, return_embeddings=True)
+        return clip.retrieval_accuracy(image, text, ids, group=10)
+
+
+STAGES = [GPTStage, VQStage, ClipStage]
 
 
 def stage_for(model):
@@ -303,12 +365,17 @@ def get_args(argv=None):
       help="GPT: a codes folder from `data.py extract` (or several of the same images, "
       "comma-separated, mixed per item: the official 1.1 and 1.05 ten crops). Tokenizer: an image "
       "folder (class sub-folders) or synthetic[:N], the embedded dataset of N images")
-    a("--out-dir", default=None, help="where ckpt.pt and log.jsonl go (default runs/<model>)")
+    a("--out-dir", default=None, help="where ckpt.pt and log.jsonl go (default runs/<model>); "
+      "one that already holds a ckpt.pt needs --resume or --overwrite")
     a("--resume", action="store_true",
-      help="continue from <out-dir>/ckpt.pt exactly where it stopped")
+      help="continue from <out-dir>/ckpt.pt exactly where it stopped (its model, stage and "
+      "recipe); log.jsonl drops any lines logged after that checkpoint")
+    a("--overwrite", action="store_true",
+      help="start afresh in an --out-dir that holds a run: its ckpt.pt, ckpt_<step>.pt and "
+      "log.jsonl are replaced when the new run saves its first checkpoint, not before")
     a("--epochs", type=float, default=None,
-      help="passes over the data (default: GPT 300, tokenizer 40)")
-    a("--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs")
+      help="passes over the data, > 0 (default: GPT 300, tokenizer 40)")
+    a("--max-steps", type=int, default=None, help="optimizer steps, >= 1; overrides --epochs")
     a("--batch-size", type=int, default=None, help="GLOBAL batch: per step, over all ranks and "
       "accumulation (default: GPT 256, tokenizer 128)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
@@ -323,9 +390,10 @@ def get_args(argv=None):
     a("--fsdp", action="store_true", help="shard parameters, grads and optimizer state (FSDP2)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--ema", type=float, default=0.0,
-      help="keep an EMA of the weights with this decay (e.g. 0.9999)")
+      help="keep an EMA of the weights with this decay in [0, 1), e.g. 0.9999 (0 = none)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-      help="autocast dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS)")
+      help="autocast dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU/MPS)"
+      "; fp16 needs CUDA, where its loss scaling runs")
     a("--val-size", type=int, default=256,
       help="items held out for validation: every (N / val-size)-th of --data")
     a("--log-interval", type=int, default=10, help="steps per log.jsonl line, which holds their "
@@ -333,11 +401,13 @@ def get_args(argv=None):
     a("--eval-interval", type=int, default=500, help="steps between validation passes")
     a("--ckpt-interval", type=int, default=1000, help="steps between checkpoints")
     a("--keep-ckpts", action="store_true", help="also keep a ckpt_<step>.pt at every checkpoint")
-    a("--num-workers", type=int, default=2, help="data-loading processes per rank")
+    a("--num-workers", type=int, default=2,
+      help="data-loading processes per rank (0: load in the training process)")
     a("--seed", type=int, default=0,
       help="global seed; rank r seeds its dropout with seed * world + r")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
     add_stage_flags(a)
+    add_clip_flags(p)
     return p.parse_args(argv)
 
 
@@ -345,13 +415,14 @@ def add_stage_flags(a):
     """Flags of one stage only. Their argparse default is None, so that "given" shows and another
     stage's run can refuse them; resolve_recipe fills in the defaults these help texts name."""
     vq = VQStage.flags
-    a("--dropout", type=float, default=None, help="GPT: token/residual/FFN dropout (default 0.1)")
+    a("--dropout", type=float, default=None,
+      help="GPT: token/residual/FFN dropout in [0, 1) (default 0.1)")
     a("--class-dropout", type=float, default=None,
-      help="GPT: probability of the null class, for CFG (default 0.1)")
+      help="GPT: probability in [0, 1) of the null class, for CFG (default 0.1)")
     a("--grad-ckpt", action="store_true", default=None,
       help="GPT: activation checkpointing, recompute each block in the backward pass")
-    a("--image-size", type=int, default=None,
-      help=f"tokenizer: training resolution in pixels (default {vq['image_size']})")
+    a("--image-size", type=int, default=None, help="tokenizer: training resolution in pixels, a "
+      f"multiple of the config's downsampling (16 for VQ-16) (default {vq['image_size']})")
     a("--disc-start", type=int, default=None, help="tokenizer: the first step (counting from 1) "
       f"with the PatchGAN loss (default {vq['disc_start']})")
     a("--disc-weight", type=float, default=None,
@@ -363,6 +434,16 @@ def add_stage_flags(a):
       help="tokenizer: codes in the codebook (default: the config's)")
     a("--entropy-loss-ratio", type=float, default=None, help="tokenizer: weight of the entropy "
       "loss that spreads use over the codebook (default 0, the paper's)")
+
+
+def add_clip_flags(p):
+    """The CLIP stage's flags, in their own group (default None, as add_stage_flags says why)."""
+    g = p.add_argument_group("CLIP (--model CLIP-tiny --data scenes[:N], the built-in captioned "
+                             "world; defaults batch 128, lr 1e-3, weight decay 0.2; a short "
+                             "--warmup-steps, e.g. 20, spares the towers a slow start)")
+    g.add_argument("--with-heldout", action="store_true", default=None,
+                   help="CLIP: also train on the held-out colour-shape pairs (default: never "
+                   "shown, as to the text-to-image GPT)")
 
 
 def refuse_other_stages_flags(args, stage):
@@ -379,13 +460,53 @@ def checkpoint_path(out_dir):
     return os.path.join(out_dir, "ckpt.pt")
 
 
-def checkpoint_to_resume(path, resume):
+def checkpoint_to_resume(path, resume, overwrite, stage, model):
     """The checkpoint --resume continues, or None; never a silent restart over an old run."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
+                        "pass one of them")
     if resume and not os.path.exists(path):
         raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
-    if not resume and os.path.exists(path):
-        raise UserError(f"{path} exists; pass --resume to continue it, or choose another --out-dir")
-    return load_checkpoint(path) if resume else None
+    if not resume and not overwrite and os.path.exists(path):
+        raise UserError(f"{path} exists; pass --resume to continue it or --overwrite to replace "
+                        "it with a new run, or choose another --out-dir")
+    if not resume:
+        return None
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path, stage, model)
+    return ckpt
+
+
+def check_resumable(ckpt, path, stage, model):
+    """What --resume needs: a checkpoint that train.py wrote, of this stage and --model, with the
+    optimizer state and the recipe to continue from. Anything else is named, with the way out."""
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        raise UserError(f"--resume: {path} is a bare state dict (weights only), not a checkpoint "
+                        "of train.py: it has no optimizer state or recipe to continue; sampling "
+                        "can load it, training needs a new --out-dir")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
+        raise UserError(f"--resume: {path} is not a checkpoint of train.py (no recipe under "
+                        "'args'; an official or exported file holds weights only); start a new "
+                        "run in another --out-dir")
+    saved = ckpt["args"].get("model")
+    if ckpt.get("kind") != stage.kind:
+        other = next((s.name for s in STAGES if s.kind == ckpt.get("kind")), ckpt.get("kind"))
+        raise UserError(f"--resume: {path} is a {other} checkpoint (--model {saved}), and --model "
+                        f"{model} trains the {stage.name}: pass --model {saved} or another "
+                        "--out-dir")
+    if saved != model:
+        raise UserError(f"--resume: {path} is a checkpoint of --model {saved}, not {model}: pass "
+                        f"--model {saved} to continue it, or another --out-dir")
+    # the optimizer state: without AdamW's moments a resumed run is not the run continued
+    needed = ["model", "optimizer", "step", "config", "rng"]
+    needed += ["discriminator", "optimizer_disc"] if stage.discriminator is not None else []
+    for key in needed:
+        # an empty AdamW state comes only from a hand-made file: get_state_dict (Trainer.save)
+        # fills in zero moments for every weight, even those that have not stepped yet
+        if key not in ckpt or (key.startswith("optimizer") and not ckpt[key].get("state")):
+            raise UserError(f"--resume: {path} has no {key!r} state (a file of train.py always "
+                            "has); it cannot continue a run: start a new one in another "
+                            "--out-dir")
 
 
 def resolve_recipe(args, stage, out_dir, ckpt, world, device):
@@ -412,20 +533,40 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
         recipe["lr"] = saved.get("lr") or 1e-4 * recipe["batch_size"] / stage.defaults["batch_size"]
     recipe["out_dir"], recipe["precision"] = out_dir, resolve_precision(args.precision, device)[0]
     recipe = argparse.Namespace(**recipe)
-    check_recipe(recipe, world)
+    check_recipe(recipe, world, stage, device)
     return recipe
 
 
-def check_recipe(r, world):
-    """Numbers the loop could not honour, each refused with the flag it came from."""
-    counts = dict(grad_accum=r.grad_accum, log_interval=r.log_interval, val_size=r.val_size,
-                  eval_interval=r.eval_interval, ckpt_interval=r.ckpt_interval,
-                  max_steps=1 if r.max_steps is None else r.max_steps)  # None: --epochs decides
-    for name, value in counts.items():
-        if value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if r.lr <= 0:
-        raise UserError(f"--lr must be positive, got {r.lr}")
+# flag -> (the values it may take, how messages say so). A float must also be finite: a nan
+# compares False with everything and would slip through any range.
+RANGES = {
+    **{k: (lambda v: v >= 1, "at least 1") for k in (
+        "max_steps", "batch_size", "grad_accum", "val_size", "log_interval", "eval_interval",
+        "ckpt_interval", "codebook_size")},
+    **{k: (lambda v: v >= 0, "at least 0") for k in (
+        "warmup_steps", "num_workers", "disc_start", "weight_decay", "grad_clip", "disc_weight",
+        "perceptual_weight", "entropy_loss_ratio")},
+    **{k: (lambda v: v > 0, "> 0") for k in ("epochs", "lr")},
+    **{k: (lambda v: 0 <= v < 1, "in [0, 1)") for k in ("ema", "dropout", "class_dropout")},
+}
+
+
+def check_recipe(r, world, stage=None, device="cpu"):
+    """Numbers the loop could not honour, each refused with the flag it came from and its range."""
+    for name, (ok, rule) in RANGES.items():
+        value = getattr(r, name)  # None: not set (--max-steps: --epochs decides)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value:g}")
+    if stage is VQStage:  # the encoder halves the image len(ch_mult) - 1 times, to whole codes
+        down = vq_config(r.model).downsample
+        if r.image_size < down or r.image_size % down:
+            near = sorted({max(1, r.image_size // down) * down, -(-r.image_size // down) * down})
+            raise UserError(f"--image-size {r.image_size} is not a multiple of {r.model}'s "
+                            f"downsampling factor {down}: use {' or '.join(map(str, near))}")
+    # without CUDA, torch's GradScaler turns itself off: fp16 gradients would underflow unscaled
+    if r.precision == "fp16" and not str(device).startswith("cuda"):
+        raise UserError(f"--precision fp16 needs a CUDA GPU, where its loss scaling runs; on "
+                        f"{device} use --precision fp32 or bf16")
     # each rank's micro-batch holds batch / (world x accum) items: the split must be even, or
     # the ranks' items would weigh differently in the averaged gradient
     if r.batch_size % (world * r.grad_accum):
@@ -452,15 +593,20 @@ def lr_at(step, r, total):
 # ----------------------------------------------------------------------------------------------
 # The trainer: the stage's networks on this rank, made ready to train
 
-def setup_distributed(device_name):
+def world_size():
     """torchrun sets RANK and WORLD_SIZE (and LOCAL_RANK, the GPU that setup_device picks); a plain
     `python train.py` is a world of one."""
-    device = setup_device(device_name)
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
+def setup_distributed(device):
+    """This process's rank, once it has joined the others (after every flag is checked, so that bad
+    input stops each rank alike, before any of them waits for the rest)."""
     if "RANK" not in os.environ:
-        return 0, 1, device
+        return 0
     # NCCL between GPUs; gloo between CPU processes (the tests run two ranks on one CPU)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+    return int(os.environ["RANK"])
 
 
 def configure_optimizers(module, weight_decay, learning_rate, betas, device_type):
@@ -563,6 +709,12 @@ class Trainer:
             self.disc = wrap(stage.discriminator, [], recipe.fsdp, self.dtype, device, world)
             self.opt_d = adamw(self.disc)
         self.window = LogWindow()
+        self.saved_step = None  # the step of this run's last checkpoint: None until one is saved
+
+    @property
+    def last_checkpoint(self):
+        """The way back to a good state, once this run has one (restored or saved), else None."""
+        return None if self.saved_step is None else checkpoint_path(self.recipe.out_dir)
 
     @property
     def device_type(self):
@@ -575,16 +727,32 @@ class Trainer:
     def restore(self, ckpt):
         """Continue a checkpoint: weights, optimizer moments, EMA -> the step it stopped at. The
         consolidated tensors go in through set_state_dict, which shards them under FSDP."""
+        path = checkpoint_path(self.recipe.out_dir)
+        # every weight in place, with its shape, before anything loads: a mismatch is named here
+        # rather than deep inside set_state_dict (FSDP's shards report their whole shapes)
+        for net, key in ((self.raw, "model"), (self.stage.discriminator, "discriminator")):
+            if net is not None:
+                check_weights(net, {k.removeprefix("_orig_mod."): v for k, v in ckpt[key].items()},
+                              f"--resume {path}", hint="it was trained with another config "
+                              "(the codes' vocabulary or grid, --codebook-size) than this run's")
+        if self.ema is not None and "ema" not in ckpt:
+            raise UserError(f"--resume: {path} was trained without --ema; drop it, or start a "
+                            "new run with it")
         # AdamW's moments too: without them the first steps after a resume would be far larger
         # than those of the run never stopped (Adam's bias correction restarts from zero)
         full = StateDictOptions(full_state_dict=True)
-        set_state_dict(self.model, self.opt, model_state_dict=ckpt["model"],
-                       optim_state_dict=ckpt["optimizer"], options=full)
-        if self.disc is not None:
-            set_state_dict(self.disc, self.opt_d, model_state_dict=ckpt["discriminator"],
-                           optim_state_dict=ckpt["optimizer_disc"], options=full)
+        try:
+            set_state_dict(self.model, self.opt, model_state_dict=ckpt["model"],
+                           optim_state_dict=ckpt["optimizer"], options=full)
+            if self.disc is not None:
+                set_state_dict(self.disc, self.opt_d, model_state_dict=ckpt["discriminator"],
+                               optim_state_dict=ckpt["optimizer_disc"], options=full)
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. moments missing for a weight
+            raise UserError(f"--resume: the optimizer state in {path} does not fit the model "
+                            f"({first_line(e)}); start a new run in another --out-dir") from None
         if self.ema is not None:
             self.ema = [ckpt["ema"][n].to(self.device) for n in self.names]
+        self.saved_step = ckpt["step"]
         return ckpt["step"]
 
     def seed_dropout(self, ckpt, step):
@@ -714,17 +882,107 @@ class Trainer:
             save_atomic(state, checkpoint_path(r.out_dir))
             if r.keep_ckpts:
                 save_atomic(state, os.path.join(r.out_dir, f"ckpt_{step:07d}.pt"))
+        self.saved_step = step
 
 
 # ----------------------------------------------------------------------------------------------
 
+def last_step(recipe, stage, step):
+    """The step the run ends at: --max-steps, or --epochs over the training split. A resumed run
+    must have steps left, or it would end at once without a word."""
+    total = recipe.max_steps or math.ceil(recipe.epochs * len(stage.train_set) / recipe.batch_size)
+    if step >= total:
+        raise UserError(f"--resume: the checkpoint is at step {step}, and the run ends at step "
+                        f"{total}: raise --max-steps or --epochs to train on")
+    return total
+
+
 def stop_if_diverged(rec, fp16, ckpt_path):
-    """A non-finite loss, or (bf16, fp32) grad norm, ends the run with the way back. Under fp16 an
+    """A non-finite loss, or (bf16, fp32) grad norm, ends the run with the way back: the last
+    checkpoint of this run (`ckpt_path`), or None when it has saved none yet. Under fp16 an
     infinite norm is the scaler's overflow, a skipped step, not a diverged model."""
     if not math.isfinite(rec["loss"]) or not (fp16 or math.isfinite(rec["grad_norm"])):
+        back = (f"the last good checkpoint is {ckpt_path}. Lower --lr, or use --precision "
+                "bf16/fp32, then --resume") if ckpt_path else (
+                "no checkpoint was saved yet. Lower --lr, or use --precision bf16/fp32, and start "
+                "again")
         raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step {rec['step']}; "
-                        f"the last good checkpoint is {ckpt_path}. Lower --lr, or use --precision "
-                        "bf16/fp32, then --resume")
+                        + back)
+
+
+class RunLog:
+    """log.jsonl (rank 0 writes it): one JSON line per log step, always in step with ckpt.pt. A
+    resumed run first drops the lines after its checkpoint's step (logged by a run killed before
+    its next save), so no step is listed twice; a fresh run starts it empty. A run that replaces
+    another (--overwrite) writes log.jsonl.new until its first checkpoint, which the new log then
+    follows into place; the old run's ckpt_<step>.pt files go then too."""
+
+    def __init__(self, out_dir, step, replacing):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, "log.jsonl")
+        self.pending = self.path + ".new" if replacing else None
+        kept = []
+        if step and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line)["step"] <= step:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                        pass
+        # the kept lines, written whole or not at all (this also makes the folder)
+        save_atomic(lambda f: f.write("".join(kept).encode()), self.pending or self.path)
+        if not replacing and os.path.exists(self.path + ".new"):
+            os.remove(self.path + ".new")  # left by an --overwrite run that never saved
+        self.file = open(self.pending or self.path, "a")
+
+    def write(self, text):
+        try:
+            self.file.write(text)
+            self.file.flush()
+        except OSError as e:  # a full disk: one line; the checkpoint and the lines before stay
+            raise UserError(os_error_line(e, self.file.name)) from None
+
+    def flush(self):
+        pass  # write flushes every line
+
+    def checkpointed(self, step):
+        """After each save: the first one of a replacing run retires the old run's files."""
+        if self.pending:
+            os.replace(self.pending, self.path)  # the open file follows: appends go on into it
+            self.pending = None
+            for old in os.listdir(self.out_dir):
+                if old.startswith("ckpt_") and old.endswith(".pt") and old != f"ckpt_{step:07d}.pt":
+                    os.remove(os.path.join(self.out_dir, old))
+
+    def close(self):
+        self.file.close()
+
+
+class CtrlC:
+    """The first Ctrl-C (SIGINT) only asks the loop to stop: it does so at a step boundary, with a
+    checkpoint that --resume continues exactly. A second one interrupts at once, as usual."""
+
+    def __enter__(self):
+        self.asked, self.before = False, None
+        if threading.current_thread() is threading.main_thread():  # signals reach only main's
+            self.before = signal.signal(signal.SIGINT, self.ask)
+        return self
+
+    def ask(self, signum, frame):
+        self.asked = True
+        signal.signal(signal.SIGINT, self.before)  # the next Ctrl-C: KeyboardInterrupt
+
+    def agreed(self, world, device):
+        """Whether any rank was asked: all of them then save the same step together."""
+        if world == 1:
+            return self.asked
+        flag = torch.tensor([float(self.asked)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            signal.signal(signal.SIGINT, self.before)
 
 
 def write_log_line(rec, log, bar, val_label):
@@ -737,15 +995,27 @@ def write_log_line(rec, log, bar, val_label):
 
 
 def train(trainer, batches, step, total):
-    """The loop: steps until `total`; every --log-interval steps (and before validation and every
-    checkpoint) a log line; validation every --eval-interval, a checkpoint every --ckpt-interval."""
-    stage, recipe, world, master = trainer.stage, trainer.recipe, trainer.world, trainer.rank == 0
-    if master:
-        os.makedirs(recipe.out_dir, exist_ok=True)
-    log = open(os.path.join(recipe.out_dir, "log.jsonl"), "a") if master else None
+    """The loop with what surrounds it: rank 0's log, the progress bar, the way out of Ctrl-C."""
+    recipe, master = trainer.recipe, trainer.rank == 0
+    # --overwrite: the old run stays whole until the new one has a checkpoint of its own
+    replacing = recipe.overwrite and os.path.exists(checkpoint_path(recipe.out_dir))
+    log = RunLog(recipe.out_dir, step, replacing) if master else None
     # a redirected stderr gets no bar: its redraws would fill a log file with carriage returns
     bar = tqdm(total=total, initial=step, disable=not master or not sys.stderr.isatty(),
                dynamic_ncols=True, desc=recipe.model)
+    try:
+        with CtrlC() as ctrl_c:
+            loop(trainer, batches, step, total, log, bar, ctrl_c)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+
+def loop(trainer, batches, step, total, log, bar, ctrl_c):
+    """Steps until `total`; every --log-interval steps (and before validation and every
+    checkpoint) a log line; validation every --eval-interval, a checkpoint every --ckpt-interval."""
+    stage, recipe, world, master = trainer.stage, trainer.recipe, trainer.world, trainer.rank == 0
     trainer.model.train()  # dropout and the null class on; validate turns them off and back on
     t0, logged = time.perf_counter(), step  # time and step of the last log line
     # `step` counts the optimizer steps taken: the checkpoint at step s holds the weights after s
@@ -758,23 +1028,32 @@ def train(trainer, batches, step, total):
         # the last step always validates and saves: a run ends with its figure and its weights
         validating = step % recipe.eval_interval == 0 or step == total
         saving = step % recipe.ckpt_interval == 0 or step == total
-        if not (step % recipe.log_interval == 0 or validating or saving):
+        # Ctrl-C stops at a step boundary with a checkpoint: one process at once, torchrun's
+        # ranks at the next log line, where they meet anyway and can agree on the step
+        stopping = ctrl_c.asked and world == 1
+        if not (step % recipe.log_interval == 0 or validating or saving or stopping):
             continue
         # a log line, with its finiteness check, before every checkpoint: a diverged run never
         # overwrites the last good one
         rec = dict(step=step, **trainer.window.read(world), lr=lr)
-        stop_if_diverged(rec, trainer.scaler.is_enabled(), checkpoint_path(recipe.out_dir))
+        stop_if_diverged(rec, trainer.scaler.is_enabled(), trainer.last_checkpoint)
         rec[f"{stage.unit}/s"] = (recipe.batch_size * stage.units_per_item * (step - logged)
                                   / (time.perf_counter() - t0))
         mfu = stage.mfu(rec[f"{stage.unit}/s"] / world, trainer.device)
         if mfu is not None:
             rec["mfu"] = mfu
+        stopping = ctrl_c.agreed(world, trainer.device)
         if validating:
             rec["val"] = trainer.validate()
         if master:
             write_log_line(rec, log, bar, stage.val_label if validating else None)
-        if saving:
+        if saving or stopping:
             trainer.save(step)
+            if master:
+                log.checkpointed(step)
+        if stopping:
+            raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to "
+                                    f"{trainer.last_checkpoint}, resume with --resume")
         t0, logged = time.perf_counter(), step  # throughput leaves out validation and saving
     bar.close()
     if log:
@@ -785,17 +1064,19 @@ def main(argv=None):
     args = get_args(argv)
     Stage = stage_for(args.model)
     refuse_other_stages_flags(args, Stage)
-    rank, world, device = setup_distributed(args.device)
+    device, world = setup_device(args.device), world_size()
     out_dir = args.out_dir or os.path.join("runs", args.model)
-    ckpt = checkpoint_to_resume(checkpoint_path(out_dir), args.resume)
+    ckpt = checkpoint_to_resume(checkpoint_path(out_dir), args.resume, args.overwrite, Stage,
+                                args.model)
     recipe = resolve_recipe(args, Stage, out_dir, ckpt, world, device)
+    rank = setup_distributed(device)
 
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank: FSDP broadcasts none
     stage = Stage(recipe, ckpt)
     trainer = Trainer(stage, recipe, device, rank, world)
     step = trainer.restore(ckpt) if ckpt else 0  # a resumed run overwrites the fresh weights
     trainer.seed_dropout(ckpt, step)  # after every initialisation: from here on, only dropout draws
-    total = recipe.max_steps or math.ceil(recipe.epochs * len(stage.train_set) / recipe.batch_size)
+    total = last_step(recipe, stage, step)
     train(trainer, trainer.batches(step), step, total)
     if world > 1:
         dist.barrier()

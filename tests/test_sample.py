@@ -139,7 +139,7 @@ def test_progress_gif_reveals_the_raster_and_ends_on_the_picture(ck, tmp_path):
             assert np.abs(cells[t:].astype(int) - 128).max() <= 2
             assert np.abs(cells[:t].astype(int) - 128).max() > 2
     sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "3", "--per-class", "1", "--out", str(png),
-                 "--progress", str(gif), "--progress-frames", "100"])
+                 "--progress", str(gif), "--progress-frames", "100", "--overwrite"])
     assert Image.open(gif).n_frames == GRID ** 2  # at most one frame per token
 
 
