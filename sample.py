@@ -41,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import clip
+import data
 from common import (UserError, cli, load_checkpoint, load_weights, resolve_precision, save_atomic,
                     say, setup_device, unwrap_state_dict)
 from data import (CodesReceipt, check_image_size, from_uint8, make_grid, save_grid,
@@ -737,8 +738,9 @@ def joint_text_encoder(gpt_path, info, device, dtype):
 def pretrained_text_encoder(args, gpt, gpt_path, info, device, dtype):
     """--t5 FOLDER, checked against what the GPT reads: the width always, and for ours the
     encoder receipt its training features carried."""
+    receipt = (info or {}).get("receipt") or {}
     if args.t5 is None:
-        name = info.get("receipt", {}).get("name") if info else "google/flan-t5-xl"
+        name = (receipt.get("encoder") or receipt.get("name")) if info else "google/flan-t5-xl"
         raise UserError(f"the GPT {gpt_path} reads the features of a frozen text encoder "
                         f"({name}): pass its folder with --t5")
     encoder = TextEncoder.from_pretrained(args.t5, device, dtype)
@@ -746,8 +748,11 @@ def pretrained_text_encoder(args, gpt, gpt_path, info, device, dtype):
     if width != gpt.config.caption_dim:
         raise UserError(f"--t5 {args.t5} makes {width}-d features, the GPT {gpt_path} reads "
                         f"{gpt.config.caption_dim}-d ones: pass the encoder it was trained on")
-    stamp = (info or {}).get("receipt", {}).get("checksum")
-    if stamp and stamp != tokenizer_checksum(encoder.encoder):
+    # the receipt of `data.py features` checksums the whole encoder (weights, pieces, cleaning)
+    stamp, ours = ((receipt["encoder_checksum"], data.encoder_checksum(encoder))
+                   if "encoder_checksum" in receipt else
+                   (receipt.get("checksum"), tokenizer_checksum(encoder.encoder)))
+    if stamp and stamp != ours:
         raise UserError(f"--t5 {args.t5} is not the text encoder whose features the GPT "
                         f"{gpt_path} learned (weights checksum differs): pass that one")
     return encoder
