@@ -441,6 +441,20 @@ def clean_text(text):
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def merge_pair(parts, first, second):
+    """`parts` with every occurrence of the adjacent pair (first, second) joined, left to right in
+    one pass: the one step of byte-pair encoding, when learning merges and when applying them."""
+    merged, j = [], 0
+    while j < len(parts):
+        if j + 1 < len(parts) and parts[j] == first and parts[j + 1] == second:
+            merged.append(first + second)
+            j += 2
+        else:
+            merged.append(parts[j])
+            j += 1
+    return merged
+
+
 class Tokenizer:
     """text -> CLIP token ids. `encoder` maps BPE symbols to ids, `merges` is the ranked merge
     list."""
@@ -519,16 +533,8 @@ class Tokenizer:
                 return cls.from_merges(merges)
             first, second = min(counts, key=lambda p: (-counts[p], p))
             merges.append((first, second))
-            for w, parts in spelt.items():  # apply it to every word, left to right
-                out, j = [], 0
-                while j < len(parts):
-                    if j + 1 < len(parts) and parts[j] == first and parts[j + 1] == second:
-                        out.append(first + second)
-                        j += 2
-                    else:
-                        out.append(parts[j])
-                        j += 1
-                spelt[w] = out
+            for w, parts in spelt.items():  # apply it to every word
+                spelt[w] = merge_pair(parts, first, second)
 
     def bpe(self, word):
         """One pre-split word (byte symbols) -> ids: start from single symbols, the last one
@@ -542,16 +548,7 @@ class Tokenizer:
             rank, i = min((self.ranks.get(p, math.inf), i) for i, p in enumerate(pairs))
             if rank == math.inf:
                 break
-            first, second = parts[i], parts[i + 1]
-            merged, j = [], 0
-            while j < len(parts):  # every occurrence of this pair, left to right, in one pass
-                if j + 1 < len(parts) and parts[j] == first and parts[j + 1] == second:
-                    merged.append(first + second)
-                    j += 2
-                else:
-                    merged.append(parts[j])
-                    j += 1
-            parts = merged
+            parts = merge_pair(parts, parts[i], parts[i + 1])
         ids = [self.encoder[p] for p in parts]
         if len(self.cache) < 100_000:
             self.cache[word] = ids

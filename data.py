@@ -740,6 +740,23 @@ def _join_parts(out, parts, world, receipt):
 # ------------------------------------------------------------------------------------------------
 # Reading codes back for GPT training
 
+def finished_folder(folder, receipt, holds, kind, command, flags):
+    """The receipt file of a folder that a resumable extraction wrote (codes, caption features),
+    or one line for what is there instead: no folder, a run that did not finish (its parts/ is
+    still there: the same command resumes it), or something else."""
+    fix = f"python data.py {command} {flags} --out {folder}"
+    path = os.path.join(folder, receipt)
+    if not os.path.isdir(folder):
+        label = "codes" if kind == "code" else "features"
+        raise UserError(f"{label} folder {folder!r} does not exist; make it with {fix}")
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(folder, "parts")):
+            raise UserError(f"the {kind} extraction into {folder!r} did not finish; rerun the "
+                            f"same {command} command to resume it")
+        raise UserError(f"{folder!r} holds no {holds} (no {receipt}); make them with {fix}")
+    return path
+
+
 class CodesDataset(torch.utils.data.Dataset):
     """A codes folder for GPT training: item -> (codes int64 [L], label int64), one of the n_aug
     views drawn at random with torch's RNG (so the DataLoader's worker seeding governs it).
@@ -750,19 +767,13 @@ class CodesDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder, vocab_size=None, grid=None, tokenizer_checksum=None):
         folder = str(folder)
-        fix = f"python data.py extract --vq-ckpt TOKENIZER.pt --data DATA --out {folder}"
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isdir(folder):
-            raise UserError(f"codes folder {folder!r} does not exist; make it with {fix}")
-        if not os.path.exists(meta_path):
-            if os.path.isdir(os.path.join(folder, "parts")):
-                raise UserError(f"the code extraction into {folder!r} did not finish; "
-                                "rerun the same extract command to resume it")
-            raise UserError(f"{folder!r} holds no codes (no meta.json); make them with {fix}")
+        meta_path = finished_folder(folder, "meta.json", "codes", "code", "extract",
+                                    "--vq-ckpt TOKENIZER.pt --data DATA")
         self.receipt = receipt = CodesReceipt.from_dict(_read_json(meta_path), meta_path)
         if grid is not None:
             grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
-        redo = f"re-extract the codes with the tokenizer you use ({fix})"
+        redo = ("re-extract the codes with the tokenizer you use (python data.py extract "
+                f"--vq-ckpt TOKENIZER.pt --data DATA --out {folder})")
         for what, want, have in (("vocab size", vocab_size, receipt.vocab_size),
                                  ("token grid", grid, receipt.grid),
                                  ("tokenizer checksum", tokenizer_checksum,
@@ -1375,16 +1386,8 @@ class CaptionFeatures(torch.utils.data.Dataset):
 
     def __init__(self, folder):
         folder = str(folder)
-        fix = f"python data.py features --data CODES_OR_CAPTIONS --t5 T5_FOLDER --out {folder}"
-        path = os.path.join(folder, "features.json")
-        if not os.path.isdir(folder):
-            raise UserError(f"features folder {folder!r} does not exist; make it with {fix}")
-        if not os.path.exists(path):
-            if os.path.isdir(os.path.join(folder, "parts")):
-                raise UserError(f"the feature extraction into {folder!r} did not finish; rerun "
-                                "the same features command to resume it")
-            raise UserError(f"{folder!r} holds no caption features (no features.json); make "
-                            f"them with {fix}")
+        path = finished_folder(folder, "features.json", "caption features", "feature",
+                               "features", "--data CODES_OR_CAPTIONS --t5 T5_FOLDER")
         try:
             with open(path) as f:
                 raw = json.load(f)
