@@ -1594,6 +1594,7 @@ def extract_command(args):
 
 
 def main(argv=None):
+    """preview, extract or features: the three things one does to a dataset before training."""
     args = get_args(argv)
     if args.command == "preview":
         if os.path.exists(args.out) and not args.overwrite:

@@ -139,6 +139,7 @@ def picture_grid(args, gpt, vq, sample_kw):
         # decoding accepts several tokens per call: t may jump past a frame's step. done: the
         # tokens this batch has reported (a fresh list per batch, as the def runs per batch)
         def step(t, codes, shot=shots[-1], done=[0]):
+            """generate's callback: advance the bar, keep a copy of the raster at each frame."""
             bar.update(t - done[0])
             for s in steps:
                 if done[0] < s <= t:
@@ -714,6 +715,8 @@ class PromptCondition:
         self.prompts, self.encoder, self.length = prompts, encoder, length
 
     def __call__(self, indices):
+        """Encoded on each call rather than once: an evaluation set draws many prompts, and only
+        a batch's worth of features need exist at a time."""
         texts = [self.prompts[int(i)] for i in indices]
         features, mask = self.encoder.encode_captions(texts, self.length)
         features, mask = left_pad_caption(features.float(), mask)
@@ -947,6 +950,10 @@ def check_args(args):
 
 @torch.no_grad()  # sampling only: no autograd graph (and none left switched off for the caller)
 def main(argv=None):
+    """Check every flag, then load, then draw: a bad flag or an unwritable --out is reported before
+    the first token, so that a mistake never costs a sampling run. Three outputs: a PNG grid of
+    classes or prompts (picture_grid), or with --num-samples the evaluation .npz that fid.py reads
+    (evaluation_npz, sharded over torchrun ranks and resumable by its parts)."""
     args = get_args(argv)
     # torchrun sets RANK and WORLD_SIZE; a plain `python sample.py` is rank 0 of 1
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

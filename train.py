@@ -575,6 +575,9 @@ def stage_for(model, text=None):
 # The recipe: flags, resolved once into the namespace the whole run reads (and the checkpoint saves)
 
 def get_args(argv=None):
+    """The command line. Flags shared by every stage come first; each stage's own flags are in
+    their own group and default to None, so that resolve_recipe can tell "not given" (take the
+    stage's default, or the resumed checkpoint's value) from a value typed on purpose."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -1309,6 +1312,7 @@ def loop(trainer, batches, step, total, log, bar, ctrl_c):
 
 
 def main(argv=None):
+    """The four steps of the module docstring: recipe, stage, trainer, loop."""
     args = get_args(argv)
     Stage = stage_for(args.model, args.text)
     refuse_other_stages_flags(args, Stage)
