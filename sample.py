@@ -849,8 +849,9 @@ def get_args(argv=None):
     a = p.add_argument
     a("--per-class", type=int, default=None,
       help="pictures per class, one row each (default: 4); not with --num-samples")
-    a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png), or the "
-      ".npz with --num-samples (default: samples/samples<N>.npz); an existing file is never "
+    a("--out", default=None, help="PNG grid to write (default: samples/class<ids>.png, or "
+      "samples/prompts.png), or the .npz with --num-samples (default: samples/samples<N>.npz); "
+      "an existing file is never "
       "replaced without --overwrite (an unfinished .npz run resumes instead)")
     a("--overwrite", action="store_true",
       help="replace an existing --out (and --progress GIF) instead of refusing")
@@ -982,6 +983,7 @@ def main(argv=None):
                         f"classes; pick ids 0..{n_classes - 1}")
     if args.out is None:
         args.out = (f"samples/samples{args.num_samples}.npz" if args.num_samples else
+                    "samples/prompts.png" if condition else
                     "samples/class" + "-".join(map(str, args.classes)) + ".png")
     setup_reranker(args, gpt)
     for flag, path in (("--out", args.out), ("--progress", args.progress)):
