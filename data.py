@@ -636,17 +636,23 @@ def _finished(out, receipt, rank):
     return True
 
 
-def _rows_done(out, parts, progress_path, world, receipt):
-    """How many rows of this rank's shard an earlier, interrupted run of the same command wrote.
-    The shards' boundaries depend on the number of processes, so a run with another number cannot
-    continue these parts: it is refused rather than left to write overlapping rows."""
+def refuse_other_world(out, parts, world, what, fix):
+    """One line if `parts` holds the progress files of a run with another number of processes:
+    the shards' boundaries depend on it, so such parts cannot be continued."""
     if os.path.isdir(parts):
         stale = [f for f in os.listdir(parts)
                  if f.startswith("progress-") and not f.endswith(f"-of-{world}.json")]
         if stale:
-            raise UserError(f"{out} holds an unfinished extraction run with another number of "
-                            f"processes ({stale[0]}); resume it with that many, or pass "
-                            "--overwrite to start over")
+            raise UserError(f"{out} holds an unfinished {what} run with another number of "
+                            f"processes ({stale[0]}); resume it with that many, or {fix} to start "
+                            "over")
+
+
+def _rows_done(out, parts, progress_path, world, receipt):
+    """How many rows of this rank's shard an earlier, interrupted run of the same command wrote.
+    The shards' boundaries depend on the number of processes, so a run with another number cannot
+    continue these parts: it is refused rather than left to write overlapping rows."""
+    refuse_other_world(out, parts, world, "extraction", "pass --overwrite")
     if not os.path.exists(progress_path):
         return 0
     progress = _read_json(progress_path)
@@ -1325,13 +1331,7 @@ def _features_finished(out, receipt, rank):
 def _features_done(out, parts, progress_path, world, receipt, batch_size):
     """(captions, tokens) of this rank's share that an interrupted run of the same command wrote.
     Shards depend on the number of processes and the batch size, so both must stay the same."""
-    if os.path.isdir(parts):
-        stale = [f for f in os.listdir(parts)
-                 if f.startswith("progress-") and not f.endswith(f"-of-{world}.json")]
-        if stale:
-            raise UserError(f"{out} holds an unfinished feature extraction run with another number "
-                            f"of processes ({stale[0]}); resume it with that many, or delete "
-                            f"{parts} to start over")
+    refuse_other_world(out, parts, world, "feature extraction", f"delete {parts}")
     if not os.path.exists(progress_path):
         return 0, 0
     with open(progress_path) as f:
