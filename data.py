@@ -985,8 +985,9 @@ def caption_folder(root, image_size, augment="center", flip=False):
 
 def coco_captions(annotations, images_dir, image_size, augment="center", flip=False):
     """A COCO captions file (captions_train2017.json: "images" [{id, file_name}], "annotations"
-    [{image_id, caption}]): one item per image, in the file's order of "images", with the first
-    of its captions in the file (COCO has five per image; LlamaGen's t2i data has one per image).
+    [{image_id, caption}]): one item per image, in the file's order of "images", with the list
+    of its captions in the file's order (COCO has five per image; joint training draws one per
+    access, frozen features take the first: LlamaGen's t2i data has one caption per image).
     Images with no caption are left out, counted in `.uncaptioned`."""
     annotations = os.path.abspath(os.path.expanduser(annotations))
     images_dir = os.path.abspath(os.path.expanduser(images_dir))
@@ -996,11 +997,11 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
         with open(annotations, encoding="utf-8") as f:
             raw = json.load(f)
         names = {im["id"]: im["file_name"] for im in raw["images"]}  # in the file's order
-        first = {}
+        every = {}
         for a in raw["annotations"]:
             if not isinstance(a["caption"], str):
                 raise TypeError("caption")
-            first.setdefault(a["image_id"], " ".join(a["caption"].split()))
+            every.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
     except FileNotFoundError:
         raise UserError(f"COCO annotations {annotations!r} do not exist; write "
                         "coco:ANNOTATIONS.json:IMAGES_DIR") from None
@@ -1014,11 +1015,11 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
     if not os.path.isdir(images_dir):
         raise UserError(f"COCO image folder {images_dir!r} does not exist; write "
                         "coco:ANNOTATIONS.json:IMAGES_DIR")
-    samples = [(os.path.join(images_dir, str(name)), first[i]) for i, name in names.items()
-               if i in first]
-    empty = next((i for i, name in names.items() if first.get(i) == ""), None)
+    samples = [(os.path.join(images_dir, str(name)), every[i]) for i, name in names.items()
+               if i in every]
+    empty = next((i for i, name in names.items() if "" in every.get(i, ())), None)
     if empty is not None:
-        raise UserError(f"{annotations}: image {empty} has an empty first caption; fix the file")
+        raise UserError(f"{annotations}: image {empty} has an empty caption; fix the file")
     missing = [path for path, _ in samples if not os.path.isfile(path)]
     if missing:
         raise UserError(f"{missing[0]} (named in {os.path.basename(annotations)}) does not exist"
@@ -1098,7 +1099,8 @@ def write_captions(folder, captions):
 
 
 def read_captions(folder):
-    """(captions in row order, checksum) of a codes folder made from captioned data."""
+    """(captions in row order, checksum) of a codes folder made from captioned data. An entry is
+    a caption, or the list of an image's captions (COCO), of which training draws one per access."""
     path = os.path.join(str(folder), "captions.json")
     if not os.path.isfile(path):
         raise UserError(f"{folder} holds no captions.json: its codes were not extracted from "
@@ -1108,7 +1110,9 @@ def read_captions(folder):
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
         captions = raw["captions"]
-        ok = all(isinstance(c, str) for c in captions) and raw["count"] == len(captions)
+        ok = all(isinstance(c, str) or (isinstance(c, list) and c and
+                                        all(isinstance(s, str) for s in c))
+                 for c in captions) and raw["count"] == len(captions)
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok or captions_checksum(captions) != raw.get("checksum"):
@@ -1199,8 +1203,9 @@ _STORED = {"bfloat16": "<u2", "float16": "<f2"}  # how each is laid out in featu
 
 def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="bfloat16", data="",
                      name="t5"):
-    """Encode `captions` (a list of str, in item order) with `encoder` (a text.TextEncoder, on its
-    device and in its precision) into the features folder `out`; returns its FeaturesReceipt.
+    """Encode `captions` (in item order; an image with several, COCO's, gives its first) with
+    `encoder` (a text.TextEncoder, on its device and in its precision) into the features folder
+    `out`; returns its FeaturesReceipt.
     dtype: the stored format, "bfloat16" or "float16"; data and name: what the receipt says the
     captions and the encoder are.
 
@@ -1236,8 +1241,8 @@ def _extract_features(encoder, captions, out, length, batch_size, dtype, data, n
         raise UserError(f"the caption length N and the batch size must be >= 1, got {length} and "
                         f"{batch_size}")
     captions = list(captions)
-    if not captions or not all(isinstance(c, str) for c in captions):
-        raise UserError("extract_features needs a non-empty list of caption strings")
+    if not captions or not all(isinstance(c, (str, list)) for c in captions):
+        raise UserError("extract_features needs a non-empty list of captions")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     d = encoder.encoder.config.d_model
     receipt = FeaturesReceipt(
@@ -1269,7 +1274,7 @@ def _extract_features(encoder, captions, out, length, batch_size, dtype, data, n
             bar = progress(total=hi - lo, initial=done, unit="caption", desc="features",
                            show=rank == 0)
             for start in range(lo + done, hi, batch_size):
-                texts = captions[start:min(start + batch_size, hi)]
+                texts = first_captions(captions[start:min(start + batch_size, hi)])
                 rows, counts = _encode_valid(encoder, texts, length, dtype, start)
                 rows_file.write(rows)
                 lengths_file.write(counts.astype("<i4").tobytes())
@@ -1453,6 +1458,11 @@ def load_captions(spec):
         return read_captions(spec)[0], os.path.abspath(spec)
     ds = caption_dataset(spec, 32)
     return captions_of(ds), ds.spec
+
+
+def first_captions(captions):
+    """One caption per image for frozen features: an image's first where it has several."""
+    return [c if isinstance(c, str) else c[0] for c in captions]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -361,24 +361,9 @@ class ClipStage(Stage):
 #       short machine-written captions alone.
 
 def caption_texts(folder):
-    """The captions of a codes folder, item by item: each entry a caption or a list of captions
-    (COCO: several per image, one drawn per access). Read from captions.json (a JSON list) beside
-    codes.npy. The one place that knows how captions are stored."""
-    path = os.path.join(str(folder), "captions.json")
-    try:
-        with open(path) as f:
-            texts = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{folder} holds no captions ({path} missing): extract the codes of a "
-                        "captioned dataset, or train a class-conditional GPT without --text") \
-            from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); extract the codes again") from None
-    if not isinstance(texts, list) or not all(
-            isinstance(t, str) or (isinstance(t, list) and t and all(isinstance(s, str) for s in t))
-            for t in texts):
-        raise UserError(f"{path} is not a list of captions (strings, or lists of strings)")
-    return texts
+    """The captions of a codes folder, item by item (data.read_captions: a caption, or a list of
+    them of which one is drawn per access)."""
+    return data.read_captions(folder)[0]
 
 
 def caption_features(folder):

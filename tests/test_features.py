@@ -84,7 +84,7 @@ def test_caption_folder_reads_captions_and_pixels(tmp_path):
     assert data.captions_of(labelled) == data.captions_of(ds)
 
 
-def test_coco_captions_first_caption_per_image(tmp_path):
+def test_coco_captions_every_caption_per_image(tmp_path):
     (tmp_path / "img").mkdir()
     b, a = png(tmp_path / "img" / "b.png", 3, (20, 16)), png(tmp_path / "img" / "a.png", 4)
     png(tmp_path / "img" / "c.png", 5)
@@ -95,10 +95,12 @@ def test_coco_captions_first_caption_per_image(tmp_path):
                            {"image_id": 3, "id": 0, "caption": "a second caption of the cat"}]}
     (tmp_path / "captions.json").write_text(json.dumps(ann))
     ds = data.caption_dataset(f"coco:{tmp_path}/captions.json:{tmp_path}/img", 16)
-    assert ds.captions == ["a dog", "A cat on a mat."] and ds.uncaptioned == 1  # c.png has no caption
+    # in the file's order of images, each with its captions in the file's order; c.png has none
+    assert ds.captions == [["a dog"], ["A cat on a mat.", "a second caption of the cat"]]
+    assert ds.uncaptioned == 1
     x, caption = ds[0]
     # b.png is 20 x 16: the ADM centre crop keeps its central 16 columns
-    assert caption == "a dog" and np.array_equal(pixels(x), b[:, 2:18])
+    assert caption == ["a dog"] and np.array_equal(pixels(x), b[:, 2:18])
     assert np.array_equal(pixels(ds[1][0]), a)
     assert data.captions_of(data.image_dataset(ds.spec, 16)) == ds.captions
 
@@ -301,5 +303,5 @@ def test_features_reader_errors_and_fp16_range(tmp_path):
         data.extract_features(loud, CAPTIONS[:3], tmp_path / "g", dtype="float16")
     data.extract_features(loud, CAPTIONS[:3], tmp_path / "h", dtype="bfloat16")  # bf16: float32's range
     assert CaptionFeatures(tmp_path / "h")[0][0].abs().max() > 65504
-    with pytest.raises(UserError, match="non-empty list of caption strings"):
+    with pytest.raises(UserError, match="non-empty list of captions"):
         data.extract_features(loud, [], tmp_path / "i")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import sample
 import scenes
 import train
@@ -98,8 +99,7 @@ def scene_codes(tokenizer, n, out, seed=0, checksum=None):
         classes=("scene",))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(receipt.to_dict(), f)
-    with open(os.path.join(out, "captions.json"), "w") as f:
-        json.dump(captions, f)
+    data.write_captions(out, captions)
     return str(out)
 
 
@@ -125,7 +125,9 @@ def vq_world(tmp_path_factory):
     import dataclasses
     torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config), "kind": "vq"},
                vq_path)
-    codes = scene_codes(vq, 120, root / "codes", checksum=tokenizer_checksum(vq))
+    # data.py's own extraction, captions.json included: the path a user's codes take
+    codes = str(root / "codes")
+    data.extract_codes(vq, "scenes:120", codes, image_size=32, batch_size=64)
     train_main(train_args(codes, root / "t2i", 2))
     return dict(root=root, vq=str(vq_path), codes=codes, gpt=str(root / "t2i" / "ckpt.pt"))
 
@@ -155,7 +157,7 @@ def test_caption_items_are_right_padded_token_ids(vq_world):
     """An item: codes [64], the caption's ids right-padded to N with </s> last, its mask, valid 1;
     the joint model's forward equals GPT.forward on its own T5's left-padded features."""
     import text
-    captions = json.load(open(os.path.join(vq_world["codes"], "captions.json")))
+    captions = data.read_captions(vq_world["codes"])[0]
     args = train.get_args([str(a) for a in train_args(vq_world["codes"], "/tmp/unused", 1)])
     recipe = train.resolve_recipe(args, train.T2IStage, "/tmp/unused", None, 1, "cpu")
     stage = train.T2IStage(recipe, None)
