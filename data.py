@@ -316,11 +316,14 @@ class ImageFolder(torch.utils.data.Dataset):
 def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     """The dataset behind a --data flag: "synthetic" (10,000 SyntheticShapes), "synthetic:N" (N of
     them, from `seed`), an ImageNet-layout folder ("./synthetic" for a folder of that name; a
-    bare "synthetic" with such a folder present is refused as ambiguous), or a caption spec
-    (caption_dataset) as Captioned (image, 0) items. `augment` and `flip` apply to folders;
+    bare "synthetic" with such a folder present is refused as ambiguous), a caption spec
+    (caption_dataset) as Captioned (image, 0) items, or specs joined by "+" (Joined). `augment` and `flip` apply to folders;
     synthetic images are drawn at the final size, already varied in position, size and rotation (a
     random crop could cut the shape that defines the class out of the picture)."""
     spec = str(spec)
+    if "+" in spec and not os.path.isdir(spec):
+        return Joined([image_dataset(part, image_size, augment, flip, seed)
+                       for part in spec.split("+")])
     if is_caption_spec(spec):  # scenes[:N], coco:..., captions:DIR: label 0 (see Captions below)
         return Captioned(caption_dataset(spec, image_size, augment, flip, seed))
     if spec == "synthetic" or spec.startswith("synthetic:"):
@@ -334,6 +337,20 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
                             "images, e.g. synthetic:5000")
         return SyntheticShapes(int(n), image_size, seed)
     return ImageFolder(spec, image_size, augment, flip)
+
+
+class Joined(torch.utils.data.ConcatDataset):
+    """"A+B": the images of several datasets in one, for a tokenizer that serves them all (the demo
+    trains one VQ on both of its worlds). Labels are dropped (item -> (image, 0)): the datasets'
+    classes mean different things, and a tokenizer reads no labels."""
+    num_classes, classes = 1, ("joined",)
+
+    def __init__(self, parts):
+        super().__init__(parts)
+        self.spec = "+".join(getattr(p, "spec", "?") for p in parts)
+
+    def __getitem__(self, index):
+        return super().__getitem__(index)[0], 0
 
 
 def check_image_size(image_size, downsample, flag="--image-size"):
@@ -674,6 +691,9 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
             dist.barrier()
     side = int(image_size * crop_range) if ten_crop else image_size
     base = image_dataset(data, side, augment="center", flip=False)
+    if isinstance(base, Joined):  # a GPT learns one world's labels or captions at a time
+        raise UserError(f"--data {data!r} joins datasets, which only a tokenizer trains on; "
+                        "extract the codes of each dataset on its own")
     vq = vq.to(device).eval()
     receipt = _receipt(vq, base, data, image_size, ten_crop, crop_range, device)
     if _finished(out, receipt, rank):

@@ -1,19 +1,28 @@
 """The whole LlamaGen pipeline on the embedded dataset, on a laptop CPU in minutes (2 cores):
 
     python demo.py                           # 2 CPU cores: tokenizer, codes, GPT, pictures
-    python demo.py --only c2i                # only the class-conditional half
+    python demo.py --only c2i                # only the class-conditional half (or t2i)
     python demo.py --device cuda --scale 8   # the same story, bigger and longer, on a GPU
+
+Both halves share step 1 and 2:
+
+1. train a small VQ tokenizer on the images of the halves that run (train.py, stage 1): coloured
+   shapes for the class half, captioned scenes for the text half; one codebook serves both worlds
+2. measure it on held-out images: PSNR, SSIM, codebook usage; reconstructions beside the originals
 
 The class-conditional half (c2i, paper 3.1-3.2):
 
-1. train a small VQ tokenizer on images of coloured shapes (train.py, stage 1)
-2. measure it on held-out images: PSNR, SSIM, codebook usage; reconstructions beside the originals
 3. turn every training image into codes (data.py extract)
 4. train a small GPT on those codes (train.py, stage 2)
 5. draw every class at cfg 1 and cfg 4, check the pictures with a simple classifier, animate one
    drawing
 
-The text-conditional half (t2i, paper 3.3) is not there yet: `--only t2i` says so.
+The text-conditional half (t2i, paper 3.3):
+
+6. the codes of the captioned scenes (scenes.py), their captions beside them
+7. train a small GPT and a small T5 encoder together on them (train.py --text t5-nano)
+8. score the compositional benchmark (scenes.py) at cfg 1 and a guided scale, seen and held-out
+   colour-shape pairs apart; a grid of prompts (sample.py --prompt) and the GIF of its drawing
 
 Everything lands in results/demo/ (sample.py then uses these models by default).
 
@@ -29,13 +38,15 @@ import os
 import shutil
 import time
 
+import numpy as np
 import torch
 
 import data
 import fid
 import sample
+import scenes
 import train
-from common import UserError, cli, pick_device
+from common import cli, load_checkpoint, pick_device
 from data import CLASS_NAMES, SyntheticShapes
 from model import GPT
 from tokenizer import VQModel
@@ -84,6 +95,14 @@ def get_args():
                    help="training images of the embedded dataset")
     p.add_argument("--per-class", type=int, default=10,
                    help="samples per class and cfg for the accuracy")
+    p.add_argument("--scenes", type=int, default=6000,
+                   help="training scenes of the captioned world (text half)")
+    p.add_argument("--t2i-steps", type=int, default=1000,
+                   help="text-to-image GPT training steps (x --scale)")
+    p.add_argument("--per-task", type=int, default=20,
+                   help="benchmark prompts per task (6 tasks), one image each per cfg")
+    p.add_argument("--t2i-cfg", type=float, default=3.0,
+                   help="the guided scale of the text half's benchmark and grid")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--only", choices=HALVES, default=None,
                    help="run one half: c2i (class-conditional) or t2i (text-conditional); "
@@ -114,8 +133,9 @@ def train_tokenizer(args, device, spec, shared):
     return VQModel.from_pretrained(os.path.join(out, "vq.pt")).to(device).eval()
 
 
-def measure_tokenizer(args, vq, device, figures):
-    """Step 2: PSNR, SSIM and codebook usage on held-out images, and a PNG of reconstructions."""
+def measure_tokenizer(args, vq, device, figures, halves):
+    """Step 2: PSNR, SSIM and codebook usage on held-out shapes, a PNG of reconstructions; with the
+    text half, the benchmark's checker on reconstructed scenes (what the tokenizer leaves it)."""
     print("== 2. tokenizer on 512 held-out images")
     held = SyntheticShapes(512, args.image_size, seed=args.seed + 1)  # a seed training never saw
     # no rFID: its Inception weights need a download
@@ -129,6 +149,18 @@ def measure_tokenizer(args, vq, device, figures):
     data.save_grid(pairs, os.path.join(args.out, "reconstructions.png"), nrow=8)
     print(f"PSNR {figures['psnr']:.2f} dB, SSIM {figures['ssim']:.3f}, "
           f"codebook usage {100 * figures['codebook_usage']:.1f}% of {vq.config.codebook_size}")
+    if "t2i" in halves:
+        prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed + 1)
+        rng = np.random.default_rng(args.seed + 1)
+        renders = torch.stack([data.from_uint8(scenes.render(
+            scenes.scene_for(p["spec"], args.image_size, rng), args.image_size, rng))
+            for p in prompts]).to(device)
+        with torch.no_grad():
+            recon = sample.decode(vq, vq.encode(renders).flatten(1))
+        res = scenes.score(list(recon), prompts)
+        figures["checker_on_reconstructed_scenes"] = res["overall"]
+        print(f"the benchmark's checker on reconstructed scenes: {100 * res['overall']:.0f}% "
+              "(100% on the renders themselves)")
 
 
 def train_gpt(args, vq, codes_dir, shared, figures):
@@ -208,13 +240,9 @@ def extract(args, vq, device, spec):
     return codes_dir
 
 
-def class_half(args, device, shared, figures, phase):
-    """The class-conditional half: steps 1-5, each timed into figures["minutes_<step>"]."""
-    spec = f"synthetic:{args.images}"
-    vq = train_tokenizer(args, device, spec, shared)
-    phase("tokenizer")
-    measure_tokenizer(args, vq, device, figures)
-    codes_dir = extract(args, vq, device, spec)
+def class_half(args, device, shared, figures, phase, vq):
+    """The class-conditional half: steps 3-5, each timed into figures["minutes_<step>"]."""
+    codes_dir = extract(args, vq, device, f"synthetic:{args.images}")
     phase("codes")
     train_gpt(args, vq, codes_dir, shared, figures)
     phase("gpt")
@@ -222,23 +250,87 @@ def class_half(args, device, shared, figures, phase):
     phase("pictures")
 
 
-def text_half(args, device, shared, figures, phase):
-    """The text-conditional half: not written yet (it needs train.py's caption stage)."""
-    raise UserError("the text-conditional half of the demo (--only t2i) is not there yet; "
-                    "run --only c2i")
+PROMPTS = ["a red circle", "a green square to the left of a blue star", "three yellow triangles",
+           "a large magenta cross at the top left", "a cyan triangle above a red square",
+           "a blue triangle", "a yellow star and a green circle", "a red square"]
+# The last three name pairs held out of training (scenes.HELDOUT_PAIRS: a red square, a blue
+# triangle, a yellow star): the grid shows seen and unseen combinations side by side.
+
+
+def train_t2i(args, codes_dir, shared, figures):
+    """Step 7: the caption-conditional GPT and its small T5, trained together by train.py."""
+    print(f"== 7. GPT-{args.gpt} and T5-nano together on the captioned scenes")
+    run = fresh(os.path.join(args.out, "t2i_run"))
+    # --text t5-nano: no pretrained encoder knows these words, so one is learnt with the GPT (as
+    # DALL-E learns its text embeddings); 16 tokens hold the longest caption of the grammar
+    train.main(["--model", args.gpt, "--data", codes_dir, "--text", "t5-nano", "--caption-len",
+                "16", "--batch-size", "64", "--lr", "2e-3", "--lr-schedule", "cosine",
+                "--warmup-steps", "50", "--dropout", "0",
+                "--max-steps", str(int(args.t2i_steps * args.scale)),
+                "--eval-interval", "250", "--out-dir", run, *shared])
+    shutil.copy(os.path.join(run, "ckpt.pt"), os.path.join(args.out, "t2i_gpt.pt"))
+    with open(os.path.join(run, "log.jsonl")) as f:
+        figures["t2i_val_bits_per_token"] = [json.loads(line) for line in f][-1]["val"] / math.log(2)
+    print(f"validation loss {figures['t2i_val_bits_per_token']:.2f} bits/token")
+
+
+def benchmark(args, vq, device, figures):
+    """Step 8: the compositional benchmark (scenes.py) at cfg 1 and a guided scale: per task,
+    overall, seen and held-out pairs; then sample.py's --prompt command line for the grid and
+    the GIF."""
+    out = args.out
+    print(f"== 8. the compositional benchmark ({args.per_task} prompts per task)")
+    path = os.path.join(out, "t2i_gpt.pt")
+    gpt = GPT.from_pretrained(path).to(device).eval()
+    info = load_checkpoint(path)["meta"]["text"]
+    encoder = sample.joint_text_encoder(path, info, device, torch.float32)
+    prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed)
+    condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder, info["length"])
+    checker = scenes.checker_accuracy(per_task=args.per_task, seed=args.seed)
+    figures["t2i_checker_accuracy_on_renders"] = checker
+    for cfg in (1.0, args.t2i_cfg):
+        gen = torch.Generator(device).manual_seed(args.seed)
+        images = sample.sample_images(gpt, vq, list(range(len(prompts))), cfg_scale=cfg,
+                                      generator=gen, condition=condition)
+        res = scenes.score(list(images), prompts)
+        figures[f"t2i_cfg{cfg:g}"] = res
+        print(f"cfg {cfg:g}: overall {100 * res['overall']:.0f}% (seen pairs "
+              f"{100 * res['seen']['overall']:.0f}%, held-out {100 * res['heldout']['overall']:.0f}"
+              "%); " + ", ".join(f"{t} {100 * res[t]:.0f}%" for t in scenes.TASKS))
+    print("(the checker on true renders: " + ", ".join(
+        f"{t} {100 * checker[t]:.0f}%" for t in scenes.TASKS) + ")")
+    args_ = [a for p in PROMPTS for a in ("--prompt", p)]
+    sample.main([*args_, "--per-prompt", "8", "--cfg-scale", str(args.t2i_cfg),
+                 "--seed", str(args.seed), "--device", device, "--overwrite",
+                 "--progress", os.path.join(out, "t2i_drawing.gif"),
+                 "--out", os.path.join(out, "prompts.png"),
+                 "--gpt-ckpt", path, "--vq-ckpt", os.path.join(out, "t2i_vq.pt")])
+
+
+def text_half(args, device, shared, figures, phase, vq):
+    """The text-conditional half: steps 6-8 on the captioned world, with the shared tokenizer."""
+    spec = f"scenes:{args.scenes}"
+    shutil.copy(os.path.join(args.out, "vq.pt"), os.path.join(args.out, "t2i_vq.pt"))
+    print(f"== 6. codes of {args.scenes} captioned scenes")
+    codes_dir = fresh(os.path.join(args.out, "scene_codes"))
+    data.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
+                       device=device)
+    phase("scene_codes")
+    train_t2i(args, codes_dir, shared, figures)
+    phase("t2i_gpt")
+    benchmark(args, vq, device, figures)
+    phase("benchmark")
 
 
 def main():
     args = get_args()
-    if args.only == "t2i":  # refused before any work: the half does not exist yet
-        text_half(args, None, None, None, None)
     device, out, t_start = pick_device(args.device), args.out, time.time()
     os.makedirs(out, exist_ok=True)
     # figures collects every number printed, and the machine they were measured on, for
     # summary.json: timings differ between machines, the rest must not
     figures = dict(machine=torch.cuda.get_device_name(device) if device.startswith("cuda")
                    else f"{device}, {os.cpu_count()} CPU cores")
-    # flags both training runs share: no DataLoader workers (a 2-core machine gains nothing from
+    # flags every training run shares: no DataLoader workers (a 2-core machine gains nothing from
     # them), one seed, and 256 held-out items for the validation loss
     shared = ["--device", device, "--num-workers", "0", "--seed", str(args.seed),
               "--val-size", "256"]
@@ -247,14 +339,25 @@ def main():
         figures[f"minutes_{name}"] = (time.time() - t_start) / 60 - sum(
             v for k, v in figures.items() if k.startswith("minutes_"))
 
-    class_half(args, device, shared, figures, phase)
-    if args.only is None:
-        print("\n(the text-conditional half is not there yet: only the class half ran)")
+    halves = HALVES if args.only is None else (args.only,)
+    # one tokenizer for the worlds of the halves that run: both are bright shapes on the same
+    # dark backgrounds, so one codebook serves them
+    worlds = {"c2i": f"synthetic:{args.images}", "t2i": f"scenes:{args.scenes}"}
+    vq = train_tokenizer(args, device, "+".join(worlds[h] for h in halves), shared)
+    phase("tokenizer")
+    measure_tokenizer(args, vq, device, figures, halves)
+    if "c2i" in halves:
+        class_half(args, device, shared, figures, phase, vq)
+    if "t2i" in halves:
+        text_half(args, device, shared, figures, phase, vq)
     figures["minutes"] = (time.time() - t_start) / 60
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(figures, f, indent=1)
     print(f"\n== done in {figures['minutes']:.1f} min; pictures and summary.json in {out}/")
-    print("rows of samples_cfg*.png, top to bottom: " + ", ".join(CLASS_NAMES))
+    if "c2i" in halves:
+        print("rows of samples_cfg*.png, top to bottom: " + ", ".join(CLASS_NAMES))
+    if "t2i" in halves:
+        print("rows of prompts.png, top to bottom: " + "; ".join(PROMPTS))
 
 
 if __name__ == "__main__":
