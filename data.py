@@ -323,7 +323,7 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     spec = str(spec)
     if "+" in spec and not os.path.isdir(spec):
         return Joined([image_dataset(part, image_size, augment, flip, seed)
-                       for part in spec.split("+")])
+                       for part in spec.split("+")], spec)
     if is_caption_spec(spec):  # scenes[:N], coco:..., captions:DIR: label 0 (see Captions below)
         return Captioned(caption_dataset(spec, image_size, augment, flip, seed))
     if spec == "synthetic" or spec.startswith("synthetic:"):
@@ -345,9 +345,9 @@ class Joined(torch.utils.data.ConcatDataset):
     classes mean different things, and a tokenizer reads no labels."""
     num_classes, classes = 1, ("joined",)
 
-    def __init__(self, parts):
+    def __init__(self, parts, spec):
         super().__init__(parts)
-        self.spec = "+".join(getattr(p, "spec", "?") for p in parts)
+        self.spec = spec
 
     def __getitem__(self, index):
         return super().__getitem__(index)[0], 0

@@ -305,3 +305,16 @@ def test_features_reader_errors_and_fp16_range(tmp_path):
     assert CaptionFeatures(tmp_path / "h")[0][0].abs().max() > 65504
     with pytest.raises(UserError, match="non-empty list of captions"):
         data.extract_features(loud, [], tmp_path / "i")
+
+
+def test_joined_specs_train_a_tokenizer_but_extract_nothing(tmp_path):
+    """"A+B" is the items of A then B, labels dropped (a tokenizer reads none); extract refuses it,
+    since codes carry one world's labels or captions."""
+    joined = data.image_dataset("synthetic:3+scenes:2", 32)
+    shapes, scenes_ = data.image_dataset("synthetic:3", 32), data.image_dataset("scenes:2", 32)
+    assert len(joined) == 5 and joined.spec == "synthetic:3+scenes:2"
+    for i, (x, y) in enumerate([joined[k] for k in range(5)]):
+        ref = shapes[i][0] if i < 3 else scenes_[i - 3][0]
+        assert y == 0 and torch.equal(x, ref)
+    with pytest.raises(UserError, match="only a tokenizer trains on"):
+        data.extract_codes(None, "synthetic:3+scenes:2", tmp_path / "c", image_size=32)
