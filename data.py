@@ -317,9 +317,10 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     """The dataset behind a --data flag: "synthetic" (10,000 SyntheticShapes), "synthetic:N" (N of
     them, from `seed`), an ImageNet-layout folder ("./synthetic" for a folder of that name; a
     bare "synthetic" with such a folder present is refused as ambiguous), a caption spec
-    (caption_dataset) as Captioned (image, 0) items, or specs joined by "+" (Joined). `augment` and `flip` apply to folders;
-    synthetic images are drawn at the final size, already varied in position, size and rotation (a
-    random crop could cut the shape that defines the class out of the picture)."""
+    (caption_dataset) as Captioned (image, 0) items, or specs joined by "+" (Joined). `augment`
+    and `flip` apply to folders; synthetic images are drawn at the final size, already varied in
+    position, size and rotation (a random crop could cut the shape that defines the class out of
+    the picture)."""
     spec = str(spec)
     if "+" in spec and not os.path.isdir(spec):
         return Joined([image_dataset(part, image_size, augment, flip, seed)

@@ -270,7 +270,8 @@ def train_t2i(args, codes_dir, shared, figures):
                 "--eval-interval", "250", "--out-dir", run, *shared])
     shutil.copy(os.path.join(run, "ckpt.pt"), os.path.join(args.out, "t2i_gpt.pt"))
     with open(os.path.join(run, "log.jsonl")) as f:
-        figures["t2i_val_bits_per_token"] = [json.loads(line) for line in f][-1]["val"] / math.log(2)
+        val_nats = [json.loads(line) for line in f][-1]["val"]
+    figures["t2i_val_bits_per_token"] = val_nats / math.log(2)
     print(f"validation loss {figures['t2i_val_bits_per_token']:.2f} bits/token")
 
 
