@@ -167,6 +167,7 @@ loss.backward()  # DDP averages the two ranks' gradients, as in training
 if rank == 0:
     torch.save({{"loss": loss.detach(), "grads": {{n: p.grad for n, p in
                                                  model.module.named_parameters()}}}}, {out!r})
+dist.barrier()  # neither rank closes its connections while the other still uses them
 dist.destroy_process_group()
 """
 
