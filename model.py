@@ -798,6 +798,7 @@ PEAK_BF16_FLOPS = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 
 # of their weights would be the 16384-code embedding and output tables, so pair them with a small
 # codebook (the demo's has 512 codes).
 GPT_CONFIGS = {
+    "pico": dict(n_layer=2, n_head=2, dim=64),
     "nano": dict(n_layer=4, n_head=4, dim=128),
     "micro": dict(n_layer=6, n_head=8, dim=256),
     "B": dict(n_layer=12, n_head=12, dim=768),
