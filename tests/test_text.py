@@ -342,10 +342,11 @@ def test_text_encoder_features_and_mask(tmp_path):
     ids = torch.tensor([[3, 4, 5, 6, 7, 3, 8, 1], [5, 1] + [0] * 6])
     with torch.no_grad():
         direct = enc.encoder(ids[:1])
-    torch.testing.assert_close(feats[0, :8], direct[0], atol=1e-6, rtol=0)
+    # to float32 rounding: the matrix library may block a batch of two otherwise than one caption
+    torch.testing.assert_close(feats[0, :8], direct[0], atol=1e-5, rtol=1e-5)
     assert feats[0, 8:].abs().sum() == 0 and feats[1, 2:].abs().sum() == 0
     one_by_one, _ = enc.encode_captions(caps, batch_size=1)
-    torch.testing.assert_close(one_by_one, feats, atol=1e-6, rtol=0)
+    torch.testing.assert_close(one_by_one, feats, atol=1e-5, rtol=1e-5)
     bf = TextEncoder.from_pretrained(str(folder), device="cpu", dtype=torch.bfloat16)
     f16, m16 = bf.encode_captions(caps, length=16)
     assert f16.dtype == torch.bfloat16 and f16.shape == (2, 16, 32)
