@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from common import (DTYPES, UserError, cli, first_line, is_rank0, os_error_line, progress,
                     save_atomic, setup_device, weights_checksum)
@@ -718,7 +717,7 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
         loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers,
                                              pin_memory=str(device).startswith("cuda"))
         # the loader covers only the rows still missing, so a resumed run encodes nothing twice
-        bar = tqdm(total=hi - lo, initial=done, unit="img", desc="codes", disable=rank != 0)
+        bar = progress(total=hi - lo, initial=done, unit="img", desc="codes", show=rank == 0)
         for views, y in loader:
             with torch.no_grad():  # fp32: under bf16 a near-tie between two codes could flip
                 batch = vq.encode(views.flatten(0, 1).to(device, non_blocking=True))

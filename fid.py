@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import clip
 from common import (UserError, cli, download, first_line, load_checkpoint, load_weights,
                     pick_device, save_atomic, say, unwrap_state_dict)
+from common import progress as progress_bar  # batch_features' `progress` is its on/off flag
 from data import (IMAGE_EXTENSIONS, UNREADABLE, check_image_size, from_uint8, image_dataset,
                   read_image, to_uint8)
 from tokenizer import VQModel, codebook_usage_of, psnr, ssim
@@ -388,7 +388,7 @@ def batch_features(net, count, batches, device="cpu", progress=True):
     Features go to the CPU as numpy after each batch, so 50k images never sit on the GPU."""
     net = net.to(device).eval()
     out = {"pool": [], "logits": [], "spatial": []}
-    bar = tqdm(total=count, unit="img", desc="Inception features", disable=not progress)
+    bar = progress_bar(total=count, unit="img", desc="Inception features", show=progress)
     # cuDNN would run these fp32 convolutions in TF32 on recent GPUs; the references are full fp32
     with bar, torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for batch in batches:
@@ -515,7 +515,7 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
     psnrs, ssims, used = [], [], []
 
     def pairs():  # per batch: (originals, reconstructions) as uint8, the images rFID compares
-        for x, _ in tqdm(loader, desc="reconstructions", unit="batch", disable=net is not None):
+        for x, _ in progress_bar(loader, desc="reconstructions", unit="batch", show=net is None):
             x = x.to(device)
             codes = vq.encode(x)
             recon = to_uint8(vq.decode(codes), resize_to)
@@ -876,7 +876,7 @@ def report_clip_score(args):
     prefix = clip.PHOTO_DEPICTS if args.clip_prefix is None else args.clip_prefix
     # uint8 batches are the samples' own pixels; a folder of mixed sizes arrives as floats in [0, 1]
     floats = (from_uint8(b) if isinstance(b, np.ndarray) else b * 2 - 1 for b in batches)
-    got = clip.clip_score(model, tqdm(floats, desc="CLIP", total=None), captions, tokenizer,
+    got = clip.clip_score(model, progress_bar(floats, desc="CLIP"), captions, tokenizer,
                           prefix)
     print(f"CLIP score ({got['count']} images, prefix {prefix!r}, {args.clip_score}):\n"
           f"  mean cosine x 100 (LlamaGen, GigaGAN): {got['clip_score']:.4f}\n"

@@ -38,12 +38,11 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import clip
 import data
-from common import (UserError, cli, load_checkpoint, load_weights, resolve_precision, save_atomic,
-                    say, setup_device, unwrap_state_dict)
+from common import (UserError, cli, load_checkpoint, load_weights, progress, resolve_precision,
+                    save_atomic, say, setup_device, unwrap_state_dict)
 from data import (CodesReceipt, check_image_size, from_uint8, make_grid, save_grid,
                   to_uint8)
 from model import GPT, left_pad_caption
@@ -130,7 +129,7 @@ def picture_grid(args, gpt, vq, sample_kw):
     images, shots, t0 = [], [], time.perf_counter()
     # one bar step = one more token in every image of the batch
     n_batches = math.ceil(len(labels) / args.batch_size)
-    bar = tqdm(total=n_batches * length, desc="drawing", unit="step", dynamic_ncols=True)
+    bar = progress(total=n_batches * length, desc="drawing", unit="step")
     for b in range(0, len(labels), args.batch_size):
         shots.append({})
 
@@ -264,7 +263,7 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     if rank == 0 and done:
         print(f"resuming: {len(done)} of {n_batches} batches already in {parts}")
     t0, made = time.perf_counter(), 0
-    for b in tqdm(todo, disable=rank != 0, desc="sampling", unit="batch", dynamic_ncols=True):
+    for b in progress(todo, show=rank == 0, desc="sampling", unit="batch"):
         batch_labels = labels[b * bs:(b + 1) * bs]
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b))
         images = draw_best(args, gpt, vq, batch_labels, gen, sample_kw)
@@ -323,7 +322,7 @@ def gather_parts(args, parts, n_batches):
     n, bs = args.num_samples, args.batch_size
     # the image array is allocated once the first part shows the image size (after --resize-to)
     out, out_labels = None, np.empty(n, np.int64)
-    for b in tqdm(range(n_batches), desc="gathering", unit="batch", disable=n_batches < 100):
+    for b in progress(range(n_batches), show=n_batches >= 100, desc="gathering", unit="batch"):
         path = os.path.join(parts, f"{b:06d}.npz")
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing (did a process fail?); rerun the same command to "

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from functools import partial
@@ -33,12 +32,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import clip
 import data
 from common import (DTYPES, UserError, check_weights, cli, first_line, load_checkpoint,
-                    os_error_line, resolve_precision, save_atomic, setup_device)
+                    os_error_line, progress, resolve_precision, save_atomic, setup_device)
 from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 from text import T5_CONFIGS, T5Encoder, UnigramTokenizer, clean_caption, t5_config
@@ -1238,9 +1236,7 @@ def train(trainer, batches, step, total):
     # --overwrite: the old run stays whole until the new one has a checkpoint of its own
     replacing = recipe.overwrite and os.path.exists(checkpoint_path(recipe.out_dir))
     log = RunLog(recipe.out_dir, step, replacing) if master else None
-    # a redirected stderr gets no bar: its redraws would fill a log file with carriage returns
-    bar = tqdm(total=total, initial=step, disable=not master or not sys.stderr.isatty(),
-               dynamic_ncols=True, desc=recipe.model)
+    bar = progress(total=total, initial=step, show=master, desc=recipe.model)
     try:
         with CtrlC() as ctrl_c:
             loop(trainer, batches, step, total, log, bar, ctrl_c)
