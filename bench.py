@@ -465,7 +465,7 @@ def bench_clip(args):
 
 
 def stand_in_generator(success=0.3, image_size=32):
-    """generate(prompts, n, seed) for rerank_sweep until a text-to-image model is at hand: each
+    """generate(prompts, n, seed) for rerank_sweep without a text-to-image model: each
     candidate renders the benchmark prompt's spec with probability `success`, else a near miss of
     it (scenes._wrong_spec), blurred like a ds4 tokenizer's output. The true renders are there to
     be found, as a generator's lucky draws are, so the curve shows the re-ranker, not a model."""
@@ -519,14 +519,46 @@ def rerank_sweep(generate, clip_model, tokenizer, prompts, ns=(1, 2, 4, 8, 16, 3
     return rows
 
 
+def model_generator(gpt_path, vq_path, cfg_scale, device, batch_size=256):
+    """generate(prompts, n, seed) for rerank_sweep from a text-to-image GPT trained with its own
+    T5 (the demo's results/demo/t2i_gpt.pt) and its tokenizer: n candidates per prompt at
+    `cfg_scale`, one generator stream for the run, `batch_size` pictures at a time."""
+    import numpy as np
+
+    import sample
+    from common import load_checkpoint
+    from model import GPT
+    from tokenizer import VQModel
+    info = load_checkpoint(gpt_path).get("meta", {}).get("text", {})
+    if info.get("kind") != "joint":
+        raise UserError(f"{gpt_path}: re-ranking here needs a text-to-image GPT trained with its "
+                        "own T5 (train.py --text t5-nano), as the demo's")
+    gpt = GPT.from_pretrained(gpt_path).to(device).eval()
+    vq = VQModel.from_pretrained(vq_path).to(device).eval()
+    encoder = sample.joint_text_encoder(gpt_path, info, device, torch.float32)
+
+    def generate(prompts, n, seed):
+        condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder,
+                                           info["length"])
+        labels = [i for i in range(len(prompts)) for _ in range(n)]  # prompt-major
+        gen = torch.Generator(device).manual_seed(seed)
+        return np.concatenate([
+            sample.sample_images(gpt, vq, labels[b:b + batch_size], cfg_scale=cfg_scale,
+                                 generator=gen, condition=condition)
+            for b in range(0, len(labels), batch_size)])
+    return generate
+
+
 def bench_rerank(args):
     """Re-ranking on the built-in benchmark: overall and per-task accuracy against N = 1..32
-    candidates with the demo's CLIP (results/demo/clip.pt), and seconds per kept image."""
+    candidates with the demo's CLIP (results/demo/clip.pt), and seconds per kept image; the
+    candidates from the demo's text-to-image GPT (results/demo/t2i_gpt.pt, at its cfg 3) when it
+    is there, else from a stand-in generator."""
     import os
 
     import clip
     import scenes
-    from sample import DEMO_CLIP
+    from sample import DEMO_CLIP, DEMO_T2I_GPT, DEMO_T2I_VQ
     if not os.path.isfile(DEMO_CLIP):
         print(f"skipped: no CLIP at {DEMO_CLIP} (python train.py --model CLIP-tiny --data scenes "
               f"--out-dir runs/clip, then copy runs/clip/ckpt.pt there)")
@@ -534,14 +566,17 @@ def bench_rerank(args):
     model, tokenizer = clip.load(DEMO_CLIP)
     prompts = scenes.benchmark_prompts(2 if args.quick else 50)
     ns = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32)
-    # a text-to-image sampler plugs in as generate(prompts, n, seed); until one is at hand, the
-    # stand-in (and the line below says which one made the figures)
-    print("generator: stand_in_generator (true renders 30% of the time, near misses otherwise)")
+    if os.path.isfile(DEMO_T2I_GPT) and os.path.isfile(DEMO_T2I_VQ):
+        generate = model_generator(DEMO_T2I_GPT, DEMO_T2I_VQ, 3.0, args.device)
+        print(f"generator: {DEMO_T2I_GPT} at cfg 3 (the demo's guided scale)")
+    else:  # the re-ranker alone: true renders are there to be found
+        generate = stand_in_generator()
+        print(f"generator: stand_in_generator (no {DEMO_T2I_GPT}; true renders 30% of the "
+              "time, near misses otherwise)")
     print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")
-    for r in rerank_sweep(stand_in_generator(), model, tokenizer, prompts, ns):
+    for r in rerank_sweep(generate, model, tokenizer, prompts, ns):
         print(f"{r['n']:<3} {r['overall']:7.3f} " + " ".join(f"{r[t]:10.3f}" for t in scenes.TASKS)
               + f"  {r['s_per_kept']:.4f}", flush=True)
-
 
 
 def bench_t2i(args):

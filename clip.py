@@ -519,8 +519,8 @@ class Tokenizer:
         merge r cannot have a rank below r."""
         to_unicode = byte_to_unicode()
         spelt = {}  # every word as its byte symbols, the last one carrying "</w>"
-        for text in words:
-            for word in word_pattern().findall(clean_text(text)):
+        for caption in words:
+            for word in word_pattern().findall(clean_text(caption)):
                 w = "".join(to_unicode[b] for b in word.encode("utf-8"))
                 spelt[w] = [*w[:-1], w[-1] + "</w>"]
         merges = []

@@ -1,14 +1,12 @@
 """The built-in CLIP: its tokenizer, its training stage (negatives gathered across ranks), and what
 uses it: DALL-E's re-ranking in sample.py and the CLIP score in fid.py."""
 import dataclasses
-import math
 import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import clip
 import fid

@@ -20,7 +20,7 @@ from conftest import ENV, ROOT, run_cli
 from data import CodesReceipt
 from model import GPT
 from scenes import COLOURS
-from tokenizer import VQModel, tokenizer_checksum, vq_config
+from tokenizer import VQModel, vq_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -317,6 +317,30 @@ def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
     assert mask[:, -1].all() and not mask[:, 0].any()  # valid tokens last
     assert (feats[~mask] == 0).all() and (feats[mask].abs().sum(-1) > 0).all()
 
+
+
+def test_bench_model_generator_draws_candidates_prompt_major(vq_world):
+    """bench.model_generator, the re-ranking sweep's source of candidates: n per prompt, prompt
+    by prompt, exactly what sample_images draws for those prompt indices from the same seed;
+    a class-conditional checkpoint is refused."""
+    import bench
+    from tokenizer import VQModel
+    prompts = scenes.benchmark_prompts(1)[:2]
+    got = bench.model_generator(vq_world["gpt"], vq_world["vq"], 3.0, "cpu")(prompts, 3, 7)
+    gpt = GPT.from_pretrained(vq_world["gpt"]).eval()
+    info = gpt.meta["text"]
+    encoder = sample.joint_text_encoder(vq_world["gpt"], info, "cpu", torch.float32)
+    condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder, info["length"])
+    want = sample.sample_images(gpt, VQModel.from_pretrained(vq_world["vq"]).eval(),
+                                [0, 0, 0, 1, 1, 1], cfg_scale=3.0,
+                                generator=torch.Generator().manual_seed(7), condition=condition)
+    assert got.shape == (6, 32, 32, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, np.asarray(want)) and not np.array_equal(got[0], got[1])
+    c2i = vq_world["root"] / "c2i_for_bench"
+    train_main(["--model", "nano", "--data", vq_world["codes"], "--batch-size", 8, "--max-steps",
+                1, "--val-size", 16, "--num-workers", 0, "--out-dir", c2i])
+    with pytest.raises(Exception, match="needs a text-to-image GPT trained with its own T5"):
+        bench.model_generator(str(c2i / "ckpt.pt"), vq_world["vq"], 3.0, "cpu")
 
 # ------------------------------------------------------------------ a model that learns from text
 def test_a_small_model_trained_here_draws_the_colours_it_is_asked_for(tmp_path):
