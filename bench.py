@@ -535,12 +535,16 @@ def model_generator(gpt_path, vq_path, cfg_scale, device, batch_size=256):
                         "own T5 (train.py --text t5-nano), as the demo's")
     gpt = GPT.from_pretrained(gpt_path).to(device).eval()
     vq = VQModel.from_pretrained(vq_path).to(device).eval()
+    # fp32 features, as in training: the T5 is tiny, and its cost is one pass per batch of
+    # candidates against the GPT's 64 passes
     encoder = sample.joint_text_encoder(gpt_path, info, device, torch.float32)
 
     def generate(prompts, n, seed):
         condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder,
                                            info["length"])
         labels = [i for i in range(len(prompts)) for _ in range(n)]  # prompt-major
+        # PromptCondition encodes each batch's captions when it is drawn: 9,600 candidates never
+        # hold 9,600 caption tensors at once, and the pictures are bytes as soon as decoded
         gen = torch.Generator(device).manual_seed(seed)
         return np.concatenate([
             sample.sample_images(gpt, vq, labels[b:b + batch_size], cfg_scale=cfg_scale,
@@ -567,6 +571,8 @@ def bench_rerank(args):
     prompts = scenes.benchmark_prompts(2 if args.quick else 50)
     ns = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32)
     if os.path.isfile(DEMO_T2I_GPT) and os.path.isfile(DEMO_T2I_VQ):
+        # the demo's guided scale: re-ranking is judged on top of the sampler's own best setting,
+        # not as a substitute for guidance (DALL-E had none; LlamaGen has no re-ranking)
         generate = model_generator(DEMO_T2I_GPT, DEMO_T2I_VQ, 3.0, args.device)
         print(f"generator: {DEMO_T2I_GPT} at cfg 3 (the demo's guided scale)")
     else:  # the re-ranker alone: true renders are there to be found
