@@ -238,6 +238,7 @@ def save_atomic(what, path):
         # a process killed mid-save leaves its temporary file; each path has one writer, so the
         # leftovers of this very name are dead and can go
         for old in glob.glob(os.path.join(glob.escape(folder), ".tmp-*" + glob.escape(name))):
+            # mkstemp's names are .tmp- + 8 random characters + `name`; any other match is not ours
             if len(os.path.basename(old)) == len(".tmp-12345678") + len(name):
                 os.remove(old)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=name)
@@ -248,6 +249,7 @@ def save_atomic(what, path):
             what(f) if callable(what) else torch.save(what, f)
             f.flush()
             os.fsync(f.fileno())
+        # the umask can only be read by setting it: it is set straight back
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
@@ -261,6 +263,7 @@ def save_atomic(what, path):
         if cause is not None and cause.errno in _FIXABLE:
             raise UserError(os_error_line(cause, folder if cause.errno == errno.ENOSPC else path)
                             ) from None
+        # no OSError in the chain, yet under 1 MiB free: the full disk is still the likely cause
         if isinstance(e, RuntimeError) and shutil.disk_usage(folder).free < (1 << 20):
             raise UserError(os_error_line(OSError(errno.ENOSPC, "full"), folder)) from None
         raise
@@ -276,6 +279,7 @@ def download(url, path, sha256_prefix=None, fix=""):
         return path
     name, timeout = os.path.basename(path), socket.getdefaulttimeout()
     print(f"downloading {name} to {path}", file=sys.stderr)
+    # the default timeout is process-wide: the caller's is put back (finally) for later sockets
     try:
         socket.setdefaulttimeout(60)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

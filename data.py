@@ -85,6 +85,7 @@ def _draw_mask(label, size, rng):
     m = Image.new("L", (size * _SS, size * _SS), 0)
     d = ImageDraw.Draw(m)
     r = size * rng.uniform(0.2, 0.33)
+    # centre r + 1 px from the edges: the shape stays in view (a square's corners at most graze it)
     cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
     tilt = rng.uniform(-0.3, 0.3)  # small rotation, about +-17 degrees
 
@@ -97,7 +98,7 @@ def _draw_mask(label, size, rng):
         disk(cx, cy, r, 255)
         disk(cx, cy, 0.55 * r, 0)
     elif label == 6:  # three parallel bars, at any angle
-        angle = rng.uniform(0, math.pi)
+        angle = rng.uniform(0, math.pi)  # a half-turn covers all: three bars look the same turned
         for y0 in (-0.6, 0.0, 0.6):
             bar = [(-0.85, y0 - 0.17), (0.85, y0 - 0.17), (0.85, y0 + 0.17), (-0.85, y0 + 0.17)]
             d.polygon(_polygon(bar, angle, r, cx, cy), fill=255)
@@ -145,6 +146,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return self.num_images
 
     def __getitem__(self, index):
+        # IndexError also ends the old iteration protocol (`for x in ds`), which a Dataset without
+        # __iter__ falls back on; numpy would reject a negative seed with another error
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         # one generator per item, seeded by the pair: numpy's SeedSequence mixes (seed, index)
@@ -182,6 +185,7 @@ def _resize_shorter_side(pil, side):
     a single bicubic step from far above would alias."""
     while min(pil.size) >= 2 * side:
         pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+    # rounded, as center_crop_arr does: the shorter side lands exactly on `side`
     scale = side / min(pil.size)
     return pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
 
@@ -190,6 +194,7 @@ def center_crop(pil_image, image_size):
     """The ADM centre crop LlamaGen uses for codes and FID (its center_crop_arr): shorter side to
     `image_size`, then the central square. Returns a PIL image of image_size x image_size."""
     pil = _resize_shorter_side(pil_image, image_size)
+    # floored as center_crop_arr: an odd excess leaves its extra pixel on the right or bottom
     x, y = (pil.size[0] - image_size) // 2, (pil.size[1] - image_size) // 2
     return pil.crop((x, y, x + image_size, y + image_size))
 
@@ -198,6 +203,7 @@ def random_resize_crop(pil_image, image_size, max_scale=1.25):
     """The tokenizer's training crop (LlamaGen dataset/augmentation.py, random_crop_arr):
     shorter side to a random size in [image_size, ceil(image_size * max_scale)], then a random
     square. Draws from torch's RNG, so the DataLoader's per-worker seeding makes it reproducible."""
+    # + 1: randint's upper end is exclusive, the interval of the docstring closed
     side = int(torch.randint(image_size, math.ceil(image_size * max_scale) + 1, ()))
     pil = _resize_shorter_side(pil_image, side)
     x = int(torch.randint(pil.size[0] - image_size + 1, ()))
@@ -226,6 +232,7 @@ def to_rgb(pil):
     clipped at 255."""
     if pil.mode == "RGB":
         return pil
+    # a palette image may mark one colour transparent (as GIFs do) without any alpha channel
     transparent = pil.mode == "P" and "transparency" in pil.info
     if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
         rgba = pil.convert("RGBA")
@@ -261,6 +268,8 @@ class ImageFolder(torch.utils.data.Dataset):
                               if e.is_dir() and not e.name.startswith("."))
         # sorted at every level, so the index -> file map is the same on every machine and
         # filesystem: the codes' rows and the labels of a sharded extraction rely on it
+        # links followed: class folders are often symlinks into a shared copy of ImageNet; hidden
+        # files skipped: macOS's ._cat.jpg resource forks carry an image extension but no image
         self.samples = []
         for label, name in enumerate(self.classes):
             for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
@@ -321,7 +330,7 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     position, size and rotation (a random crop could cut the shape that defines the class out of
     the picture)."""
     spec = str(spec)
-    if "+" in spec and not os.path.isdir(spec):
+    if "+" in spec and not os.path.isdir(spec):  # a real folder named a+b is one folder
         return Joined([image_dataset(part, image_size, augment, flip, seed)
                        for part in spec.split("+")], spec)
     if is_caption_spec(spec):  # scenes[:N], coco:..., captions:DIR: label 0 (see Captions below)
@@ -379,7 +388,7 @@ def check_image_size(image_size, downsample, flag="--image-size"):
 # (127.5 x + 128 lands on the level + 0.5, so the round trip is exact).
 def to_uint8(images, resize_to=None):
     """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] (resized to resize_to first)."""
-    x = images.detach().float()
+    x = images.detach().float()  # float32: bf16's 8-bit mantissa would shift pixel levels
     if resize_to and resize_to != x.shape[-1]:
         x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
     x = (127.5 * x + 128).clamp(0, 255)
@@ -399,7 +408,7 @@ def make_grid(images, nrow=8, pad=2, pad_value=0):
     apart (black by default; an empty slot at the end stays the padding colour)."""
     arr = to_uint8(images)  # the same bytes the .npz files and the metrics see
     b, h, w, _ = arr.shape
-    nrow = max(1, min(nrow, b))
+    nrow = max(1, min(nrow, b))  # fewer images than nrow: one row, as wide as they are
     rows = math.ceil(b / nrow)
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), pad_value, np.uint8)
     for i in range(b):
@@ -460,6 +469,8 @@ class CodesReceipt:
                             "by data.py extract (or is damaged): extract the codes again")
         kept = {k: d[k] for k in fields}
         try:
+            # JSON has no tuples: back to the record's own form, or a receipt read from meta.json
+            # would never equal the same one built by _receipt (a list is not a tuple)
             kept.update(grid=tuple(int(n) for n in kept["grid"]), classes=tuple(kept["classes"]))
             if len(kept["grid"]) != 2:
                 raise ValueError("grid")
@@ -628,6 +639,8 @@ def _receipt(vq, base, data, image_size, ten_crop, crop_range, device):
         count=len(base), tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop,
         crop_range=crop_range if ten_crop else None, codes_dtype=np.dtype(codes_dtype).name,
         labels_dtype=np.dtype(labels_dtype).name,
+        # the spec as any later run writes it (synthetic:N as typed, a folder by absolute path):
+        # _finished's comparison then does not depend on the working directory
         data=getattr(base, "spec", data if isinstance(base, SyntheticShapes) else
                      os.path.abspath(data)),
         num_classes=base.num_classes, classes=tuple(base.classes))
@@ -689,12 +702,14 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
             _clear_output(out)
         if world > 1:  # no rank looks for old files before they are gone
             dist.barrier()
+    # ten crops come from an oversized centre crop (crop_range 1.1: 281 px for 256 px crops)
     side = int(image_size * crop_range) if ten_crop else image_size
+    # no random flip: code_views stores every image with its mirror, both encoded
     base = image_dataset(data, side, augment="center", flip=False)
     if isinstance(base, Joined):  # a GPT learns one world's labels or captions at a time
         raise UserError(f"--data {data!r} joins datasets, which only a tokenizer trains on; "
                         "extract the codes of each dataset on its own")
-    vq = vq.to(device).eval()
+    vq = vq.to(device).eval()  # no dropout: resumed and sharded runs write the same codes
     receipt = _receipt(vq, base, data, image_size, ten_crop, crop_range, device)
     if _finished(out, receipt, rank):
         return receipt
@@ -713,6 +728,7 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
                            receipt.codes_dtype, (hi - lo, receipt.n_aug, length))
         labels = _open_part(os.path.join(parts, f"labels-{tag}.npy"), mode,
                             receipt.labels_dtype, (hi - lo,))
+        # in dataset order, never shuffled: part row j must hold image lo + j, its label too
         rows = torch.utils.data.Subset(_Views(base, image_size, ten_crop), range(lo + done, hi))
         loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers,
                                              pin_memory=str(device).startswith("cuda"))
@@ -730,7 +746,7 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
             _write_json(progress_path, dict(meta=receipt.to_dict(), done=done))
             bar.update(len(y))
         bar.close()
-        del codes, labels
+        del codes, labels  # unmapped before the join, which renames or reads these very files
     if world > 1:  # rank 0 joins the parts only once every shard is complete
         dist.barrier()
     if rank == 0:
@@ -811,6 +827,7 @@ class CodesDataset(torch.utils.data.Dataset):
                                 "match the model to the codes")
         self.folder, self.num_classes = folder, receipt.num_classes
         self._codes = self._labels = None
+        # checked now, in the main process: a damaged folder fails before training, not in a worker
         codes, labels = self._arrays()
         length = receipt.grid[0] * receipt.grid[1]
         want = (receipt.count, receipt.n_aug, length)
@@ -867,6 +884,7 @@ def _check_ranges(folder, codes, labels, receipt):
             raise UserError(f"{folder}: codes.npy row {row} holds code {code}, "
                             f"outside the vocabulary of {receipt.vocab_size} codes in meta.json; "
                             "the folder is damaged, extract it again")
+    # len(labels) first: the min() of an empty array raises instead of answering
     if len(labels) and not (0 <= labels.min() and labels.max() < receipt.num_classes):
         raise UserError(f"{folder}: labels.npy holds labels outside [0, {receipt.num_classes}) "
                         "of meta.json; the folder is damaged, extract it again")
@@ -886,6 +904,7 @@ class MixedCodes(torch.utils.data.Dataset):
         keys = ("count", "vocab_size", "grid", "tokenizer_checksum")
         for p in self.parts[1:]:
             same = all(getattr(p.receipt, k) == getattr(self.receipt, k) for k in keys)
+            # equal labels row by row: what the receipts alone cannot show is that rows align
             if not same or not np.array_equal(p._arrays()[1], first._arrays()[1]):
                 raise UserError(f"{p.folder} and {first.folder} do not hold codes of the same "
                                 "images by the same tokenizer; extract both from one --data with "
@@ -895,6 +914,7 @@ class MixedCodes(torch.utils.data.Dataset):
         return len(self.parts[0])
 
     def __getitem__(self, index):
+        # torch's RNG, like the view drawn inside: under train.py's Seeded both follow the item seed
         return self.parts[int(torch.randint(len(self.parts), ()))][index]
 
 
@@ -902,6 +922,7 @@ def codes_dataset(spec):
     """The dataset behind the GPT's --data: one codes folder, or several joined by commas
     (MixedCodes). A real folder whose name holds a comma is one folder."""
     spec = str(spec)
+    # empty names dropped: a trailing comma names no folder
     folders = [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]
     if not folders:
         raise UserError(f"--data {spec!r} names no codes folder; pass one, or several separated "
@@ -1019,8 +1040,10 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
         names = {im["id"]: im["file_name"] for im in raw["images"]}  # in the file's order
         every = {}
         for a in raw["annotations"]:
-            if not isinstance(a["caption"], str):
+            if not isinstance(a["caption"], str):  # the wrong file: the layout message below
                 raise TypeError("caption")
+            # white space normalised as in _read_caption: COCO's captions carry stray spaces and
+            # line breaks, which would otherwise reach the tokenizer and the captions' checksum
             every.setdefault(a["image_id"], []).append(" ".join(a["caption"].split()))
     except FileNotFoundError:
         raise UserError(f"COCO annotations {annotations!r} do not exist; write "
@@ -1066,9 +1089,11 @@ def caption_dataset(spec, image_size, augment="center", flip=False, seed=0):
             raise UserError(f"--data {spec!r}: write scenes:N with N a positive number of scenes, "
                             "e.g. scenes:2000")
         ds = CaptionedScenes(int(n), image_size, seed)
+        # normalised (scenes:007 -> scenes:7): receipts compare specs as strings
         ds.spec = f"scenes:{int(n)}"
         return ds
     if spec.startswith("coco:"):
+        # cut at ".json:", not at ":": Windows drives (C:\) and folder names may hold colons
         annotations, sep, images = spec[len("coco:"):].partition(".json:")
         if not sep or not images:
             raise UserError(f"--data {spec!r}: write coco:ANNOTATIONS.json:IMAGES_DIR, e.g. "
@@ -1107,6 +1132,8 @@ class Captioned(torch.utils.data.Dataset):
 # item i can be checked to describe one image before a t2i model trains on the pair.
 def captions_checksum(captions):
     """sha256 of a list of captions (their JSON form, UTF-8): equal lists, equal checksums."""
+    # one fixed serialisation: changing it would change every stored checksum, orphaning the
+    # features folders already made from these captions
     text = json.dumps(list(captions), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -1169,6 +1196,7 @@ class FeaturesReceipt:
         return cls(**{k: d[k] for k in names})
 
     def to_dict(self):
+        """The JSON form: features.json, and a frozen-feature t2i checkpoint's meta, hold it."""
         return dataclasses.asdict(self)
 
     def describe(self):
@@ -1289,7 +1317,7 @@ def _extract_features(encoder, captions, out, length, batch_size, dtype, data, n
             # a killed run may have written past what its progress file vouches for: cut it off
             rows_file.truncate(tokens * d * 2)
             lengths_file.truncate(done * 4)
-            rows_file.seek(0, os.SEEK_END)
+            rows_file.seek(0, os.SEEK_END)  # appends go after the cut: "r+b" opens at offset 0
             lengths_file.seek(0, os.SEEK_END)
             bar = progress(total=hi - lo, initial=done, unit="caption", desc="features",
                            show=rank == 0)
@@ -1322,14 +1350,16 @@ def _encode_valid(encoder, texts, length, dtype, start):
     # shorter than 120 tokens. Truncation is unchanged: a caption longer than N makes this N.
     _, mask = encoder.tokenizer([clean_caption(t) if encoder.clean else t for t in texts], length)
     feats, mask = encoder.encode_captions(texts, int(mask.sum(1).max()), batch_size=len(texts))
+    # cast first, checked after: an fp16 overflow exists only once the features are fp16
     stored = feats.to(getattr(torch, dtype))
     bad = ~torch.isfinite(stored).all(2).all(1)  # pads are zeros: only real tokens can be bad
     if bad.any():
-        k = int(bad.float().argmax())
+        k = int(bad.float().argmax())  # float: torch's argmax refuses bool tensors
         why = ("exceed float16's range (65504); store them as bf16 (--storage bf16)"
                if torch.isfinite(feats[k]).all() else
                "are not finite: check the weights, or run the encoder in fp32 (--precision fp32)")
         raise UserError(f"the features of caption {start + k} ({texts[k][:40]!r}) {why}")
+    # a boolean mask keeps caption order and token order: the layout features.bin promises
     valid = stored[mask]
     bits = valid.cpu().view(torch.int16).numpy().astype("<i2")  # bf16 kept as its bit pattern
     return bits.tobytes(), mask.sum(1).cpu().numpy()
@@ -1379,6 +1409,7 @@ def _join_features(out, parts, world, receipt, batch_size):
     for r in range(world):
         lo, hi = _shard(receipt.count, batch_size, r, world)
         path = os.path.join(parts, f"lengths-{r}-of-{world}.bin")
+        # hi == lo where there are more ranks than batches of captions: that shard wrote nothing
         lengths.append(np.fromfile(path, "<i4") if hi > lo else np.zeros(0, "<i4"))
     lengths = np.concatenate(lengths).astype(np.int32)
     save_atomic(lambda f: np.save(f, lengths), os.path.join(out, "lengths.npy"))
@@ -1430,6 +1461,7 @@ class CaptionFeatures(torch.utils.data.Dataset):
         self._rows = None
 
     def _map(self):
+        """The features.bin memory map, opened on first use in this process (see __getstate__)."""
         if self._rows is None:
             self._rows = np.memmap(os.path.join(self.folder, "features.bin"),
                                    _STORED[self.receipt.dtype], "r",
@@ -1445,7 +1477,7 @@ class CaptionFeatures(torch.utils.data.Dataset):
     def __getitem__(self, index):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} captions")
-        index %= len(self)
+        index %= len(self)  # a negative index counts from the end, as a list's; offsets need >= 0
         a, n, N = int(self.offsets[index]), int(self.lengths[index]), self.receipt.length
         rows = np.array(self._map()[a:a + n])  # a copy: the map is read-only
         if self.receipt.dtype == "bfloat16":  # the bit patterns, reinterpreted, not converted
@@ -1473,6 +1505,8 @@ def load_captions(spec):
     """(captions, data) for `features --data`: a codes folder's captions.json, or the captions of a
     caption spec, no image read (scenes:N draws its scenes' layouts at 32 px)."""
     spec = str(spec)
+    # a folder with any trace of an extraction is read as codes: read_captions then names what is
+    # missing, rather than the folder being taken for a captions:DIR of images
     if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f))
                                    for f in ("captions.json", "meta.json", "parts")):
         return read_captions(spec)[0], os.path.abspath(spec)
@@ -1584,7 +1618,7 @@ def features_command(args):
             else "fp32"
     from text import TextEncoder
     encoder = TextEncoder.from_pretrained(t5, device, DTYPES[precision])
-    name = os.path.basename(os.path.normpath(t5))
+    name = os.path.basename(os.path.normpath(t5))  # normpath: flan-t5-xl/ would name nothing
     receipt = extract_features(encoder, captions, args.out, args.length, args.batch_size,
                                STORAGE[args.storage], data, name)
     if is_rank0():  # one summary, not one per process

@@ -242,6 +242,10 @@ class FIDInception(nn.Module):
 
 
 def resize299(x):
+    """N x 3 x H x W floats -> N x 3 x 299 x 299, the standard port's input resize (see forward).
+    Applying it twice is harmless: a bilinear resize from 299 to 299 (align_corners False) is the
+    identity, so batches resized early (mixed-size folders, rfid) give the features they would
+    give unresized."""
     return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # see forward
 
 
@@ -300,7 +304,9 @@ def _npz_images(path, batch_size, sizes=None):
     version = np.lib.format.read_magic(member)  # 1.0 or 2.0: a 2- or 4-byte header length
     read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                    (2, 0): np.lib.format.read_array_header_2_0}
+    # 3.0 (UTF-8 field names) keeps 2.0's 4-byte header length, so the fallback reads it too
     shape, fortran, dtype = read_header.get(version, np.lib.format.read_array_header_2_0)(member)
+    # the pixels are read below as raw C-order bytes: a Fortran-ordered array would be scrambled
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         member.close(), archive.close()
         raise UserError(f"{path!r}: arr_0 must hold uint8 images N x H x W x 3 (ADM's format), "
@@ -396,6 +402,7 @@ def batch_features(net, count, batches, device="cpu", progress=True):
             for k, v in net(x).items():
                 out[k].append(v.float().cpu().numpy())
             bar.update(len(x))
+    # an empty folder or stream: one line, not numpy's "need at least one array to concatenate"
     if not out["pool"]:
         raise UserError("no images found in the input")
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -408,6 +415,8 @@ def batch_features(net, count, batches, device="cpu", progress=True):
 def statistics(features):
     """Mean and covariance (float64) of N x D features: the Gaussian that FID fits to a set of
     images."""
+    # float64 before the sums: the mean of 50k vectors keeps its digits, and np.cov (ADM's call)
+    # computes in float64 whatever it is given
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
         raise UserError("need at least 2 feature vectors for a covariance, "
@@ -477,6 +486,8 @@ def rfid(reconstructions, originals, net, batch_size=64, device="cpu", progress=
     outputs and its inputs) need never be held in memory."""
     _, original_batches = image_batches(originals, batch_size)
     _, reconstruction_batches = image_batches(reconstructions, batch_size)
+    # which stream each row of the joint batches came from: the two streams' batches may differ
+    # in size (a short last batch) or in number
     is_original = []
 
     def together():
@@ -515,11 +526,12 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
     psnrs, ssims, used = [], [], []
 
     def pairs():  # per batch: (originals, reconstructions) as uint8, the images rFID compares
+        # with rFID, batch_features draws the bar for this same stream: one bar, not two
         for x, _ in progress_bar(loader, desc="reconstructions", unit="batch", show=net is None):
             x = x.to(device)
             codes = vq.encode(x)
             recon = to_uint8(vq.decode(codes), resize_to)
-            if resize_to:
+            if resize_to:  # the bicubic resize to_uint8 gives the reconstructions: both alike
                 x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
             rounded = from_uint8(recon).to(device)  # PSNR/SSIM of the pixels a PNG would hold
             psnrs.append(psnr(x, rounded).cpu())
@@ -552,6 +564,7 @@ def inception_score(logits, split_size=5000):
     logits = np.asarray(logits, np.float64)
     scores = []
     for start in range(0, len(logits), split_size):
+        # a last, shorter split (N not a multiple of 5000) is scored as it is, as ADM does
         part = logits[start:start + split_size]
         log_p = part - _logsumexp(part, axis=1)  # log p(y|x), in log space: one-hot stays exact
         log_marginal = _logsumexp(log_p, axis=0) - math.log(len(part))  # log p(y)
@@ -683,6 +696,8 @@ TOKENIZER_DEFAULTS = dict(image_size=256, resize_to=None, num_images=None, num_w
 
 
 def build_parser():
+    """Both modes' flags, with this module's docstring as the description (so --help shows the
+    usage above); main fills in the defaults that depend on the mode."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("samples", nargs="?", help="generated images: .npz with uint8 "
@@ -837,6 +852,9 @@ def report_tokenizer(args):
 
 
 def add_clip_score_flags(parser):
+    """The --clip-score flags, in their own group. --clip-prefix defaults to None rather than to
+    the prefix itself, so that main can tell one given (refused with --vq-ckpt) from one left
+    alone; '' means no prefix."""
     g = parser.add_argument_group("CLIP score of text-to-image samples (with or without a "
                                   "reference for FID)")
     g.add_argument("--clip-score", metavar="CLIP", help="our CLIP checkpoint (train.py --model "

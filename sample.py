@@ -92,7 +92,8 @@ def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1
 def batch_seed(seed, index):
     """A seed for batch `index` of a run seeded `seed`. SeedSequence mixes the pair into
     independent streams (seed + index would make run 1's batch 0 equal run 0's batch 1). A batch's
-    pictures depend on (seed, index, batch size) only, not on how many processes share the work."""
+    pictures depend on (seed, index, batch size) only, not on how many processes share the work.
+    Returns an int in [0, 2^32), a seed torch.Generator.manual_seed takes."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
@@ -110,18 +111,26 @@ def decode(vq, codes, resize_to=None):
 
 def write_npz(f, **arrays):
     """np.savez (uncompressed, what the ADM evaluator streams) with a fixed timestamp on each
-    member, so the same samples always give the same bytes (np.savez stamps the current time)."""
+    member, so the same samples always give the same bytes (np.savez stamps the current time).
+    f: a binary file (save_atomic's); each keyword becomes a member <name>.npy, as np.load
+    expects."""
     # ZIP64 from the start: 50,000 images of 256 px are 9.8 GB, past the 4 GB of plain zip
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
         for name, a in arrays.items():
+            # 1980-01-01: the earliest moment a zip (MS-DOS) timestamp can hold
             member = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            # streamed in, its size unknown up front: without force_zip64 zipfile raises at close
+            # for a member past 2 GiB, its local header having no room for a larger size
             with z.open(member, "w", force_zip64=True) as m:
+                # always C order: fid.py's streaming reader refuses a Fortran-ordered arr_0
                 np.lib.format.write_array(m, np.ascontiguousarray(a))
 
 
 def picture_grid(args, gpt, vq, sample_kw):
     """args.out: a PNG grid with one row per class (rows of 8 for a single class), batches seeded
     by (seed, batch index); with --progress, also the GIF of the rasters being written."""
+    # class-major: a class's pictures are adjacent, so each fills one grid row, and its
+    # --candidates stay together in the prompt-major order rerank_candidates reads
     labels = [k for k in args.classes for _ in range(args.per_class)]
     length = gpt.config.block_size
     steps = progress_steps(length, args.progress_frames) if args.progress else []
@@ -144,6 +153,8 @@ def picture_grid(args, gpt, vq, sample_kw):
                 if done[0] < s <= t:
                     shot[s] = codes[:, :s].clone()
             done[0] = t
+        # a generator lives on the device it draws for (torch.multinomial on CUDA refuses a CPU
+        # one), so one seed gives other pictures on a CPU than on a GPU
         gen = torch.Generator(args.device).manual_seed(batch_seed(args.seed, b // args.batch_size))
         images.append(sample_images(gpt, vq, labels[b:b + args.batch_size], generator=gen,
                                     callback=step, **sample_kw))
@@ -176,6 +187,7 @@ def raster_so_far(vq, codes, length, resize_to):
         return decode(vq, codes, resize_to)
     side = math.isqrt(length)
     pixels = side * vq.config.downsample
+    # the filler is encoded by this very tokenizer: no code index means grey in every codebook
     grey = vq.encode(torch.zeros(1, 3, pixels, pixels, device=codes.device))
     codes = torch.cat([codes, grey.view(1, length)[:, t:].expand(b, -1)], dim=1)
     x = vq.decode(codes.view(b, side, side)).float()
@@ -195,7 +207,8 @@ def save_progress_gif(vq, shots, steps, length, nrow, resize_to, path):
         partial = np.concatenate([raster_so_far(vq, shot[t], length, resize_to) for shot in shots])
         frames.append(make_grid(from_uint8(partial), nrow))
     durations = [80] * (len(frames) - 1) + [2000]  # milliseconds per frame
-    # GIF frames hold 256 colours each: Pillow reduces every frame's palette on its own
+    # GIF frames hold 256 colours each: Pillow reduces every frame's palette on its own.
+    # loop=0 repeats forever; without it Pillow writes no loop block and most viewers play once
     save_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                          duration=durations, loop=0), path)
 
@@ -203,7 +216,8 @@ def save_progress_gif(vq, shots, steps, length, nrow, resize_to, path):
 def evaluation_labels(args):
     """The --num-samples labels: uniformly random over the classes (the official evaluation's
     protocol), all drawn up front from --seed so they do not depend on the number of processes;
-    or, with --labels balanced, cycling through them (50 per class for 50k of 1000)."""
+    or, with --labels balanced, cycling through them (50 per class for 50k of 1000). Returns an
+    int64 CPU tensor [num_samples]; each part stores its slice as arr_1."""
     # random labels make the class counts vary a little (about sqrt(N/classes) per class), as in
     # the published numbers; balanced ones remove that spread from the comparison
     classes = torch.tensor(args.classes)
@@ -248,11 +262,13 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     each atomically in <out>.parts/; a rerun skips finished ones; rank 0 gathers the final .npz
     and deletes the parts."""
     n, bs = args.num_samples, args.batch_size
+    # every rank draws the whole list itself, the same on each (from --seed): nothing to send
     labels = evaluation_labels(args)
     parts, n_batches = args.out + ".parts", math.ceil(n / bs)
     resume_stamp(args, parts, rank)
     done = set()
     if os.path.isdir(parts):
+        # the parts' own names only: settings.json and save_atomic's .tmp-* leftovers are no batch
         done = {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
         done = checked_parts(parts, done, n, bs, rank)
     if world > 1:
@@ -289,6 +305,7 @@ def part_damage(path, count):
             for name in ("arr_0", "arr_1"):
                 info = z.getinfo(name + ".npy")
                 with z.open(info) as m:
+                    # .npy 1.0 stores a 2-byte header length; 2.0 and 3.0 a 4-byte one
                     read_header = (np.lib.format.read_array_header_1_0
                                    if np.lib.format.read_magic(m) == (1, 0)
                                    else np.lib.format.read_array_header_2_0)
@@ -312,6 +329,7 @@ def checked_parts(parts, done, n, bs, rank):
         why = part_damage(os.path.join(parts, f"{b:06d}.npz"), min(bs, n - b * bs))
         if why is None:
             good.add(b)
+        # every rank checks, as each needs the whole set to pick its share; one reports
         elif rank == 0:
             say(f"{parts}/{b:06d}.npz is damaged ({why}); sampling that batch again")
     return good
@@ -334,13 +352,15 @@ def gather_parts(args, parts, n_batches):
     # arr_0 is what the ADM evaluator reads; it ignores arr_1, the labels, which are kept for
     # class-wise checks (a per-class accuracy, as the demo measures on its pictures)
     save_atomic(lambda f: write_npz(f, arr_0=out, arr_1=out_labels), args.out)
+    # the parts go only once the .npz is in place: a crash while gathering loses no sample
     shutil.rmtree(parts)
     print(f"wrote {args.out}: arr_0 {out.dtype} {tuple(out.shape)}, labels (arr_1) {args.labels} "
           f"over {len(args.classes)} classes")
 
 
 def report(rank, n, seconds, tokens_per_image, args):
-    """Sampling speed (generation + decoding, without file writing) of this process."""
+    """Sampling speed (generation + decoding, without file writing) of this process. n counts
+    this run's images only, so a resumed run's speed is not flattered by the parts it skipped."""
     # tokens/s counts image tokens only; under guidance each one costs two rows of the batch
     if rank == 0 and n:
         per = " per process" if args.world > 1 else ""
@@ -362,6 +382,7 @@ def compiled_step(gpt, device):
     serves every token (a second one once guidance stops at --cfg-interval, and one per batch
     size); on CUDA, mode reduce-overhead records it as a CUDA graph and replays it, which removes
     the per-kernel launch cost that bounds batch-1 sampling."""
+    # CUDA graphs exist on CUDA only; elsewhere the default mode still fuses the step's kernels
     mode = "reduce-overhead" if str(device).startswith("cuda") else None
     return torch.compile(gpt.decode_step, mode=mode, dynamic=False)
 
@@ -429,6 +450,7 @@ def check_rerank_args(args):
                             "of --candidates; drop --keep")
         args.keep = 1
     else:
+        # the grid draws N per class but shows K: rerank_grid sets per_class to K once ranked
         args.keep = min(4, args.candidates) if args.keep is None else args.keep
         args.per_class = args.candidates
     if not 1 <= args.keep <= args.candidates:
@@ -453,6 +475,7 @@ def class_prompts(gpt, classes):
         raise UserError("--candidates scores each class by its name, and this GPT carries no "
                         "class names (official checkpoints know ImageNet classes by id only); "
                         "use a GPT trained here")
+    # class names are folder names ("red_circle"): spaced out, they read like CLIP's captions
     return {k: f"a {receipt.classes[k]}".replace("_", " ") for k in classes}
 
 
@@ -472,6 +495,7 @@ def rerank_grid(args, images):
     printed row by row; args.per_class becomes K so the grid has K per row."""
     if not args.candidates:
         return images
+    # timed apart: report's sampling speed stops before the ranking
     t0 = time.perf_counter()
     texts = [args.prompts_of[k] for k in args.classes]
     kept, scores = rerank_candidates(images, texts, args.reranker, args.keep)
@@ -488,10 +512,14 @@ def draw_best(args, gpt, vq, labels, gen, sample_kw):
     chunks of --batch-size, from this batch's generator)."""
     if not args.candidates:
         return sample_images(gpt, vq, labels, generator=gen, **sample_kw)
+    # prompt-major, as rerank_candidates reads it: a label's N candidates are adjacent rows
     many = labels.repeat_interleave(args.candidates)
+    # N candidates per label multiply the batch: drawn --batch-size at a time to bound memory, all
+    # from the one generator, so the batch still depends on (seed, b) alone
     drawn = np.concatenate([sample_images(gpt, vq, many[i:i + args.batch_size], generator=gen,
                                           **sample_kw)
                             for i in range(0, len(many), args.batch_size)])
+    # int(k): the dict is keyed by Python ints, and a tensor element hashes by identity
     texts = [args.prompts_of[int(k)] for k in labels]
     return rerank_candidates(drawn, texts, args.reranker, 1)[0]
 
@@ -544,7 +572,8 @@ def load_gpt(path, image_size, downsample):
 def load_models(gpt_path, vq_path, image_size=None):
     """Both models on the CPU in eval mode, checked against each other: the GPT's words must be
     the tokenizer's codes (vocab = codebook size), its grid the tokenizer's grid at the trained
-    size, and (for ours) its codes those of these very tokenizer weights."""
+    size, and (for ours) its codes those of these very tokenizer weights. Returns (gpt, vq,
+    gpt_path, vq_path), the paths being the demo's when none was given."""
     if gpt_path is None and vq_path is None:
         if not (os.path.isfile(DEMO_GPT) and os.path.isfile(DEMO_VQ)):
             raise UserError(NO_WEIGHTS)
@@ -656,6 +685,8 @@ def read_prompts(path):
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--prompts {path}: cannot read it ({e}); give a UTF-8 text file, one "
                         "prompt per line") from None
+    # blank lines are dropped (spacing, a trailing newline); fid.py's --captions keeps them, as
+    # its line i must stay the caption of image i
     lines = [line for line in lines if line]
     if not lines:
         raise UserError(f"--prompts {path} holds no prompt; write one per line")
@@ -689,7 +720,7 @@ def check_prompt_args(args):
                         "the next prompt: drop it")
     args.classes = list(range(len(prompts)))  # sample_images' labels: indices into the prompts
     args.per_class = args.per_prompt
-    if evaluation:
+    if evaluation:  # gather_parts' summary line names this in place of random/balanced
         args.labels = "prompt indices"
     else:  # the official text-to-image demo: cfg 7.5, top-k 1000
         args.cfg_scale = 7.5 if args.cfg_scale is None else args.cfg_scale
@@ -711,6 +742,9 @@ class PromptCondition:
     GPT's device: the text encoder's right-padded output moved as the GPT was trained on it."""
 
     def __init__(self, prompts, encoder, length):
+        """prompts: the captions the indices point into; encoder: a text.TextEncoder; length: the
+        caption prefix the GPT was trained with (its cls_token_num), each caption cut or padded
+        to it."""
         self.prompts, self.encoder, self.length = prompts, encoder, length
 
     def __call__(self, indices):
@@ -730,6 +764,7 @@ def joint_text_encoder(gpt_path, info, device, dtype):
           if k.startswith("text_encoder.")}
     try:
         encoder = T5Encoder(T5Config(**info["config"]))
+    # KeyError: no config recorded; TypeError: a field this T5Config does not know (or lacks)
     except (KeyError, TypeError):
         raise UserError(f"{gpt_path}: its text encoder record is damaged; train it again") \
             from None
@@ -841,6 +876,7 @@ def get_args(argv=None):
     decides = p.add_argument_group("what the pictures depend on", "a --num-samples run records "
                                    "these; resuming it needs the same values")
     add_pixel_flags(decides)
+    # argparse has no public accessor for a group's actions; _group_actions is the private one
     pixel_settings = tuple(action.dest for action in decides._group_actions)
     add_rerank_flags(p)
     pixel_settings += add_text_flags(p)  # the prompts and their encoder decide pixels too
@@ -923,7 +959,7 @@ def check_args(args):
             raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
         if args.progress:
             raise UserError("--progress animates pictures; drop it for --num-samples runs")
-    elif args.world > 1:
+    elif args.world > 1:  # one PNG: every rank would draw the same pictures into the same file
         raise UserError("torchrun is for --num-samples evaluation runs; draw pictures with "
                         "plain python")
     if not evaluation and args.cfg_scale is None:
@@ -963,6 +999,7 @@ def main(argv=None):
     check_speed_args(args)
     # under torchrun each process takes the GPU of its LOCAL_RANK (common.setup_device)
     args.device = device = setup_device(args.device)
+    # after the device: "auto" precision depends on the GPU found
     args.precision, dtype = resolve_precision(args.precision, device)
 
     default_t2i_models(args)
@@ -974,6 +1011,7 @@ def main(argv=None):
     condition = text_condition(args, gpt, gpt_path, device, dtype)
     n_classes = len(args.prompt_list) if condition else gpt.config.num_classes
     if args.classes is None:  # evaluation covers every class; pictures show the official demo's
+        # a GPT of fewer classes (the demo's) lacks those ImageNet ids: it shows all of its own
         demo = max(DEMO_CLASSES) < n_classes and not args.num_samples
         args.classes = DEMO_CLASSES if demo else list(range(n_classes))
     bad = [k for k in args.classes if not 0 <= k < n_classes]

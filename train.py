@@ -58,6 +58,7 @@ class GlobalBatches(torch.utils.data.Sampler):
 
     def __init__(self, n, batch, accum, rank, world, seed, start_step):
         self.n, self.B, self.accum, self.rank, self.world = n, batch, accum, rank, world
+        # check_recipe has made B divisible by accum * world: every rank's micro-batch is whole
         self.seed, self.start_step, self.mb = seed, start_step, batch // (accum * world)
 
     def __iter__(self):
@@ -70,6 +71,7 @@ class GlobalBatches(torch.utils.data.Sampler):
                 for pos in range(start, start + self.mb):
                     epoch, i = divmod(pos, self.n)
                     if epoch != perm_epoch:  # a fresh permutation, seeded by (seed, epoch) only
+                        # 7919, a prime: --seed s + 1 meets s's permutations only 7919 epochs on
                         g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
                         perm_epoch, perm = epoch, torch.randperm(self.n, generator=g)
                     # the item seed: distinct for every position of every --seed's stream
@@ -208,6 +210,7 @@ class GPTStage(Stage):
 
     @property
     def blocks(self):
+        """The Llama blocks; the embeddings, the final norm and the head stay in FSDP's root."""
         return self.model.layers
 
     def loss(self, model, batch, step):
@@ -263,6 +266,8 @@ class VQStage(Stage):
     def loss(self, model, batch, step):
         images = batch[0]
         recon, codebook_losses = model(images)
+        # detached: D's loss must train D alone, and the tokenizer's graph is freed by its own
+        # backward before discriminator_loss runs
         self._last = (images, recon.detach())
         # D only scores here; keeping its weights out of this graph keeps DDP's gradient hooks quiet
         self.discriminator.requires_grad_(False)
@@ -334,6 +339,7 @@ class ClipStage(Stage):
         image, text, scale = model(images, ids, return_embeddings=True)
         # every rank's loss is the global batch's: its pairs meet the negatives of all ranks
         loss = clip.distributed_contrastive_loss(image, text, scale)
+        # the logged temperature is the one the loss used: it caps the scale at 100 as well
         return loss, {"temperature": scale.detach().float().exp().clamp(max=100)}
 
     def val_metric(self, model, batch):
@@ -435,6 +441,8 @@ class JointT2I(GPT):
         self.text_encoder = T5Encoder(text_config)  # ... which keeps T5's own
 
     def forward(self, idx, ids, targets=None, cond_mask=None, valid=None):
+        """-> GPT.forward's (logits, loss), with T5 inside the graph: the GPT's next-token loss
+        is the encoder's objective too, the one loss of joint training."""
         features, mask = left_pad_caption(self.text_encoder(ids, cond_mask), cond_mask)
         return super().forward(idx, features, targets, mask, valid)
 
@@ -457,12 +465,15 @@ class T2IStage(GPTStage):
         codes = data.codes_dataset(recipe.data)
         receipt = codes.receipt
         h, w = receipt.grid
+        # no num_classes: the caption prefix takes the class token's place (cls_token_num = N)
         over = dict(vocab_size=receipt.vocab_size, block_size=h * w)
         if recipe.dropout is not None:
             over.update(token_dropout_p=recipe.dropout, resid_dropout_p=recipe.dropout,
                         ffn_dropout_p=recipe.dropout)
         if recipe.class_dropout is not None:
             over["class_dropout_prob"] = recipe.class_dropout
+        # the resumed run's text side: _joint keeps its words and length, _frozen refuses other
+        # features, since the GPT's prefix must go on meaning what it meant
         was = resumed["meta"].get("text") if resumed else None
         if recipe.text in T5_CONFIGS:
             self._joint(recipe, codes, over, was)
@@ -684,6 +695,8 @@ def refuse_other_stages_flags(args, stage):
 
 
 def checkpoint_path(out_dir):
+    """<out-dir>/ckpt.pt, the run's one live checkpoint: --resume continues it, sample.py loads
+    it, and every save replaces it whole (ckpt_<step>.pt copies only with --keep-ckpts)."""
     return os.path.join(out_dir, "ckpt.pt")
 
 
@@ -749,6 +762,7 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
                             f"{saved[name]}: a resumed run keeps it; start a new --out-dir to "
                             "change it")
     recipe = dict(vars(args))
+    # a Namespace built without get_args has no `typed`: every flag then counts as given
     typed = recipe.pop("typed", set(recipe))
     for name, value in saved.items():  # resumed: what was not typed now, the run decided then
         if name in recipe and name not in typed and name not in PER_INVOCATION:
@@ -862,7 +876,7 @@ def wrap(module, blocks, fsdp, dtype, device, world):
     """Data parallelism. DDP keeps a full replica per rank and all-reduces gradients; FSDP shards
     parameters, gradients and optimizer state over ranks and gathers one block's weights at a
     time, which is what lets 1.4B-3B models train (paper 2.4)."""
-    if world == 1 and not fsdp:
+    if world == 1 and not fsdp:  # one process: its gradients already are the global batch's
         return module
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -880,7 +894,9 @@ def wrap(module, blocks, fsdp, dtype, device, world):
 
 
 def gradient_sync(module, last):
-    """DDP all-reduces gradients in every backward; with accumulation only the last one needs to."""
+    """DDP all-reduces gradients in every backward; with accumulation only the last one needs to.
+    FSDP is left to reduce-scatter every micro-batch: skipping it would keep whole, unsharded
+    gradients between micro-batches, the very memory FSDP exists to save."""
     return contextlib.nullcontext() if last or not isinstance(module, DDP) else module.no_sync()
 
 
@@ -892,6 +908,8 @@ class LogWindow:
         self.sums, self.counts = {}, {}
 
     def add(self, logs, weight=1.0):
+        """`weight`: the micro-batch's share of its step (1 / accum), so the window's mean is one
+        over steps; an fp16 step the scaler skips adds its grad norm with weight 0."""
         for k, v in logs.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * weight
             self.counts[k] = self.counts.get(k, 0.0) + weight
@@ -920,6 +938,7 @@ class Trainer:
         # skips a step whose gradients overflowed (then halves the factor). bf16 has fp32's
         # exponent range and needs none of it: the scaler is off, every call a no-op.
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        # raw: the bare module, before compile and wrapping: the EMA and restore's checks read it
         self.raw = stage.to(device).model
         # --grad-ckpt keeps only each block's input and recomputes the block in backward: the
         # activations of one block instead of all, for about one more forward pass of compute
@@ -942,6 +961,7 @@ class Trainer:
         self.opt = adamw(self.model)  # the wrapper's parameters: FSDP's are the shards
         self.disc = self.opt_d = None
         if stage.discriminator is not None:
+            # no blocks: the PatchGAN is a few convolutions, sharded as one FSDP unit
             self.disc = wrap(stage.discriminator, [], recipe.fsdp, self.dtype, device, world)
             self.opt_d = adamw(self.disc)
         self.window = LogWindow()
@@ -954,9 +974,12 @@ class Trainer:
 
     @property
     def device_type(self):
+        """"cuda" of "cuda:1": what autocast, the fused AdamW and the CUDA RNG state go by."""
         return self.device.split(":")[0]
 
     def autocast(self):
+        """Mixed precision for the forward passes; none under fp32, for which autocast has no
+        mode (it would warn and turn itself off)."""
         return torch.autocast(self.device_type, dtype=self.dtype,
                               enabled=self.dtype != torch.float32)
 
@@ -1017,6 +1040,7 @@ class Trainer:
         return iter(loader)
 
     def to_device(self, batch):
+        """The batch's tensors on this rank's device; asynchronous from pinned memory (batches)."""
         return [t.to(self.device, non_blocking=True) for t in batch]
 
     def train_step(self, step, lr, batches):
@@ -1065,7 +1089,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.disc.parameters(), clip)
             self.scaler.step(self.opt_d)
             self.opt_d.zero_grad(set_to_none=True)
-        self.scaler.update()
+        self.scaler.update()  # after both steps: one loss scale serves G and D, adjusted once
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:  # ema = d * ema + (1 - d) * weights
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.raw.parameters()],
@@ -1172,6 +1196,7 @@ class RunLog:
         self.file = open(self.pending or self.path, "a")
 
     def write(self, text):
+        """Appends one line and flushes it: a kill loses no logged step, and `tail -f` follows."""
         try:
             self.file.write(text)
             self.file.flush()
@@ -1205,6 +1230,9 @@ class CtrlC:
         return self
 
     def ask(self, signum, frame):
+        """The handler only raises a flag: Python runs it between two bytecodes of the main
+        thread, anywhere in a step, where stopping would lose the step (and, under torchrun, leave
+        the other ranks waiting in a collective)."""
         self.asked = True
         signal.signal(signal.SIGINT, self.before)  # the next Ctrl-C: KeyboardInterrupt
 
@@ -1217,6 +1245,7 @@ class CtrlC:
         return bool(flag.item())
 
     def __exit__(self, *exc):
+        # the handler found is put back: demo.py calls train.main several times in one process
         if self.before is not None:
             signal.signal(signal.SIGINT, self.before)
 
@@ -1276,6 +1305,8 @@ def loop(trainer, batches, step, total, log, bar, ctrl_c):
         mfu = stage.mfu(rec[f"{stage.unit}/s"] / world, trainer.device)
         if mfu is not None:
             rec["mfu"] = mfu
+        # every rank calls it at every log line, asked or not: an all-reduce that one rank
+        # skipped would leave the others waiting in it for ever
         stopping = ctrl_c.agreed(world, trainer.device)
         if validating:
             rec["val"] = trainer.validate()
