@@ -526,22 +526,16 @@ def model_generator(gpt_path, vq_path, cfg_scale, device, batch_size=256):
     import numpy as np
 
     import sample
-    from common import load_checkpoint
     from model import GPT
     from tokenizer import VQModel
-    info = load_checkpoint(gpt_path).get("meta", {}).get("text", {})
-    if info.get("kind") != "joint":
+    gpt = GPT.from_pretrained(gpt_path).to(device).eval()
+    if (gpt.meta.get("text") or {}).get("kind") != "joint":
         raise UserError(f"{gpt_path}: re-ranking here needs a text-to-image GPT trained with its "
                         "own T5 (train.py --text t5-nano), as the demo's")
-    gpt = GPT.from_pretrained(gpt_path).to(device).eval()
     vq = VQModel.from_pretrained(vq_path).to(device).eval()
-    # fp32 features, as in training: the T5 is tiny, and its cost is one pass per batch of
-    # candidates against the GPT's 64 passes
-    encoder = sample.joint_text_encoder(gpt_path, info, device, torch.float32)
 
     def generate(prompts, n, seed):
-        condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder,
-                                           info["length"])
+        condition = sample.joint_condition(gpt, gpt_path, [p["prompt"] for p in prompts], device)
         labels = [i for i in range(len(prompts)) for _ in range(n)]  # prompt-major
         # PromptCondition encodes each batch's captions when it is drawn: 9,600 candidates never
         # hold 9,600 caption tensors at once, and the pictures are bytes as soon as decoded

@@ -46,7 +46,7 @@ import fid
 import sample
 import scenes
 import train
-from common import cli, load_checkpoint, pick_device
+from common import cli, pick_device
 from data import CLASS_NAMES, SyntheticShapes
 from model import GPT
 from tokenizer import VQModel
@@ -283,10 +283,8 @@ def benchmark(args, vq, device, figures):
     print(f"== 8. the compositional benchmark ({args.per_task} prompts per task)")
     path = os.path.join(out, "t2i_gpt.pt")
     gpt = GPT.from_pretrained(path).to(device).eval()
-    info = load_checkpoint(path)["meta"]["text"]
-    encoder = sample.joint_text_encoder(path, info, device, torch.float32)
     prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed)
-    condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder, info["length"])
+    condition = sample.joint_condition(gpt, path, [p["prompt"] for p in prompts], device)
     checker = scenes.checker_accuracy(per_task=args.per_task, seed=args.seed)
     figures["t2i_checker_accuracy_on_renders"] = checker
     for cfg in (1.0, args.t2i_cfg):

@@ -772,6 +772,14 @@ def joint_text_encoder(gpt_path, info, device, dtype):
     return TextEncoder(UnigramTokenizer.from_words(info["words"]), encoder, device, dtype)
 
 
+def joint_condition(gpt, gpt_path, prompts, device):
+    """The PromptCondition of `prompts` for a GPT trained with its own T5 (its meta["text"] kind
+    "joint"), the encoder in float32: what the demo's benchmark and bench.py's re-ranking draw
+    from, without sample.py's command line."""
+    encoder = joint_text_encoder(gpt_path, gpt.meta["text"], device, torch.float32)
+    return PromptCondition(prompts, encoder, gpt.config.cls_token_num)
+
+
 def pretrained_text_encoder(args, gpt, gpt_path, info, device, dtype):
     """--t5 FOLDER, checked against what the GPT reads: the width always, and for ours the
     encoder receipt its training features carried."""

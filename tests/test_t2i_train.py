@@ -318,19 +318,15 @@ def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
     assert (feats[~mask] == 0).all() and (feats[mask].abs().sum(-1) > 0).all()
 
 
-
 def test_bench_model_generator_draws_candidates_prompt_major(vq_world):
     """bench.model_generator, the re-ranking sweep's source of candidates: n per prompt, prompt
     by prompt, exactly what sample_images draws for those prompt indices from the same seed;
     a class-conditional checkpoint is refused."""
     import bench
-    from tokenizer import VQModel
     prompts = scenes.benchmark_prompts(1)[:2]
     got = bench.model_generator(vq_world["gpt"], vq_world["vq"], 3.0, "cpu")(prompts, 3, 7)
     gpt = GPT.from_pretrained(vq_world["gpt"]).eval()
-    info = gpt.meta["text"]
-    encoder = sample.joint_text_encoder(vq_world["gpt"], info, "cpu", torch.float32)
-    condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder, info["length"])
+    condition = sample.joint_condition(gpt, vq_world["gpt"], [p["prompt"] for p in prompts], "cpu")
     want = sample.sample_images(gpt, VQModel.from_pretrained(vq_world["vq"]).eval(),
                                 [0, 0, 0, 1, 1, 1], cfg_scale=3.0,
                                 generator=torch.Generator().manual_seed(7), condition=condition)
@@ -341,6 +337,7 @@ def test_bench_model_generator_draws_candidates_prompt_major(vq_world):
                 1, "--val-size", 16, "--num-workers", 0, "--out-dir", c2i])
     with pytest.raises(Exception, match="needs a text-to-image GPT trained with its own T5"):
         bench.model_generator(str(c2i / "ckpt.pt"), vq_world["vq"], 3.0, "cpu")
+
 
 # ------------------------------------------------------------------ a model that learns from text
 def test_a_small_model_trained_here_draws_the_colours_it_is_asked_for(tmp_path):
@@ -370,10 +367,8 @@ def learn_colours(tmp_path):
                 "--log-interval", 100, "--out-dir", tmp_path / "run"])
     path = str(tmp_path / "run" / "ckpt.pt")
     gpt = GPT.from_pretrained(path).eval()
-    info = gpt.meta["text"]
-    encoder = sample.joint_text_encoder(path, info, "cpu", torch.float32)
     prompts = [p for p in scenes.benchmark_prompts(40) if p["task"] == "colours"]
-    condition = sample.PromptCondition([p["prompt"] for p in prompts], encoder, info["length"])
+    condition = sample.joint_condition(gpt, path, [p["prompt"] for p in prompts], "cpu")
     images = sample.sample_images(gpt, SceneCodes(), list(range(len(prompts))), cfg_scale=5.0,
                                   top_k=20, generator=torch.Generator().manual_seed(0),
                                   condition=condition)
