@@ -129,8 +129,8 @@ def write_npz(f, **arrays):
 def picture_grid(args, gpt, vq, sample_kw):
     """args.out: a PNG grid with one row per class (rows of 8 for a single class), batches seeded
     by (seed, batch index); with --progress, also the GIF of the rasters being written."""
-    # class-major: a class's pictures are adjacent, so each fills one grid row, and its
-    # --candidates stay together in the prompt-major order rerank_candidates reads
+    # class-major: a class's pictures are adjacent, so each fills one grid row (and its
+    # --candidates are one block for re-ranking)
     labels = [k for k in args.classes for _ in range(args.per_class)]
     length = gpt.config.block_size
     steps = progress_steps(length, args.progress_frames) if args.progress else []
