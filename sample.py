@@ -414,13 +414,14 @@ def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
 def add_rerank_flags(p):
     """The re-ranking flags, their own group; a --num-samples run given them records them with the
     others that decide the pixels (check_rerank_args)."""
-    g = p.add_argument_group("re-ranking by CLIP (DALL-E 2.5)", "draw N candidates per class, "
-                             "keep the K most similar to its prompt \"a <class name>\" by CLIP")
+    g = p.add_argument_group("re-ranking by CLIP (DALL-E 2.5)", "draw N candidates per prompt "
+                             "or class, keep the K most similar to the prompt (a class: \"a "
+                             "<class name>\") by CLIP")
     g.add_argument("--candidates", type=int, default=None, metavar="N",
                    help="candidates drawn per picture kept (DALL-E: up to 32; 512 in its blog)")
     g.add_argument("--keep", type=int, default=None, metavar="K", help="with --candidates: the "
-                   "best K of each class, best first (default: 4, or N if smaller, for pictures; "
-                   "--num-samples keeps 1 of N per sample and takes only 1)")
+                   "best K of each prompt or class, best first (default: 4, or N if smaller, for "
+                   "pictures; --num-samples keeps 1 of N per sample and takes only 1)")
     g.add_argument("--clip", default=None, metavar="CKPT", help="with --candidates: our CLIP "
                    "(train.py --model CLIP-tiny) or a Hugging Face CLIP folder such as "
                    f"openai/clip-vit-base-patch32 (default: {DEMO_CLIP})")
@@ -438,8 +439,12 @@ def check_rerank_args(args):
         return
     if args.candidates < 1:
         raise UserError(f"--candidates must be at least 1, got {args.candidates}")
-    if args.per_class is not None:
-        raise UserError("--per-class and --candidates both set the draws per class; with "
+    # prompts take their N candidates per prompt, classes per class (check_prompt_args then
+    # moves per_prompt into per_class, the one count the grid reads)
+    prompts = bool(args.prompt or args.prompts)
+    per, flag = ("per_prompt", "--per-prompt") if prompts else ("per_class", "--per-class")
+    if getattr(args, per) is not None:
+        raise UserError(f"{flag} and --candidates both set the draws per row; with "
                         "--candidates each row shows its --keep best")
     if args.progress:
         raise UserError("--progress animates every candidate, kept or not; drop it with "
@@ -450,9 +455,9 @@ def check_rerank_args(args):
                             "of --candidates; drop --keep")
         args.keep = 1
     else:
-        # the grid draws N per class but shows K: rerank_grid sets per_class to K once ranked
+        # the grid draws N per row but shows K: rerank_grid sets per_class to K once ranked
         args.keep = min(4, args.candidates) if args.keep is None else args.keep
-        args.per_class = args.candidates
+        setattr(args, per, args.candidates)
     if not 1 <= args.keep <= args.candidates:
         raise UserError(f"--keep {args.keep} must be between 1 and --candidates "
                         f"{args.candidates}")
@@ -480,26 +485,28 @@ def class_prompts(gpt, classes):
 
 
 def setup_reranker(args, gpt):
-    """With --candidates: the CLIP (on the GPT's device) and the prompt of every class drawn."""
+    """With --candidates: the CLIP (on the GPT's device) and the text of every row drawn: the
+    prompt itself, or a class's name."""
     args.reranker = None
     if not args.candidates:
         return
-    args.prompts_of = class_prompts(gpt, args.classes)
+    args.prompts_of = (dict(enumerate(args.prompt_list)) if args.prompt_list
+                       else class_prompts(gpt, args.classes))
     model, tokenizer = clip.load(args.clip)
     args.reranker = model.to(args.device)
     args.reranker.tokenizer = tokenizer
 
 
 def rerank_grid(args, images):
-    """Pictures: the P classes' N candidates each -> their K best, best first, the scores
-    printed row by row; args.per_class becomes K so the grid has K per row."""
+    """Pictures: the P rows' (classes' or prompts') N candidates each -> their K best, best
+    first, the scores printed row by row; args.per_class becomes K so the grid has K per row."""
     if not args.candidates:
         return images
     # timed apart: report's sampling speed stops before the ranking
     t0 = time.perf_counter()
     texts = [args.prompts_of[k] for k in args.classes]
     kept, scores = rerank_candidates(images, texts, args.reranker, args.keep)
-    print(f"CLIP kept {args.keep} of {args.candidates} per class in "
+    print(f"CLIP kept {args.keep} of {args.candidates} per row in "
           f"{time.perf_counter() - t0:.1f} s; scores (100 x cosine), best first:")
     for text, row in zip(texts, scores.tolist()):
         print(f"  {text}: " + " ".join(f"{v:.1f}" for v in row))

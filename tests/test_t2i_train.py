@@ -307,6 +307,43 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
     assert code == 2 and "is class-conditional: draw it with --class" in err
 
 
+def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, capsys):
+    """--prompt with --candidates 3 --keep 2: each prompt's row holds the 2 of its 3 candidates
+    that CLIP scores highest against that prompt, best first; the same 6 candidates drawn with
+    --per-prompt 3 and ranked here by clip.rank give the same rows and scores."""
+    import clip
+    train_main(["--model", "CLIP-tiny", "--data", "scenes:64", "--max-steps", 2, "--batch-size",
+                8, "--val-size", 16, "--num-workers", 0, "--out-dir", tmp_path / "clip"])
+    ckpt = tmp_path / "clip" / "ckpt.pt"
+    base = ["--gpt-ckpt", vq_world["gpt"], "--vq-ckpt", vq_world["vq"], "--prompt", "a red circle",
+            "--prompt", "two blue stars"]
+    code, out, err = run_cli(sample.main, base + ["--candidates", 3, "--keep", 2, "--clip", ckpt,
+                                                  "--out", tmp_path / "kept.png"], capsys)
+    assert code == 0, err
+    printed = [[float(v) for v in line.split(":")[1].split()]
+               for line in out.splitlines() if line.startswith("  ")]
+    code, _, err = run_cli(sample.main, base + ["--per-prompt", 3, "--out", tmp_path / "all.png"],
+                           capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    def cells(path, cols):  # the grid's 32 px pictures, row-major, 2 px gaps
+        g = np.asarray(Image.open(path))
+        return np.stack([g[2 + 34 * r:34 + 34 * r, 2 + 34 * c:34 + 34 * c]
+                         for r in range(2) for c in range(cols)])
+    every, kept = cells(tmp_path / "all.png", 3), cells(tmp_path / "kept.png", 2)
+    model, tok = clip.load(str(ckpt))
+    scores = clip.rank(model, data.from_uint8(torch.from_numpy(every.copy())),
+                       ["a red circle", "two blue stars"], tok)
+    best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :2]
+    assert np.array_equal(kept, every.reshape(2, 3, 32, 32, 3)[[[0], [1]], best.numpy()]
+                          .reshape(4, 32, 32, 3))
+    assert np.allclose(printed, scores.gather(1, best).numpy(), atol=0.05)  # printed to 0.1
+    code, _, err = run_cli(sample.main, base + ["--candidates", 3, "--per-prompt", 2, "--clip",
+                                                ckpt, "--out", tmp_path / "x.png"], capsys)
+    assert code == 2 and "--per-prompt and --candidates" in err
+
+
 def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
     """PromptCondition: the checkpoint's own T5 and words, captions left padded to N = 16."""
     gpt = GPT.from_pretrained(vq_world["gpt"])
