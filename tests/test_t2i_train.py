@@ -310,7 +310,8 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
 def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, capsys):
     """--prompt with --candidates 3 --keep 2: each prompt's row holds the 2 of its 3 candidates
     that CLIP scores highest against that prompt, best first; the same 6 candidates drawn with
-    --per-prompt 3 and ranked here by clip.rank give the same rows and scores."""
+    --per-prompt 3 and ranked here by clip.rank give the same rows and scores. With --num-samples
+    each stored sample is its prompt's best of 3."""
     import clip
     train_main(["--model", "CLIP-tiny", "--data", "scenes:64", "--max-steps", 2, "--batch-size",
                 8, "--val-size", 16, "--num-workers", 0, "--out-dir", tmp_path / "clip"])
@@ -342,6 +343,20 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
     code, _, err = run_cli(sample.main, base + ["--candidates", 3, "--per-prompt", 2, "--clip",
                                                 ckpt, "--out", tmp_path / "x.png"], capsys)
     assert code == 2 and "--per-prompt and --candidates" in err
+    # the evaluation .npz: sample i is the CLIP-best of the 3 candidates drawn for prompt i
+    code, _, err = run_cli(sample.main, base + ["--num-samples", 2, "--cfg-scale", 1,
+                                                "--batch-size", 6, "--candidates", 3, "--clip",
+                                                ckpt, "--out", tmp_path / "s.npz"], capsys)
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz") as z:
+        stored = z["arr_0"]
+    gpt, vq = GPT.from_pretrained(vq_world["gpt"]).eval(), VQModel.from_pretrained(vq_world["vq"])
+    texts = ["a red circle", "two blue stars"]
+    condition = sample.joint_condition(gpt, vq_world["gpt"], texts, "cpu")
+    drawn = sample.sample_images(gpt, vq.eval(), torch.tensor([0, 0, 0, 1, 1, 1]), top_k=0,
+                                 generator=torch.Generator().manual_seed(sample.batch_seed(0, 0)),
+                                 condition=condition)
+    np.testing.assert_array_equal(stored, sample.rerank_candidates(drawn, texts, model, 1, tok)[0])
 
 
 def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
