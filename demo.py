@@ -186,10 +186,11 @@ def train_gpt(args, vq, codes_dir, shared, figures):
     """Step 4: the GPT trained by train.py on the codes; its validation loss in bits per token."""
     print(f"== 4. GPT-{args.gpt} on the codes")
     gpt_dir = fresh(os.path.join(args.out, "gpt_run"))
-    # a short run needs a decaying schedule (the paper's is constant for 300 epochs), and no
+    # a short run needs a decaying schedule (the paper's is constant for 300 epochs), a high
+    # peak rate (3e-3 against 2e-3: 0.12 bits per token lower, 90% against 87% at cfg 4) and no
     # dropout: 600 steps see each image about once and a half, too few to overfit (dropout 0.1
-    # cost 0.13 bits per token and 3 points of accuracy at cfg 4 here)
-    train.main(["--model", args.gpt, "--data", codes_dir, "--batch-size", "64", "--lr", "2e-3",
+    # cost 0.13 bits per token)
+    train.main(["--model", args.gpt, "--data", codes_dir, "--batch-size", "64", "--lr", "3e-3",
                 "--lr-schedule", "cosine", "--warmup-steps", "50", "--dropout", "0",
                 "--max-steps", str(int(args.gpt_steps * args.scale)),
                 "--eval-interval", "200", "--out-dir", gpt_dir, *shared])
