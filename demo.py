@@ -299,10 +299,25 @@ def train_t2i(args, codes_dir, shared, figures):
     print(f"validation loss {figures['t2i_val_bits_per_token']:.2f} bits/token")
 
 
+def per_task(res):
+    """A benchmark result's tasks, for one printed line."""
+    return ", ".join(f"{t} {100 * res[t]:.0f}%" for t in scenes.TASKS)
+
+
+def prompt_grid(args, device, name, *flags):
+    """sample.py's --prompt command line for the PROMPTS grid at the guided scale, as a user
+    would type it, into args.out/name."""
+    sample.main([*(a for p in PROMPTS for a in ("--prompt", p)), *flags,
+                 "--cfg-scale", str(args.t2i_cfg), "--seed", str(args.seed), "--device", device,
+                 "--overwrite", "--out", os.path.join(args.out, name),
+                 "--gpt-ckpt", os.path.join(args.out, "t2i_gpt.pt"),
+                 "--vq-ckpt", os.path.join(args.out, "t2i_vq.pt")])
+
+
 def benchmark(args, vq, device, figures):
     """Step 8: the compositional benchmark (scenes.py) at cfg 1 and a guided scale: per task,
     overall, seen and held-out pairs; then sample.py's --prompt command line for the grid and
-    the GIF."""
+    the GIF. Returns (the GPT, the prompts, their condition) for step 9."""
     out = args.out
     print(f"== 8. the compositional benchmark ({args.per_task} prompts per task)")
     path = os.path.join(out, "t2i_gpt.pt")
@@ -319,18 +334,14 @@ def benchmark(args, vq, device, figures):
         figures[f"t2i_cfg{cfg:g}"] = res
         print(f"cfg {cfg:g}: overall {100 * res['overall']:.0f}% (seen pairs "
               f"{100 * res['seen']['overall']:.0f}%, held-out {100 * res['heldout']['overall']:.0f}"
-              "%); " + ", ".join(f"{t} {100 * res[t]:.0f}%" for t in scenes.TASKS))
-    print("(the checker on true renders: " + ", ".join(
-        f"{t} {100 * checker[t]:.0f}%" for t in scenes.TASKS) + ")")
-    args_ = [a for p in PROMPTS for a in ("--prompt", p)]
-    sample.main([*args_, "--per-prompt", "8", "--cfg-scale", str(args.t2i_cfg),
-                 "--seed", str(args.seed), "--device", device, "--overwrite",
-                 "--progress", os.path.join(out, "t2i_drawing.gif"),
-                 "--out", os.path.join(out, "prompts.png"),
-                 "--gpt-ckpt", path, "--vq-ckpt", os.path.join(out, "t2i_vq.pt")])
+              "%); " + per_task(res))
+    print(f"(the checker on true renders: {per_task(checker)})")
+    prompt_grid(args, device, "prompts.png", "--per-prompt", "8",
+                "--progress", os.path.join(out, "t2i_drawing.gif"))
+    return gpt, prompts, condition
 
 
-def rerank(args, vq, device, shared, figures):
+def rerank(args, vq, device, shared, figures, gpt, prompts, condition):
     """Step 9: CLIP-tiny trained by train.py on the captioned scenes, then the benchmark at the
     guided scale with each prompt's CLIP-best of --candidates, and sample.py's re-ranked grid."""
     out = args.out
@@ -347,13 +358,9 @@ def rerank(args, vq, device, shared, figures):
         figures["clip_val_right_caption_among_10"] = [json.loads(line) for line in f][-1]["val"]
     print(f"an image picks its own caption among 10 in "
           f"{100 * figures['clip_val_right_caption_among_10']:.0f}% (chance 10%)")
-    path = os.path.join(out, "t2i_gpt.pt")
-    gpt = GPT.from_pretrained(path).to(device).eval()
     model, tokenizer = clip.load(clip_path)
     model = model.to(device)
-    prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed)
     texts = [p["prompt"] for p in prompts]
-    condition = sample.joint_condition(gpt, path, texts, device)
     n = args.candidates
     gen = torch.Generator(device).manual_seed(args.seed)
     # prompt-major, as rerank_candidates reads them: prompt i's n candidates are adjacent
@@ -367,13 +374,9 @@ def rerank(args, vq, device, shared, figures):
         res = scenes.score(list(images), prompts)
         figures[f"t2i_cfg{args.t2i_cfg:g}_{name}"] = res
         print(f"cfg {args.t2i_cfg:g}, " + ("the first" if name == "first" else "CLIP's best")
-              + f" of {n} candidates: overall {100 * res['overall']:.0f}%; "
-              + ", ".join(f"{t} {100 * res[t]:.0f}%" for t in scenes.TASKS))
-    args_ = [a for p in PROMPTS for a in ("--prompt", p)]
-    sample.main([*args_, "--candidates", "32", "--keep", "8", "--clip", clip_path,
-                 "--cfg-scale", str(args.t2i_cfg), "--seed", str(args.seed), "--device", device,
-                 "--overwrite", "--out", os.path.join(out, "prompts_reranked.png"),
-                 "--gpt-ckpt", path, "--vq-ckpt", os.path.join(out, "t2i_vq.pt")])
+              + f" of {n} candidates: overall {100 * res['overall']:.0f}%; " + per_task(res))
+    prompt_grid(args, device, "prompts_reranked.png", "--candidates", "32", "--keep", "8",
+                "--clip", clip_path)
 
 
 def text_half(args, device, shared, figures, phase, vq):
@@ -387,9 +390,9 @@ def text_half(args, device, shared, figures, phase, vq):
     phase("scene_codes")
     train_t2i(args, codes_dir, shared, figures)
     phase("t2i_gpt")
-    benchmark(args, vq, device, figures)
+    drawn_from = benchmark(args, vq, device, figures)
     phase("benchmark")
-    rerank(args, vq, device, shared, figures)
+    rerank(args, vq, device, shared, figures, *drawn_from)
     phase("rerank")
 
 
