@@ -191,8 +191,8 @@ def train_gpt(args, vq, codes_dir, shared, figures):
     # a short run needs a decaying schedule (the paper's is constant for 300 epochs), a high
     # peak rate (3e-3 against 2e-3: 0.12 bits per token lower, 90% against 87% at cfg 4) and no
     # dropout: 1800 steps of 32 see each image about 2.4 times, too few to overfit (dropout 0.1
-    # cost 0.13 bits per token). Twice the steps at half the batch, in the same time: 97% against
-    # 95% at cfg 4, the weakest class 92% against 86% (1300 steps: 93%, a class at 70%)
+    # cost 0.13 bits per token). Twice the steps at half the batch, in the same time, on one set of
+    # codes: 97% against 95% at cfg 4, the weakest class 92% against 86% (1300 steps: 93%, 70%)
     train.main(["--model", args.gpt, "--data", codes_dir, "--batch-size", "32", "--lr", "3e-3",
                 "--lr-schedule", "cosine", "--warmup-steps", "50", "--dropout", "0",
                 "--max-steps", str(int(args.gpt_steps * args.scale)),
