@@ -135,6 +135,12 @@ def fresh(folder):
     return folder
 
 
+def last_val(run):
+    """The last validation figure train.py logged in run/log.jsonl (a GPT: nats per token)."""
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["val"]
+
+
 def train_tokenizer(args, device, spec, shared):
     """Step 1: VQ-tiny trained by train.py; returns it loaded from its checkpoint, as a user
     would load it."""
@@ -200,9 +206,7 @@ def train_gpt(args, vq, codes_dir, shared, figures):
     shutil.copy(os.path.join(gpt_dir, "ckpt.pt"), os.path.join(args.out, "gpt.pt"))
     # train.py logs the validation cross-entropy in nats; bits compare with log2(codebook), the
     # cost of a GPT that knows nothing
-    with open(os.path.join(gpt_dir, "log.jsonl")) as f:
-        val_nats = [json.loads(line) for line in f][-1]["val"]
-    figures.update(val_bits_per_token=val_nats / math.log(2),
+    figures.update(val_bits_per_token=last_val(gpt_dir) / math.log(2),
                    uniform_bits_per_token=math.log2(vq.config.codebook_size))
     print(f"validation loss {figures['val_bits_per_token']:.2f} bits/token "
           f"(knowing nothing: {figures['uniform_bits_per_token']:.0f})")
@@ -296,9 +300,7 @@ def train_t2i(args, codes_dir, shared, figures):
                 "--max-steps", str(int(args.t2i_steps * args.scale)),
                 "--eval-interval", "250", "--out-dir", run, *shared])
     shutil.copy(os.path.join(run, "ckpt.pt"), os.path.join(args.out, "t2i_gpt.pt"))
-    with open(os.path.join(run, "log.jsonl")) as f:
-        val_nats = [json.loads(line) for line in f][-1]["val"]
-    figures["t2i_val_bits_per_token"] = val_nats / math.log(2)
+    figures["t2i_val_bits_per_token"] = last_val(run) / math.log(2)
     print(f"validation loss {figures['t2i_val_bits_per_token']:.2f} bits/token")
 
 
@@ -349,16 +351,13 @@ def rerank(args, vq, device, shared, figures, gpt, prompts, condition):
     guided scale with each prompt's CLIP-best of --candidates, and sample.py's re-ranked grid."""
     out = args.out
     print("== 9. CLIP-tiny on the captioned scenes, and re-ranking by it")
-    run = fresh(os.path.join(out, "clip_run"))
+    run, steps = fresh(os.path.join(out, "clip_run")), str(int(args.clip_steps * args.scale))
     train.main(["--model", "CLIP-tiny", "--data", f"scenes:{args.scenes}", "--batch-size", "64",
-                "--lr-schedule", "cosine", "--warmup-steps", "50",
-                "--max-steps", str(int(args.clip_steps * args.scale)),
-                "--eval-interval", str(int(args.clip_steps * args.scale)), "--out-dir", run,
-                *shared])
+                "--lr-schedule", "cosine", "--warmup-steps", "50", "--max-steps", steps,
+                "--eval-interval", steps, "--out-dir", run, *shared])
     clip_path = os.path.join(out, "clip.pt")  # where sample.py looks for the demo's CLIP
     shutil.copy(os.path.join(run, "ckpt.pt"), clip_path)
-    with open(os.path.join(run, "log.jsonl")) as f:
-        figures["clip_val_right_caption_among_10"] = [json.loads(line) for line in f][-1]["val"]
+    figures["clip_val_right_caption_among_10"] = last_val(run)
     print(f"an image picks its own caption among 10 in "
           f"{100 * figures['clip_val_right_caption_among_10']:.0f}% (chance 10%)")
     model, tokenizer = clip.load(clip_path)

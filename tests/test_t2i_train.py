@@ -315,9 +315,9 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
     import clip
     train_main(["--model", "CLIP-tiny", "--data", "scenes:64", "--max-steps", 2, "--batch-size",
                 8, "--val-size", 16, "--num-workers", 0, "--out-dir", tmp_path / "clip"])
-    ckpt = tmp_path / "clip" / "ckpt.pt"
-    base = ["--gpt-ckpt", vq_world["gpt"], "--vq-ckpt", vq_world["vq"], "--prompt", "a red circle",
-            "--prompt", "two blue stars"]
+    ckpt, texts = tmp_path / "clip" / "ckpt.pt", ["a red circle", "two blue stars"]
+    base = ["--gpt-ckpt", vq_world["gpt"], "--vq-ckpt", vq_world["vq"],
+            *(a for p in texts for a in ("--prompt", p))]
     code, out, err = run_cli(sample.main, base + ["--candidates", 3, "--keep", 2, "--clip", ckpt,
                                                   "--out", tmp_path / "kept.png"], capsys)
     assert code == 0, err
@@ -334,8 +334,7 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
                          for r in range(2) for c in range(cols)])
     every, kept = cells(tmp_path / "all.png", 3), cells(tmp_path / "kept.png", 2)
     model, tok = clip.load(str(ckpt))
-    scores = clip.rank(model, data.from_uint8(torch.from_numpy(every.copy())),
-                       ["a red circle", "two blue stars"], tok)
+    scores = clip.rank(model, data.from_uint8(torch.from_numpy(every.copy())), texts, tok)
     best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :2]
     assert np.array_equal(kept, every.reshape(2, 3, 32, 32, 3)[[[0], [1]], best.numpy()]
                           .reshape(4, 32, 32, 3))
@@ -351,7 +350,6 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
     with np.load(tmp_path / "s.npz") as z:
         stored = z["arr_0"]
     gpt, vq = GPT.from_pretrained(vq_world["gpt"]).eval(), VQModel.from_pretrained(vq_world["vq"])
-    texts = ["a red circle", "two blue stars"]
     condition = sample.joint_condition(gpt, vq_world["gpt"], texts, "cpu")
     drawn = sample.sample_images(gpt, vq.eval(), torch.tensor([0, 0, 0, 1, 1, 1]), top_k=0,
                                  generator=torch.Generator().manual_seed(sample.batch_seed(0, 0)),
