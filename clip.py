@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import text
-from common import UserError, load_checkpoint, load_weights, unwrap_state_dict
+from common import UserError, attention, load_checkpoint, load_weights, unwrap_state_dict
 
 
 # -------------------------------------------------------------------------------------- transformer
@@ -70,7 +70,7 @@ class Attention(nn.Module):
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         # softmax(q k^T / sqrt(head_dim)) v; the text tower is causal (GPT-2's design, kept so the
         # tower could also be a language model), the image tower sees every patch
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = attention(q, k, v, is_causal=causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, load_weights, unwrap_state_dict
+from common import UserError, attention, load_checkpoint, load_weights, unwrap_state_dict
 
 
 class RMSNorm(nn.Module):
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # shared k/v, no copies
         # is_causal is TOP-LEFT aligned (query i sees keys 0..i): right for training and for a
         # prefill at position 0 only; queries later in the sequence bring a mask (decode_step)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+        y = attention(q, k, v, attn_mask=mask,
                                            is_causal=mask is None and T > 1, **gqa,
                                            dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, cli, load_checkpoint, pick_device, save_atomic
+from common import UserError, attention, cli, load_checkpoint, pick_device, save_atomic
 
 # ------------------------------------------------------------------------------------- safetensors
 # A safetensors file is: 8 bytes (little-endian u64) N, then N bytes of JSON header
@@ -262,7 +262,7 @@ class T5Attention(nn.Module):
                    for proj in (self.q, self.k, self.v))
         # PyTorch's fused attention takes an additive float mask, here position bias + padding, and
         # scale=1.0 keeps T5's unscaled scores; it never materialises the softmax in a slow path.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+        y = attention(q, k, v, attn_mask=bias, scale=1.0,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
 

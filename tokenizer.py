@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UserError, download, load_checkpoint, load_weights, unwrap_state_dict,
-                    weights_checksum)
+from common import (UserError, attention, download, load_checkpoint, load_weights,
+                    unwrap_state_dict, weights_checksum)
 
 
 @dataclass
@@ -82,7 +82,7 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C], scale C^-0.5
+        h = attention(q, k, v)  # [B, 1, HW, C], scale C^-0.5
         return x + self.proj_out(h.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from common import UserError, load_weights
+from common import UserError, attention, load_weights
 from model import (GPT, GPT_CONFIGS, GPTConfig, KVCache, apply_rope, drop_path, filter_logits, gpt_config,
                    rope_2d_table, sample_logits)
 
@@ -247,6 +247,32 @@ def test_drop_path_and_dtype_behaviour():
     model = tiny().to(torch.bfloat16)
     assert model.freqs_cis.dtype == torch.float32 and model.tok_embeddings.weight.dtype == torch.bfloat16
     assert model(torch.randint(0, 32, (1, 16)), torch.tensor([0]))[0].dtype == torch.float32
+
+
+def test_cpu_bf16_attention_runs_in_float32_only_with_gradients():
+    """common.attention: a bf16 CPU training step attends in float32 (the bf16 flash backward is
+    ~4x slower), so output and gradient equal the float32 ones rounded once to bf16; without
+    gradients (sampling) the bf16 kernel runs unchanged."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
+    bias = torch.randn(1, 4, 9, 9)  # an additive float mask, as T5's position bias
+    for mask, kw in ((None, dict(is_causal=True)), (bias, dict(scale=1.0))):
+        qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+        y = attention(qb, kb, vb, attn_mask=mask if mask is None else mask.to(torch.bfloat16), **kw)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (qb, kb, vb))
+        m32 = None if mask is None else mask.to(torch.bfloat16).float()
+        y32 = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=m32, **kw)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, y32.to(torch.bfloat16))
+        g = torch.randn(y.shape)
+        y.backward(g.to(torch.bfloat16))
+        y32.backward(g.to(torch.bfloat16).float())
+        assert torch.equal(qb.grad, q32.grad.to(torch.bfloat16))
+        assert torch.equal(vb.grad, v32.grad.to(torch.bfloat16))
+    with torch.no_grad():
+        qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+        assert torch.equal(attention(qb, kb, vb, is_causal=True),
+                           F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 # ------------------------------------------------------------------------------------ KV cache generation
