@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 import train
 from common import UserError, attention, load_weights
 from model import (GPT, GPT_CONFIGS, GPTConfig, KVCache, apply_rope, drop_path, filter_logits, gpt_config,
@@ -273,6 +274,31 @@ def test_cpu_bf16_attention_runs_in_float32_only_with_gradients():
         assert torch.equal(attention(qb, kb, vb, is_causal=True),
                            F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.skipif(not model_module._ONEDNN_BF16, reason="this torch has no oneDNN packed linear")
+def test_cpu_decoding_matmuls_equal_f_linear(monkeypatch):
+    """model.Linear's decode-step paths (a few rows: float32 as (W @ x^T)^T, bf16 through a oneDNN
+    copy of W) give F.linear's numbers, and the bf16 copy follows every change of the weight."""
+    torch.manual_seed(0)
+    lin = model_module.Linear(64, 96)
+    with torch.no_grad():
+        for rows in (2, 16):
+            x = torch.randn(rows, 64)
+            assert torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-6, rtol=1e-6)
+        lin.bfloat16()
+        x = torch.randn(2, 1, 64, dtype=torch.bfloat16)  # a decode step's (rows, 1, dim)
+        assert torch.equal(lin(x), F.linear(x, lin.weight)) and lin._packed is not None
+        lin.weight.copy_(torch.randn(96, 64))  # an in-place write (load_state_dict's copy_)
+        assert torch.equal(lin(x), F.linear(x, lin.weight))
+        lin.float().bfloat16()  # new tensors of equal values, from .to()
+        assert torch.equal(lin(x), F.linear(x, lin.weight))
+    # a whole bf16 GPT: the same greedy codes with and without the oneDNN copies
+    gpt = tiny().to(torch.bfloat16)
+    labels = torch.tensor([1, 3])
+    with_copies = gpt.generate(labels, cfg_scale=2.0, greedy=True)
+    monkeypatch.setattr(model_module, "_ONEDNN_BF16", False)
+    assert torch.equal(with_copies, gpt.generate(labels, cfg_scale=2.0, greedy=True))
 
 
 # ------------------------------------------------------------------------------------ KV cache generation
