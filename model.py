@@ -827,22 +827,23 @@ class Linear(nn.Linear):
     - float32: MKL runs such x @ W^T far below memory speed, while the same product computed as
       (W @ x^T)^T streams W once (all GPT-B matmuls of one decode step, 2 threads: 2 rows 41 -> 11
       ms, 16 rows 48 -> 39 ms). Identical maths in another loop order.
-    - bf16 (no gradients): oneDNN multiplies a copy of W reordered once into its blocked layout
-      faster than the plain one (48 GPT-B-sized matrices, 2 cores: 9.4 -> 13.7 GB/s at 2 rows, 7.0
-      -> 11.9 at 16), with bit-identical results. The copy is kept until the weight changes.
+    - bf16 (no gradients, any number of rows): oneDNN multiplies a copy of W reordered once into
+      its blocked layout faster than the plain one, with bit-identical results (48 GPT-B-sized
+      matrices, 2 cores: 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9 at 16; 128 rows, a Jacobi
+      window, 1.9x). The copy is kept until the weight changes.
     Every other case is plain F.linear."""
 
     def __init__(self, d_in, d_out):
         super().__init__(d_in, d_out, bias=False)
-        self._packed = None  # (weight version, oneDNN copy) for bf16 decoding
+        self._packed = None  # (weight version, oneDNN copy) for bf16 without gradients
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if 1 < rows <= 16 and x.device.type == "cpu":
-            if x.dtype == torch.float32:
+        if x.device.type == "cpu":
+            rows = x.numel() // x.shape[-1]
+            if x.dtype == torch.float32 and 1 < rows <= 16:
                 return (self.weight @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
             if x.dtype == self.weight.dtype == torch.bfloat16 and _ONEDNN_BF16 \
-                    and not torch.is_grad_enabled():
+                    and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self._onednn_weight(),
                                                        None, "none", [], "")
                 return y.reshape(*x.shape[:-1], -1)
@@ -861,7 +862,7 @@ class Linear(nn.Linear):
         return self._packed[1]
 
 
-# oneDNN's packed bf16 linear: in PyTorch's CPU builds with mkldnn, used by torch.compile's own CPU
-# backend for the same purpose; absent, bf16 decoding takes F.linear
+# oneDNN's packed bf16 linear: in PyTorch's CPU builds with mkldnn; torch.compile's CPU backend
+# packs weights this way itself, so a compiled step leaves it to that. Absent, F.linear.
 _ONEDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                 "_reorder_linear_weight")
