@@ -50,7 +50,7 @@ import fid
 import sample
 import scenes
 import train
-from common import UserError, cli, cpu_has_bf16, pick_device
+from common import UserError, cli, cpu_has_bf16, pick_device, resolve_precision
 from data import CLASS_NAMES, SyntheticShapes
 from model import GPT
 from tokenizer import VQModel
@@ -114,9 +114,9 @@ def get_args():
     p.add_argument("--candidates", type=int, default=4,
                    help="benchmark candidates per prompt that CLIP re-ranks (1 = none)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="training precision (auto: bf16 on GPUs and on CPUs that multiply bf16 "
-                        "natively, e.g. avx512_bf16, where the GPT steps run 1.6x faster; "
-                        "fp32 elsewhere)")
+                   help="training precision (auto: train.py's on GPUs, bf16 on CPUs that "
+                        "multiply bf16 natively, e.g. avx512_bf16, where the GPT steps run 1.6x "
+                        "faster, fp32 on other CPUs; the tokenizer always trains in fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--only", choices=HALVES, default=None,
                    help="run one half: c2i (class-conditional) or t2i (text-conditional); "
@@ -414,8 +414,9 @@ def main():
     figures = dict(machine=torch.cuda.get_device_name(device) if device.startswith("cuda")
                    else f"{device}, {os.cpu_count()} CPU cores")
     precision = args.precision
-    if precision == "auto" and device == "cpu":  # train.py's own auto keeps every CPU in fp32
-        precision = "bf16" if cpu_has_bf16() else "fp32"
+    if precision == "auto":  # train.py's own auto keeps every CPU in fp32
+        precision = ("bf16" if cpu_has_bf16() else "fp32") if device == "cpu" else \
+            resolve_precision("auto", device)[0]
     figures["precision"] = precision
     # flags every training run shares: no DataLoader workers (a 2-core machine gains nothing from
     # them), one seed, 256 held-out items for the validation loss, one precision

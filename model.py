@@ -130,9 +130,8 @@ class Attention(nn.Module):
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}  # shared k/v, no copies
         # is_causal is TOP-LEFT aligned (query i sees keys 0..i): right for training and for a
         # prefill at position 0 only; queries later in the sequence bring a mask (decode_step)
-        y = attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None and T > 1, **gqa,
-                                           dropout_p=self.attn_dropout_p if self.training else 0.0)
+        y = attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa,
+                      dropout_p=self.attn_dropout_p if self.training else 0.0)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, -1)))
 
 

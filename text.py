@@ -263,7 +263,7 @@ class T5Attention(nn.Module):
         # PyTorch's fused attention takes an additive float mask, here position bias + padding, and
         # scale=1.0 keeps T5's unscaled scores; it never materialises the softmax in a slow path.
         y = attention(q, k, v, attn_mask=bias, scale=1.0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                      dropout_p=self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, N, -1))
 
 
