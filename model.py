@@ -829,7 +829,8 @@ class Linear(nn.Linear):
     - bf16 (no gradients, any number of rows): oneDNN multiplies a copy of W reordered once into
       its blocked layout faster than the plain one, with bit-identical results (48 GPT-B-sized
       matrices, 2 cores: 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9 at 16; 128 rows, a Jacobi
-      window, 1.9x). The copy is kept until the weight changes.
+      window, 1.9x). The copy, a second set of bf16 weights in memory, is kept until the weight
+      changes.
     Every other case is plain F.linear."""
 
     def __init__(self, d_in, d_out):
