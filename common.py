@@ -151,12 +151,18 @@ def cpu_has_bf16():
 
 
 def attention(q, k, v, attn_mask=None, **kw):
-    """F.scaled_dot_product_attention, the one call every attention in the project makes, with one
-    CPU quirk worked around: PyTorch's CPU flash-attention BACKWARD in bf16 is about 4x slower than
-    in float32 (GPT-nano under bf16 autocast, 2 cores with avx512_bf16: 286 against 65 ms per 5
-    steps, more than all its bf16 matmuls), so a bf16 training step on a CPU attends in float32.
-    Sampling (no gradients) and GPUs keep their dtype; float32 inputs are untouched."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+    """F.scaled_dot_product_attention, the one call every attention in the project makes, with two
+    CPU quirks worked around, where PyTorch's CPU flash attention in bf16 is slow:
+    - its BACKWARD is about 4x slower than in float32 (GPT-nano under bf16 autocast, 2 cores with
+      avx512_bf16: 286 against 65 ms per 5 steps, more than all its bf16 matmuls), so a bf16
+      training step on a CPU attends in float32;
+    - so is a decode step's handful of queries against a long cache (GPT-B, 16 rows x 1 query x
+      256 keys, 12 heads: 4.8 against 1.8 ms), so the KV cache on a CPU holds float32 (KVCache)
+      and bf16 queries against it attend in float32.
+    Other bf16 attention without gradients (prefills, encoders) and GPUs keep their dtype; float32
+    inputs are untouched."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (
+            torch.is_grad_enabled() or k.dtype == torch.float32):
         if attn_mask is not None and attn_mask.is_floating_point():
             attn_mask = attn_mask.float()
         with torch.autocast("cpu", enabled=False):

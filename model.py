@@ -78,7 +78,9 @@ class KVCache:
     """Keys and values of every position seen so far, for one layer (gpt-fast style: one static
     buffer written by position). Decoding code t then costs one token's worth of compute instead of
     re-running all t previous positions, O(L) instead of O(L^2) work per image. Not a module: never
-    in a state dict (the official cache buffers are, and loading drops them)."""
+    in a state dict (the official cache buffers are, and loading drops them). On a CPU it holds
+    float32 even for a bf16 model: attention from the cache then runs in float32 (common.attention),
+    3x faster there than in bf16 for a decode step's few queries."""
 
     def __init__(self, batch, length):
         self.batch, self.length, self.k, self.v = batch, length, None, None
@@ -86,14 +88,15 @@ class KVCache:
     def update(self, pos, k, v):
         """Write k, v (b, heads, T, D) at positions pos..pos+T-1; return views of the filled prefix
         of the first b rows (b shrinks from 2B to B when classifier-free guidance stops)."""
-        if self.k is None:  # allocated once, in the dtype the projections produce
+        if self.k is None:  # allocated once, in the dtype the projections produce (CPU: float32)
             shape = (self.batch, k.shape[1], self.length, k.shape[3])
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+            dtype = torch.float32 if k.device.type == "cpu" else k.dtype
+            self.k, self.v = k.new_zeros(shape, dtype=dtype), v.new_zeros(shape, dtype=dtype)
         b = k.shape[0]
         if torch.is_tensor(pos):  # positions (b, T): the fixed-shape step, see GPT.decode_step
             index = pos[:, None, :, None].expand_as(k)
-            self.k[:b].scatter_(2, index, k)
-            self.v[:b].scatter_(2, index, v)
+            self.k[:b].scatter_(2, index, k.to(self.k.dtype))
+            self.v[:b].scatter_(2, index, v.to(self.v.dtype))
             return self.k[:b], self.v[:b]
         end = pos + k.shape[2]
         self.k[:b, :, pos:end] = k
@@ -449,6 +452,7 @@ def jacobi_generate(model, cond, n_images, sampler="jacobi", window=16, cfg_scal
     # k/v of accepted codes stay where they were written; a rejected draft's slot is overwritten by
     # the next pass and masked until then. W-1 slots of slack let every window fit.
     static_caches(model, rows, N + L + W - 1)
+    onednn_weights(model, True)
     key_ok = None  # a padded caption: which cache slots are keys (prefix_mask's semantics)
     if cond_mask is not None:
         key_ok = F.pad(cond_mask.bool(), (0, L + W - 1), value=True).repeat(rows // B, 1)
@@ -519,6 +523,7 @@ def jacobi_generate(model, cond, n_images, sampler="jacobi", window=16, cfg_scal
     finally:
         for layer in model.layers:
             layer.attention.kv_cache = None
+        onednn_weights(model, False)
         model.train(was_training)
     codes = tokens[:, :L].clone()
     return (codes, passes) if return_passes else codes
@@ -704,6 +709,7 @@ class GPT(nn.Module):
             key_ok = F.pad(cond_mask, (0, L - 1), value=True).repeat(len(prefix) // B, 1)
         was_training = self.training
         self.eval()
+        onednn_weights(self, True)
         for layer in self.layers:  # exact length: the prefix and every code but the last one
             layer.attention.kv_cache = KVCache(len(prefix), cfg.cls_token_num + L - 1)
         codes = torch.empty(B, L, dtype=torch.long, device=cond.device)
@@ -730,6 +736,7 @@ class GPT(nn.Module):
         finally:
             for layer in self.layers:
                 layer.attention.kv_cache = None
+            onednn_weights(self, False)
             self.train(was_training)
         return (codes, L) if return_passes else codes
 
@@ -821,48 +828,49 @@ def gpt_config(name, **overrides):
 
 # --------------------------------------------------------------------------- CPU decoding speed
 class Linear(nn.Linear):
-    """A bias-free nn.Linear (Llama has no biases). Two speed details for CPU decoding, where a step
-    multiplies only a few rows by each weight matrix and the time is the streaming of the weights:
-    - float32: MKL runs such x @ W^T far below memory speed, while the same product computed as
-      (W @ x^T)^T streams W once (all GPT-B matmuls of one decode step, 2 threads: 2 rows 41 -> 11
-      ms, 16 rows 48 -> 39 ms). Identical maths in another loop order.
-    - bf16 (no gradients, any number of rows): oneDNN multiplies a copy of W reordered once into
-      its blocked layout faster than the plain one, with bit-identical results (48 GPT-B-sized
-      matrices, 2 cores: 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9 at 16; 128 rows, a Jacobi
-      window, 1.9x). The copy, a second set of bf16 weights in memory, is kept until the weight
-      changes.
-    Every other case is plain F.linear."""
+    """A bias-free nn.Linear (Llama has no biases), with one speed detail for CPU sampling, where a
+    decode step multiplies only a few rows by each weight matrix and the time is the streaming of
+    the weights: while GPT.generate runs, float32 and bf16 products go through a copy of W that
+    oneDNN has reordered into its blocked layout (what torch.compile's CPU backend does), which
+    streams W faster than the plain layout: all GPT-B matmuls of one step, 2 cores, float32 at 16
+    rows 52 -> 26 ms (1 row 36 -> 21, 128 rows 1.2x), bf16 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9
+    at 16 (128 rows, a Jacobi window, 1.9x). bf16 results are bit-identical to F.linear's, float32
+    ones equal to rounding (another summation order). The copies, a second set of weights in
+    memory, live only as long as one generate() call, which also makes them safe from every way a
+    weight can change between calls; everything else is plain F.linear."""
 
     def __init__(self, d_in, d_out):
         super().__init__(d_in, d_out, bias=False)
-        self._packed = None  # (weight version, oneDNN copy) for bf16 without gradients
+        self._packed = None  # the oneDNN copy of weight, during generation on a CPU
 
     def forward(self, x):
-        if x.device.type == "cpu":
-            rows = x.numel() // x.shape[-1]
-            if x.dtype == torch.float32 and 1 < rows <= 16:
-                return (self.weight @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)
-            if x.dtype == self.weight.dtype == torch.bfloat16 and _ONEDNN_BF16 \
-                    and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), self._onednn_weight(),
-                                                       None, "none", [], "")
-                return y.reshape(*x.shape[:-1], -1)
+        # is_compiling first: a traced step never looks at the opaque copy
+        if not torch.compiler.is_compiling() and self._packed is not None \
+                and x.dtype == self.weight.dtype:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self._packed,
+                                                   None, "none", [], "")
+            return y.reshape(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
-    def _apply(self, fn, *args, **kwargs):
-        self._packed = None  # .to(), .float(), .cuda() make new weights: the copy is stale
-        return super()._apply(fn, *args, **kwargs)
-
-    def _onednn_weight(self):
-        w = self.weight
-        # an in-place write (load_state_dict's copy_, an optimizer step) or new data re-packs
-        key = (w.data_ptr(), w._version)
-        if self._packed is None or self._packed[0] != key:
-            self._packed = key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
-        return self._packed[1]
+    def __getstate__(self):  # deepcopy, pickle: the opaque oneDNN copy is never copied
+        return {**self.__dict__, "_packed": None}
 
 
-# oneDNN's packed bf16 linear: in PyTorch's CPU builds with mkldnn; torch.compile's CPU backend
-# packs weights this way itself, so a compiled step leaves it to that. Absent, F.linear.
-_ONEDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+def onednn_weights(model, on):
+    """Make (on) or drop the oneDNN copies of model's Linear weights (see Linear), for a CPU model
+    in float32 or bf16; a no-op elsewhere."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            w = m.weight
+            # float32 matrices under 2^17 weights (GPT-nano's) are bound by a call's fixed cost,
+            # where F.linear's is lower (2 rows of a 384 x 128 matrix: 26 against 40 us)
+            ok = on and _ONEDNN and w.device.type == "cpu" and not torch.is_autocast_enabled(
+                "cpu") and (w.dtype == torch.bfloat16 or w.dtype == torch.float32
+                            and w.numel() >= 2 ** 17)  # under autocast: F.linear's dtype
+            m._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16) if ok else None
+
+
+# oneDNN's packed linear: in PyTorch's CPU builds with mkldnn; torch.compile's CPU backend packs
+# weights this way itself, so a compiled step leaves it to that. Absent, F.linear.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                 "_reorder_linear_weight")

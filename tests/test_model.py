@@ -1,5 +1,6 @@
 """model.py: parameter counts, official key names and weights, 2D RoPE, KV-cache decoding, sampling."""
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -250,10 +251,11 @@ def test_drop_path_and_dtype_behaviour():
     assert model(torch.randint(0, 32, (1, 16)), torch.tensor([0]))[0].dtype == torch.float32
 
 
-def test_cpu_bf16_attention_runs_in_float32_only_with_gradients():
+def test_cpu_bf16_attention_runs_in_float32_with_gradients_or_a_float32_cache():
     """common.attention: a bf16 CPU training step attends in float32 (the bf16 flash backward is
-    ~4x slower), so output and gradient equal the float32 ones rounded once to bf16; without
-    gradients (sampling) the bf16 kernel runs unchanged."""
+    ~4x slower), so output and gradient equal the float32 ones rounded once to bf16; so does a bf16
+    query against the float32 KV cache a CPU keeps; other bf16 attention without gradients runs
+    the bf16 kernel unchanged."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
     bias = torch.randn(1, 4, 9, 9)  # an additive float mask, as T5's position bias
@@ -273,32 +275,54 @@ def test_cpu_bf16_attention_runs_in_float32_only_with_gradients():
         qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
         assert torch.equal(attention(qb, kb, vb, is_causal=True),
                            F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
+        y = attention(qb[:, :, -1:], k, v)  # a decode step's query, the cache in float32
+        assert y.dtype == torch.bfloat16 and torch.equal(
+            y, F.scaled_dot_product_attention(qb[:, :, -1:].float(), k, v).to(torch.bfloat16))
     assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    # the cache a CPU keeps for a bf16 model is float32
+    cache = model_module.KVCache(2, 9)
+    cache.update(0, kb, vb)
+    assert cache.k.dtype == cache.v.dtype == torch.float32
 
 
-@pytest.mark.skipif(not model_module._ONEDNN_BF16, reason="this torch has no oneDNN packed linear")
-def test_cpu_decoding_matmuls_equal_f_linear(monkeypatch):
-    """model.Linear's decode-step paths (a few rows: float32 as (W @ x^T)^T, bf16 through a oneDNN
-    copy of W) give F.linear's numbers, and the bf16 copy follows every change of the weight."""
+@pytest.mark.skipif(not model_module._ONEDNN, reason="this torch has no oneDNN packed linear")
+def test_cpu_sampling_matmuls_equal_f_linear(monkeypatch):
+    """model.Linear with its oneDNN copy of W (made for one generate() call on a CPU): F.linear's
+    numbers, bf16 bit for bit and float32 to rounding; the copies are dropped when generation ends
+    and never deep-copied; whole GPTs draw the same greedy codes with and without them."""
     torch.manual_seed(0)
-    lin = model_module.Linear(64, 96)
+    big, lin = model_module.Linear(512, 256), model_module.Linear(64, 96)
     with torch.no_grad():
-        for rows in (2, 16):
-            x = torch.randn(rows, 64)
-            assert torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-6, rtol=1e-6)
+        model_module.onednn_weights(big, True)
+        for rows in (1, 2, 16, 128):
+            x = torch.randn(rows, 512)
+            assert torch.allclose(big(x), F.linear(x, big.weight), atol=1e-6, rtol=1e-5)
+        assert big._packed is not None
+        model_module.onednn_weights(lin, True)
+        assert lin._packed is None  # a small float32 matrix: F.linear is quicker
         lin.bfloat16()
+        model_module.onednn_weights(lin, True)
         x = torch.randn(2, 1, 64, dtype=torch.bfloat16)  # a decode step's (rows, 1, dim)
         assert torch.equal(lin(x), F.linear(x, lin.weight)) and lin._packed is not None
-        lin.weight.copy_(torch.randn(96, 64))  # an in-place write (load_state_dict's copy_)
-        assert torch.equal(lin(x), F.linear(x, lin.weight))
-        lin.float().bfloat16()  # new tensors of equal values, from .to()
-        assert torch.equal(lin(x), F.linear(x, lin.weight))
-    # a whole bf16 GPT: the same greedy codes with and without the oneDNN copies
+        assert copy.deepcopy(lin)._packed is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps F.linear's dtype
+            model_module.onednn_weights(big, True)
+            assert big._packed is None
     gpt = tiny().to(torch.bfloat16)
     labels = torch.tensor([1, 3])
-    with_copies = gpt.generate(labels, cfg_scale=2.0, greedy=True)
-    monkeypatch.setattr(model_module, "_ONEDNN_BF16", False)
-    assert torch.equal(with_copies, gpt.generate(labels, cfg_scale=2.0, greedy=True))
+    seen = []
+    monkeypatch.setattr(model_module.Linear, "forward", lambda self, x: seen.append(
+        self._packed is not None) or F.linear(x, self.weight))
+    gpt.generate(labels, cfg_scale=2.0, greedy=True, sampler="jacobi", window=4)
+    gpt.generate(labels, cfg_scale=2.0, greedy=True)
+    assert seen and all(seen)  # every product of both samplers had its copy ...
+    assert all(m._packed is None for m in gpt.modules() if isinstance(m, model_module.Linear))
+    monkeypatch.undo()  # ... and none is left behind
+    for gpt in (tiny(dim=256), tiny().to(torch.bfloat16)):  # float32 dim 256: wqkv has 2^17.6
+        monkeypatch.setattr(model_module, "_ONEDNN", True)
+        with_copies = gpt.generate(labels, cfg_scale=2.0, greedy=True)
+        monkeypatch.setattr(model_module, "_ONEDNN", False)
+        assert torch.equal(with_copies, gpt.generate(labels, cfg_scale=2.0, greedy=True))
 
 
 # ------------------------------------------------------------------------------------ KV cache generation

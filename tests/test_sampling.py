@@ -152,6 +152,19 @@ def test_static_step_compiles_once_for_the_whole_image():
     assert counter.frame_count == 1
 
 
+def test_bf16_model_through_every_sampler():
+    """A bf16 model on a CPU (its KV caches hold float32, common.attention): the static step and
+    greedy Jacobi decoding give the sequential sampler's greedy codes, with and without guidance."""
+    model = tiny(token_scale=1.0).to(torch.bfloat16)
+    cond = torch.tensor([0, 3, 4])
+    for cfg in (dict(cfg_scale=1.0), dict(cfg_scale=3.0)):
+        eager = model.generate(cond, greedy=True, **cfg)
+        assert len(eager.unique()) > 4
+        assert torch.equal(model.generate(cond, greedy=True, static=True, **cfg), eager)
+        jacobi = model.generate(cond, greedy=True, sampler="jacobi", window=4, **cfg)
+        assert torch.equal(jacobi, eager)
+
+
 # -------------------------------------------------------------------------- greedy Jacobi decoding
 @pytest.mark.parametrize("cfg", CFGS)
 def test_greedy_jacobi_is_the_greedy_sequence(cfg):
