@@ -405,9 +405,9 @@ def bench_jacobi(args):
     from model import GPT, gpt_config
     from sample import load_gpt
     # Jacobi decoding trades passes for width: each pass scores `window` codes per row. On a CPU
-    # a pass's cost grows with its rows (model.Linear: 2 rows 11 ms, 16 rows 39 ms for GPT-B), so
-    # fewer passes pay off less than on a GPU, where a batch-1 pass is bound by reading the
-    # weights whatever its width: read the wall-clock speed-up of each machine next to the passes.
+    # a pass's cost grows with its rows (GPT-B's float32 matmuls, 2 cores: 2 rows 22 ms, 16 rows
+    # 26, 128 rows 158), so fewer passes pay off less than on a GPU, where a batch-1 pass is bound
+    # by reading the weights whatever its width: read each machine's wall clock next to the passes.
     dev = args.device
     torch.manual_seed(0)
     if args.gpt_ckpt:  # sample.py's loader: an official file's grid from its name (_384: 24x24)
