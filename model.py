@@ -80,7 +80,7 @@ class KVCache:
     re-running all t previous positions, O(L) instead of O(L^2) work per image. Not a module: never
     in a state dict (the official cache buffers are, and loading drops them). On a CPU it holds
     float32 even for a bf16 model: attention from the cache then runs in float32 (common.attention),
-    3x faster there than in bf16 for a decode step's few queries, for twice a bf16 cache's memory."""
+    3x faster there than in bf16 for a decode step's few queries, in twice the memory."""
 
     def __init__(self, batch, length):
         self.batch, self.length, self.k, self.v = batch, length, None, None
@@ -832,8 +832,8 @@ class Linear(nn.Linear):
     decode step multiplies only a few rows by each weight matrix and the time is the streaming of
     the weights: while GPT.generate runs, float32 and bf16 products go through a copy of W that
     oneDNN has reordered into its blocked layout (what torch.compile's CPU backend does), which
-    streams W faster than the plain layout: all GPT-B matmuls of one step, 2 cores, float32 at 16
-    rows 52 -> 26 ms (1 row 36 -> 21, 128 rows 1.2x), bf16 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9
+    streams W faster than the plain layout: all GPT-B matmuls of one step, 2 cores, float32 at 2
+    rows 63 -> 22 ms, 16 rows 64 -> 26 (128 rows 1.2x), bf16 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9
     at 16 (128 rows, a Jacobi window, 1.9x). bf16 results are bit-identical to F.linear's, float32
     ones equal to rounding (another summation order). The copies, a second set of weights in
     memory, live only as long as one generate() call, which also makes them safe from every way a
@@ -863,14 +863,15 @@ def onednn_weights(model, on):
         if isinstance(m, Linear):
             w = m.weight
             # float32 matrices under 2^17 weights (GPT-nano's) are bound by a call's fixed cost,
-            # where F.linear's is lower (2 rows of a 384 x 128 matrix: 26 against 40 us)
-            ok = on and _ONEDNN and w.device.type == "cpu" and not torch.is_autocast_enabled(
-                "cpu") and (w.dtype == torch.bfloat16 or w.dtype == torch.float32
-                            and w.numel() >= 2 ** 17)  # under autocast: F.linear's dtype
+            # where F.linear's is lower (2 rows of a 384 x 128 matrix: 12-26 against 23-40 us)
+            small = w.dtype == torch.float32 and w.numel() < 2 ** 17
+            ok = (on and _ONEDNN and w.device.type == "cpu" and not small
+                  and w.dtype in (torch.float32, torch.bfloat16)
+                  and not torch.is_autocast_enabled("cpu"))  # autocast: F.linear's dtype rules
             m._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16) if ok else None
 
 
 # oneDNN's packed linear: in PyTorch's CPU builds with mkldnn; torch.compile's CPU backend packs
 # weights this way itself, so a compiled step leaves it to that. Absent, F.linear.
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                                "_reorder_linear_weight")
+                                                            "_reorder_linear_weight")

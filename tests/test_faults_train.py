@@ -384,6 +384,8 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(codes, tmp_path, ca
     """SIGINT arrives during step 3 (dropout on): the run finishes that step, saves it, says how to
     go on, exits 130; resumed to step 5 it ends with the weights of a run never interrupted."""
     real, calls = train.Trainer.train_step, []
+    # what the run must put back: Python's default, or SIG_IGN when started in the background
+    handler = signal.getsignal(signal.SIGINT)
 
     def step_then_ctrl_c(self, *a):
         real(self, *a)
@@ -397,7 +399,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(codes, tmp_path, ca
     one_line(code, err, 130, "interrupted at step 3; checkpoint saved to", "resume with --resume")
     assert load_checkpoint(out / "ckpt.pt")["step"] == 3
     monkeypatch.setattr(train.Trainer, "train_step", real)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler put back
+    assert signal.getsignal(signal.SIGINT) is handler  # handler put back
     code, _, err = run_cli(train.main, gpt(codes, out, *flags, "--resume", steps=5), capsys)
     assert code == 0, err
     code, _, err = run_cli(train.main, gpt(codes, tmp_path / "straight", *flags, steps=5), capsys)
