@@ -79,8 +79,7 @@ class KVCache:
     buffer written by position). Decoding code t then costs one token's worth of compute instead of
     re-running all t previous positions, O(L) instead of O(L^2) work per image. Not a module: never
     in a state dict (the official cache buffers are, and loading drops them). On a CPU it holds
-    float32 even for a bf16 model: attention from the cache then runs in float32 (common.attention),
-    3x faster there than in bf16 for a decode step's few queries, in twice the memory."""
+    float32 even for a bf16 model, in twice the memory: why is common.attention's second quirk."""
 
     def __init__(self, batch, length):
         self.batch, self.length, self.k, self.v = batch, length, None, None
@@ -831,13 +830,13 @@ class Linear(nn.Linear):
     """A bias-free nn.Linear (Llama has no biases), with one speed detail for CPU sampling, where a
     decode step multiplies only a few rows by each weight matrix and the time is the streaming of
     the weights: while GPT.generate runs, float32 and bf16 products go through a copy of W that
-    oneDNN has reordered into its blocked layout (what torch.compile's CPU backend does), which
-    streams W faster than the plain layout: all GPT-B matmuls of one step, 2 cores, float32 at 2
-    rows 63 -> 22 ms, 16 rows 64 -> 26 (128 rows 1.2x), bf16 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9
-    at 16 (128 rows, a Jacobi window, 1.9x). bf16 results are bit-identical to F.linear's, float32
-    ones equal to rounding (another summation order). The copies, a second set of weights in
-    memory, live only as long as one generate() call, which also makes them safe from every way a
-    weight can change between calls; everything else is plain F.linear."""
+    oneDNN has reordered into its blocked layout, which streams W faster than the plain layout
+    (all GPT-B matmuls of one step, 2 cores: float32 2 rows 63 -> 22 ms, 16 rows 64 -> 26, 128 rows
+    1.2x; bf16 9.4 -> 13.7 GB/s at 2 rows, 7.0 -> 11.9 at 16, 1.9x at 128, a Jacobi window). bf16
+    results are bit-identical to F.linear's, float32 ones equal to rounding (another summation
+    order). The copies, a second set of weights in memory, live only as long as one generate()
+    call, which also makes them safe from every way a weight can change between calls; everything
+    else is plain F.linear."""
 
     def __init__(self, d_in, d_out):
         super().__init__(d_in, d_out, bias=False)
