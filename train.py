@@ -411,6 +411,10 @@ class CaptionedCodes(torch.utils.data.Dataset):
     def __init__(self, codes, texts=None, tokenizer=None, length=120, features=None):
         self.codes, self.texts, self.tokenizer = codes, texts, tokenizer
         self.length, self.features = length, features
+        # caption -> (ids, mask), made once: cleaning and tokenizing take ~0.2 ms a caption, 8% of
+        # a GPT-pico step at batch 64 (the test's). At most 2^14 kept (17 MB at N = 120): all of
+        # the built-in world's captions, a few of COCO's 600k, which then cost as before
+        self.memo = {}
 
     def __len__(self):
         return len(self.codes)
@@ -424,8 +428,12 @@ class CaptionedCodes(torch.utils.data.Dataset):
             text = self.texts[index]
             if not isinstance(text, str):  # several captions: one per access (Seeded's RNG)
                 text = text[int(torch.randint(len(text), ()))]
-            ids, mask = self.tokenizer(clean_caption(text), self.length)
-            caption, mask = ids[0], mask[0]
+            pair = self.memo.get(text)
+            if pair is None:
+                pair = self.tokenizer(clean_caption(text), self.length)
+                if len(self.memo) < 1 << 14:
+                    self.memo[text] = pair
+            caption, mask = pair[0][0], pair[1][0]
         return codes, caption, mask.bool(), torch.tensor(1.0)
 
 

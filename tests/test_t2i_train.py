@@ -153,9 +153,10 @@ def test_joint_checkpoint_is_self_contained(vq_world):
         json.load(open(os.path.join(vq_world["codes"], "meta.json")))["tokenizer_checksum"]
 
 
-def test_caption_items_are_right_padded_token_ids(vq_world):
+def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
     """An item: codes [64], the caption's ids right-padded to N with </s> last, its mask, valid 1;
-    the joint model's forward equals GPT.forward on its own T5's left-padded features."""
+    a caption is cleaned and tokenized once, later accesses are the same tensors; the joint
+    model's forward equals GPT.forward on its own T5's left-padded features."""
     import text
     captions = data.read_captions(vq_world["codes"])[0]
     args = train.get_args([str(a) for a in train_args(vq_world["codes"], "/tmp/unused", 1)])
@@ -168,6 +169,12 @@ def test_caption_items_are_right_padded_token_ids(vq_world):
     assert ids[len(words)].item() == 1 and (ids[~mask] == 0).all()  # </s>, then <pad>
     vocab = stage.text_meta["words"]
     assert [vocab[i - 3] for i in ids[:len(words)].tolist()] == words
+    cleaned = []
+    monkeypatch.setattr(train, "clean_caption",
+                        lambda t: cleaned.append(t) or text.clean_caption(t))
+    again, other = stage.dataset[5], stage.dataset[7]
+    assert all(torch.equal(a, b) for a, b in zip(again, (codes, ids, mask, valid)))
+    assert cleaned == [captions[7]] and not torch.equal(other[1], ids)
     model = stage.model.eval()
     b = torch.utils.data.default_collate([stage.dataset[i] for i in (0, 5, 9)])
     feats, m = text.TextEncoder(text.UnigramTokenizer.from_words(vocab), model.text_encoder
