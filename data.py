@@ -434,7 +434,9 @@ def save_grid(images, path, nrow=8):
 # A codes folder holds codes.npy [N, n_aug, L] (uint16 while the codebook fits, else int32),
 # labels.npy [N] and meta.json, the receipt of what made them (CodesReceipt). n_aug views per
 # image: the original and its mirror image, or with ten_crop the 4 corners + centre of the image
-# and of its mirror (the official extract_codes_c2i.py); training draws one view per access.
+# and of its mirror (the official extract_codes_c2i.py); training draws one view per access. A
+# captioned image has one view, itself (the official extract_codes_t2i.py): its mirror would
+# contradict the caption's left and right ("a star to the left of a circle").
 # Written as .npy files so that np.load(mmap_mode="r") pages in only the rows in use.
 
 @dataclasses.dataclass(frozen=True)
@@ -446,7 +448,7 @@ class CodesReceipt:
     vocab_size: int  # the tokenizer's codebook size
     grid: tuple  # (h, w) codes per image
     image_size: int  # pixels per side fed to the tokenizer
-    n_aug: int  # views per image: 2 (image, mirror) or 10 (ten crops)
+    n_aug: int  # views per image: 2 (image, mirror), 10 (ten crops) or 1 (captioned images)
     count: int  # images
     tokenizer_checksum: str  # tokenizer.tokenizer_checksum of the weights that encoded them
     ten_crop: bool
@@ -503,15 +505,15 @@ class CodesReceipt:
                             f"of {mine}, or start afresh")
 
 
-def code_views(x, image_size, ten_crop=False):
+def code_views(x, image_size, ten_crop=False, mirror=True):
     """[3, S, S] image -> [n_aug, 3, image_size, image_size] views: (x, mirror of x) with
     S == image_size, or the ten crops (top-left, top-right, bottom-left, bottom-right, centre; then
-    the same of the mirror).
+    the same of the mirror); mirror=False: x alone.
 
     Codes are computed once, so the data augmentation happens here instead of in the training
     loop: every view an epoch might draw is encoded ahead of time, and CodesDataset picks one."""
     if not ten_crop:
-        return torch.stack([x, x.flip(-1)])
+        return torch.stack([x, x.flip(-1)]) if mirror else x[None]
     h, w = x.shape[-2:]
     # the centre's offset rounds as torchvision's TenCrop does (the official extraction uses it)
     cy, cx = int(round((h - image_size) / 2)), int(round((w - image_size) / 2))
@@ -524,15 +526,15 @@ def code_views(x, image_size, ten_crop=False):
 class _Views(torch.utils.data.Dataset):
     """A dataset's images as their code_views, so DataLoader workers cut the crops in parallel."""
 
-    def __init__(self, base, image_size, ten_crop):
-        self.base, self.image_size, self.ten_crop = base, image_size, ten_crop
+    def __init__(self, base, image_size, ten_crop, mirror):
+        self.base, self.image_size, self.ten_crop, self.mirror = base, image_size, ten_crop, mirror
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, index):
         x, label = self.base[index]
-        return code_views(x, self.image_size, self.ten_crop), label
+        return code_views(x, self.image_size, self.ten_crop, self.mirror), label
 
 
 def _write_json(path, obj):
@@ -635,7 +637,8 @@ def _receipt(vq, base, data, image_size, ten_crop, crop_range, device):
     codes_dtype = np.uint16 if vocab <= 2 ** 16 else np.int32  # 16,384 codes: 2 bytes each, not 8
     labels_dtype = np.int16 if base.num_classes <= 2 ** 15 else np.int64
     return CodesReceipt(
-        vocab_size=vocab, grid=grid, image_size=image_size, n_aug=10 if ten_crop else 2,
+        vocab_size=vocab, grid=grid, image_size=image_size,
+        n_aug=10 if ten_crop else 1 if isinstance(base, Captioned) else 2,
         count=len(base), tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop,
         crop_range=crop_range if ten_crop else None, codes_dtype=np.dtype(codes_dtype).name,
         labels_dtype=np.dtype(labels_dtype).name,
@@ -709,6 +712,10 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
     if isinstance(base, Joined):  # a GPT learns one world's labels or captions at a time
         raise UserError(f"--data {data!r} joins datasets, which only a tokenizer trains on; "
                         "extract the codes of each dataset on its own")
+    if ten_crop and isinstance(base, Captioned):
+        raise UserError(f"--ten-crop is for class labels: half of its views are mirror images, "
+                        f"which contradict a caption's left and right; extract {data!r} "
+                        "without it (one centre crop per image)")
     vq = vq.to(device).eval()  # no dropout: resumed and sharded runs write the same codes
     receipt = _receipt(vq, base, data, image_size, ten_crop, crop_range, device)
     if _finished(out, receipt, rank):
@@ -729,7 +736,8 @@ def _extract(vq, data, out, image_size, ten_crop, crop_range, batch_size, num_wo
         labels = _open_part(os.path.join(parts, f"labels-{tag}.npy"), mode,
                             receipt.labels_dtype, (hi - lo,))
         # in dataset order, never shuffled: part row j must hold image lo + j, its label too
-        rows = torch.utils.data.Subset(_Views(base, image_size, ten_crop), range(lo + done, hi))
+        views = _Views(base, image_size, ten_crop, mirror=receipt.n_aug == 2)
+        rows = torch.utils.data.Subset(views, range(lo + done, hi))
         loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers,
                                              pin_memory=str(device).startswith("cuda"))
         # the loader covers only the rows still missing, so a resumed run encodes nothing twice
