@@ -428,12 +428,13 @@ class CaptionedCodes(torch.utils.data.Dataset):
             text = self.texts[index]
             if not isinstance(text, str):  # several captions: one per access (Seeded's RNG)
                 text = text[int(torch.randint(len(text), ()))]
-            pair = self.memo.get(text)
-            if pair is None:
-                pair = self.tokenizer(clean_caption(text), self.length)
+            row = self.memo.get(text)
+            if row is None:
+                ids, mask = self.tokenizer(clean_caption(text), self.length)
+                row = ids[0], mask[0]
                 if len(self.memo) < 1 << 14:
-                    self.memo[text] = pair
-            caption, mask = pair[0][0], pair[1][0]
+                    self.memo[text] = row
+            caption, mask = row
         return codes, caption, mask.bool(), torch.tensor(1.0)
 
 

@@ -188,7 +188,7 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
     cleaned = []
     monkeypatch.setattr(train, "clean_caption",
                         lambda t: cleaned.append(t) or text.clean_caption(t))
-    again, other = stage.dataset[5], stage.dataset[7]  # (its codes may be the other view)
+    again, other = stage.dataset[5], stage.dataset[7]  # the caption's part of each item
     assert all(torch.equal(a, b) for a, b in zip(again[1:], (ids, mask, valid)))
     assert cleaned == [captions[7]] and not torch.equal(other[1], ids)
     model = stage.model.eval()
