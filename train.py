@@ -473,6 +473,10 @@ class T2IStage(GPTStage):
     def __init__(self, recipe, resumed):
         codes = data.codes_dataset(recipe.data)
         receipt = codes.receipt
+        if receipt.n_aug != 1:  # a folder extracted before captioned images had one view
+            raise UserError(f"{recipe.data} holds {receipt.n_aug} views per captioned image; "
+                            "mirror views contradict their captions' left and right: extract "
+                            "the codes again (python data.py extract ... --overwrite)")
         h, w = receipt.grid
         # no num_classes: the caption prefix takes the class token's place (cls_token_num = N)
         over = dict(vocab_size=receipt.vocab_size, block_size=h * w)

@@ -3,6 +3,7 @@ built-in captioned world (scenes.py) with its own small T5 (--text t5-nano), or 
 features; sampled from prompts; its pictures scored by the world's exact checker."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -147,6 +148,13 @@ def test_captioned_images_are_encoded_as_themselves_alone(vq_world, tmp_path):
     assert np.array_equal(codes[[0, 7], 0], want)
     with pytest.raises(data.UserError, match="--ten-crop is for class labels"):
         data.extract_codes(vq, "scenes:120", tmp_path / "crops", image_size=32, ten_crop=True)
+    # a folder of two views a scene (extracted before this rule) is refused, not trained mirrors
+    # and all: the same folder with each scene's codes doubled and its receipt saying n_aug 2
+    old = shutil.copytree(vq_world["codes"], tmp_path / "two_views")
+    np.save(old / "codes.npy", np.repeat(codes, 2, axis=1))
+    json.dump({**meta, "n_aug": 2}, open(old / "meta.json", "w"))
+    with pytest.raises(data.UserError, match="2 views per captioned image.*extract the codes"):
+        train_main(train_args(old, tmp_path / "t2i", 1))
 
 
 def test_joint_checkpoint_is_self_contained(vq_world):
