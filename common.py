@@ -244,9 +244,10 @@ def load_weights(module, state_dict, what, ignore=(), hint=""):
 
 
 def check_weights(module, sd, what, hint=""):
-    """load_weights' checks alone: every tensor of `module` in `sd` with its shape, nothing more.
-    Also for a module sharded by FSDP, whose state_dict shapes are those of the whole tensors."""
-    own = module.state_dict()
+    """load_weights' checks alone: every tensor of `module` (or of a state dict) in `sd` with its
+    shape, nothing more. Also for a module sharded by FSDP, whose state_dict shapes are those of
+    the whole tensors."""
+    own = module if isinstance(module, dict) else module.state_dict()
     hint = f"; {hint}" if hint else ""
     for k, v in own.items():
         if k not in sd:

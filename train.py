@@ -36,7 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import clip
 import data
 from common import (DTYPES, UserError, check_weights, cli, first_line, load_checkpoint,
-                    os_error_line, progress, resolve_precision, save_atomic, setup_device)
+                    is_rank0, os_error_line, progress, resolve_precision, save_atomic, say,
+                    setup_device, unwrap_state_dict)
 from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 from text import T5_CONFIGS, T5Encoder, UnigramTokenizer, clean_caption, t5_config
@@ -180,7 +181,7 @@ class GPTStage(Stage):
     # the paper (3.2) and the official autoregressive/train/train_c2i.py agree on these
     defaults = dict(epochs=300, batch_size=256, weight_decay=0.05)
     # None: the config's own dropout (0.1 each); --grad-ckpt recomputes `blocks`
-    flags = dict(dropout=None, class_dropout=None, grad_ckpt=False)
+    flags = dict(dropout=None, class_dropout=None, grad_ckpt=False, init_from=None)
     val_label = "validation cross-entropy (nats/token)"
 
     def __init__(self, recipe, resumed):
@@ -205,8 +206,43 @@ class GPTStage(Stage):
             was.check_same_tokenizer(receipt, mine="the checkpoint",
                                      theirs=f"the codes in {recipe.data}")
         self.model, self.meta = GPT(self.config), receipt.to_dict()
+        if recipe.init_from and not resumed:
+            self.start_from(recipe, receipt)
         self.train_set, self.val_set = split(codes, recipe.val_size)
         self.units_per_item = self.config.block_size
+
+    def start_from(self, recipe, receipt):
+        """--init-from: a new run whose GPT begins as another one, as LlamaGen's 512 px stage 2
+        begins as its 256 px stage 1. What draws the codes (their embedding, the Llama blocks,
+        the final norm and the head) must fit whole: the same --model, on codes of the same
+        tokenizer, so that each code means what it meant. The condition (the class table; the
+        caption's cap_proj and null caption; a T5 trained along) comes too when it means the
+        same (equal class names or text side, or an official file of equal shapes), and starts
+        afresh otherwise: a class GPT then hands a text GPT everything but its classes."""
+        path = recipe.init_from
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kind", "gpt") != "gpt":
+            raise UserError(f"--init-from {path} is a {ckpt['kind']!r} checkpoint, not a GPT")
+        meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+        if meta.get("tokenizer_checksum"):  # official files carry no receipt: shapes must do
+            data.CodesReceipt.from_dict(meta, path).check_same_tokenizer(
+                receipt, mine=f"--init-from {path}", theirs=f"--data {receipt.data}")
+        theirs = {k: v for k, v in unwrap_state_dict(ckpt).items()
+                  if "kv_cache" not in k and "freqs_cis" not in k}  # runtime buffers
+        mine = self.model.state_dict()
+        cond = ("cls_embedding.", "text_encoder.")
+        body = {k: v for k, v in theirs.items() if not k.startswith(cond)}
+        fit = f"--init-from takes a GPT of --model {recipe.model} on these codes"
+        check_weights({k: v for k, v in mine.items() if not k.startswith(cond)}, body,
+                      f"--init-from {path}", fit)
+        extra = {k: v for k, v in mine.items() if k.startswith(cond)}
+        same = ({k for k in theirs if k.startswith(cond)} == set(extra)
+                and all(theirs[k].shape == v.shape for k, v in extra.items())
+                and (not meta or condition_of(meta) == condition_of(self.meta)))
+        self.model.load_state_dict({**mine, **body, **(theirs if same else {})})
+        if is_rank0():
+            say(f"--init-from {path}: " + ("every weight" if same else "all but the condition "
+                "embedding, which starts afresh (another condition)"))
 
     @property
     def blocks(self):
@@ -226,6 +262,17 @@ class GPTStage(Stage):
         # the FLOPs a token costs (model.py flops_per_token) x tokens/s, over the GPU's bf16 peak:
         # the share of the hardware's arithmetic the training really uses
         return self.model.estimate_mfu(units_per_second, device)
+
+
+def condition_of(meta):
+    """What a GPT's condition tensors mean, from its checkpoint's meta: its class names, or its
+    text side (a jointly-trained T5's words and shape, or the frozen encoder's receipt)."""
+    text = meta.get("text")
+    if text is None:
+        return "class", list(meta.get("classes") or []), meta.get("num_classes")
+    if text.get("kind") == "joint":
+        return "joint", text["words"], text["length"], text["config"]
+    return "frozen", text["receipt"], text["length"], text["width"]
 
 
 class VQStage(Stage):
@@ -497,6 +544,8 @@ class T2IStage(GPTStage):
             old.check_same_tokenizer(receipt, mine="the checkpoint",
                                      theirs=f"the codes in {recipe.data}")
         self.meta = {**receipt.to_dict(), "text": self.text_meta}
+        if recipe.init_from and not resumed:
+            self.start_from(recipe, receipt)
         self.train_set, self.val_set = split(self.dataset, recipe.val_size)
         self.units_per_item = self.config.block_size
 
@@ -673,6 +722,11 @@ def add_stage_flags(a):
       help="tokenizer: codes in the codebook (default: the config's)")
     a("--entropy-loss-ratio", type=float, default=None, help="tokenizer: weight of the entropy "
       "loss that spreads use over the codebook (default 0, the paper's)")
+    a("--init-from", default=None, metavar="GPT.pt", help="GPT: start from another GPT's "
+      "weights (ours or official) instead of random ones: its code embedding, blocks and head, "
+      "which must fit --model and come from the same tokenizer's codes, and its class or caption "
+      "embedding when that means the same (else it starts afresh: a class GPT can start a text "
+      "GPT); a resumed run keeps its own")
 
 
 def add_clip_flags(p):
@@ -769,9 +823,9 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
     checkpoint, not from today's defaults); a fresh one takes its stage's defaults."""
     saved = ckpt["args"] if ckpt else {}
     # the data position is step * batch, and the optimizer state keeps its decay: neither changes
-    for name in ("batch_size", "weight_decay"):
+    for name in ("batch_size", "weight_decay", "init_from"):
         given = getattr(args, name)
-        if saved and given is not None and given != saved[name]:
+        if saved and given is not None and given != saved.get(name):
             raise UserError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's "
                             f"{saved[name]}: a resumed run keeps it; start a new --out-dir to "
                             "change it")

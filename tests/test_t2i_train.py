@@ -3,6 +3,7 @@ built-in captioned world (scenes.py) with its own small T5 (--text t5-nano), or 
 features; sampled from prompts; its pictures scored by the world's exact checker."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,56 @@ def test_resume_keeps_the_text_encoder(vq_world, tmp_path, capsys):
                                         "--num-workers", 0, "--out-dir", a, "--max-steps", 5,
                                         "--resume"], capsys)
     assert code == 2 and "is a text-to-image GPT; resume it with the --text" in err
+
+
+def test_init_from_starts_a_run_from_another_gpt(vq_world, tmp_path, capsys):
+    """--init-from: a text GPT started from a class GPT on the same tokenizer's codes begins with
+    its code embedding, blocks, norm and head, and a fresh caption side (the one a run without
+    the flag draws from the same seed); a class GPT from a class GPT, or from the same weights as
+    an official file (no receipt), begins with every weight. At --lr 1e-12 a step moves no weight
+    by more than 1e-9, so the saved weights are the starting ones. A GPT of another --model, a
+    tokenizer's checkpoint, another tokenizer's codes and a resumed run told another --init-from
+    are refused with one line."""
+    c2i = tmp_path / "c2i"
+    c2i_args = ["--model", "nano", "--data", vq_world["codes"], "--batch-size", 8,
+                "--val-size", 16, "--num-workers", 0]
+    train_main([*c2i_args, "--max-steps", 1, "--out-dir", c2i])
+    src = load_checkpoint(c2i / "ckpt.pt")["model"]
+    still = ["--lr", "1e-12", "--weight-decay", 0]
+    train_main(train_args(vq_world["codes"], tmp_path / "t2i", 1, *still,
+                          "--init-from", c2i / "ckpt.pt"))
+    assert "all but the condition embedding, which starts afresh" in capsys.readouterr().err
+    train_main(train_args(vq_world["codes"], tmp_path / "fresh", 1, *still))
+    got = load_checkpoint(tmp_path / "t2i" / "ckpt.pt")["model"]
+    fresh = load_checkpoint(tmp_path / "fresh" / "ckpt.pt")["model"]
+    body = [k for k in src if not k.startswith("cls_embedding.")]
+    assert len(body) > 20 and all(torch.allclose(got[k], src[k], atol=1e-9) for k in body)
+    new = [k for k in got if k.startswith(("cls_embedding.", "text_encoder."))]
+    assert all(torch.allclose(got[k], fresh[k], atol=1e-9) for k in new)
+    assert not torch.allclose(fresh["tok_embeddings.weight"], src["tok_embeddings.weight"], atol=1e-3)
+    torch.save({"model": src}, tmp_path / "official.pt")  # weights only, as LlamaGen releases them
+    for start in (c2i / "ckpt.pt", tmp_path / "official.pt"):
+        out = tmp_path / f"again_{start.stem}"
+        train_main([*c2i_args, "--max-steps", 1, *still, "--init-from", start, "--out-dir", out])
+        again = load_checkpoint(out / "ckpt.pt")["model"]
+        assert again.keys() == src.keys()
+        assert all(torch.allclose(again[k], src[k], atol=1e-9) for k in src)
+    assert capsys.readouterr().err.count(": every weight") == 2
+    other = load_checkpoint(c2i / "ckpt.pt")
+    other["meta"]["tokenizer_checksum"] = "0" * 64
+    torch.save(other, tmp_path / "other_tokenizer.pt")
+    for start, model, message in (
+            (c2i / "ckpt.pt", "pico", "expected shape .*--init-from takes a GPT of --model pico"),
+            (vq_world["vq"], "nano", "is a 'vq' checkpoint, not a GPT"),
+            (tmp_path / "other_tokenizer.pt", "nano", "come from another tokenizer")):
+        code, _, err = run_cli(train.main, [*c2i_args, "--model", model, "--max-steps", 1,
+                                            "--init-from", start, "--out-dir", tmp_path / "x"],
+                               capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert re.search(message, err), err
+    code, _, err = run_cli(train.main, [*c2i_args, "--max-steps", 2, "--resume", "--out-dir", c2i,
+                                        "--init-from", tmp_path / "official.pt"], capsys)
+    assert code == 2 and "--init-from" in err and "a resumed run keeps it" in err
 
 
 @pytest.mark.subprocess
