@@ -822,12 +822,13 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
     the checkpoint saves it as "args". A resumed run keeps its own recipe (unset flags come from the
     checkpoint, not from today's defaults); a fresh one takes its stage's defaults."""
     saved = ckpt["args"] if ckpt else {}
-    # the data position is step * batch, and the optimizer state keeps its decay: neither changes
+    # the data position is step * batch, the optimizer state keeps its decay, and the run began
+    # from the weights it began from: none of them changes
     for name in ("batch_size", "weight_decay", "init_from"):
         given = getattr(args, name)
         if saved and given is not None and given != saved.get(name):
             raise UserError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's "
-                            f"{saved[name]}: a resumed run keeps it; start a new --out-dir to "
+                            f"{saved.get(name)}: a resumed run keeps it; start a new --out-dir to "
                             "change it")
     recipe = dict(vars(args))
     # a Namespace built without get_args has no `typed`: every flag then counts as given
