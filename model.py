@@ -556,6 +556,11 @@ def config_from_state_dict(sd, n_head=None):
     return dict(found, caption_dim=null.shape[1], cls_token_num=null.shape[0])
 
 
+# Tensors some official files save beside the weights (the RoPE table, an inference KV cache):
+# this model rebuilds both from its config, so loaders drop them
+RUNTIME_BUFFERS = ("kv_cache", "freqs_cis")
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -766,7 +771,7 @@ class GPT(nn.Module):
         # text_encoder.*: the T5 of a GPT trained with its encoder (train.py JointT2I), which
         # the caller loads itself (sample.py); the GPT reads the encoder's features
         load_weights(model, sd, f"GPT checkpoint {path!r}",
-                     ignore=("kv_cache", "freqs_cis", "text_encoder."),
+                     ignore=(*RUNTIME_BUFFERS, "text_encoder."),
                      hint=f"its shapes fit {fits}")
         model.meta = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
         # known: given by the caller or saved with the config; else GPTConfig's default, a guess

@@ -38,7 +38,7 @@ import data
 from common import (DTYPES, UserError, check_weights, cli, first_line, load_checkpoint,
                     is_rank0, os_error_line, progress, resolve_precision, save_atomic, say,
                     setup_device, unwrap_state_dict)
-from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
+from model import GPT, GPT_CONFIGS, RUNTIME_BUFFERS, gpt_config, left_pad_caption
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 from text import T5_CONFIGS, T5Encoder, UnigramTokenizer, clean_caption, t5_config
 
@@ -228,18 +228,20 @@ class GPTStage(Stage):
             data.CodesReceipt.from_dict(meta, path).check_same_tokenizer(
                 receipt, mine=f"--init-from {path}", theirs=f"--data {receipt.data}")
         theirs = {k: v for k, v in unwrap_state_dict(ckpt).items()
-                  if "kv_cache" not in k and "freqs_cis" not in k}  # runtime buffers
+                  if not any(b in k for b in RUNTIME_BUFFERS)}
         mine = self.model.state_dict()
-        cond = ("cls_embedding.", "text_encoder.")
-        body = {k: v for k, v in theirs.items() if not k.startswith(cond)}
-        fit = f"--init-from takes a GPT of --model {recipe.model} on these codes"
-        check_weights({k: v for k, v in mine.items() if not k.startswith(cond)}, body,
-                      f"--init-from {path}", fit)
-        extra = {k: v for k, v in mine.items() if k.startswith(cond)}
-        same = ({k for k in theirs if k.startswith(cond)} == set(extra)
-                and all(theirs[k].shape == v.shape for k, v in extra.items())
+
+        def parts(sd):  # (what draws the codes, the condition)
+            cond = {k: v for k, v in sd.items()
+                    if k.startswith(("cls_embedding.", "text_encoder."))}
+            return {k: v for k, v in sd.items() if k not in cond}, cond
+        (body, their_cond), (my_body, my_cond) = parts(theirs), parts(mine)
+        check_weights(my_body, body, f"--init-from {path}",
+                      f"--init-from takes a GPT of --model {recipe.model} on these codes")
+        same = (their_cond.keys() == my_cond.keys()
+                and all(their_cond[k].shape == v.shape for k, v in my_cond.items())
                 and (not meta or condition_of(meta) == condition_of(self.meta)))
-        self.model.load_state_dict({**mine, **body, **(theirs if same else {})})
+        self.model.load_state_dict({**mine, **body, **(their_cond if same else {})})
         if is_rank0():
             say(f"--init-from {path}: " + ("every weight" if same else "all but the condition "
                 "embedding, which starts afresh (another condition)"))
