@@ -1,12 +1,14 @@
-"""What every script shares: device and precision, safe checkpoint I/O, downloads, one-line errors.
+"""What every script shares: one-line errors, the flag table check, the output policy, the image
+reader, the pixel rule and PNG grids, device and precision, safe checkpoint I/O, downloads.
 
-One copy of each, so that train.py, sample.py, data.py, fid.py and the rest pick their device, load,
-save, download and fail the same way. Nothing here knows about images, codes or models.
+One copy of each, so that every script fails, reads, writes and picks its device the same way.
+Nothing here knows about codes or models; fid.py, a leaf, needs nothing else of this project.
 """
 import argparse
 import errno
 import glob
 import hashlib
+import math
 import os
 import shutil
 import socket
@@ -14,8 +16,10 @@ import sys
 import tempfile
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 
@@ -32,9 +36,18 @@ class UserError(ValueError):
         super().__init__(line)
 
 
+def rank_world():
+    """(rank, world size) of this process: the process group's once it is up, else torchrun's
+    RANK and WORLD_SIZE, else (0, 1) for a plain `python script.py`."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def is_rank0():
     """True in a single process and in torchrun's rank 0, the one process that speaks for all."""
-    return int(os.environ.get("RANK", 0)) == 0
+    return rank_world()[0] == 0
 
 
 def say(line):
@@ -91,6 +104,136 @@ def progress(iterable=None, show=True, **kw):
     torchrun): redirected to a log file, every redraw of a bar would be kept (146 KB for the demo).
     """
     return tqdm(iterable, disable=None if show else True, dynamic_ncols=True, **kw)
+
+
+# ------------------------------------------------------------------------------------------- flags
+# Every CLI declares its numeric ranges and its "only with" rules once, as a table, and calls
+# check_flags: no flag has a hand-written check of its own, and none is parsed and then ignored.
+def at_least(lo):
+    return (lambda v: v >= lo, f"at least {lo}")
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def check_flags(args, ranges=None, only_with=()):
+    """ranges: {dest: (ok(value), "the rule in words")}, a value of None meaning "not given";
+    a float must also be finite (nan compares False with everything and would slip through).
+    only_with: [(dest, "what it needs", present(args))]: given without it, the flag is refused."""
+    for name, needs, present in only_with:
+        if getattr(args, name, None) not in (None, False) and not present(args):
+            raise UserError(f"--{name.replace('_', '-')} only applies with {needs}; drop it")
+    for name, (ok, rule) in (ranges or {}).items():
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {value:g}")
+
+
+def check_writable(path, overwrite=False, flag="--out"):
+    """The one output policy of every CLI, checked before the work and not after it: a file already
+    there is kept unless --overwrite, and the folder must take a file (a real one, at once deleted:
+    the only test that catches read-only mounts and full quotas)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a folder; give a file name")
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose "
+                        f"another {flag}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write to {path!r} ({e.strerror}); choose a writable "
+                        "location") from None
+
+
+# ------------------------------------------------------------------------------------------ images
+# the extensions pytorch-fid's folder reader accepts
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+
+# what Pillow raises for a file it cannot decode: corrupt or cut short (OSError, SyntaxError,
+# ValueError), empty or not an image (UnidentifiedImageError, an OSError), or a decompression bomb
+# (a small file declaring billions of pixels)
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image(path):
+    """The project's one image reader (ImageFolder, fid.py's folders): the file decoded now, as
+    RGB by to_rgb's rules. Raises one of UNREADABLE for a file that cannot be decoded."""
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, not later in a crop
+        return to_rgb(im)
+
+
+def to_rgb(pil):
+    """Any Pillow mode -> RGB. Transparent pixels are composited on white, the page colour such
+    images (logos, product shots) were made to be seen on; dropping alpha instead would expose
+    whatever colour happens to be stored under it. 16-bit grayscale is scaled to 8 bits rather than
+    clipped at 255."""
+    if pil.mode == "RGB":
+        return pil
+    # a palette image may mark one colour transparent (as GIFs do) without any alpha channel
+    transparent = pil.mode == "P" and "transparency" in pil.info
+    if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
+        rgba = pil.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
+        a = np.asarray(pil, np.float64)
+        a = a / 257 if a.max() > 255 else a  # 16-bit data (65535 -> 255)
+        pil = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8))
+    return pil.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+# The official evaluation's pixel rule, the one place it lives: decoder output (about [-1, 1], not
+# clamped) -> optional bicubic resize -> clamp(127.5 x + 128) -> truncate to uint8. The order
+# matters: LlamaGen's sample_c2i_ddp.py resizes its 384 px samples to 256 BEFORE clamping, so
+# clamping first would give other pixels. The published FIDs were computed on exactly these bytes;
+# every PNG, .npz and metric here goes through it. from_uint8 is its inverse on the 256 levels
+# (127.5 x + 128 lands on the level + 0.5, so the round trip is exact).
+def to_uint8(images, resize_to=None):
+    """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] (resized to resize_to first)."""
+    x = images.detach().float()  # float32: bf16's 8-bit mantissa would shift pixel levels
+    if resize_to and resize_to != x.shape[-1]:
+        x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
+    x = (127.5 * x + 128).clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(pixels):
+    """uint8 pixels [..., H, W, 3] (an array, a tensor or an RGB PIL image) -> float32 tensor
+    [..., 3, H, W] in [-1, 1]."""
+    a = np.asarray(pixels.cpu() if torch.is_tensor(pixels) else pixels)
+    channels_first = np.moveaxis(a, -1, -3).astype(np.float32, order="C")
+    return torch.from_numpy(channels_first * (1 / 127.5) - 1)
+
+
+def make_grid(images, nrow=8, pad=2, pad_value=0):
+    """Tile [B, 3, H, W] images in [-1, 1] into one PIL image, `nrow` images per row, `pad` pixels
+    apart (black by default; an empty slot at the end stays the padding colour)."""
+    arr = to_uint8(images)  # the same bytes the .npz files and the metrics see
+    b, h, w, _ = arr.shape
+    nrow = max(1, min(nrow, b))  # fewer images than nrow: one row, as wide as they are
+    rows = math.ceil(b / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), pad_value, np.uint8)
+    for i in range(b):
+        y, x = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
+        grid[y:y + h, x:x + w] = arr[i]
+    return Image.fromarray(grid)
+
+
+def save_grid(images, path, nrow=8):
+    """Write a PNG grid of [B, 3, H, W] images in [-1, 1] (a list of [3, H, W] tensors works too);
+    returns the PIL image."""
+    if isinstance(images, (list, tuple)):
+        images = torch.stack(list(images))
+    grid = make_grid(images, nrow)
+    # atomic, like every file written here: an interrupted run leaves the old PNG, not half one
+    save_atomic(lambda f: grid.save(f, format="PNG"), path)
+    return grid
 
 
 # ---------------------------------------------------------------------------- device and precision

@@ -31,8 +31,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import (DTYPES, UserError, cli, first_line, is_rank0, os_error_line, progress,
-                    save_atomic, setup_device, weights_checksum)
+from common import (DTYPES, IMAGE_EXTENSIONS, UNREADABLE, UserError, cli, first_line, from_uint8,
+                    is_rank0, make_grid, os_error_line, progress, read_image, save_atomic,
+                    save_grid, setup_device, to_rgb, to_uint8, weights_checksum)
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
 
@@ -175,10 +176,6 @@ def preview(out, image_size=64, per_class=8, seed=0):
 # ------------------------------------------------------------------------------------------------
 # Image folders (the ImageNet layout: root/<class>/<image>) and the two crops of the official recipe
 
-# the extensions pytorch-fid's folder reader accepts
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
-
-
 def _resize_shorter_side(pil, side):
     """Shorter side -> `side`: BOX-halve while it is at least twice `side`, then one BICUBIC resize.
     The halving is ADM's anti-aliasing (guided-diffusion's center_crop_arr, which LlamaGen copies):
@@ -209,40 +206,6 @@ def random_resize_crop(pil_image, image_size, max_scale=1.25):
     x = int(torch.randint(pil.size[0] - image_size + 1, ()))
     y = int(torch.randint(pil.size[1] - image_size + 1, ()))
     return pil.crop((x, y, x + image_size, y + image_size))
-
-
-# what Pillow raises for a file it cannot decode: corrupt or cut short (OSError, SyntaxError,
-# ValueError), empty or not an image (UnidentifiedImageError, an OSError), or a decompression bomb
-# (a small file declaring billions of pixels)
-UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-
-def read_image(path):
-    """The project's one image reader (ImageFolder, fid.py's folders): the file decoded now, as
-    RGB by to_rgb's rules. Raises one of UNREADABLE for a file that cannot be decoded."""
-    with Image.open(path) as im:
-        im.load()  # decode now: a truncated file fails here, not later in a crop
-        return to_rgb(im)
-
-
-def to_rgb(pil):
-    """Any Pillow mode -> RGB. Transparent pixels are composited on white, the page colour such
-    images (logos, product shots) were made to be seen on; dropping alpha instead would expose
-    whatever colour happens to be stored under it. 16-bit grayscale is scaled to 8 bits rather than
-    clipped at 255."""
-    if pil.mode == "RGB":
-        return pil
-    # a palette image may mark one colour transparent (as GIFs do) without any alpha channel
-    transparent = pil.mode == "P" and "transparency" in pil.info
-    if pil.mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
-        rgba = pil.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if pil.mode in ("I", "F") or pil.mode.startswith("I;16"):
-        a = np.asarray(pil, np.float64)
-        a = a / 257 if a.max() > 255 else a  # 16-bit data (65535 -> 255)
-        pil = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8))
-    return pil.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -374,58 +337,6 @@ def check_image_size(image_size, downsample, flag="--image-size"):
     sizes = sizes or str(downsample)
     raise UserError(f"{flag} {image_size} is not a multiple of the tokenizer's downsampling "
                     f"factor {downsample}; use {sizes}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Pictures: the pixel rule between floats and uint8, and the one PNG grid writer used by sample.py,
-# the demo and the preview above
-
-# The official evaluation's pixel rule, the one place it lives: decoder output (about [-1, 1], not
-# clamped) -> optional bicubic resize -> clamp(127.5 x + 128) -> truncate to uint8. The order
-# matters: LlamaGen's sample_c2i_ddp.py resizes its 384 px samples to 256 BEFORE clamping, so
-# clamping first would give other pixels. The published FIDs were computed on exactly these bytes;
-# every PNG, .npz and metric here goes through it. from_uint8 is its inverse on the 256 levels
-# (127.5 x + 128 lands on the level + 0.5, so the round trip is exact).
-def to_uint8(images, resize_to=None):
-    """[B, 3, H, W] floats in [-1, 1] -> uint8 array [B, H, W, 3] (resized to resize_to first)."""
-    x = images.detach().float()  # float32: bf16's 8-bit mantissa would shift pixel levels
-    if resize_to and resize_to != x.shape[-1]:
-        x = F.interpolate(x, size=(resize_to, resize_to), mode="bicubic")
-    x = (127.5 * x + 128).clamp(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def from_uint8(pixels):
-    """uint8 pixels [..., H, W, 3] (an array, a tensor or an RGB PIL image) -> float32 tensor
-    [..., 3, H, W] in [-1, 1]."""
-    a = np.asarray(pixels.cpu() if torch.is_tensor(pixels) else pixels)
-    channels_first = np.moveaxis(a, -1, -3).astype(np.float32, order="C")
-    return torch.from_numpy(channels_first * (1 / 127.5) - 1)
-
-
-def make_grid(images, nrow=8, pad=2, pad_value=0):
-    """Tile [B, 3, H, W] images in [-1, 1] into one PIL image, `nrow` images per row, `pad` pixels
-    apart (black by default; an empty slot at the end stays the padding colour)."""
-    arr = to_uint8(images)  # the same bytes the .npz files and the metrics see
-    b, h, w, _ = arr.shape
-    nrow = max(1, min(nrow, b))  # fewer images than nrow: one row, as wide as they are
-    rows = math.ceil(b / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), pad_value, np.uint8)
-    for i in range(b):
-        y, x = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        grid[y:y + h, x:x + w] = arr[i]
-    return Image.fromarray(grid)
-
-
-def save_grid(images, path, nrow=8):
-    """Write a PNG grid of [B, 3, H, W] images in [-1, 1] (a list of [3, H, W] tensors works too);
-    returns the PIL image."""
-    if isinstance(images, (list, tuple)):
-        images = torch.stack(list(images))
-    grid = make_grid(images, nrow)
-    # atomic, like every file written here: an interrupted run leaves the old PNG, not half one
-    save_atomic(lambda f: grid.save(f, format="PNG"), path)
-    return grid
 
 
 # ------------------------------------------------------------------------------------------------
