@@ -11,9 +11,9 @@ import hashlib
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
+import urllib.request
 import warnings
 
 import numpy as np
@@ -100,9 +100,8 @@ def first_line(e):
 
 
 def progress(iterable=None, show=True, **kw):
-    """A tqdm bar for long work, drawn only when stderr is a terminal and `show` (rank 0 under
-    torchrun): redirected to a log file, every redraw of a bar would be kept (146 KB for the demo).
-    """
+    """A tqdm bar for long work, drawn only when stderr is a terminal (in a log file every redraw
+    would be kept) and `show` (rank 0 under torchrun)."""
     return tqdm(iterable, disable=None if show else True, dynamic_ncols=True, **kw)
 
 
@@ -151,9 +150,6 @@ def check_writable(path, overwrite=False, flag="--out"):
 # ------------------------------------------------------------------------------------------ images
 # the extensions pytorch-fid's folder reader accepts
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
-
-
-
 # what Pillow raises for a file it cannot decode: corrupt or cut short (OSError, SyntaxError,
 # ValueError), empty or not an image (UnidentifiedImageError, an OSError), or a decompression bomb
 # (a small file declaring billions of pixels)
@@ -169,10 +165,8 @@ def read_image(path):
 
 
 def to_rgb(pil):
-    """Any Pillow mode -> RGB. Transparent pixels are composited on white, the page colour such
-    images (logos, product shots) were made to be seen on; dropping alpha instead would expose
-    whatever colour happens to be stored under it. 16-bit grayscale is scaled to 8 bits rather than
-    clipped at 255."""
+    """Any Pillow mode -> RGB. Transparency is composited on white, the page such images were made
+    for (dropping alpha would expose whatever colour is stored under it); 16-bit gray is scaled."""
     if pil.mode == "RGB":
         return pil
     # a palette image may mark one colour transparent (as GIFs do) without any alpha channel
@@ -255,11 +249,9 @@ def pick_device(name=None):
 
 
 def setup_device(name=None, tf32=True):
-    """pick_device, then what every GPU process needs: under torchrun each process takes the GPU
-    of its LOCAL_RANK (one process per GPU), and float32 matmuls and convolutions may use TF32 (the
-    official recipe turns it on; about 3 significant digits per product, ample for training and
-    sampling). tf32=False keeps matmuls in full float32 (code extraction: a near-tie between two
-    codes must not flip); the metrics also turn cuDNN's TF32 off where they need it (fid.py)."""
+    """pick_device; under torchrun each process takes the GPU of its LOCAL_RANK, and float32
+    matmuls may use TF32 as in the official recipe. tf32=False keeps full float32 (code
+    extraction: a near-tie between two codes must not flip)."""
     device = pick_device(name)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -274,9 +266,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_precision(precision, device):
     """--precision -> (name, dtype). "auto" is bf16 on GPUs that have it (no loss scaling needed,
-    the official choice), fp16 on older GPUs, and fp32 on CPUs and MPS: most CPUs emulate bf16, and
-    on those that do not (cpu_has_bf16) float32 stays the default that the tests compare against;
-    there `--precision bf16` trains a GPT 1.6x faster (the demo's choice)."""
+    the official choice), fp16 on older GPUs, and fp32 on CPUs and MPS, where bf16 is mostly
+    emulated; on a CPU with native bf16 (cpu_has_bf16) the demo asks for bf16 itself."""
     if precision == "auto":
         cuda = str(device).startswith("cuda")
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
@@ -285,8 +276,7 @@ def resolve_precision(precision, device):
 
 def cpu_has_bf16():
     """True on a CPU whose matrix units multiply bf16 natively (avx512_bf16 or AMX, as oneDNN
-    reports): there bf16 matmuls run ~3x faster than float32 (2 cores of a Zen 4 EPYC: 350 against
-    110 GFLOP/s at GPT-nano's shapes). Elsewhere bf16 is emulated and slower than float32."""
+    reports); elsewhere bf16 is emulated and slower than float32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -294,16 +284,10 @@ def cpu_has_bf16():
 
 
 def attention(q, k, v, attn_mask=None, **kw):
-    """F.scaled_dot_product_attention, the one call every attention in the project makes, with two
-    CPU quirks worked around, where PyTorch's CPU flash attention in bf16 is slow:
-    - its BACKWARD is about 4x slower than in float32 (GPT-nano under bf16 autocast, 2 cores with
-      avx512_bf16: 286 against 65 ms per 5 steps, more than all its bf16 matmuls), so a bf16
-      training step on a CPU attends in float32;
-    - so is a decode step's handful of queries against a long cache (GPT-B, 16 rows x 1 query x
-      256 keys, 12 heads: 4.8 against 1.8 ms), so the KV cache on a CPU holds float32 (KVCache)
-      and bf16 queries against it attend in float32.
-    Other bf16 attention without gradients (prefills, encoders) and GPUs keep their dtype; float32
-    inputs are untouched."""
+    """F.scaled_dot_product_attention, the one call every attention in the project makes. On a CPU
+    PyTorch's bf16 flash attention is slow in two places, so they attend in float32: a training
+    step's backward, and a decode step's few queries against a long cache (which is why the KV cache
+    on a CPU holds float32, see model.KVCache). Everything else keeps its dtype."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (
             torch.is_grad_enabled() or k.dtype == torch.float32):
         if attn_mask is not None and attn_mask.is_floating_point():
@@ -448,23 +432,61 @@ def save_atomic(what, path):
 
 
 def download(url, path, sha256_prefix=None, fix=""):
-    """`path`, downloaded from `url` unless it is already there. The published weight files name the
-    first digits of their SHA-256 (pytorch-fid, torchvision, LPIPS), which the download checks, so a
-    cut-off or tampered file is never used. A 60 s socket timeout keeps a firewall that drops
-    packets from hanging a run forever. Failure: one UserError line naming the file, the cause
-    and `fix`."""
+    """`path`, fetched from `url` unless it is already there: streamed under a tqdm bar into a
+    temporary file beside `path`, checked, then renamed, so a cut-off transfer never stays under
+    the final name. Checked: the byte count against the server's Content-Length, and the SHA-256
+    against `sha256_prefix` (the digits published weight files carry in their names: pytorch-fid,
+    torchvision, LPIPS) or else the one the server states (Hugging Face's X-Linked-ETag for large
+    files). A 60 s socket timeout keeps a silent firewall from hanging a run. Failure: one
+    UserError line naming the file, the URL and `fix`."""
     if os.path.isfile(path):
         return path
-    name, timeout = os.path.basename(path), socket.getdefaulttimeout()
-    print(f"downloading {name} to {path}", file=sys.stderr)
-    # the default timeout is process-wide: the caller's is put back (finally) for later sockets
+    name = os.path.basename(path)
+    fix = fix or f"download {url} by hand to {path}"
+    say(f"downloading {name} to {path}")
+
+    def write(f):
+        with urllib.request.urlopen(url, timeout=60) as r:
+            size = int(r.headers.get("Content-Length") or 0)
+            stated = (r.headers.get("X-Linked-ETag") or "").strip('"')
+            want = sha256_prefix or (stated if len(stated) == 64 else None)
+            h, got = hashlib.sha256(), 0
+            with progress(total=size or None, unit="B", unit_scale=True, desc=name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+                    got += len(chunk)
+        if size and got != size:
+            raise OSError(f"transfer cut short at {got} of {size} bytes")
+        if want and not h.hexdigest().startswith(want.lower()):
+            raise OSError(f"SHA-256 {h.hexdigest()[:12]} is not the published {want[:12]}")
     try:
-        socket.setdefaulttimeout(60)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.hub.download_url_to_file(url, path, hash_prefix=sha256_prefix, progress=False)
-    except Exception as e:  # offline, proxy, disk full, checksum mismatch
-        raise UserError(f"cannot download {name} ({first_line(e)}); {fix or f'fetch {url} by hand'}"
-                        ) from None
-    finally:
-        socket.setdefaulttimeout(timeout)
+        save_atomic(write, path)
+    except (OSError, ValueError) as e:  # offline, refused, cut short, tampered
+        raise UserError(f"cannot download {name} from {url} ({first_line(e)}); {fix}") from None
     return path
+
+
+# The official LlamaGen weights (its README's tables), by file name. A name that is not a file on
+# disk is fetched once into torch's hub cache; NANOLLAMAGEN_WEIGHTS_URL replaces both hosts (a
+# mirror, or a local server in the tests).
+_LLAMAGEN = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
+_LLAMAGEN_T2I = "https://huggingface.co/peizesun/llamagen_t2i/resolve/main/"
+OFFICIAL_WEIGHTS = {
+    **{f"c2i_{m}.pt": _LLAMAGEN for m in ("B_256", "B_384", "L_256", "L_384", "XL_384",
+                                          "XXL_384", "3B_384")},
+    "vq_ds16_c2i.pt": _LLAMAGEN, "vq_ds8_c2i.pt": _LLAMAGEN,
+    **{n: _LLAMAGEN_T2I for n in ("vq_ds16_t2i.pt", "t2i_XL_stage1_256.pt",
+                                  "t2i_XL_stage2_512.pt")}}
+
+
+def weights_file(path):
+    """`path` itself when it exists or is not an official name; else the official file of that
+    name from torch's hub cache, downloaded the first time."""
+    if os.path.exists(path) or path not in OFFICIAL_WEIGHTS:
+        return path
+    url = os.environ.get("NANOLLAMAGEN_WEIGHTS_URL", OFFICIAL_WEIGHTS[path]).rstrip("/") + "/"
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", path)
+    return download(url + path, cached, fix=f"offline? download it by hand to {cached} (or "
+                    "anywhere, and pass that path)")
