@@ -1,31 +1,13 @@
-"""CLIP (Radford et al. 2021), written out: an image tower and a text tower trained so that a
-picture and its caption land on nearby points of one embedding space. nanoLlamaGen uses it twice: to
-re-rank the candidates a generator drew for a prompt (DALL-E, Ramesh et al. 2021, section 2.5: draw
-N, keep the K CLIP likes best) and to score text-image alignment (the CLIP score beside FID in
-LlamaGen's t2i table).
+"""CLIP (Radford et al. 2021): an image tower and a text tower trained so that a picture and its
+caption land on nearby points of one space. It re-ranks a generator's candidates (DALL-E 2.5: draw
+N, keep the K CLIP likes best) and scores text-image alignment (LlamaGen's t2i table).
 
-Contrastive pre-training (CLIP paper 2.3). A batch holds N (image, caption) pairs. Both towers embed
-their inputs, the embeddings are L2-normalised, and the N x N matrix of cosines is scaled by a
-learned temperature: logits[i, j] = exp(t) * cos(image_i, text_j). Row i is an N-way classification
-"which caption belongs to image i?", column j the same question for caption j; the loss is the mean
-cross-entropy of both, with the diagonal as the answers. So every pair is one positive and N - 1
-negatives for each side: N^2 - N mismatched pairs per batch, for free, which is why CLIP trains with
-batches of 32k (and why the trainer gathers embeddings across GPUs before the loss: more negatives,
-not just more data). The temperature exp(t) starts at 1/0.07 and is learned; it sets how peaked the
-softmax is (a low temperature punishes near-misses hard). It is clamped at 100 during training,
-which OpenAI found keeps training stable; the released models sit at that bound.
-
-Why a contrastive score can rank a generator's candidates: the cosine was trained to be high exactly
-when caption and image belong together, relative to every other caption in a huge batch. It does not
-ask "is this a good picture?" but "does this picture match THIS text better than alternatives?",
-which is the question a text-to-image sampler leaves open: its draws differ in whether they show
-what was asked.
-
-Layout, top to bottom: the transformer pieces, the two towers, CLIP (encode_image, encode_text,
-forward, from_pretrained), the loss, preprocessing, the BPE tokenizer, re-ranking, then the named
-configs. Weight names follow Hugging Face transformers' CLIPModel (modeling_clip.py), so the
-released openai/clip-vit-base-patch32 and clip-vit-large-patch14 folders load unchanged.
+Contrastive pre-training (CLIP paper 2.3): the N x N cosines of a batch's pairs, scaled by a learned
+temperature; row i asks "which caption is image i's?", column j the same of caption j, so the cosine
+is high when a caption fits better than the alternatives: what a t2i sampler leaves open. Weight
+names are Hugging Face's CLIPModel (modeling_clip.py): openai/clip-vit-* folders load unchanged.
 """
+import argparse
 import gzip
 import html
 import json
@@ -34,6 +16,7 @@ import os
 import re
 import unicodedata
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Optional
@@ -43,159 +26,96 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fid
 import text
-from common import UserError, attention, load_checkpoint, load_weights, unwrap_state_dict
+from common import (UserError, at_least, attention, check_flags, cli, from_uint8, load_checkpoint,
+                    load_weights, pick_device, progress, unwrap_state_dict)
 
 
 # -------------------------------------------------------------------------------------- transformer
-def quick_gelu(x):
-    """OpenAI's GELU approximation x * sigmoid(1.702 x); its models were trained with it, so they
-    must run with it (exact GELU shifts their embeddings measurably)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with biases on all four projections (CLIP's towers, unlike
-    Llama's)."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj = nn.Linear(width, width), nn.Linear(width, width)
-        self.v_proj, self.out_proj = nn.Linear(width, width), nn.Linear(width, width)
-
-    def forward(self, x, causal):
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        # softmax(q k^T / sqrt(head_dim)) v; the text tower is causal (GPT-2's design, kept so the
-        # tower could also be a language model), the image tower sees every patch
-        y = attention(q, k, v, is_causal=causal)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    """The per-token feed-forward, width -> 4 x width -> width in every OpenAI model."""
-
-    def __init__(self, width, hidden, quick):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-        self.act = quick_gelu if quick else F.gelu
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class EncoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(LN(x)), then x + mlp(LN(x)). Same block in both towers."""
+    """Pre-norm residual block of both towers: x + attn(LN(x)), then x + mlp(LN(x)); the attention
+    has biases on all four projections, and is causal in the text tower (GPT-2's design)."""
 
     def __init__(self, width, heads, hidden, quick, eps):
         super().__init__()
-        self.self_attn, self.mlp = Attention(width, heads), MLP(width, hidden, quick)
+        self.self_attn = nn.ModuleDict({name: nn.Linear(width, width)
+                                        for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)})
         self.layer_norm1, self.layer_norm2 = nn.LayerNorm(width, eps), nn.LayerNorm(width, eps)
+        self.heads, self.quick = heads, quick
 
     def forward(self, x, causal=False):
-        x = x + self.self_attn(self.layer_norm1(x), causal)
-        return x + self.mlp(self.layer_norm2(x))
+        (B, T, C), a, h = x.shape, self.self_attn, self.layer_norm1(x)
+        q, k, v = (p(h).view(B, T, self.heads, -1).transpose(1, 2)
+                   for p in (a.q_proj, a.k_proj, a.v_proj))
+        x = x + a.out_proj(attention(q, k, v, is_causal=causal).transpose(1, 2).reshape(B, T, C))
+        h = self.mlp.fc1(self.layer_norm2(x))
+        # OpenAI's models were trained with the GELU approximation x * sigmoid(1.702 x)
+        return x + self.mlp.fc2(h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h))
 
 
-class Encoder(nn.Module):
-    """The stack of blocks; `encoder.layers.{i}` in the Hugging Face names."""
-
-    def __init__(self, layers, *args):
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(*args) for _ in range(layers))
-
-    def forward(self, x, causal=False):
-        for layer in self.layers:
-            x = layer(x, causal)
-        return x
-
-
-# --------------------------------------------------------------------------------------- the towers
-class VisionEmbeddings(nn.Module):
-    """ViT input (Dosovitskiy et al. 2021): non-overlapping patches, each linearly projected (a conv
-    with kernel = stride = patch, no bias), a learned class token in front, learned absolute
-    positions."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.class_embedding = nn.Parameter(torch.randn(c.vision_width) * c.vision_width ** -0.5)
-        self.patch_embedding = nn.Conv2d(3, c.vision_width, c.patch_size, c.patch_size, bias=False)
-        patches = (c.image_size // c.patch_size) ** 2
-        self.position_embedding = nn.Embedding(patches + 1, c.vision_width)  # + the class token
-
-    def forward(self, pixels):
-        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, grid^2, width)
-        cls = self.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
-        x = torch.cat([cls, patches], dim=1)
-        built = self.position_embedding.num_embeddings - 1
-        if x.shape[1] - 1 != built:
-            raise UserError(f"CLIP: images of {pixels.shape[-2]}x{pixels.shape[-1]} px give "
-                            f"{x.shape[1] - 1} patches, the model was built for {built}; "
-                            "preprocess them to its image_size")
-        return x + self.position_embedding.weight
+def encoder(layers, *args):
+    """The stack of blocks, `encoder.layers.{i}` in the released names."""
+    return nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(*args) for _ in range(layers))})
 
 
 class VisionTransformer(nn.Module):
-    """The image tower. OpenAI's ViT adds a LayerNorm before the first block ("pre_layrnorm",
-    spelled so in the Hugging Face names) and one on the class token's output; the class token is
-    the image."""
+    """OpenAI's ViT (Dosovitskiy et al. 2021): patches linearly projected (a conv, kernel = stride),
+    a class token in front, learned positions, a LayerNorm ("pre_layrnorm"); the class token's
+    final state is the image."""
 
     def __init__(self, c):
         super().__init__()
-        self.embeddings = VisionEmbeddings(c)
+        self.embeddings = e = nn.Module()
+        e.class_embedding = nn.Parameter(torch.randn(c.vision_width) * c.vision_width ** -0.5)
+        e.patch_embedding = nn.Conv2d(3, c.vision_width, c.patch_size, c.patch_size, bias=False)
+        patches = (c.image_size // c.patch_size) ** 2
+        e.position_embedding = nn.Embedding(patches + 1, c.vision_width)  # + the class token
         self.pre_layrnorm = nn.LayerNorm(c.vision_width, c.eps)
-        self.encoder = Encoder(c.vision_layers, c.vision_width, c.vision_heads, c.vision_mlp_dim,
+        self.encoder = encoder(c.vision_layers, c.vision_width, c.vision_heads, c.vision_mlp_dim,
                                c.quick_gelu, c.eps)
         self.post_layernorm = nn.LayerNorm(c.vision_width, c.eps)
 
     def forward(self, pixels):
-        x = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
-        # the class token carries no pixels of its own: after the blocks it holds what it gathered
-        # from every patch, and it alone becomes the image's feature
+        e = self.embeddings
+        patches = e.patch_embedding(pixels).flatten(2).transpose(1, 2)  # (B, grid^2, width)
+        cls = e.class_embedding.to(patches.dtype).expand(len(patches), 1, -1)
+        if patches.shape[1] != (built := e.position_embedding.num_embeddings - 1):
+            raise UserError(f"CLIP: images of {pixels.shape[-2]}x{pixels.shape[-1]} px give "
+                            f"{patches.shape[1]} patches, the model was built for {built}; "
+                            "preprocess them to its image_size")
+        x = self.pre_layrnorm(torch.cat([cls, patches], dim=1) + e.position_embedding.weight)
+        for layer in self.encoder.layers:
+            x = layer(x)
         return self.post_layernorm(x[:, 0])
 
 
-class TextEmbeddings(nn.Module):
-    """Token table + learned absolute positions (77 in OpenAI's models: captions are short)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
-        self.position_embedding = nn.Embedding(c.context_length, c.text_width)
-
-    def forward(self, ids):
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
-
-
 class TextTransformer(nn.Module):
-    """The text tower: a GPT-2-like causal transformer. Causal, so the end-of-text position is the
-    one that has read the whole caption; its final state (after final_layer_norm) is the caption's
-    feature."""
+    """A GPT-2-like causal transformer: the end-of-text position's final state is the caption."""
 
     def __init__(self, c):
         super().__init__()
-        self.embeddings = TextEmbeddings(c)
-        self.encoder = Encoder(c.text_layers, c.text_width, c.text_heads, c.text_mlp_dim,
+        self.embeddings = nn.ModuleDict({  # learned absolute positions
+            "token_embedding": nn.Embedding(c.vocab_size, c.text_width),
+            "position_embedding": nn.Embedding(c.context_length, c.text_width)})
+        self.encoder = encoder(c.text_layers, c.text_width, c.text_heads, c.text_mlp_dim,
                                c.quick_gelu, c.eps)
         self.final_layer_norm = nn.LayerNorm(c.text_width, c.eps)
         self.eot_id = c.eot_id
 
     def forward(self, ids):
-        context = self.embeddings.position_embedding.num_embeddings
-        if ids.shape[1] > context:
+        if ids.shape[1] > (context := self.embeddings.position_embedding.num_embeddings):
             raise UserError(f"CLIP: {ids.shape[1]} text tokens, the context is {context}; "
                             "truncate the ids")
-        # OpenAI's vocabulary puts <|endoftext|> last (49407), so the highest id of a row marks the
-        # end of its caption (padding after it attends only backwards and is never read). A
-        # vocabulary with the end token elsewhere names it: the first position holding that id, as
-        # HF does for eos != 2.
+        # a row ends at its highest id (OpenAI's <|endoftext|>), or at its first eot_id (as HF)
         end = ids.argmax(-1) if self.eot_id is None else (ids == self.eot_id).int().argmax(-1)
-        # so the columns after the longest caption's end change nothing: they are cut, which
-        # makes short captions in a 77-slot context several times cheaper
-        ids = ids[:, :int(end.max()) + 1]
-        x = self.final_layer_norm(self.encoder(self.embeddings(ids), causal=True))
+        ids = ids[:, :int(end.max()) + 1]  # causal: the columns after the last end change nothing
+        e = self.embeddings
+        x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]
+        for layer in self.encoder.layers:
+            x = layer(x, causal=True)
+        x = self.final_layer_norm(x)
         return x[torch.arange(len(x), device=x.device), end]
 
 
@@ -208,32 +128,25 @@ class CLIP(nn.Module):
         self.visual_projection = nn.Linear(c.vision_width, c.embed_dim, bias=False)
         self.text_projection = nn.Linear(c.text_width, c.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP paper 2.5's start
-        # Only for training from scratch (released weights overwrite all of it): GPT-2's N(0, 0.02)
-        # for matrices and tables, zero biases, unit LayerNorms; the patch conv keeps torch's
-        # default, scaled to its fan-in of 3 * patch^2 pixels.
+        # for training from scratch: GPT-2's N(0, 0.02) for matrices and tables, zero biases
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # Both encoders return the raw projections, as HF's get_image_features / get_text_features
-    # do: the loss, forward and rank() normalise, so callers may also average or store them.
+    # both encoders return raw projections, as HF's get_*_features
     def encode_image(self, pixels):
-        """Preprocessed pixels (B, 3, S, S) -> projected image embeddings (B, embed_dim), not
-        normalised."""
+        """Preprocessed pixels (B, 3, S, S) -> image embeddings (B, embed_dim)."""
         return self.visual_projection(self.vision_model(pixels))
 
     def encode_text(self, ids):
-        """Token ids (B, T <= context) -> projected text embeddings (B, embed_dim), not
-        normalised."""
+        """Token ids (B, T <= context) -> text embeddings (B, embed_dim)."""
         return self.text_projection(self.text_model(ids))
 
     def forward(self, pixels, ids, return_embeddings=False):
-        """Logits per image (B_img, B_txt): exp(logit_scale) * cosine, as HF's logits_per_image.
-        return_embeddings=True: (image embeddings, text embeddings, logit_scale) instead, for a loss
-        over embeddings gathered from every rank; training calls forward, not the encoders, because
-        DDP and FSDP do their bookkeeping (and FSDP its unsharding) in forward."""
+        """exp(logit_scale) * cosines (B_img, B_txt), or the embeddings and logit_scale for the loss
+        (training calls forward, where DDP and FSDP do their bookkeeping)."""
         if return_embeddings:
             return self.encode_image(pixels), self.encode_text(ids), self.logit_scale
         image = F.normalize(self.encode_image(pixels), dim=-1)
@@ -242,65 +155,63 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """A Hugging Face CLIP folder (config.json + model.safetensors or pytorch_model.bin), or one
-        of our checkpoints ({"model", "config", "kind": "clip"}) -> CLIP in eval mode on the CPU."""
-        if os.path.basename(path) in ("config.json", "model.safetensors", "pytorch_model.bin"):
-            path = os.path.dirname(path) or "."  # a file of a HF folder stands for the folder
+        """A Hugging Face CLIP folder (or a file in it) or one of our checkpoints (its "meta" kept
+        as .meta), in eval mode."""
+        if os.path.basename(path) in HF_FILES:
+            path = os.path.dirname(path) or "."
+        meta = {}
         if os.path.isdir(path):
-            config, sd = hf_config(path), _read_hf_weights(path)
+            config, sd = hf_config(path), text.load_hf_state_dict(path)
         else:
-            ckpt = _load_clip_file(path)
+            if zipfile.is_zipfile(path):  # torch.jit.save writes <name>/code/... and constants.pkl
+                with zipfile.ZipFile(path) as z:
+                    if any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl")
+                           for n in z.namelist()):
+                        raise UserError(f"{path} is a TorchScript archive (OpenAI's clip.load "
+                                        "format), which cannot be loaded safely; use the Hugging "
+                                        "Face folder of the same model (e.g. openai/clip-vit-base-"
+                                        "patch32: config.json + model.safetensors)")
+            ckpt = load_checkpoint(path)
+            if not isinstance(ckpt, dict):
+                raise UserError(f"{path} holds a {type(ckpt).__name__}, not a CLIP checkpoint dict")
             if ckpt.get("kind") != "clip" or not isinstance(ckpt.get("config"), dict):
                 what = f"a {ckpt['kind']!r} checkpoint" if "kind" in ckpt else "no CLIP checkpoint"
                 raise UserError(f"{path} is {what}; pass a CLIP checkpoint (train.py --model "
                                 "CLIP-*) or a Hugging Face CLIP folder")
             names = {f.name for f in fields(CLIPConfig)}
             config = CLIPConfig(**{k: v for k, v in ckpt["config"].items() if k in names})
-            sd = unwrap_state_dict(ckpt)
+            sd, meta = unwrap_state_dict(ckpt), ckpt.get("meta")
         if "logit_scale" not in sd or not any(k.startswith("vision_model.") for k in sd):
             raise UserError(f"{path} holds no CLIP weights (no logit_scale / vision_model.*); "
                             "pass a CLIP checkpoint or a Hugging Face CLIP folder")
-        model = cls(config)
-        # Weights stored in fp16/bf16 are copied into the float32 parameters; position_ids is an
-        # index buffer (0..n-1) that older transformers saved beside the weights, not a weight.
-        load_weights(model, sd, f"CLIP weights {path!r}", ignore=("position_ids",),
-                     hint="check that config.json belongs to these weights")
-        return model.eval()
+        # fp16/bf16 weights become float32; position_ids: an index buffer of older transformers
+        model = load_weights(cls(config), sd, f"CLIP weights {path!r}", ignore=("position_ids",),
+                             hint="check that config.json belongs to these weights").eval()
+        model.meta = meta if isinstance(meta, dict) else {}
+        return model
 
     def checkpoint_config(self):
-        """The config as a plain dict, for train.py-style checkpoints."""
         return asdict(self.config)
 
 
 def contrastive_loss(image_emb, text_emb, logit_scale):
-    """Symmetric InfoNCE (CLIP paper, Figure 3): row i of the N x N scaled cosines must pick text i,
-    column j must pick image j; the mean of both cross-entropies. Pass embeddings ALREADY gathered
-    from every rank (with gradients, e.g. torch.distributed.nn.all_gather) so each pair meets all
-    N^2 - N negatives of the global batch. The temperature exp(logit_scale) is capped at 100: beyond
-    it the loss gives logit_scale no gradient (OpenAI clamps the parameter itself to the same
-    bound)."""
+    """Symmetric InfoNCE (CLIP paper, Figure 3) of embeddings gathered from every rank; the
+    temperature exp(logit_scale) capped at 100, as OpenAI clamps it (beyond, no gradient)."""
     image = F.normalize(image_emb.float(), dim=-1)
     text = F.normalize(text_emb.float(), dim=-1)
     logits = logit_scale.float().clamp(max=math.log(100)).exp() * image @ text.t()
-    # pair i is the only right answer for row i and for column i; every other entry is a negative
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward returns to each rank the gradient that EVERY rank's loss sent to
-    its slice (an all-reduce of the full gradient, then one's own rows). Every rank computes the
-    same global-batch loss; summing the W copies' gradients gives W x dL/d(own embeddings), and
-    DDP's average over W ranks brings the parameters' gradient back to exactly dL/d(theta) of one
-    process holding the whole batch. (Swapping only the local slice back in, with the others
-    detached, keeps each rank's own rows of the gradient: after DDP's average the towers would get
-    1/W of it while logit_scale got all of it.) all_reduce rather than reduce_scatter: gloo, the
-    CPU backend, has no reduce_scatter, and embeddings are small."""
+    """all_gather whose backward returns to each rank the sum of what EVERY rank's (identical) loss
+    sent to its slice: W x dL/d(own rows), which DDP's average over W ranks makes exactly one
+    process's gradient. (all_reduce, then its rows: gloo has no reduce_scatter.)"""
 
     @staticmethod
     def forward(ctx, x):
-        import torch.distributed as dist
+        dist = torch.distributed
         ctx.rank, ctx.n = dist.get_rank(), len(x)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
@@ -308,31 +219,22 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        import torch.distributed as dist
         grad = grad.contiguous()
-        dist.all_reduce(grad)
+        torch.distributed.all_reduce(grad)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
-def gather_embeddings(x):
-    """This rank's embeddings (n, D) -> the global batch's (world * n, D) in rank order, with
-    gradients flowing back to their owners; the identity in a single process."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
 def distributed_contrastive_loss(image_emb, text_emb, logit_scale):
-    """contrastive_loss over the GLOBAL batch: every rank's pairs are negatives for every other's,
-    as CLIP trained (paper 2.5: the similarity matrix of a 32k batch, computed across GPUs). Equal,
-    loss and gradients, to one process holding the whole batch (the tests check it on 2 ranks)."""
-    return contrastive_loss(gather_embeddings(image_emb), gather_embeddings(text_emb), logit_scale)
+    """contrastive_loss over the global batch, every rank's embeddings gathered (in rank order):
+    equal, with gradients, to one process's."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        image_emb, text_emb = _GatherWithGrad.apply(image_emb), _GatherWithGrad.apply(text_emb)
+    return contrastive_loss(image_emb, text_emb, logit_scale)
+
 
 # ------------------------------------------------------------------------------------ preprocessing
-# OpenAI's clip.py: Resize(S, bicubic) of the shorter side, CenterCrop(S), ToTensor, Normalize with
-# the mean/std of its training images. The models only saw inputs made this way; other resizes cost
-# accuracy.
+# OpenAI's clip.py: Resize(S, bicubic) of the shorter side, CenterCrop(S), ToTensor, Normalize.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -342,122 +244,91 @@ def preprocess(image, size=224):
     from PIL import Image
     image = image.convert("RGB")
     w, h = image.size
-    # the shorter side becomes `size`, the longer one keeps the aspect ratio, truncated as
-    # torchvision does
     new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     image = image.resize(new, Image.BICUBIC)
-    # torchvision's centre crop rounds the offset half-to-even (HF's CLIPImageProcessor floors it:
-    # the two differ by one pixel when the margin is odd); we follow OpenAI, who used torchvision
+    # torchvision's centre crop, as OpenAI's: the offset rounded half-to-even (HF floors it)
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return _normalise(x)
+    return normalise(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
 
 
 def preprocess_tensor(images, size=224):
-    """Images already in memory as float [-1, 1] (B, 3, H, W), what sample.py produces -> normalised
-    pixels (B, 3, size, size). The same steps as preprocess() on the unrounded image: torch's
-    antialiased bicubic uses PIL's kernel (a = -0.5, widened when shrinking), but the PIL path
-    rounds to 8 bits before and after resizing and clips overshoot to [0, 255]; here nothing is
-    rounded, so the two agree to about one grey level (a test measures it)."""
+    """preprocess() of float [-1, 1] images (B, 3, H, W), unrounded (PIL also rounds to 8 bits and
+    clips overshoot; its bicubic kernel is torch's antialiased one)."""
     x = (images.float() + 1) / 2
     h, w = x.shape[-2:]
     new = (int(size * h / w), size) if w <= h else (size, int(size * w / h))  # (H, W)
     if new != (h, w):
         x = F.interpolate(x, size=new, mode="bicubic", align_corners=False, antialias=True)
     top, left = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
-    return _normalise(x[..., top:top + size, left:left + size])
+    return normalise(x[..., top:top + size, left:left + size])
 
 
-def _normalise(x):
-    """Per-channel (x - mean) / std with the statistics above: inputs centred near 0 with unit
-    spread, the range the patch convolution was trained on."""
+def normalise(x):
     mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
     return (x - mean) / torch.tensor(STD, device=x.device).view(3, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
-# CLIP's text tokenizer (OpenAI simple_tokenizer.py; HF's CLIPTokenizer): byte-level BPE (Sennrich
-# et al. 2016 over the UTF-8 bytes, as GPT-2) with a lower-cased vocabulary and "</w>" marking the
-# last symbol of a word, so "red" as a word and "red" inside "redder" are different tokens.
+# CLIP's tokenizer (OpenAI simple_tokenizer.py; HF's CLIPTokenizer): byte-level BPE (Sennrich et al.
+# 2016, as GPT-2), lower-cased, "</w>" marking a word's last symbol ("red" != "red" in "redder").
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
-# OpenAI keeps the first 49152 - 256 - 2 = 48894 merges of its file (HF's slow tokenizer too),
-# so the vocabulary is 256 byte symbols + 256 with "</w>" + 48894 merges + 2 specials = 49408 ids
-MAX_MERGES = 49152 - 256 - 2
+MAX_MERGES = 49152 - 256 - 2  # OpenAI's: 512 byte symbols + 48894 merges + 2 specials = 49408 ids
+# Unicode White_Space: Python's \s also matches U+001C-U+001F, which Hugging Face's fast tokenizer
+# (Rust regex) keeps as symbols of their own
+WHITESPACE = r"[^\S\x1c-\x1f]"
 
 
 @lru_cache()
 def byte_to_unicode():
-    """Every byte -> one printable character, so BPE works on strings with no whitespace or control
-    symbols inside: printable Latin-1 bytes stand for themselves, the other 68 take code points
-    256+. (GPT-2's table; CLIP reuses it.)"""
+    """Every byte -> one printable character (GPT-2's table; the first 256 ids in this order):
+    printable Latin-1 bytes stand for themselves, the other 68 take code points 256+."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
             *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in keep]
-    # this insertion order (printable bytes first) is the order of the first 256 vocabulary ids
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
 @lru_cache()
 def word_pattern():
-    """The word split, as OpenAI's pattern  <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|
-    \\p{L}+|\\p{N}|[^\\s\\p{L}\\p{N}]+  (third-party `regex` module) but in the standard library's
-    re. Python's \\w is letters, numbers (Unicode N: Nd, Nl, No) and "_"; \\d is only Nd. So letters
-    are [^\\W\\d_] minus Nl/No (superscripts, fractions, roman numerals, circled digits), a number
-    is ONE character of Nd, Nl or No (12 is two tokens), and the rest is a run of anything neither
-    space, letter nor number, "_" included. Nl/No are listed once here from unicodedata (1131
-    characters)."""
-    # planes 0 and 1 hold every N character (planes 2-3 are CJK letters, 14 tags, 15-16 private use)
-    other_numbers = "".join(chr(i) for i in range(0x20000)
-                            if unicodedata.category(chr(i)) in ("Nl", "No"))
-    n = re.escape(other_numbers)
+    """OpenAI's word split  <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|
+    [^\\s\\p{L}\\p{N}]+  in the standard library's re, \\s being White_Space. Python's \\w is
+    letters, numbers (Nd, Nl, No) and "_", \\d only Nd: so letters are [^\\W\\d_] minus Nl/No, a
+    number ONE character of Nd, Nl or No, and the rest a run of anything else, "_" included."""
+    # planes 0 and 1 hold every N character (2-3 are CJK letters, 14 tags, 15-16 private use)
+    n = re.escape("".join(chr(i) for i in range(0x20000)
+                          if unicodedata.category(chr(i)) in ("Nl", "No")))
     return re.compile(rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-                      rf"|[^\W\d_{n}]+|[\d{n}]|(?:[^\s\w{n}]|_)+", re.IGNORECASE)
+                      rf"|[^\W\d_{n}]+|[\d{n}]|(?:[^\s\w{n}]|[\x1c-\x1f_])+", re.IGNORECASE)
 
 
-@lru_cache()
-def _ftfy_table():
-    """The parts of ftfy.fix_text's defaults that change ordinary captions, as a str.translate table
-    (checked character by character against ftfy 6.3): curly quotes -> straight ones, so "it’s"
-    splits like "it's"; Latin ligatures and full-width forms -> their compatibility (NFKC) spelling
-    ("ﬁ" -> "fi", "Ａ" -> "A", ideographic space -> space)."""
-    table = {c: "'" for c in (0x02BC, *range(0x2018, 0x201C))}
-    table.update({c: '"' for c in range(0x201C, 0x2020)})
-    ligatures = [0x132, 0x133, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB05),
-                 0xFB06]  # not U+0149 and U+FB05, which ftfy leaves alone
-    for c in [*ligatures, *range(0xFF01, 0xFFEF), 0x3000]:
-        table[c] = unicodedata.normalize("NFKC", chr(c))
-    return table
+# ftfy.fix_text's changes to ordinary captions (as ftfy 6.3): curly quotes -> straight ones, Latin
+# ligatures (not U+0149 and U+FB05, left alone) and full-width forms -> NFKC ("ﬁ" -> "fi")
+FTFY = {c: "'" for c in (0x02BC, *range(0x2018, 0x201C))} | {c: '"' for c in range(0x201C, 0x2020)}
+FTFY.update({c: unicodedata.normalize("NFKC", chr(c)) for c in [
+    0x132, 0x133, *range(0x1C4, 0x1CD), *range(0x1F1, 0x1F4), *range(0xFB00, 0xFB05), 0xFB06,
+    *range(0xFF01, 0xFFEF), 0x3000]})
 
 
 def clean_text(text):
-    """OpenAI's cleaning: ftfy.fix_text, HTML entities undone twice ("&amp;amp;" -> "&"), whitespace
-    runs -> one space, lower case. Of ftfy we do NFC composition (e + combining accent -> one
-    letter) and the table above; ftfy would also repair mojibake ("Ã©" -> "é"), read C1 control
-    bytes as Windows-1252 and drop other control characters: text needing those tokenizes
-    differently here."""
-    text = unicodedata.normalize("NFC", text).translate(_ftfy_table())
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
+    """OpenAI's cleaning: ftfy.fix_text (here NFC and the table above, not its mojibake repair),
+    HTML entities undone twice, whitespace runs -> one space, lower case."""
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text).translate(FTFY)))
+    return re.sub(rf"{WHITESPACE}+", " ", text).strip(" ").lower()
 
 
 def merge_pair(parts, first, second):
-    """`parts` with every occurrence of the adjacent pair (first, second) joined, left to right in
-    one pass: the one step of byte-pair encoding, when learning merges and when applying them."""
+    """`parts` with every adjacent (first, second) joined, left to right: the one step of BPE."""
     merged, j = [], 0
     while j < len(parts):
-        if j + 1 < len(parts) and parts[j] == first and parts[j + 1] == second:
-            merged.append(first + second)
-            j += 2
-        else:
-            merged.append(parts[j])
-            j += 1
+        pair = j + 1 < len(parts) and parts[j] == first and parts[j + 1] == second
+        merged.append(first + second if pair else parts[j])
+        j += 2 if pair else 1
     return merged
 
 
 class Tokenizer:
-    """text -> CLIP token ids. `encoder` maps BPE symbols to ids, `merges` is the ranked merge
-    list."""
+    """text -> CLIP token ids: `encoder` maps BPE symbols to ids, `merges` ranked."""
 
     def __init__(self, encoder, merges):
         self.encoder = encoder
@@ -473,18 +344,15 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path):
-        """A folder (or file inside it) with HF's vocab.json + merges.txt, or OpenAI's
-        bpe_simple_vocab_16e6.txt.gz (merges only: the vocabulary is rebuilt from them as CLIP does:
-        the 256 byte symbols, the same with "</w>", one symbol per merge, then the two specials)."""
+        """HF's vocab.json + merges.txt (a folder or a file in it), or OpenAI's .txt.gz merges."""
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         if path.endswith(".gz"):
             try:
                 with gzip.open(path, "rt", encoding="utf-8") as f:
-                    merges = _parse_merges(f.read(), path)
+                    return cls.from_merges(_parse_merges(f.read(), path))
             except (OSError, EOFError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read BPE merges {path!r} ({e}); "
                                 "pass CLIP's bpe_simple_vocab_16e6.txt.gz") from None
-            return cls.from_merges(merges)
         files = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt")]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
@@ -501,22 +369,15 @@ class Tokenizer:
 
     @classmethod
     def from_merges(cls, merges):
-        """The vocabulary CLIP builds from a merge list (simple_tokenizer.py): the 256 byte symbols,
-        the same with "</w>", one symbol per merge in rank order, then the two specials, so
-        <|endoftext|> is the highest id (where the text tower pools)."""
+        """simple_tokenizer.py's vocabulary: bytes, bytes + "</w>", merges, SOT, EOT (top id)."""
         symbols = list(byte_to_unicode().values())
-        vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges),
-                 SOT, EOT]
+        vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
         return cls({s: i for i, s in enumerate(vocab)}, merges)
 
     @classmethod
     def from_words(cls, words):
-        """A tokenizer with no file, for a closed vocabulary such as scenes.VOCABULARY: BPE learnt
-        on the words themselves (Sennrich et al. 2016: merge the most frequent adjacent pair, ties
-        by the pair's spelling, until every word is one symbol), so each word is ONE token and any
-        other text still tokenizes, into byte pieces. Deterministic: the same words give the same
-        merges. Merges learnt this way replay exactly under bpe(): a pair holding a symbol made by
-        merge r cannot have a rank below r."""
+        """BPE learnt on a closed vocabulary such as scenes.VOCABULARY (merge the most frequent
+        pair, ties by spelling, until every word is one symbol): each word ONE token."""
         to_unicode = byte_to_unicode()
         spelt = {}  # every word as its byte symbols, the last one carrying "</w>"
         for caption in words:
@@ -525,21 +386,15 @@ class Tokenizer:
                 spelt[w] = [*w[:-1], w[-1] + "</w>"]
         merges = []
         while True:
-            counts = {}
-            for parts in spelt.values():
-                for pair in zip(parts, parts[1:]):
-                    counts[pair] = counts.get(pair, 0) + 1
+            counts = Counter(pair for parts in spelt.values() for pair in zip(parts, parts[1:]))
             if not counts:
                 return cls.from_merges(merges)
             first, second = min(counts, key=lambda p: (-counts[p], p))
             merges.append((first, second))
-            for w, parts in spelt.items():  # apply it to every word
-                spelt[w] = merge_pair(parts, first, second)
+            spelt = {w: merge_pair(parts, first, second) for w, parts in spelt.items()}
 
     def bpe(self, word):
-        """One pre-split word (byte symbols) -> ids: start from single symbols, the last one
-        carrying "</w>", and keep merging the adjacent pair of lowest rank until none of its pairs
-        is a merge."""
+        """One word (byte symbols) -> ids: merge the adjacent pair of lowest rank while any is."""
         if word in self.cache:
             return self.cache[word]
         parts = [*word[:-1], word[-1] + "</w>"]
@@ -555,7 +410,7 @@ class Tokenizer:
         return ids
 
     def encode(self, text):
-        """One string -> its ids, without <|startoftext|> / <|endoftext|>."""
+        """One string -> its ids, without the specials."""
         to_unicode, ids = byte_to_unicode(), []
         for word in word_pattern().findall(clean_text(text)):
             ids += self.bpe(word if word in (SOT, EOT) else
@@ -563,22 +418,19 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """Ids -> text, words separated by spaces where "</w>" stood (the specials are dropped)."""
-        from_unicode = {c: b for b, c in byte_to_unicode().items()}
+        """Ids -> text, a space where "</w>" stood."""
+        # " " is what "</w>" becomes (a real space byte is spelt "Ġ")
+        from_unicode = {c: b for b, c in byte_to_unicode().items()} | {" ": 32}
         symbols = "".join(self.decoder[i] for i in ids if i not in (self.sot, self.eot))
-        from_unicode[" "] = 32  # what "</w>" becomes; a real space byte is spelt "Ġ"
         raw = bytes(from_unicode[c] for c in symbols.replace("</w>", " "))
         return raw.decode("utf-8", errors="replace").replace("\0", "").strip()
 
     def __call__(self, texts, context_length=77, truncate=True, pad_id=None):
-        """A string or a list of them -> LongTensor (B, context_length): <|startoftext|>, the ids,
-        <|endoftext|>, then padding with pad_id (default <|endoftext|>, as HF's CLIP tokenizer pads;
-        OpenAI pads with 0: the text tower reads only up to the first end token either way). Longer
-        texts are cut to context_length - 2 ids so the end token stays last, as HF's truncation and
-        OpenAI's tokenize(truncate=True) both do; truncate=False makes them an error instead."""
+        """Texts -> LongTensor (B, context_length): SOT, ids, EOT, pad_id (HF's EOT by default;
+        OpenAI's 0); longer texts cut, EOT kept, unless truncate=False."""
         texts = [texts] if isinstance(texts, str) else list(texts)
-        pad = self.eot if pad_id is None else pad_id
-        out = torch.full((len(texts), context_length), pad, dtype=torch.long)
+        out = torch.full((len(texts), context_length), self.eot if pad_id is None else pad_id,
+                         dtype=torch.long)
         for row, caption in enumerate(texts):
             ids = self.encode(caption)
             if len(ids) > context_length - 2:
@@ -592,7 +444,6 @@ class Tokenizer:
 
 
 def _parse_merges(text, path):
-    """merges.txt / the .gz: a "#version" header line (both files have one), then "a b" per line."""
     lines = text.split("\n")
     if lines and "#version" in lines[0]:
         lines = lines[1:]
@@ -604,9 +455,11 @@ def _parse_merges(text, path):
 
 
 # ------------------------------------------------------------------------------------------ loading
+HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # each stands for its folder
+
+
 def hf_config(folder):
-    """CLIPConfig from a Hugging Face config.json (keys missing there take HF's defaults, which are
-    ViT-B/32's, as transformers' CLIPTextConfig / CLIPVisionConfig do)."""
+    """CLIPConfig of a Hugging Face config.json, missing keys at transformers' (B/32) defaults."""
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -620,69 +473,34 @@ def hf_config(folder):
                         "(model_type 'clip'); pass a folder such as openai/clip-vit-base-patch32")
     text = cfg.get("text_config") or cfg.get("text_config_dict") or {}  # *_dict: older exports
     vision = cfg.get("vision_config") or cfg.get("vision_config_dict") or {}
-    b32 = CLIPConfig()
     # one flag for both towers: every released CLIP uses the same activation in both
     acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
         raise UserError(f"{path!r}: activations {sorted(acts)} are not supported "
                         "(quick_gelu or gelu)")
+    b32, tower = CLIPConfig(), {}
+    for name, d in (("vision", vision), ("text", text)):
+        for field, key in (("width", "hidden_size"), ("layers", "num_hidden_layers"),
+                           ("heads", "num_attention_heads"), ("mlp_dim", "intermediate_size")):
+            default = getattr(b32, f"{name}_{field}")
+            tower[f"{name}_{field}".removesuffix("_dim")] = d.get(key, default)
     eos = text.get("eos_token_id", 49407)  # transformers' default when the file does not say
     return CLIPConfig(
-        embed_dim=cfg.get("projection_dim", b32.embed_dim),
+        **tower, embed_dim=cfg.get("projection_dim", b32.embed_dim),
         image_size=vision.get("image_size", b32.image_size),
         patch_size=vision.get("patch_size", b32.patch_size),
-        vision_width=vision.get("hidden_size", b32.vision_width),
-        vision_layers=vision.get("num_hidden_layers", b32.vision_layers),
-        vision_heads=vision.get("num_attention_heads", b32.vision_heads),
-        vision_mlp=vision.get("intermediate_size", b32.vision_mlp_dim),
         context_length=text.get("max_position_embeddings", b32.context_length),
-        vocab_size=text.get("vocab_size", b32.vocab_size),
-        text_width=text.get("hidden_size", b32.text_width),
-        text_layers=text.get("num_hidden_layers", b32.text_layers),
-        text_heads=text.get("num_attention_heads", b32.text_heads),
-        text_mlp=text.get("intermediate_size", b32.text_mlp_dim),
-        quick_gelu=acts == {"quick_gelu"},
-        eps=text.get("layer_norm_eps", b32.eps),
+        vocab_size=text.get("vocab_size", b32.vocab_size), eps=text.get("layer_norm_eps", b32.eps),
         # transformers pools at argmax(ids) when eos_token_id is the legacy 2, else at that id
-        eot_id=None if eos == 2 else eos)
-
-
-def _read_hf_weights(folder):
-    """The state dict of a HF folder (safetensors, one file or sharded, else pytorch_model.bin with
-    weights_only), through text.py's reader: one loader for T5 and CLIP."""
-    return text.load_hf_state_dict(folder)
-
-
-def _load_clip_file(path):
-    """torch.load of a single file, refusing OpenAI's TorchScript archives (ViT-B-32.pt): loading
-    one means running the code inside it, so it is never unpickled; the same weights come as a HF
-    folder."""
-    if os.path.isfile(path) and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            # torch.jit.save writes <name>/code/... (the program) and <name>/constants.pkl
-            names = z.namelist()
-            if any(n.split("/")[1:2] == ["code"] or n.endswith("/constants.pkl") for n in names):
-                raise UserError(f"{path} is a TorchScript archive (OpenAI's clip.load format), "
-                                "which cannot be loaded safely; use the Hugging Face folder of the "
-                                "same model (e.g. openai/clip-vit-base-patch32: config.json + "
-                                "model.safetensors)")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} holds a {type(ckpt).__name__}, not a CLIP checkpoint dict")
-    return ckpt
-
+        quick_gelu=acts == {"quick_gelu"}, eot_id=None if eos == 2 else eos)
 
 
 def load(path):
-    """(CLIP in eval mode, its Tokenizer) from one path: a Hugging Face folder (its vocab.json and
-    merges.txt sit beside the weights) or one of our checkpoints (train.py --model CLIP-*), which
-    carries its merges in "meta". A model is only as good as the tokens it was trained on, so the
-    two always come from the same place."""
+    """(CLIP, its Tokenizer) from one place: a Hugging Face folder or our checkpoint's "meta"."""
     model = CLIP.from_pretrained(path)
-    if os.path.isdir(path) or os.path.basename(path) in ("config.json", "model.safetensors",
-                                                          "pytorch_model.bin"):
+    if os.path.isdir(path) or os.path.basename(path) in HF_FILES:
         return model, Tokenizer.from_pretrained(path)
-    merges = (_load_clip_file(path).get("meta") or {}).get("bpe_merges")
+    merges = model.meta.get("bpe_merges")
     if not merges:
         raise UserError(f"{path} carries no tokenizer (meta 'bpe_merges'); train it with train.py "
                         "--model CLIP-*, or pass a Hugging Face CLIP folder")
@@ -690,8 +508,7 @@ def load(path):
 
 
 class TokenizedCaptions(torch.utils.data.Dataset):
-    """(image, caption) items -> (image, token ids [context]): what the trainer batches (tensors
-    only), the tokenizer applied per item in the loader's workers."""
+    """(image, caption) items -> (image, token ids [context]), tokenized in the loader's workers."""
 
     def __init__(self, ds, tokenizer, context_length):
         self.ds, self.tokenizer, self.context = ds, tokenizer, context_length
@@ -703,14 +520,12 @@ class TokenizedCaptions(torch.utils.data.Dataset):
         image, caption = self.ds[i]
         return image, self.tokenizer(caption, context_length=self.context)[0]
 
+
 # --------------------------------------------------------------------------------------- re-ranking
 @torch.no_grad()
 def rank(clip, images, texts, tokenizer=None, batch_size=64):
-    """CLIP scores of candidate images against their prompts: 100 x cosine (the usual "CLIP score").
-    images: float [-1, 1] (P*N, 3, H, W) in prompt-major order (prompt p's N candidates together),
-    as sample.py makes them; texts: P strings (with `tokenizer`) or token ids (P, T). Returns
-    float32 scores (P, N). A score compares one image with one text; across prompts it is not
-    calibrated, so re-ranking compares candidates of the same prompt only."""
+    """100 x cosine (P, N) of float [-1, 1] images (P*N, 3, H, W), prompt p's N together, with P
+    prompts (strings with `tokenizer`, else ids); not calibrated across prompts."""
     context = clip.config.context_length
     ids = texts if tokenizer is None else tokenizer(texts, context_length=context)
     if len(images) % len(ids):
@@ -722,14 +537,11 @@ def rank(clip, images, texts, tokenizer=None, batch_size=64):
         pixels = preprocess_tensor(chunk.to(device), clip.config.image_size)
         feats.append(F.normalize(clip.encode_image(pixels.to(text.dtype)).float(), dim=-1))
     image = torch.cat(feats).view(len(ids), -1, text.shape[-1])  # (P, N, embed)
-    # unit vectors, so the dot product is the cosine; x 100 is the scale papers report
-    # (Hessel et al. 2021's CLIPScore is 2.5 x max(cos, 0); the ranking is the same)
     return 100 * (image * text[:, None]).sum(-1)
 
 
 def rerank(scores, keep):
-    """Indices (P, keep) of the `keep` best candidates of each prompt, best first (ties keep drawing
-    order), and their scores. keep = N returns every candidate, sorted, scores untouched."""
+    """Indices (P, keep) of each prompt's best candidates, best first, ties in drawing order."""
     if not 1 <= keep <= scores.shape[1]:
         raise UserError(f"--keep {keep} must be between 1 and the number of candidates "
                         f"{scores.shape[1]}")
@@ -738,21 +550,24 @@ def rerank(scores, keep):
 
 
 def keep_best(candidates, scores, keep):
-    """candidates (P*N, ...) in prompt-major order -> the `keep` best of each prompt (P, keep, ...)
-    in rank order, with their scores (P, keep)."""
+    """Prompt-major candidates (P*N, ...), tensor or array -> the best (P, keep, ...), scores."""
     order, best = rerank(scores, keep)
-    grouped = candidates.view(*scores.shape, *candidates.shape[1:])
-    item = candidates.shape[1:]
-    pick = order.view(*order.shape, *[1] * len(item)).expand(-1, -1, *item)
-    return grouped.gather(1, pick.to(grouped.device)), best
+    rows = torch.arange(len(order))[:, None] * scores.shape[1] + order.cpu()  # row p * N + j
+    return candidates[rows if torch.is_tensor(candidates) else rows.numpy()], best
 
 
+def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
+    """DALL-E's best-of-N of uint8 candidates (P*N, H, W, 3) for P prompts, scored on the pixels
+    saved -> (uint8 (P*keep, H, W, 3), scores (P, keep)); tokenizer: clip_model's by default."""
+    if len(texts) == 0 or len(images) % len(texts):
+        raise UserError(f"{len(images)} candidates do not split evenly over {len(texts)} prompts")
+    scores = rank(clip_model, from_uint8(images), list(texts), tokenizer or clip_model.tokenizer)
+    kept, best = keep_best(images, scores, keep)
+    return kept.reshape(-1, *images.shape[1:]), best
 
 
 def retrieval_accuracy(image_emb, text_emb, ids, group=10):
-    """The share of images whose most similar caption, among those of its group of `group`
-    consecutive pairs (the last group may be smaller), is its own; a caption spelt exactly like
-    the true one (two scenes both "a star") counts as right. Chance is 1/group."""
+    """Share of images whose most similar caption among `group` consecutive pairs is theirs."""
     image, text = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     right = []
     for g in range(0, len(ids), group):
@@ -760,26 +575,22 @@ def retrieval_accuracy(image_emb, text_emb, ids, group=10):
         right.append((picked == ids[g:g + group]).all(1).float())
     return torch.cat(right).mean()
 
+
 # --------------------------------------------------------------------------------------- CLIP score
-# The text-image metric. CLIPScore (Hessel et al. 2021): w * max(cos(image, "A photo depicts " +
-# caption), 0) with w = 2.5, which stretches the cosines of ViT-B/32 (rarely above 0.4) over [0, 1];
-# the prefix was found to raise agreement with human judgements. LlamaGen's t2i table (after
-# GigaGAN) reports the plain mean cosine x 100 with the same prefix and ViT-B/32. Both are means
-# over the set, one caption per image; papers quote them x 100.
+# CLIPScore (Hessel et al. 2021): 2.5 max(cos(image, "A photo depicts " + caption), 0), means over
+# a set; LlamaGen's t2i table (after GigaGAN) reports the plain mean cosine x 100, with ViT-B/32.
 PHOTO_DEPICTS = "A photo depicts"
 
 
 @torch.no_grad()
 def clip_score(clip, images, captions, tokenizer, prefix=PHOTO_DEPICTS, w=2.5, batch_size=64):
-    """images: float [-1, 1] (N, 3, H, W) or an iterable of such batches; captions: N strings, in
-    the same order. -> {"clip_score": 100 x mean cosine, "clipscore": 100 x mean w max(cos, 0),
-    "count": N}, the cosines of each image with `prefix` + its caption ("" for none)."""
+    """Float [-1, 1] images (N, 3, H, W, or batches of them) against `prefix` + their captions ->
+    {"clip_score": 100 x mean cosine, "clipscore": 100 x mean w max(cos, 0), "count": N}."""
     if torch.is_tensor(images) and len(images) != len(captions):
         raise UserError(f"CLIP score: {len(captions)} captions for {len(images)} images; give "
                         "one caption per image")
-    batches = images.split(batch_size) if torch.is_tensor(images) else images
     cos, done = [], 0
-    for chunk in batches:
+    for chunk in images.split(batch_size) if torch.is_tensor(images) else images:
         texts = [f"{prefix} {c}".strip() for c in captions[done:done + len(chunk)]]
         if len(texts) != len(chunk):
             raise UserError(f"CLIP score: {len(captions)} captions for more images; give one "
@@ -792,6 +603,43 @@ def clip_score(clip, images, captions, tokenizer, prefix=PHOTO_DEPICTS, w=2.5, b
     cos = torch.cat(cos).double()
     return {"clip_score": 100 * cos.mean().item(),
             "clipscore": 100 * (w * cos.clamp(min=0)).mean().item(), "count": done}
+
+
+def main(argv=None):
+    """`python clip.py score SAMPLES --clip CLIP --captions FILE`: both CLIP scores of samples."""
+    p = argparse.ArgumentParser(description="CLIP scores of text-to-image samples against their "
+                                "captions (LlamaGen's t2i table: openai/clip-vit-base-patch32).")
+    p.add_argument("command", choices=["score"])
+    p.add_argument("samples", help="an .npz of uint8 N x H x W x 3 'arr_0' or a folder of images")
+    p.add_argument("--clip", required=True, help="our CLIP checkpoint (train.py --model CLIP-*) "
+                   "or a Hugging Face CLIP folder")
+    p.add_argument("--captions", required=True, help="UTF-8 text, line i the caption of image i")
+    p.add_argument("--prefix", default=PHOTO_DEPICTS, help="text put before every caption "
+                   f"(default {PHOTO_DEPICTS!r}, as CLIPScore and LlamaGen; '' for none)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best)")
+    args = p.parse_args(argv)
+    check_flags(args, {"batch_size": at_least(1)})
+    try:
+        with open(args.captions, encoding="utf-8") as f:
+            captions = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read captions {args.captions!r} ({e}); give a UTF-8 text file, "
+                        "one caption per line") from None
+    captions = captions[:-1] if captions[-1] == "" else captions  # a final newline ends the last
+    count, batches = fid.image_batches(args.samples, args.batch_size)
+    if count is not None and count != len(captions):
+        raise UserError(f"{args.captions} has {len(captions)} captions for {count} images in "
+                        f"{args.samples}; give one caption per image, in order")
+    model, tokenizer = load(args.clip)
+    model = model.to(pick_device(args.device))
+    # uint8 batches are the samples' own pixels; a folder of mixed sizes comes as floats in [0, 1]
+    floats = (from_uint8(b) if isinstance(b, np.ndarray) else b * 2 - 1 for b in batches)
+    got = clip_score(model, progress(floats, desc="CLIP"), captions, tokenizer, args.prefix)
+    print(f"CLIP score ({got['count']} images, prefix {args.prefix!r}, {args.clip}):\n"
+          f"  mean cosine x 100 (LlamaGen, GigaGAN): {got['clip_score']:.4f}\n"
+          f"  CLIPScore x 100 (Hessel et al. 2021, 2.5 max(cos, 0)): {got['clipscore']:.4f}")
+
 
 # ------------------------------------------------------------------------------------------ configs
 @dataclass
@@ -815,40 +663,23 @@ class CLIPConfig:
     eot_id: Optional[int] = None  # None: pool at the highest id (OpenAI's vocab ends with it)
 
     def __post_init__(self):
-        problems = [
-            (self.image_size % self.patch_size,
-             f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"),
-            (self.vision_width % self.vision_heads,
-             f"vision_width {self.vision_width} is not divisible by vision_heads "
-             f"{self.vision_heads}"),
-            (self.text_width % self.text_heads,
-             f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise UserError(f"CLIPConfig: {message}")
+        for a, b, rule in (("image_size", "patch_size", "a multiple of"),
+                           ("vision_width", "vision_heads", "divisible by"),
+                           ("text_width", "text_heads", "divisible by")):
+            if getattr(self, a) % getattr(self, b):
+                raise UserError(f"CLIPConfig: {a} {getattr(self, a)} is not {rule} {b} "
+                                f"{getattr(self, b)}")
 
-    @property
-    def vision_mlp_dim(self):
-        return self.vision_mlp or 4 * self.vision_width
-
-    @property
-    def text_mlp_dim(self):
-        return self.text_mlp or 4 * self.text_width
+    vision_mlp_dim = property(lambda self: self.vision_mlp or 4 * self.vision_width)
+    text_mlp_dim = property(lambda self: self.text_mlp or 4 * self.text_width)
 
 
-# OpenAI's released models (CLIP paper Table 20; HF openai/clip-vit-base-patch32, -large-patch14),
-# and ours for CPU training on the built-in captioned world (32 px images, a small BPE vocabulary).
-# Parameter counts: B/32 151,277,313; L/14 427,616,513 (test_clip.py says where they come from);
-# CLIP-tiny 0.38M at vocab 1024.
+# OpenAI's released models (CLIP paper Table 20), and ours for the built-in captioned world
+# (CLIP-tiny: 32 px / patch 4, 32 text positions, vocab 512 byte symbols + 510 merges + 2).
 CLIP_CONFIGS = {
     "ViT-B/32": dict(),
     "ViT-L/14": dict(embed_dim=768, patch_size=14, vision_width=1024, vision_layers=24,
                      vision_heads=16, text_width=768, text_heads=12),
-    # CLIP-tiny: 32 px / patch 4 = an 8 x 8 grid (64 tokens, cheap on a CPU); a context of 32 fits
-    # the built-in world's short captions; vocab 1024 = 512 byte symbols + 510 merges + 2
-    # specials, e.g. the first 510 merges of CLIP's own file (Tokenizer.from_pretrained of a cut
-    # .txt.gz).
     "CLIP-tiny": dict(embed_dim=64, image_size=32, patch_size=4, vision_width=64, vision_layers=3,
                       vision_heads=4, context_length=32, vocab_size=1024, text_width=64,
                       text_layers=3, text_heads=4),
@@ -860,3 +691,7 @@ def clip_config(name, **overrides):
     if name not in CLIP_CONFIGS:
         raise UserError(f"unknown CLIP config {name!r}; choose one of {', '.join(CLIP_CONFIGS)}")
     return CLIPConfig(**{**CLIP_CONFIGS[name], **overrides})
+
+
+if __name__ == "__main__":
+    cli(main)

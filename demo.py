@@ -12,7 +12,7 @@ Both halves share step 1 and 2:
 
 The class-conditional half (c2i, paper 3.1-3.2):
 
-3. turn every training image into codes (data.py extract)
+3. turn every training image into codes (codes.py extract)
 4. train a small GPT on those codes (train.py, stage 2)
 5. draw every class at cfg 1 and cfg 4, check the pictures with a simple classifier, animate one
    drawing
@@ -30,7 +30,7 @@ The text-conditional half (t2i, paper 3.3):
 
 Everything lands in results/demo/ (sample.py then uses these models by default).
 
-Each step calls the project's own entry points (train.main, data.extract_codes, sample.main) with
+Each step calls the project's own entry points (train.main, codes.extract_codes, sample.main) with
 the flags a user would type, so the demo is also the end-to-end test of the pipeline: with the
 same seed it prints the same figures (timings aside) and writes the same pictures on every run on
 one machine. The sizes are chosen for a CPU: 32 px images cut into 8x8 codes, GPT-nano.
@@ -46,15 +46,16 @@ import numpy as np
 import torch
 
 import clip
-import data
-import fid
+import codes
 import sample
 import scenes
+import t2i
 import train
-from common import UserError, cli, cpu_has_bf16, pick_device, resolve_precision
-from data import CLASS_NAMES, SyntheticShapes
+from common import (UserError, cli, cpu_has_bf16, from_uint8, pick_device, resolve_precision,
+                    save_grid)
 from model import GPT
-from tokenizer import VQModel
+from shapes import CLASS_NAMES, SyntheticShapes
+from tokenizer import VQModel, tokenizer_metrics
 
 
 class NearestNeighbour:
@@ -175,20 +176,20 @@ def measure_tokenizer(args, vq, device, figures, halves):
     print("== 2. tokenizer on 512 held-out images")
     held = SyntheticShapes(512, args.image_size, seed=args.seed + 1)  # a seed training never saw
     # no rFID: its Inception weights need a download
-    metrics = fid.tokenizer_metrics(vq, held, net=None, batch_size=256, device=device)
+    metrics = tokenizer_metrics(vq, held, net=None, batch_size=256, device=device)
     figures.update(psnr=metrics["psnr"], ssim=metrics["ssim"],
                    codebook_usage=metrics["codebook_usage"], codebook_size=vq.config.codebook_size)
     x = torch.stack([held[i][0] for i in range(16)]).to(device)
     with torch.no_grad():
         recon = vq.decode(vq.encode(x))
     pairs = torch.stack([x.cpu(), recon.cpu()], 1).flatten(0, 1)  # original, reconstruction, ...
-    data.save_grid(pairs, os.path.join(args.out, "reconstructions.png"), nrow=8)
+    save_grid(pairs, os.path.join(args.out, "reconstructions.png"), nrow=8)
     print(f"PSNR {figures['psnr']:.2f} dB, SSIM {figures['ssim']:.3f}, "
           f"codebook usage {100 * figures['codebook_usage']:.1f}% of {vq.config.codebook_size}")
     if "t2i" in halves:
         prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed + 1)
         rng = np.random.default_rng(args.seed + 1)
-        renders = torch.stack([data.from_uint8(scenes.render(
+        renders = torch.stack([from_uint8(scenes.render(
             scenes.scene_for(p["spec"], args.image_size, rng), args.image_size, rng))
             for p in prompts]).to(device)
         with torch.no_grad():
@@ -243,7 +244,7 @@ def draw_pictures(args, vq, device, figures):
         t0 = time.perf_counter()
         images = sample.sample_images(gpt, vq, labels.to(device), cfg_scale=cfg, generator=gen)
         ms = 1000 * (time.perf_counter() - t0) / len(labels)
-        pixels = data.from_uint8(images)  # the saved uint8 bytes, back to floats to classify
+        pixels = from_uint8(images)  # the saved uint8 bytes, back to floats to classify
         right = (classify(pixels) == labels).float()
         acc = right.mean().item()
         figures[f"class_accuracy_cfg{cfg:g}"], figures[f"ms_per_image_cfg{cfg:g}"] = acc, ms
@@ -251,7 +252,7 @@ def draw_pictures(args, vq, device, figures):
         per_class = right.view(10, args.per_class).mean(1).tolist()
         figures[f"class_accuracy_cfg{cfg:g}_per_class"] = dict(zip(CLASS_NAMES, per_class))
         shown = min(args.per_class, 10)  # each class's first 10: rows a reader can take in
-        data.save_grid(pixels.view(10, args.per_class, *pixels.shape[1:])[:, :shown].flatten(0, 1),
+        save_grid(pixels.view(10, args.per_class, *pixels.shape[1:])[:, :shown].flatten(0, 1),
                        os.path.join(out, f"samples_cfg{cfg:g}.png"), nrow=shown)
         print(f"cfg {cfg:g}: class accuracy {100 * acc:.0f}% ({ms:.0f} ms per image); per class: "
               + ", ".join(f"{name} {100 * a:.0f}%" for name, a in zip(CLASS_NAMES, per_class)))
@@ -275,7 +276,7 @@ def extract(args, vq, device, spec):
     not on pixels. Returns the codes folder."""
     print("== 3. codes of every training image (and of its mirror image)")
     codes_dir = fresh(os.path.join(args.out, "codes"))
-    data.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
+    codes.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
                        device=device)
     return codes_dir
 
@@ -345,7 +346,7 @@ def benchmark(args, vq, device, figures):
     path = os.path.join(out, "t2i_gpt.pt")
     gpt = GPT.from_pretrained(path).to(device).eval()
     prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed)
-    condition = sample.joint_condition(gpt, path, [p["prompt"] for p in prompts], device)
+    condition = t2i.joint_condition(gpt, path, [p["prompt"] for p in prompts], device)
     checker = scenes.checker_accuracy(per_task=args.per_task, seed=args.seed)
     figures["t2i_checker_accuracy_on_renders"] = checker
     for cfg in (1.0, args.t2i_cfg):
@@ -386,7 +387,7 @@ def rerank(args, vq, device, shared, figures, gpt, prompts, condition):
     labels = [i for i in range(len(prompts)) for _ in range(n)]
     drawn = sample.sample_images(gpt, vq, labels, cfg_scale=args.t2i_cfg, generator=gen,
                                  condition=condition)
-    kept, _ = sample.rerank_candidates(drawn, texts, model, 1, tokenizer)
+    kept, _ = clip.rerank_candidates(drawn, texts, model, 1, tokenizer)
     # the same draws twice: each prompt's first candidate (no re-ranking) and CLIP's pick, so the
     # difference is CLIP's alone, not another seed's
     for name, images in (("first", drawn[::n]), (f"best_of_{n}", kept)):
@@ -405,7 +406,7 @@ def text_half(args, device, shared, figures, phase, vq, start):
     shutil.copy(os.path.join(args.out, "vq.pt"), os.path.join(args.out, "t2i_vq.pt"))
     print(f"== 6. codes of {args.scenes} captioned scenes")
     codes_dir = fresh(os.path.join(args.out, "scene_codes"))
-    data.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
+    codes.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
                        device=device)
     phase("scene_codes")
     train_t2i(args, codes_dir, shared, figures, start)

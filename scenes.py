@@ -1,16 +1,11 @@
 """A captioned world for text-to-image, and a compositional benchmark scored by an exact checker.
 
-CaptionedScenes is the text-conditional sibling of data.SyntheticShapes: one to three bright objects
-on the same dark background, each of a shape, colour, size and place drawn independently, and a
-caption from a small grammar ("a large red circle at the top left", "a green square to the left of a
-blue star", "three yellow triangles"). A few colour-shape pairs never occur in training scenes, so a
-model can be asked for combinations it has never seen.
-
-The benchmark follows GenEval (Ghosh et al. 2023): six tasks of prompts, each image right or wrong
-by fixed rules, the score the mean of the task accuracies. GenEval finds objects with a detector and
-names their colours with CLIP; here the world is known, so the checker reads the picture directly
-(bright pixels on the dark background, connected components, template shapes, palette hues) and its
-own error rate on true renders is measured (checker_accuracy) so that it cannot hide a model's.
+CaptionedScenes, the text-conditional sibling of shapes.SyntheticShapes: one to three objects, each
+of a shape, colour, size and place drawn independently, captioned by a small grammar ("a green
+square to the left of a blue star"); a few colour-shape pairs never occur in training. The
+benchmark follows GenEval (Ghosh et al. 2023), six tasks of prompts judged by fixed rules; where
+GenEval runs a detector and CLIP, the checker here reads the known world off the picture, and its
+own error rate on true renders is measured (checker_accuracy).
 
     python scenes.py preview --out /tmp/scenes.png       # 4x-upscaled examples, captions printed
     python scenes.py check --per-task 200                # the checker's accuracy on renders
@@ -25,75 +20,56 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from common import UserError, cli
-from data import _SHAPES, _SS, _background, _polygon, _star, save_grid
+from common import (UserError, at_least, check_flags, check_writable, cli, from_uint8,
+                    save_grid)
+from shapes import POLYGONS, SS, background, disk, polygon, star
 
-# --------------------------------------------------------------------------------------------------
-# The world: palette, shapes, the held-out pairs and the words
-
+# -- The world: palette, shapes, the held-out pairs and the words ----------------------------------
 # Six colours 40+ degrees apart in hue, each with a channel above 190 (the background stays below
-# 90): blur mixes in the dark grey background, which lowers brightness and saturation but hardly
-# moves hue, so hue alone names a colour even in a blurry sample. Orange and white were left out
-# (orange sits between red and yellow; white fades into grey when blurred).
+# 90): blurring in the dark background hardly moves hue, so hue names a colour even when blurred.
 COLOURS = {"red": (245, 45, 45), "yellow": (250, 225, 35), "green": (45, 210, 60),
            "cyan": (35, 225, 230), "blue": (45, 95, 255), "magenta": (235, 45, 235)}
 
 
 def _unit(points):
-    """An outline recentred on its bounding box and scaled so its longer half-side is 1: an object's
-    size is then the side of its box, whatever its shape, and its centre is its box centre (the
-    centre GenEval compares)."""
+    """An outline recentred on its box, longer half-side 1: size and centre are its box's."""
     p = np.array(points, np.float64)
     lo, hi = p.min(0), p.max(0)
-    p = (p - (lo + hi) / 2) / ((hi - lo).max() / 2)
-    return [tuple(q) for q in p]
+    return [tuple(q) for q in (p - (lo + hi) / 2) / ((hi - lo).max() / 2)]
 
 
-# Five bold shapes that survive a 4x-downsampling tokenizer at 8 px: upright (no rotation) so that
-# the checker can match templates in the object's box. The star is fatter than data.py's (inner
-# radius 0.55 of the outer) so its arms stay visible when small. None means a disk.
-OUTLINES = {"circle": None, "square": _unit(_SHAPES["square"]),
-            "triangle": _unit(_SHAPES["triangle"]), "star": _unit(_star(5, 0.55)),
-            "cross": _unit(_SHAPES["plus"])}
+# Five bold shapes that survive a ds4 tokenizer at 8 px, upright so the checker can match templates
+# (a fatter star than SyntheticShapes': its arms stay visible). None is a disk.
+OUTLINES = {"circle": None, "square": _unit(POLYGONS["square"]),
+            "triangle": _unit(POLYGONS["triangle"]), "star": _unit(star(5, 0.55)),
+            "cross": _unit(POLYGONS["plus"])}
 SHAPES = tuple(OUTLINES)
 PLURALS = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
 
-# Never in a training scene (heldout=True): three pairs with no colour and no shape twice, so every
-# colour keeps four of its five shapes and every shape five of its six colours.
+# Never in a training scene (heldout=True): every colour keeps four shapes, every shape five colours
 HELDOUT_PAIRS = (("red", "square"), ("blue", "triangle"), ("yellow", "star"))
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
 
 SIZES = {"small": (9.0, 10.5), "large": (12.5, 14.0)}  # box side in px at 32 px (scaled)
 NUMBERS = {1: "a", 2: "two", 3: "three"}
-# GenEval's relation names; a caption writes "to the left of" for "left of"
 RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
-             "below": "below"}
+             "below": "below"}  # GenEval's names -> a caption's words
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 PLACES = (("at the top left", "at the top", "at the top right"),  # the 3x3 cells, row by row
           ("on the left", "in the middle", "on the right"),
           ("at the bottom left", "at the bottom", "at the bottom right"))
-
-# Every word a caption or a benchmark prompt can use, for building a tokenizer: lower case, no
-# punctuation
+# every word a caption or prompt can use (lower case, no punctuation), to build a tokenizer from
 VOCABULARY = tuple(sorted(set(" ".join(
     [*NUMBERS.values(), *SIZES, *COLOURS, *SHAPES, *PLURALS.values(), "and", *RELATIONS.values(),
      *(p for row in PLACES for p in row)]).split())))
 
 
-def _scale(image_size):
-    return image_size / 32
-
-
-# --------------------------------------------------------------------------------------------------
-# Geometry: boxes, GenEval's relation rule, the non-overlapping layout
-
+# -- Geometry: GenEval's relation rule, the non-overlapping layout ---------------------------------
 def relative_position(box_a, box_b, threshold=0.1, cut=0.5):
-    """GenEval's rule for where box A lies relative to box B (boxes x0, y0, x1, y1; y down): the
-    centre offset, shrunk on each axis by threshold x (side of A + side of B), divided by the
-    offset's length; a component beyond `cut` names a relation. Returns a set of "left of", "right
-    of", "above", "below" (empty when the boxes nearly share a centre; a diagonal offset can give
-    two)."""
+    """GenEval's rule for where box A (x0, y0, x1, y1; y down) lies relative to box B: the centre
+    offset, shrunk on each axis by threshold x (side of A + side of B), over its length; a
+    component beyond `cut` names a relation: a set of "left of", "right of", "above", "below"."""
     a, b = np.asarray(box_a, np.float64), np.asarray(box_b, np.float64)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     dims = (a[2:] - a[:2]) + (b[2:] - b[:2])
@@ -101,38 +77,22 @@ def relative_position(box_a, box_b, threshold=0.1, cut=0.5):
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
-    names = [("left of", dx < -cut), ("right of", dx > cut),
-             ("above", dy < -cut), ("below", dy > cut)]
-    return {name for name, holds in names if holds}
+    return {name for name, holds in [("left of", dx < -cut), ("right of", dx > cut),
+                                     ("above", dy < -cut), ("below", dy > cut)] if holds}
 
 
-def _clear_relations(box_a, box_b):
-    """The relations a caption may claim: those that hold with twice GenEval's margin and a stricter
-    cut, so a render (or a good sample) whose boxes are a pixel off still passes the checker's
-    rule."""
-    return relative_position(box_a, box_b, threshold=0.2, cut=0.6)
+# the relations a caption may claim: twice GenEval's margin, a stricter cut (a pixel off passes)
+_clear_relations = functools.partial(relative_position, threshold=0.2, cut=0.6)
+_HALF = {s: (1.0, 1.0) if OUTLINES[s] is None else  # each outline's half width and height
+         tuple(float(v) for v in np.abs(np.array(OUTLINES[s])).max(0)) for s in SHAPES}
 
 
-def _half_extent(shape):
-    if OUTLINES[shape] is None:
-        return 1.0, 1.0
-    p = np.array(OUTLINES[shape])
-    return tuple(float(v) for v in np.abs(p).max(0))
-
-
-_HALF = {s: _half_extent(s) for s in SHAPES}
-
-
-def _layout(objects, image_size, rng, tries=30):
-    """Give each object (shape, colour, size word) a box side, a 3x3 cell of its own and a centre
-    inside that cell (1 px from its edges, so the cell is unambiguous), its box at least 2 px from
-    every other box and 1 px from the border. Returns False when this draw of sides and cells does
-    not fit (two large objects side by side in one row of a 32 px image cannot), and the caller
-    draws again. Plain Python floats: this runs for every training image, and numpy's per-call
-    overhead dominated it."""
-    s = _scale(image_size)
+def _layout(objects, image_size, rng):
+    """Give each object a box side, a 3x3 cell of its own and a centre 1 px inside it, its box 2 px
+    from every other and 1 px from the border; False when this draw does not fit."""
+    s = image_size / 32  # the scale of 32 px sizes
     cell, gap, border = image_size / 3, 2 * s, 1 * s
-    placed, used = [], set()
+    placed = []
     for obj in objects:
         lo_side, hi_side = SIZES[obj["size"]]
         side = s * (lo_side + (hi_side - lo_side) * rng.random())
@@ -144,9 +104,9 @@ def _layout(objects, image_size, rng, tries=30):
             x1 = min((col + 1) * cell - s, image_size - hx - border)
             y0 = max(row * cell + s, hy + border)
             y1 = min((row + 1) * cell - s, image_size - hy - border)
-            if c not in used and x0 <= x1 and y0 <= y1:
+            if (row, col) not in [o["cell"] for o in placed] and x0 <= x1 and y0 <= y1:
                 ranges.append((row, col, x0, x1, y0, y1))
-        for _ in range(tries if ranges else 0):
+        for _ in range(30 if ranges else 0):
             row, col, x0, x1, y0, y1 = ranges[int(rng.random() * len(ranges))]
             cx, cy = x0 + (x1 - x0) * rng.random(), y0 + (y1 - y0) * rng.random()
             box = (cx - hx, cy - hy, cx + hx, cy + hy)
@@ -154,7 +114,6 @@ def _layout(objects, image_size, rng, tries=30):
                        box[1] - o["box"][3], o["box"][1] - box[3]) >= gap for o in placed):
                 obj.update(cell=(row, col), centre=(cx, cy), box=box, side=side)
                 placed.append(obj)
-                used.add(row * 3 + col)
                 break
         else:
             return False
@@ -162,56 +121,42 @@ def _layout(objects, image_size, rng, tries=30):
 
 
 def _new_object(shape, colour, size, rng):
-    """An object before layout; its colour shade is jittered +-15 per channel, as in
-    SyntheticShapes."""
+    """An object before layout; its shade jittered +-15 per channel, as in SyntheticShapes."""
     rgb = tuple(min(max(int(v + 30 * rng.random() - 15), 0), 255) for v in COLOURS[colour])
     return {"shape": shape, "colour": colour, "size": size, "rgb": rgb}
 
 
-def _arrange(pairs, image_size, rng, sizes=None):
-    """Objects for (colour, shape) pairs with random sizes (or the given ones), laid out without
-    overlap; draws again until the layout fits (a few draws at most, see _layout)."""
+def _arrange(pairs, image_size, rng):
+    """Objects for (colour, shape) pairs, of random sizes, laid out without overlap."""
     for _ in range(200):
-        objs = [_new_object(s, c, sizes[k] if sizes else ("small", "large")[rng.random() < 0.5],
-                            rng) for k, (c, s) in enumerate(pairs)]
+        objs = [_new_object(s, c, ("small", "large")[rng.random() < 0.5], rng) for c, s in pairs]
         if _layout(objs, image_size, rng):
             return objs
-    raise RuntimeError(f"no layout found for {pairs} at {image_size} px")  # not reached at >= 24 px
+    raise RuntimeError(f"no layout found for {pairs} at {image_size} px")  # not at >= 24 px
 
 
-# --------------------------------------------------------------------------------------------------
-# Drawing: the shapes are drawn at 4x and box-filtered down, as in SyntheticShapes
+# -- Drawing, at 4x and box-filtered down as in SyntheticShapes; captions from a small grammar -----
+def _draw_shape(draw, shape, r, cx, cy, fill):
+    if OUTLINES[shape] is None:
+        disk(draw, cx, cy, r, fill)
+    else:
+        draw.polygon(polygon(OUTLINES[shape], 0.0, r, cx, cy), fill=fill)
+
 
 def render(objects, image_size=32, rng=None):
-    """Scene (a list of objects with "shape", "rgb", "centre", "side") -> RGB PIL image on the
-    SyntheticShapes background drawn from `rng`."""
-    return Image.fromarray(_render_array(objects, image_size, rng))
-
-
-def _render_array(objects, image_size, rng=None):
-    """render() as a uint8 [H, W, 3] array. The objects do not overlap, so they are all drawn into
-    one 4x RGBA layer; Pillow's box reduction of it gives each pixel its colour and its coverage
-    (alpha), and one blend puts them on the background."""
+    """Scene (objects with "shape", "rgb", "centre", "side") -> RGB PIL image on the SyntheticShapes
+    background drawn from `rng`: one 4x RGBA layer of all objects, box-reduced, then blended."""
     rng = np.random.default_rng(0) if rng is None else rng
-    bg = np.asarray(_background(image_size, rng), np.float32)
-    big = image_size * _SS
-    layer = Image.new("RGBA", (big, big))
+    bg = np.asarray(background(image_size, rng), np.float32)
+    layer = Image.new("RGBA", (image_size * SS, image_size * SS))
     draw = ImageDraw.Draw(layer)
     for o in objects:
-        cx, cy = o["centre"]
-        r = o["side"] / 2
-        if OUTLINES[o["shape"]] is None:
-            draw.ellipse([_SS * (cx - r), _SS * (cy - r), _SS * (cx + r), _SS * (cy + r)],
-                         fill=(*o["rgb"], 255))
-        else:
-            draw.polygon(_polygon(OUTLINES[o["shape"]], 0.0, r, cx, cy), fill=(*o["rgb"], 255))
-    fg = np.asarray(layer.reduce(_SS), np.float32)
+        _draw_shape(draw, o["shape"], o["side"] / 2, *o["centre"], (*o["rgb"], 255))
+    fg = np.asarray(layer.reduce(SS), np.float32)
     alpha = fg[..., 3:] / 255
-    return np.clip(bg * (1 - alpha) + fg[..., :3] * alpha + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.clip(bg * (1 - alpha) + fg[..., :3] * alpha + 0.5, 0, 255)
+                           .astype(np.uint8))
 
-
-# --------------------------------------------------------------------------------------------------
-# Captions: a small grammar over the scene
 
 def _phrase(obj, colour=True, size=False, count=1):
     """'a large red circle', 'two green crosses', 'a star'."""
@@ -220,17 +165,13 @@ def _phrase(obj, colour=True, size=False, count=1):
 
 
 def _scene_and_caption(rng, image_size, pairs):
-    """One scene and its caption. The kind of scene is drawn first (one object 30%, two 40%, three
-    10%, a group of two or three alike 20%), then which attributes the caption names: colours are
-    left out one time in four (the benchmark asks for "a circle" and "a circle and a square"), sizes
-    are named three times in ten, a lone object's place half the time, a relation between two
-    objects half the time when one clearly holds; everything a caption names is true of its
-    scene."""
+    """One scene and its caption: one object 30%, two 40%, three 10%, two or three alike 20%; the
+    caption names colours 3 times in 4, sizes 3 in 10, a lone object's place or a clear relation
+    of two half the time; all of it true."""
     kind = rng.choice(4, p=[0.3, 0.4, 0.1, 0.2])
     with_colour, with_size = rng.random() < 0.75, rng.random() < 0.3
     if kind == 3:  # a group: "three yellow triangles"
-        pair = pairs[rng.integers(len(pairs))]
-        objs = _arrange([pair] * int(rng.integers(2, 4)), image_size, rng)
+        objs = _arrange([_pick(pairs, rng)] * int(rng.integers(2, 4)), image_size, rng)
         same_size = len({o["size"] for o in objs}) == 1
         return objs, _phrase(objs[0], with_colour, with_size and same_size, len(objs))
     n = int(kind) + 1
@@ -240,8 +181,7 @@ def _scene_and_caption(rng, image_size, pairs):
         if rng.random() < 0.5:
             words += " " + PLACES[objs[0]["cell"][0]][objs[0]["cell"][1]]
         return objs, words
-    if len({o["shape"] for o in objs}) < n:  # "a star to the right of a star" would say nothing
-        with_colour = True
+    with_colour = with_colour or len({o["shape"] for o in objs}) < n  # not "a star by a star"
     order = [int(k) for k in rng.permutation(n)]
     if n == 2 and rng.random() < 0.5:
         a, b = objs[order[0]], objs[order[1]]
@@ -254,21 +194,16 @@ def _scene_and_caption(rng, image_size, pairs):
 
 
 class CaptionedScenes(torch.utils.data.Dataset):
-    """`num_images` captioned scenes; item i -> (image float32 [3, H, W] in [-1, 1], caption str).
-
-    Item i is a pure function of (seed, i), as in SyntheticShapes. scene(i) is its truth: a list of
-    objects, each a dict with shape, colour (a COLOURS name), size ("small"/"large"), rgb (the
-    jittered shade drawn), cell ((row, column) of the 3x3 layout), centre ((x, y) in pixels), side
-    (box side in pixels) and box ((x0, y0, x1, y1)). With heldout=True no scene contains a
-    HELDOUT_PAIRS pair."""
+    """`num_images` captioned scenes; item i -> (float32 [3, H, W] in [-1, 1], caption), a pure
+    function of (seed, i); scene(i) is its truth (objects with shape, colour, size, rgb, cell,
+    centre, side, box). heldout=True: no HELDOUT_PAIRS pair occurs."""
 
     def __init__(self, num_images, image_size=32, seed=0, heldout=True):
         if num_images < 1 or image_size < 24:
-            raise UserError(f"CaptionedScenes needs num_images >= 1 and image_size >= 24 (objects "
-                            f"are 9 px and up at 32), got {num_images} and {image_size}")
+            raise UserError(f"CaptionedScenes needs num_images >= 1 and image_size >= 24, got "
+                            f"{num_images} and {image_size}")
         self.num_images, self.image_size, self.seed = int(num_images), int(image_size), int(seed)
-        self.heldout = bool(heldout)
-        self.pairs = SEEN_PAIRS if heldout else ALL_PAIRS
+        self.heldout, self.pairs = bool(heldout), SEEN_PAIRS if heldout else ALL_PAIRS
 
     def __len__(self):
         return self.num_images
@@ -288,29 +223,18 @@ class CaptionedScenes(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         objs, caption, rng = self._draw(index)
-        a = _render_array(objs, self.image_size, rng)  # data.from_uint8's scaling, no PIL trip
-        x = np.ascontiguousarray(a.transpose(2, 0, 1)) * np.float32(1 / 127.5) - 1
-        return torch.from_numpy(x), caption
+        return from_uint8(render(objs, self.image_size, rng)), caption
 
 
-# --------------------------------------------------------------------------------------------------
-# The benchmark: GenEval's six tasks over this world
-
+# -- The benchmark: GenEval's six tasks over this world --------------------------------------------
 TASKS = ("single_object", "two_objects", "counting", "colours", "position", "colour_attribution")
 
 
 def benchmark_prompts(per_task, seed=0):
-    """`per_task` prompts for each of TASKS, a pure function of (per_task, seed). Each is a dict:
-    task, prompt, spec (what check() needs) and heldout (whether the prompt names a held-out pair).
-
-    A spec is GenEval's metadata: "include", a list of requirements {shape, count, colour
-    (optional), position (optional: [relation, index of an earlier requirement])}, and "exclude",
-    requirements {shape, count} that must NOT be met. The tasks: single_object "a circle";
-    two_objects "a circle and a square"; counting "three red circles" (exactly three circles, all
-    red); colours "a red circle"; position "a red circle above a blue square"; colour_attribution "a
-    red circle and a blue square". The four tasks that name colour-shape pairs alternate seen and
-    held-out prompts (a held-out prompt names one held-out pair, the other object being seen); the
-    two others name none."""
+    """`per_task` prompts per task ("a circle", exactly "three red circles", "a red circle above a
+    blue square", ...): dicts of task, prompt, heldout (odd colour prompts name a held-out pair)
+    and spec, GenEval's metadata: "include" [{shape, count, colour?, position?: [relation, index
+    of an earlier requirement]}] and "exclude" [{shape, count}] NOT to be met."""
     if per_task < 1:
         raise UserError(f"benchmark_prompts needs per_task >= 1, got {per_task}")
     out = []
@@ -355,17 +279,12 @@ def _prompt(task, held, k, rng):
             "spec": {"include": [{"shape": sa, "count": 1, "colour": ca}, req_b]}}
 
 
-# --------------------------------------------------------------------------------------------------
-# The checker: read the objects off the picture, then GenEval's rules
-
+# -- The checker: read the objects off the picture, GenEval's rules, the checker's own accuracy ----
 def _as_uint8(image):
-    """uint8 [H, W, 3] array, float [3, H, W] tensor/array in [-1, 1] (data.to_uint8's rule) or PIL
-    image -> uint8 [H, W, 3] numpy array."""
+    """uint8 [H, W, 3], float [3, H, W] in [-1, 1] (common.to_uint8's rule) or PIL -> uint8 HWC."""
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
-    if torch.is_tensor(image):
-        image = image.detach().float().cpu().numpy()
-    a = np.asarray(image)
+    a = np.asarray(image.detach().float().cpu() if torch.is_tensor(image) else image)
     if a.dtype == np.uint8 and a.ndim == 3 and a.shape[-1] == 3:
         return a
     if a.ndim == 3 and a.shape[0] == 3 and np.issubdtype(a.dtype, np.floating):
@@ -376,8 +295,7 @@ def _as_uint8(image):
 
 def _hue(rgb):
     """Hue angle in radians of an RGB colour (the hexagonal-projection formula)."""
-    r, g, b = rgb
-    return math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)
+    return math.atan2(math.sqrt(3) * (rgb[1] - rgb[2]), 2 * rgb[0] - rgb[1] - rgb[2])
 
 
 _HUES = {name: _hue(rgb) for name, rgb in COLOURS.items()}
@@ -399,55 +317,32 @@ _BLURS = (0.0, 0.6, 1.0, 1.4)  # template blurs in pixels at 32 px: a render up 
 
 
 def _templates(shape, mass, centroid, window, s):
-    """`shape` drawn with coverage `mass` (area in pixels) and its centroid at `centroid`, in a
-    window of (height, width) pixels, at each of _BLURS (times the image scale s): [len(_BLURS),
-    height, width]."""
+    """`shape` of area `mass` about `centroid` in a (height, width) window, at each of _BLURS."""
     area, (ux, uy) = _MOMENTS[shape]
     r = math.sqrt(max(mass, 1.0) / area)  # the half side whose outline has this area
-    cx, cy = centroid[0] - r * ux, centroid[1] - r * uy
-    m = Image.new("L", (window[1] * _SS, window[0] * _SS))
-    d = ImageDraw.Draw(m)
-    if OUTLINES[shape] is None:
-        d.ellipse([_SS * (cx - r), _SS * (cy - r), _SS * (cx + r), _SS * (cy + r)], fill=255)
-    else:
-        d.polygon(_polygon(OUTLINES[shape], 0.0, r, cx, cy), fill=255)
-    t = np.asarray(m.reduce(_SS), np.float32) / 255
-    rows, cols = _blur_matrices(window[0], s), _blur_matrices(window[1], s)
-    return rows @ t @ cols.transpose(0, 2, 1)
+    m = Image.new("L", (window[1] * SS, window[0] * SS))
+    _draw_shape(ImageDraw.Draw(m), shape, r, centroid[0] - r * ux, centroid[1] - r * uy, 255)
+    t = np.asarray(m.reduce(SS), np.float32) / 255
+    return _blur_matrices(window[0], s) @ t @ _blur_matrices(window[1], s).transpose(0, 2, 1)
 
 
 @functools.lru_cache(maxsize=256)
 def _blur_matrices(n, s):
-    """[len(_BLURS), n, n]: Gaussian blurs along one axis of length n as matrices (zero outside, as
-    a template is), so the blurred templates are two small matrix products, not filter calls."""
+    """[len(_BLURS), n, n]: Gaussian blurs along an axis of length n as matrices (zero outside)."""
     d = np.arange(n)[:, None] - np.arange(n)[None, :]
-    out = []
-    for sigma in (b * s for b in _BLURS):
-        if sigma:
-            out.append(np.exp(-d ** 2 / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi)))
-        else:
-            out.append(np.eye(n))
-    return np.stack(out).astype(np.float32)
+    blurs = [np.exp(-d ** 2 / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi)) if sigma
+             else np.eye(n) for sigma in (b * s for b in _BLURS)]
+    return np.stack(blurs).astype(np.float32)
 
 
 def detect(image):
-    """The objects in an image of this world: a list of dicts with shape, colour, size ("small" or
-    "large"), box (x0, y0, x1, y1 in pixels), centre and area (pixels), largest first (the checker's
-    stand-in for a detector's confidence).
-
-    Objects: pixels whose brightest channel is above half way from the background level (the image's
-    median: objects cover well under half of it) to 210, the palette's dimmest main channel;
-    connected components of them (4-neighbours, so blurred diagonal contacts do not join two
-    objects), ignoring specks under 8 px at 32 px. Colour: the palette hue nearest to the mean of
-    the component's brighter half. Shape: blur keeps two things of an object exactly, its coverage
-    mass (area) and its centroid; so each shape's template is drawn with that area about that
-    centroid, blurred by each of _BLURS, and the best match (least squared difference of coverage in
-    a window around the object) names the shape; upright shapes need no rotation search."""
+    """The objects in an image of this world (dicts of shape, colour, size, box, centre, area),
+    largest first: 4-connected components of pixels half way from the background (the median) to
+    210; colour: the nearest palette hue; shape: blur keeps an object's coverage mass and
+    centroid, so templates of that area about that centroid, blurred, are matched."""
     a = _as_uint8(image).astype(np.float32)
-    h, w = a.shape[:2]
-    s = _scale(w)
-    bright = a.max(-1)
-    bg = float(np.median(bright))
+    (h, w), bright = a.shape[:2], a.max(-1)
+    s, bg = w / 32, float(np.median(bright))
     labels, _ = ndimage.label(bright >= bg + 0.5 * max(210 - bg, 1.0))
     found = []
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
@@ -457,12 +352,10 @@ def detect(image):
             continue
         y0, x0, y1, x1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
         pix = a[sl][blob]
-        core = pix[pix.max(-1) >= np.median(pix.max(-1))]
-        hue = _hue(core.mean(0))
+        hue = _hue(pix[pix.max(-1) >= np.median(pix.max(-1))].mean(0))
         colour = min(_HUES, key=lambda name: abs(math.remainder(hue - _HUES[name], 2 * math.pi)))
         # coverage in a window 3 px around the box: brightness above the window's own background
-        # level (its median outside the object), over the palette colour's; other objects' pixels
-        # zeroed
+        # (its median outside the object) over the palette colour's; other objects zeroed
         pad = max(2, round(3 * s))
         wy0, wx0, wy1, wx1 = max(y0 - pad, 0), max(x0 - pad, 0), min(y1 + pad, h), min(x1 + pad, w)
         lab, br = labels[wy0:wy1, wx0:wx1], bright[wy0:wy1, wx0:wx1]
@@ -484,11 +377,9 @@ def detect(image):
 
 
 def evaluate(objects, spec):
-    """GenEval's decision on detected objects (its evaluate_images.py, rule for rule): each include
-    requirement takes the `count` most confident objects of its shape (fails if fewer), needs
-    `count` of them of its colour, and for a position needs every one of them in the relation to
-    every object that requirement `index` matched; every exclude requirement fails the image if at
-    least `count` objects of its shape are found."""
+    """GenEval's decision (its evaluate_images.py): each include requirement takes the `count` most
+    confident objects of its shape, needs them all of its colour and, for a position, each in the
+    relation to every object requirement `index` matched; excludes fail on `count` of a shape."""
     by_shape = {}
     for o in sorted(objects, key=lambda o: -o["area"]):
         by_shape.setdefault(o["shape"], []).append(o)
@@ -515,46 +406,31 @@ def check(image, spec):
 
 
 def score(images, prompts):
-    """Benchmark figures for images generated from `prompts` (benchmark_prompts' dicts, one image
-    each): {task: accuracy, ..., "overall": mean of the task accuracies (GenEval's score), "seen":
-    {...}, "heldout": {...}}, the two splits by the prompt's heldout flag, each with its own
-    per-task accuracies and overall (a split's overall averages the tasks present in it: held-out
-    prompts exist only for the four tasks that name colours)."""
+    """One image per prompt -> {task: accuracy, ..., "overall": their mean (GenEval's score),
+    "seen": {...}, "heldout": {...}}, the same over the prompts of each split."""
     if len(images) != len(prompts):
-        raise UserError(f"score needs one image per prompt, got {len(images)} images for "
-                        f"{len(prompts)} prompts")
+        raise UserError(f"score needs one image per prompt, got {len(images)} for {len(prompts)}")
     right = [check(img, p["spec"]) for img, p in zip(images, prompts)]
 
     def table(keep):
-        res = {}
-        for task in TASKS:
-            hits = [r for r, p in zip(right, prompts) if p["task"] == task and keep(p)]
-            if hits:
-                res[task] = sum(hits) / len(hits)
-        res["overall"] = float(np.mean(list(res.values()))) if res else float("nan")
-        return res
+        hits = {t: [r for r, p in zip(right, prompts) if p["task"] == t and keep(p)] for t in TASKS}
+        res = {t: sum(h) / len(h) for t, h in hits.items() if h}
+        return {**res, "overall": float(np.mean(list(res.values()))) if res else float("nan")}
     return {**table(lambda p: True), "seen": table(lambda p: not p["heldout"]),
             "heldout": table(lambda p: p["heldout"])}
 
 
-# --------------------------------------------------------------------------------------------------
-# Ground truth for the benchmark, and the checker's own accuracy
-
-def scene_for(spec, image_size=32, rng=None, distractors=True, avoid=()):
-    """A scene satisfying `spec`: its required objects (a random colour where none is named; a
-    position requirement holding with the captions' clear margin) and, half the time when there is
-    room, one or two distractors of shapes neither the spec nor `avoid` mentions, so the checker
-    must pick the right objects out."""
+def scene_for(spec, image_size=32, rng=None, avoid=()):
+    """A scene satisfying `spec` (positions with the captions' clear margin) and, half the time,
+    one or two distractors of shapes neither the spec nor `avoid` names."""
     rng = np.random.default_rng(0) if rng is None else rng
     named = {r["shape"] for r in spec["include"] + spec.get("exclude", [])} | set(avoid)
     others = [p for p in ALL_PAIRS if p[1] not in named]
     for _ in range(200):
-        pairs, owner = [], []
-        for j, req in enumerate(spec["include"]):
-            for _ in range(req["count"]):
-                pairs.append((req.get("colour") or _pick(list(COLOURS), rng), req["shape"]))
-                owner.append(j)
-        if distractors and len(pairs) < 3 and rng.random() < 0.5:
+        owner = [j for j, req in enumerate(spec["include"]) for _ in range(req["count"])]
+        pairs = [(spec["include"][j].get("colour") or _pick(list(COLOURS), rng),
+                  spec["include"][j]["shape"]) for j in owner]
+        if len(pairs) < 3 and rng.random() < 0.5:
             pairs += [_pick(others, rng) for _ in range(int(rng.integers(1, 4 - len(pairs))))]
         objs = _arrange(pairs, image_size, rng)
         box = lambda j: objs[owner.index(j)]["box"]  # noqa: E731  (requirement j's first object)
@@ -565,9 +441,8 @@ def scene_for(spec, image_size=32, rng=None, distractors=True, avoid=()):
     raise RuntimeError(f"no scene found for {spec}")  # not reached: a relation holds 1 time in 4+
 
 
-def _wrong_spec(task, spec, rng):
-    """A near miss of `spec` to render when measuring false positives: a missing shape, one object
-    too few or too many, another colour, the opposite relation, the colours swapped."""
+def wrong_spec(task, spec, rng):
+    """A near miss of `spec` (a shape, count, colour or relation wrong), for false positives."""
     inc = [dict(r) for r in spec["include"]]
     if task in ("single_object", "two_objects"):  # the last named shape becomes an unnamed one
         inc[-1]["shape"] = _pick([s for s in SHAPES if s not in {r["shape"] for r in inc}], rng)
@@ -583,13 +458,10 @@ def _wrong_spec(task, spec, rng):
 
 
 def distort(image, kind, rng):
-    """A render made to look more like a sample: "blur" (2x box downsampling and bilinear upsampling
-    back, about a ds4 tokenizer's softness) or "noise" (per-channel gain 0.9-1.1 and Gaussian noise
-    of 6/255)."""
+    """A render made to look like a sample: "blur" (about a ds4 tokenizer's softness) or "noise"."""
     a = _as_uint8(image)
     if kind == "blur":
-        pil = Image.fromarray(a)
-        return np.asarray(pil.reduce(2).resize(pil.size, Image.BILINEAR))
+        return np.asarray(Image.fromarray(a).reduce(2).resize(a.shape[1::-1], Image.BILINEAR))
     if kind == "noise":
         b = a * rng.uniform(0.9, 1.1, 3) + rng.normal(0, 6, a.shape)
         return np.clip(b + 0.5, 0, 255).astype(np.uint8)
@@ -597,67 +469,51 @@ def distort(image, kind, rng):
 
 
 def checker_accuracy(per_task=200, image_size=32, seed=0, distortion=None, negatives=False):
-    """The checker scored on true renders of `per_task` benchmark prompts per task: score() of
-    scene_for(spec) renders (the fraction accepted; the checker is right when it is 1), or with
-    negatives=True of renders of near misses (_wrong_spec), reporting the fraction rightly REJECTED.
-    distortion: None, "blur" or "noise" (see distort())."""
+    """score() of true renders of `per_task` prompts per task, or with negatives=True the fraction
+    of near misses (wrong_spec) rightly REJECTED; distortion: None, "blur" or "noise"."""
     prompts = benchmark_prompts(per_task, seed)
     rng = np.random.default_rng([seed, 1_000_003])
     images = []
     for p in prompts:
-        spec = _wrong_spec(p["task"], p["spec"], rng) if negatives else p["spec"]
+        spec = wrong_spec(p["task"], p["spec"], rng) if negatives else p["spec"]
         avoid = [r["shape"] for r in p["spec"]["include"]]  # a distractor must not fix a near miss
         img = render(scene_for(spec, image_size, rng, avoid=avoid), image_size, rng)
         images.append(distort(img, distortion, rng) if distortion else np.asarray(img))
     res = score(images, prompts)
     if negatives:  # accepted -> rejected
-        flip = lambda t: {k: 1 - v for k, v in t.items()}  # noqa: E731
-        res = {**flip({k: v for k, v in res.items() if k not in ("seen", "heldout")}),
-               "seen": flip(res["seen"]), "heldout": flip(res["heldout"])}
+        return {k: {j: 1 - x for j, x in v.items()} if isinstance(v, dict) else 1 - v
+                for k, v in res.items()}
     return res
-
-
-# --------------------------------------------------------------------------------------------------
-# command line
-
-def preview(out, count=32, image_size=32, seed=0, upscale=4):
-    """A PNG grid of the first `count` scenes, upscaled `upscale` x (nearest) for a person to look
-    at; returns their captions."""
-    ds = CaptionedScenes(count, image_size, seed)
-    items = [ds[i] for i in range(count)]
-    big = [torch.nn.functional.interpolate(x[None], scale_factor=upscale, mode="nearest")[0]
-           for x, _ in items]
-    save_grid(big, out, nrow=8)
-    return [c for _, c in items]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    pv = sub.add_parser("preview", help="write a 4x-upscaled grid of scenes, print their captions")
+    pv = sub.add_parser("preview", help="a 4x-upscaled grid of scenes; their captions printed")
     pv.add_argument("--out", default="scenes.png", help="PNG file to write (default: scenes.png)")
+    pv.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     pv.add_argument("--count", type=int, default=32, help="scenes, 8 per row (default: 32)")
-    pv.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: 32)")
-    pv.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
-    ck = sub.add_parser("check", help="the checker's accuracy on true renders, clean and distorted")
+    ck = sub.add_parser("check", help="the checker's accuracy on true renders and near misses")
     ck.add_argument("--per-task", type=int, default=200, help="prompts per task (default: 200)")
-    ck.add_argument("--image-size", type=int, default=32, help="image side in pixels (default: 32)")
-    ck.add_argument("--seed", type=int, default=0, help="benchmark seed (default: 0)")
+    for q in (pv, ck):
+        q.add_argument("--image-size", type=int, default=32, help="image side (default: 32)")
+        q.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     args = p.parse_args(argv)
+    check_flags(args, {"count": at_least(1), "image_size": at_least(24), "per_task": at_least(1)})
     if args.command == "preview":
-        for k, c in enumerate(preview(args.out, args.count, args.image_size, args.seed)):
-            print(f"{k:3d} {c}")
-        print(f"wrote {args.out}")
-    else:
-        print("task".ljust(20) + "".join(f"{t[:12]:>13}" for t in TASKS))
-        for name, kw in (("clean", {}), ("blur", {"distortion": "blur"}),
-                         ("noise", {"distortion": "noise"}),
-                         ("rejects near misses", {"negatives": True})):
-            t0 = time.time()
-            r = checker_accuracy(args.per_task, args.image_size, args.seed, **kw)
-            print(name.ljust(20) + "".join(f"{r[t]:13.3f}" for t in TASKS)
-                  + f"   ({time.time() - t0:.1f} s)")
+        check_writable(args.out, args.overwrite)
+        items = list(CaptionedScenes(args.count, args.image_size, args.seed))
+        save_grid([x.repeat_interleave(4, 1).repeat_interleave(4, 2) for x, _ in items], args.out)
+        print("\n".join(f"{k:3d} {c}" for k, (_, c) in enumerate(items)) + f"\nwrote {args.out}")
+        return
+    print("task".ljust(20) + "".join(f"{t[:12]:>13}" for t in TASKS))
+    for name, kw in (("clean", {}), ("blur", {"distortion": "blur"}), ("noise", {
+            "distortion": "noise"}), ("rejects near misses", {"negatives": True})):
+        t0 = time.time()
+        r = checker_accuracy(args.per_task, args.image_size, args.seed, **kw)
+        print(name.ljust(20) + "".join(f"{r[t]:13.3f}" for t in TASKS)
+              + f"   ({time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

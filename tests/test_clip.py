@@ -34,6 +34,7 @@ import torch.nn as nn
 
 import clip
 from common import UserError
+from conftest import run_cli
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 BPE = os.path.join(DATA, "clip_bpe")
@@ -112,6 +113,30 @@ def test_word_split_rules():
     assert split("<|endoftext|>!") == ["<|endoftext|>", "!"]
     assert clip.clean_text("  it’s  “A&amp;amp;B”\n") == "it's \"a&b\""
     assert clip.clean_text("ﬁne ＡＢＣ\u3000x ǅ") == "fine abc x dž"  # ftfy 6.3's output
+
+
+def test_ascii_separators_are_tokens_not_whitespace():
+    """U+001C-U+001F are no Unicode White_Space, though Python's \\s and str.isspace() count them:
+    Hugging Face's CLIPTokenizerFast (Rust regex) keeps U+001F as a token of its own between the two
+    words of 'unit\\x1fseparator' (as reported in issue 28, point 8), and so does clip.py. The
+    expected ids are read from the fixture's vocab.json: with its 2000 merges "unit" is spelt
+    un + it</w> and "separator" se + par + ator</w>."""
+    tok = clip.Tokenizer.from_pretrained(BPE)
+    with open(os.path.join(BPE, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    sep = clip.byte_to_unicode()[0x1F] + "</w>"  # the byte-level symbol of 0x1f, ending a word
+    want = [vocab["un"], vocab["it</w>"], vocab[sep], vocab["se"], vocab["par"], vocab["ator</w>"]]
+    assert sep == "\u011f</w>" and tok.encode("unit\x1fseparator") == want
+    # the old reading, U+001F as a space, is gone
+    assert tok.encode("unit\x1fseparator") != tok.encode("unit separator") == want[:2] + want[3:]
+    assert tok.encode("unit\u2003separator") == tok.encode("unit separator")  # an em space is one
+    assert clip.clean_text(" \x1c a\u00a0\tb \x1f") == "\x1c a b \x1f"
+
+
+def test_score_command_checks_its_flags(capsys):
+    code, _, err = run_cli(clip.main, ["score", "s.npz", "--clip", "c.pt", "--captions", "c.txt",
+                                       "--batch-size", 0], capsys)
+    assert code == 2 and err == "error: --batch-size must be at least 1, got 0\n"
 
 
 def test_released_configs_shapes():

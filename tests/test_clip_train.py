@@ -1,5 +1,5 @@
 """The built-in CLIP: its tokenizer, its training stage (negatives gathered across ranks), and what
-uses it: DALL-E's re-ranking in sample.py and the CLIP score in fid.py."""
+uses it: DALL-E's re-ranking in sample.py and the CLIP score of clip.py."""
 import dataclasses
 import os
 
@@ -9,14 +9,14 @@ import torch
 import torch.nn as nn
 
 import clip
-import fid
 import sample
 import scenes
 import train
-from common import UserError, save_atomic
+from codes import CodesReceipt
+from common import UserError, from_uint8, save_atomic, to_uint8
 from conftest import ENV, ROOT, run_cli
-from data import CLASS_NAMES, CodesReceipt, from_uint8, to_uint8
 from model import GPT, gpt_config
+from shapes import CLASS_NAMES
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,14 +64,14 @@ def test_trained_clip_picks_the_right_caption_among_ten(trained):
         acc = clip.retrieval_accuracy(model.encode_image(images), model.encode_text(ids), ids)
     print(f"right caption among 10: {acc.item():.0%}")
     assert acc.item() >= 0.30
-    # the checkpoint is what sample.py and fid.py load: a CLIP with its own tokenizer
+    # the checkpoint is what sample.py and clip.py score load: a CLIP with its own tokenizer
     assert tok.merges == clip.Tokenizer.from_words(scenes.VOCABULARY).merges
     assert model.config.vocab_size == len(tok.encoder)
 
 
 def test_clip_score_cli_prefers_the_true_captions(trained, tmp_path, capsys):
-    """fid.py --clip-score on renders of the built-in world: their own captions score higher than
-    the same captions shuffled; both figures equal clip.clip_score on the same pixels."""
+    """clip.py score on renders of the built-in world: their own captions score higher than the
+    same captions shuffled; both figures equal clip.clip_score on the same pixels."""
     world = scenes.CaptionedScenes(60, 32, seed=7)
     images = torch.stack([world[i][0] for i in range(60)])
     captions = [world.caption(i) for i in range(60)]
@@ -81,24 +81,24 @@ def test_clip_score_cli_prefers_the_true_captions(trained, tmp_path, capsys):
     (tmp_path / "shuffled.txt").write_text("\n".join(shuffled))
     got = {}
     for name in ("true", "shuffled"):
-        code, out, _ = run_cli(fid.main, [str(tmp_path / "s.npz"), "--clip-score", trained,
-                                          "--captions", str(tmp_path / f"{name}.txt"),
-                                          "--clip-prefix", "", "--batch-size", 16], capsys)
+        code, out, _ = run_cli(clip.main, ["score", str(tmp_path / "s.npz"), "--clip", trained,
+                                           "--captions", str(tmp_path / f"{name}.txt"),
+                                           "--prefix", "", "--batch-size", 16], capsys)
         assert code == 0, out
         got[name] = float(out.split("LlamaGen, GigaGAN): ")[1].split()[0])
     assert got["true"] > got["shuffled"] + 5
     model, tok = clip.load(trained)
     ref = clip.clip_score(model, from_uint8(to_uint8(images)), captions, tok, prefix="")
     assert got["true"] == pytest.approx(ref["clip_score"], abs=1e-3)
-    code, _, err = run_cli(fid.main, [str(tmp_path / "s.npz"), "--clip-score", trained,
-                                      "--captions", str(tmp_path / "short.txt")], capsys)
+    code, _, err = run_cli(clip.main, ["score", str(tmp_path / "s.npz"), "--clip", trained,
+                                       "--captions", str(tmp_path / "short.txt")], capsys)
     assert code == 2 and "cannot read captions" in err
     (tmp_path / "short.txt").write_text("a star\n")
-    code, _, err = run_cli(fid.main, [str(tmp_path / "s.npz"), "--clip-score", trained,
-                                      "--captions", str(tmp_path / "short.txt")], capsys)
+    code, _, err = run_cli(clip.main, ["score", str(tmp_path / "s.npz"), "--clip", trained,
+                                       "--captions", str(tmp_path / "short.txt")], capsys)
     assert code == 2 and "1 captions for 60 images" in err and err.count("\n") == 1
-    code, _, err = run_cli(fid.main, [str(tmp_path / "s.npz"), "--clip-score", trained], capsys)
-    assert code == 2 and "needs both --clip-score CLIP and --captions FILE" in err
+    code, _, err = run_cli(clip.main, ["score", str(tmp_path / "s.npz"), "--clip", trained], capsys)
+    assert code == 2 and "the following arguments are required: --captions" in err
 
 
 def test_clip_stage_refuses_other_data_and_flags(tmp_path, capsys):
@@ -262,18 +262,18 @@ def test_rerank_candidates_keeps_the_top_scoring():
     vectors = np.array(list(texts.values()))
     cos = np.stack([[f @ vectors[p] / np.linalg.norm(f) / np.linalg.norm(vectors[p])
                      for f in feats[4 * p:4 * p + 4]] for p in range(2)])
-    kept, scores = sample.rerank_candidates(u8, list(texts), model, 1)
+    kept, scores = clip.rerank_candidates(u8, list(texts), model, 1)
     best = cos.argmax(1)
     assert kept.shape == (2, 8, 8, 3) and (best == [0, 1]).all()
     np.testing.assert_array_equal(kept, u8[[best[0], 4 + best[1]]])
     np.testing.assert_allclose(scores.numpy()[:, 0], 100 * cos.max(1), atol=1e-3)
-    everything, all_scores = sample.rerank_candidates(u8, list(texts), model, 4)
+    everything, all_scores = clip.rerank_candidates(u8, list(texts), model, 4)
     for p in range(2):
         order = np.argsort(-cos[p], kind="stable")
         np.testing.assert_array_equal(everything[4 * p:4 * p + 4], u8[4 * p + order])
         np.testing.assert_allclose(all_scores.numpy()[p], 100 * cos[p][order], atol=1e-3)
     with pytest.raises(UserError, match="do not split evenly"):
-        sample.rerank_candidates(u8[:7], list(texts), model, 1)
+        clip.rerank_candidates(u8[:7], list(texts), model, 1)
 
 
 # --------------------------------------------------------------------- sample.py --candidates
@@ -347,7 +347,7 @@ def test_sample_npz_keeps_the_best_of_n_per_sample(class_models, trained, tmp_pa
                                                  top_k=0) for i in range(0, 12, 4)])
     model, tok = clip.load(trained)
     texts = [f"a {CLASS_NAMES[k]}" for k in labels]
-    best, _ = sample.rerank_candidates(drawn, texts, model, 1, tok)
+    best, _ = clip.rerank_candidates(drawn, texts, model, 1, tok)
     np.testing.assert_array_equal(images, best)
 
 

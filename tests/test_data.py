@@ -1,4 +1,5 @@
-"""data.py: the synthetic dataset, image folders and the ADM crop, code extraction and its reader."""
+"""shapes.py, data.py, codes.py: the synthetic dataset, image folders and the ADM crop, code
+extraction and its reader."""
 import dataclasses
 import json
 import os
@@ -10,9 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import codes
 import data
+from codes import CodesReceipt
+from common import UserError, save_grid
 from conftest import HashTokenizer, Interrupted
-from data import CLASS_NAMES, CodesReceipt, SyntheticShapes
+from shapes import CLASS_NAMES, SyntheticShapes
 from tokenizer import tokenizer_checksum
 
 
@@ -80,7 +84,7 @@ def test_synthetic_background_darker_than_every_foreground():
 
 def test_save_grid(tmp_path):
     imgs = torch.stack([torch.full((3, 4, 5), -1.0), torch.full((3, 4, 5), 1.0), torch.zeros(3, 4, 5)])
-    data.save_grid(imgs, tmp_path / "g.png", nrow=2)
+    save_grid(imgs, tmp_path / "g.png", nrow=2)
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     # 2 per row, 2 rows, 2 px padding: height 2*(4+2)+2, width 2*(5+2)+2
     assert grid.shape == (14, 16, 3)
@@ -142,15 +146,15 @@ def test_image_folder_modes_and_corrupt_files(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    with pytest.raises(data.UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         data.ImageFolder(tmp_path / "nowhere", 8)
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(data.UserError, match="no images"):
+    with pytest.raises(UserError, match="no images"):
         data.ImageFolder(tmp_path / "empty", 8)
     _png(tmp_path / "flat" / "x.png", Image.new("RGB", (8, 8)))
-    with pytest.raises(data.UserError, match="one sub-folder per class"):
+    with pytest.raises(UserError, match="one sub-folder per class"):
         data.ImageFolder(tmp_path / "flat", 8)
-    with pytest.raises(data.UserError, match="synthetic:N"):
+    with pytest.raises(UserError, match="synthetic:N"):
         data.image_dataset("synthetic:lots", 8)
     assert len(data.image_dataset("synthetic:7", 8)) == 7 and len(data.image_dataset("synthetic", 8)) == 10000
 
@@ -216,18 +220,18 @@ def _expected_codes(vq, n, size, ten_crop=False, crop=None):
 @pytest.mark.parametrize("vocab,dtype", [(65536, np.uint16), (70000, np.int32)])
 def test_extract_codes_and_reader(tmp_path, vocab, dtype):
     vq = HashTokenizer(vocab)
-    meta = data.extract_codes(vq, "synthetic:10", tmp_path / "c", image_size=16, batch_size=4).to_dict()
-    codes, labels = np.load(tmp_path / "c" / "codes.npy"), np.load(tmp_path / "c" / "labels.npy")
+    meta = codes.extract_codes(vq, "synthetic:10", tmp_path / "c", image_size=16, batch_size=4).to_dict()
+    got, labels = np.load(tmp_path / "c" / "codes.npy"), np.load(tmp_path / "c" / "labels.npy")
     want = _expected_codes(vq, 10, 16)
-    assert codes.dtype == dtype and codes.shape == (10, 2, 16) and labels.dtype == np.int16
-    assert want.max() > 32767 and torch.equal(torch.from_numpy(codes.astype(np.int64)), want)
+    assert got.dtype == dtype and got.shape == (10, 2, 16) and labels.dtype == np.int16
+    assert want.max() > 32767 and torch.equal(torch.from_numpy(got.astype(np.int64)), want)
     assert labels.tolist() == [i % 10 for i in range(10)]
     assert meta == json.loads((tmp_path / "c" / "meta.json").read_text())
     assert (meta["vocab_size"], meta["grid"], meta["n_aug"], meta["count"]) == (vocab, [4, 4], 2, 10)
     assert meta["tokenizer_checksum"] == tokenizer_checksum(vq) != tokenizer_checksum(HashTokenizer(vocab, 1))
     assert not (tmp_path / "c" / "parts").exists()
 
-    ds = data.CodesDataset(tmp_path / "c", vocab_size=vocab, grid=4, tokenizer_checksum=meta["tokenizer_checksum"])
+    ds = codes.CodesDataset(tmp_path / "c", vocab_size=vocab, grid=4, tokenizer_checksum=meta["tokenizer_checksum"])
     ds = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives: a path, not the data
     torch.manual_seed(0)
     seen = set()
@@ -244,22 +248,22 @@ def test_extract_codes_and_reader(tmp_path, vocab, dtype):
 def test_extract_ten_crop_codes(tmp_path):
     """Ten crops of the int(16 * 1.25) = 20 px centre crop; view 4 (the centre) is pixels 2..17."""
     vq = HashTokenizer()
-    meta = data.extract_codes(vq, "synthetic:4", tmp_path, image_size=16, ten_crop=True, crop_range=1.25,
+    meta = codes.extract_codes(vq, "synthetic:4", tmp_path, image_size=16, ten_crop=True, crop_range=1.25,
                               batch_size=3).to_dict()
-    codes = torch.from_numpy(np.load(tmp_path / "codes.npy").astype(np.int64))
-    assert meta["n_aug"] == 10 and codes.shape == (4, 10, 16)
-    assert torch.equal(codes, _expected_codes(vq, 4, 16, ten_crop=True, crop=20))
+    got = torch.from_numpy(np.load(tmp_path / "codes.npy").astype(np.int64))
+    assert meta["n_aug"] == 10 and got.shape == (4, 10, 16)
+    assert torch.equal(got, _expected_codes(vq, 4, 16, ten_crop=True, crop=20))
     x = SyntheticShapes(4, 20)[1][0]
-    assert torch.equal(codes[1, 4], vq.encode(x[None, :, 2:18, 2:18]).flatten())
-    assert torch.equal(codes[1, 5], vq.encode(x.flip(-1)[None, :, :16, :16]).flatten())
+    assert torch.equal(got[1, 4], vq.encode(x[None, :, 2:18, 2:18]).flatten())
+    assert torch.equal(got[1, 5], vq.encode(x.flip(-1)[None, :, :16, :16]).flatten())
 
 
 def test_mixed_crop_folders_draw_from_both(tmp_path):
     """--data a,b: the official mix of ten-crop codes at crop_range 1.1 and 1.05, one folder per access."""
     vq = HashTokenizer()
     for name, crop in (("c110", 1.1), ("c105", 1.05)):
-        data.extract_codes(vq, "synthetic:3", tmp_path / name, image_size=16, ten_crop=True, crop_range=crop)
-    mixed = data.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'c105'}")
+        codes.extract_codes(vq, "synthetic:3", tmp_path / name, image_size=16, ten_crop=True, crop_range=crop)
+    mixed = codes.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'c105'}")
     rows = {name: torch.from_numpy(np.load(tmp_path / name / "codes.npy").astype(np.int64)) for name in ("c110", "c105")}
     torch.manual_seed(0)
     seen = set()
@@ -268,64 +272,64 @@ def test_mixed_crop_folders_draw_from_both(tmp_path):
         assert y == 1
         seen |= {name for name, r in rows.items() if any(torch.equal(c, v) for v in r[1])}
     assert len(mixed) == 3 and seen == {"c110", "c105"} and not torch.equal(rows["c110"], rows["c105"])
-    data.extract_codes(vq, "synthetic:4", tmp_path / "other", image_size=16)
-    with pytest.raises(data.UserError, match="do not hold codes of the same images"):
-        data.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'other'}")
-    with pytest.raises(data.UserError, match="names no codes folder"):
-        data.codes_dataset(",")
+    codes.extract_codes(vq, "synthetic:4", tmp_path / "other", image_size=16)
+    with pytest.raises(UserError, match="do not hold codes of the same images"):
+        codes.codes_dataset(f"{tmp_path / 'c110'},{tmp_path / 'other'}")
+    with pytest.raises(UserError, match="names no codes folder"):
+        codes.codes_dataset(",")
     os.rename(tmp_path / "c110", tmp_path / "c,110")  # a real folder with a comma is one folder
-    assert len(data.codes_dataset(tmp_path / "c,110")) == 3
+    assert len(codes.codes_dataset(tmp_path / "c,110")) == 3
 
 
 def test_extract_resumes_after_interruption(tmp_path):
-    data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "full", image_size=16, batch_size=3)
+    codes.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "full", image_size=16, batch_size=3)
     # the grid probe encodes 1 image, each batch 3 images x 2 views: stop before the third batch
     with pytest.raises(Interrupted):
-        data.extract_codes(HashTokenizer(interrupt_after=1 + 2 * 6), "synthetic:10", tmp_path / "cut", 16,
+        codes.extract_codes(HashTokenizer(interrupt_after=1 + 2 * 6), "synthetic:10", tmp_path / "cut", 16,
                            batch_size=3)
     assert json.loads((tmp_path / "cut" / "parts" / "progress-0-of-1.json").read_text())["done"] == 6
-    with pytest.raises(data.UserError, match="did not finish"):
-        data.CodesDataset(tmp_path / "cut")
-    with pytest.raises(data.UserError, match="unfinished extraction with other settings"):
-        data.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", image_size=32, batch_size=3)
+    with pytest.raises(UserError, match="did not finish"):
+        codes.CodesDataset(tmp_path / "cut")
+    with pytest.raises(UserError, match="unfinished extraction with other settings"):
+        codes.extract_codes(HashTokenizer(), "synthetic:10", tmp_path / "cut", image_size=32, batch_size=3)
     vq = HashTokenizer()
-    data.extract_codes(vq, "synthetic:10", tmp_path / "cut", image_size=16, batch_size=3)
+    codes.extract_codes(vq, "synthetic:10", tmp_path / "cut", image_size=16, batch_size=3)
     assert vq.encoded == 1 + 4 * 2  # the grid probe, then only the 4 missing images x 2 views
     for name in ("codes.npy", "labels.npy", "meta.json"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
     vq = HashTokenizer()
-    data.extract_codes(vq, "synthetic:10", tmp_path / "cut", image_size=16, batch_size=3)
+    codes.extract_codes(vq, "synthetic:10", tmp_path / "cut", image_size=16, batch_size=3)
     assert vq.encoded == 1  # finished: nothing recomputed
-    with pytest.raises(data.UserError, match="tokenizer_checksum"):
-        data.extract_codes(HashTokenizer(salt=1), "synthetic:10", tmp_path / "cut", image_size=16)
+    with pytest.raises(UserError, match="tokenizer_checksum"):
+        codes.extract_codes(HashTokenizer(salt=1), "synthetic:10", tmp_path / "cut", image_size=16)
 
 
 def test_codes_dataset_errors(tmp_path):
     vq = HashTokenizer()
-    data.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
-    with pytest.raises(data.UserError, match="vocab size 65536, but 16384"):
-        data.CodesDataset(tmp_path / "c", vocab_size=16384)
-    with pytest.raises(data.UserError, match=r"token grid \[4, 4\], but \[16, 16\]"):
-        data.CodesDataset(tmp_path / "c", grid=16)
-    with pytest.raises(data.UserError, match="re-extract"):
-        data.CodesDataset(tmp_path / "c", tokenizer_checksum=tokenizer_checksum(HashTokenizer(salt=1)))
-    assert len(data.CodesDataset(tmp_path / "c", 65536, (4, 4), tokenizer_checksum(vq))) == 3
-    with pytest.raises(data.UserError, match="does not exist"):
-        data.CodesDataset(tmp_path / "nowhere")
-    with pytest.raises(data.UserError, match="holds no codes"):
-        data.CodesDataset(tmp_path)
+    codes.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
+    with pytest.raises(UserError, match="vocab size 65536, but 16384"):
+        codes.CodesDataset(tmp_path / "c", vocab_size=16384)
+    with pytest.raises(UserError, match=r"token grid \[4, 4\], but \[16, 16\]"):
+        codes.CodesDataset(tmp_path / "c", grid=16)
+    with pytest.raises(UserError, match="re-extract"):
+        codes.CodesDataset(tmp_path / "c", tokenizer_checksum=tokenizer_checksum(HashTokenizer(salt=1)))
+    assert len(codes.CodesDataset(tmp_path / "c", 65536, (4, 4), tokenizer_checksum(vq))) == 3
+    with pytest.raises(UserError, match="does not exist"):
+        codes.CodesDataset(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="holds no codes"):
+        codes.CodesDataset(tmp_path)
 
 
 def _extract_as_rank(rank, out, port):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    data.extract_codes(HashTokenizer(), "synthetic:9", out, image_size=16, batch_size=2)
+    codes.extract_codes(HashTokenizer(), "synthetic:9", out, image_size=16, batch_size=2)
 
 
 def test_extract_two_processes_equal_one(tmp_path):
     """torch.distributed (gloo): 2 ranks each encode a shard (rows 0-3 and 4-8) into one identical folder."""
-    data.extract_codes(HashTokenizer(), "synthetic:9", tmp_path / "one", image_size=16, batch_size=2)
+    codes.extract_codes(HashTokenizer(), "synthetic:9", tmp_path / "one", image_size=16, batch_size=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -344,14 +348,14 @@ def test_extract_with_the_real_tokenizer(tmp_path):
     cfg = tokenizer.vq_config("VQ-tiny")
     vq = tokenizer.VQModel(cfg).eval()
     save_atomic({"model": vq.state_dict(), "config": dataclasses.asdict(cfg), "kind": "vq"}, tmp_path / "vq.pt")
-    data.main(["extract", "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:5", "--out",
+    codes.main(["extract", "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:5", "--out",
                str(tmp_path / "c"), "--image-size", "16", "--batch-size", "1", "--num-workers", "0", "--device", "cpu"])
     down = 16 // cfg.downsample
-    ds = data.CodesDataset(tmp_path / "c", cfg.codebook_size, down, tokenizer_checksum(vq))
-    codes = torch.from_numpy(np.load(tmp_path / "c" / "codes.npy").astype(np.int64))
+    ds = codes.CodesDataset(tmp_path / "c", cfg.codebook_size, down, tokenizer_checksum(vq))
+    got = torch.from_numpy(np.load(tmp_path / "c" / "codes.npy").astype(np.int64))
     with torch.no_grad():
         want = _expected_codes(vq, 5, 16)
-    assert codes.shape == (5, 2, down * down) and torch.equal(codes, want)
+    assert got.shape == (5, 2, down * down) and torch.equal(got, want)
     assert ds.receipt.vocab_size == cfg.codebook_size and ds.receipt.labels_dtype == "int16"
 
 
@@ -359,20 +363,20 @@ def test_codes_receipt_round_trip_and_checks(tmp_path):
     """meta.json <-> CodesReceipt is lossless; a missing or malformed field, or codes of another
     tokenizer, is one UserError naming the file or both checksums."""
     vq = HashTokenizer()
-    receipt = data.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
+    receipt = codes.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
     on_disk = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert receipt.to_dict() == on_disk and CodesReceipt.from_dict(on_disk, "meta.json") == receipt
     assert receipt.grid == (4, 4) and receipt.classes == tuple(CLASS_NAMES)
-    assert data.CodesDataset(tmp_path / "c").receipt == receipt
-    with pytest.raises(data.UserError, match=r"^somewhere.json: the codes receipt lacks 'count'"):
+    assert codes.CodesDataset(tmp_path / "c").receipt == receipt
+    with pytest.raises(UserError, match=r"^somewhere.json: the codes receipt lacks 'count'"):
         CodesReceipt.from_dict({k: v for k, v in on_disk.items() if k != "count"}, "somewhere.json")
-    with pytest.raises(data.UserError, match="grid 'big' is not two numbers"):
+    with pytest.raises(UserError, match="grid 'big' is not two numbers"):
         CodesReceipt.from_dict({**on_disk, "grid": "big"}, "x")
     receipt.check_same_tokenizer(receipt, "a", "b")  # the same tokenizer: no error
-    other = data.extract_codes(HashTokenizer(salt=1), "synthetic:3", tmp_path / "o", image_size=16)
+    other = codes.extract_codes(HashTokenizer(salt=1), "synthetic:3", tmp_path / "o", image_size=16)
     a, b = receipt.tokenizer_checksum[:12], other.tokenizer_checksum[:12]
     assert a != b
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(UserError) as e:
         receipt.check_same_tokenizer(other, mine="ckpt.pt", theirs="codes/o")
     assert str(e.value).startswith(f"the codes of ckpt.pt come from another tokenizer than those in "
                                    f"codes/o (tokenizer checksum {a}")

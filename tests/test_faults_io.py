@@ -1,5 +1,5 @@
-"""Bad input and faults of the file system for sample.py, fid.py and data.py (issue 12): a finished
-output is never replaced without --overwrite, bad numbers and damaged files are one line and exit
+"""Bad input and faults of the file system for sample.py, fid.py, shapes.py and codes.py (issue 12): a
+finished output is never replaced without --overwrite, bad numbers and damaged files are one line and exit
 code 2, a full disk is "no space left on <path>", never a traceback or a silent wrong result.
 
 The table CASES holds (name, command, expected exit code, words expected in the one line); each
@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
+import codes
 import fid
 import sample
+import shapes
+import tokenizer
+from codes import CodesReceipt
 from common import UserError, save_atomic
 from conftest import HashTokenizer, run_cli
-from data import CodesReceipt
 from model import GPT, gpt_config
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
@@ -51,7 +53,7 @@ def ck(tmp_path_factory):
     save_atomic(dict(model=gpt.state_dict(), config=dataclasses.asdict(gpt.config), kind="gpt",
                      meta=meta), d / "gpt.pt")
     torch.save(gpt.state_dict(), d / "bare.pt")
-    data.extract_codes(HashTokenizer(64), "synthetic:6", d / "codes", image_size=16, batch_size=4)
+    codes.extract_codes(HashTokenizer(64), "synthetic:6", d / "codes", image_size=16, batch_size=4)
     return {p.stem: str(p) for p in d.iterdir()}
 
 
@@ -151,7 +153,7 @@ def synthetic_folder(d, ck, mp):
 
 
 def finished_codes(d, ck, mp):
-    data.extract_codes(HashTokenizer(64), "synthetic:4", f"{d}/c", image_size=16)
+    codes.extract_codes(HashTokenizer(64), "synthetic:4", f"{d}/c", image_size=16)
     return [f"{d}/c/meta.json", f"{d}/c/codes.npy"]
 
 
@@ -189,8 +191,12 @@ def FID(*extra):
     return ("fid", lambda d, ck: [e.format(d=d, **ck) for e in extra])
 
 
-def DATA(*extra):
-    return ("data", lambda d, ck: [e.format(d=d, **ck) for e in extra])
+def CODES(*extra):
+    return ("codes", lambda d, ck: [e.format(d=d, **ck) for e in extra])
+
+
+def SHAPES(*extra):
+    return ("shapes", lambda d, ck: [e.format(d=d, **ck) for e in extra])
 
 
 EXTRACT = ("extract", "--vq-config", "VQ-tiny", "--data", "synthetic:4", "--num-workers", "0")
@@ -207,61 +213,62 @@ CASES = [
      ["--save-stats {d}/stats.npz already exists; pass --overwrite"]),
     ("--overwrite alone", FID("{d}/s.npz", "{d}/s.npz", "--overwrite"), nothing, 2,
      ["--overwrite only applies with --save-stats"]),
-    ("preview kept", DATA("preview", "--out", "{d}/x.png"), finished_png, 2,
+    ("preview kept", SHAPES("preview", "--out", "{d}/x.png"), finished_png, 2,
      ["--out {d}/x.png already exists; pass --overwrite"]),
-    ("other codes kept", DATA(*EXTRACT[:4], "synthetic:5", "--image-size", "16", "--out", "{d}/c",
+    ("other codes kept", CODES(*EXTRACT[:4], "synthetic:5", "--image-size", "16", "--out", "{d}/c",
                               "--num-workers", "0"), finished_codes, 2,
      ["already holds finished codes with", "pass --overwrite to replace them, or choose another"]),
     # 2. silent wrong results
     ("nan statistics", FID("{d}/s.npz", "{d}/r.npz"), nan_stats, 2, ["'mu' holds NaN"]),
     ("inf statistics", FID("{d}/s.npz", "{d}/r.npz"), inf_stats, 2,
      ["r.npz': 'sigma' holds infinite values"]),
-    ("synthetic beside a folder", DATA(*EXTRACT[:4], "synthetic", "--out", "{d}/c"),
+    ("synthetic beside a folder", CODES(*EXTRACT[:4], "synthetic", "--out", "{d}/c"),
      synthetic_folder, 2, ["--data 'synthetic' is ambiguous", "./synthetic", "synthetic:N"]),
     ("bare state dict", ("sample", lambda d, ck: ["--gpt-ckpt", ck["bare"], "--vq-ckpt",
                                                   ck["vq"], "--out", f"{d}/x.png"]),
      nothing, 2, ["does not say which image size", "pass --image-size"]),
     ("cfg -1", S("--cfg-scale", "-1", "--out", "{d}/x.png"), nothing, 2,
-     ["--cfg-scale -1.0 is out of range: it must be finite and >= 0"]),
+     ["--cfg-scale must be at least 0 (1 = no guidance, 0 = unconditional), got -1"]),
     ("cfg nan", S("--cfg-scale", "nan", "--out", "{d}/x.png"), nothing, 2,
-     ["--cfg-scale nan is out of range"]),
+     ["--cfg-scale must be at least 0 (1 = no guidance, 0 = unconditional), got nan"]),
     ("temperature inf", S("--temperature", "inf", "--out", "{d}/x.png"), nothing, 2,
-     ["--temperature inf is out of range: it must be finite and > 0"]),
+     ["--temperature must be > 0, got inf"]),
     ("top-p nan", S("--top-p", "nan", "--out", "{d}/x.png"), nothing, 2,
-     ["--top-p nan is out of range: it must be in (0, 1]"]),
+     ["--top-p must be in (0, 1], got nan"]),
     ("top-k -1", S("--top-k", "-1", "--out", "{d}/x.png"), nothing, 2,
-     ["--top-k -1 is out of range: it must be >= 0"]),
+     ["--top-k must be at least 0 (0 = every code), got -1"]),
     ("seed -1", S("--seed", "-1", "--out", "{d}/x.png"), nothing, 2,
-     ["--seed -1 is out of range: it must be >= 0"]),
+     ["--seed must be at least 0, got -1"]),
     # 3. one line instead of a traceback
     ("full disk png", S("--out", "{d}/x.png"), full_png_writer, 2, ["no space left on {d}"]),
     ("full disk npz", S(*EVAL, "--out", "{d}/x.npz"), full_npz_writer, 2,
      ["no space left on {d}/x.npz.parts"]),
     ("full disk stats", FID("{d}/s.npz", "--save-stats", "{d}/stats.npz"), full_stats_writer, 2,
      ["no space left on {d}"]),
-    ("full disk preview", DATA("preview", "--out", "{d}/x.png", "--per-class", "1"),
+    ("full disk preview", SHAPES("preview", "--out", "{d}/x.png", "--per-class", "1"),
      full_png_writer, 2, ["no space left on {d}"]),
-    ("full disk extract", DATA(*EXTRACT, "--image-size", "16", "--out", "{d}/c"), full_fallocate,
+    ("full disk extract", CODES(*EXTRACT, "--image-size", "16", "--out", "{d}/c"), full_fallocate,
      2, ["no space left on {d}/c/parts/codes-0-of-1.npy"]),
-    ("extract under a file", DATA(*EXTRACT, "--out", "{d}/f/c"), a_file, 2,
+    ("extract under a file", CODES(*EXTRACT, "--out", "{d}/f/c"), a_file, 2,
      ["cannot write {d}/f/c: part of that path is a file"]),
-    ("extract into a file", DATA(*EXTRACT, "--out", "{d}/f"), a_file, 2,
+    ("extract into a file", CODES(*EXTRACT, "--out", "{d}/f"), a_file, 2,
      ["--out {d}/f is a file; codes go into a folder"]),
     ("damaged settings.json", S(*EVAL, "--out", "{d}/x.npz"), parts_with_damaged_settings, 2,
      ["{d}/x.npz.parts/settings.json is damaged", "delete that folder"]),
-    ("fid tokenizer size", FID("--vq-ckpt", "{vq}", "--data", "synthetic:2", "--image-size",
-                               "30", "--no-rfid"), nothing, 2,
+    ("tokenizer size", ("tokenizer", lambda d, ck: ["--vq-ckpt", ck["vq"], "--data", "synthetic:2",
+                                                    "--image-size", "30", "--no-rfid"]), nothing, 2,
      ["--image-size 30 is not a multiple of the tokenizer's downsampling factor 4; use 28 or 32"]),
     # 4. misleading lines
     ("pickled statistics", FID("{d}/s.npz", "{d}/r.npz"), pickled_stats, 2,
      ["holds pickled Python objects, which are never unpickled here"]),
-    ("extract size 30", DATA(*EXTRACT, "--image-size", "30", "--out", "{d}/c"), nothing, 2,
+    ("extract size 30", CODES(*EXTRACT, "--image-size", "30", "--out", "{d}/c"), nothing, 2,
      ["--image-size 30 is not a multiple of the tokenizer's downsampling factor 4; use 28 or 32"]),
-    ("extract size 2", DATA(*EXTRACT, "--image-size", "2", "--out", "{d}/c"), nothing, 2,
+    ("extract size 2", CODES(*EXTRACT, "--image-size", "2", "--out", "{d}/c"), nothing, 2,
      ["--image-size 2 is not a multiple of the tokenizer's downsampling factor 4; use 4"]),
 ]
 
-MAINS = {"sample": sample.main, "fid": fid.main, "data": data.main}
+MAINS = {"sample": sample.main, "fid": fid.main, "codes": codes.main, "shapes": shapes.main,
+         "tokenizer": tokenizer.main}
 
 
 @pytest.mark.parametrize("name, command, make, code, words", CASES, ids=[c[0] for c in CASES])
@@ -402,10 +409,10 @@ def test_extract_overwrite_starts_over(tmp_path, capsys):
     out = tmp_path / "c"
     argv = ["extract", "--vq-config", "VQ-tiny", "--image-size", "16", "--num-workers", "0",
             "--out", str(out)]
-    data.main(argv + ["--data", "synthetic:4"])
-    code, _, err = run_cli(data.main, argv + ["--data", "synthetic:6"], capsys)
+    codes.main(argv + ["--data", "synthetic:4"])
+    code, _, err = run_cli(codes.main, argv + ["--data", "synthetic:6"], capsys)
     assert code == 2 and "count=4 (this run: 6)" in err
-    data.main(argv + ["--data", "synthetic:6", "--overwrite"])
+    codes.main(argv + ["--data", "synthetic:6", "--overwrite"])
     assert json.load(open(out / "meta.json"))["count"] == 6
     assert np.load(out / "codes.npy").shape == (6, 2, GRID * GRID)
 
@@ -430,7 +437,7 @@ def test_damaged_codes_folders_are_one_line(ck, tmp_path, damage, words):
     shutil.copytree(ck["codes"], folder)
     damage(folder)
     with pytest.raises(UserError) as e:
-        data.CodesDataset(folder)
+        codes.CodesDataset(folder)
     assert words in str(e.value) and "\n" not in str(e.value) and "allow_pickle" not in str(e.value)
 
 
@@ -464,7 +471,7 @@ def test_real_full_disk(ck, tiny_disk, capsys, monkeypatch):
     # extract: 200 images x 2 views x 64 codes x 2 bytes = 51 KB of codes do not fit beside the
     # receipt in 64 KiB once a third is taken: refused up front, where a memory map died of SIGBUS
     write(str(tiny_disk / "third"), b"\0" * 24 * 1024)
-    code, _, err = run_cli(data.main, ["extract", "--vq-config", "VQ-tiny", "--data",
+    code, _, err = run_cli(codes.main, ["extract", "--vq-config", "VQ-tiny", "--data",
                                        "synthetic:200", "--image-size", "32", "--num-workers", "0",
                                        "--out", str(tiny_disk / "c")], capsys)
     assert code == 2 and err.startswith(f"error: no space left on {tiny_disk}/c/parts/codes-0"), err

@@ -15,8 +15,8 @@ import uuid
 import pytest
 import torch
 
-import data
 import train
+from codes import extract_codes
 from common import load_checkpoint
 from conftest import ENV, ROOT, HashTokenizer, PatchColours, run_cli
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def codes(tmp_path_factory):
     out = tmp_path_factory.mktemp("codes") / "c"
-    data.extract_codes(PatchColours(), "synthetic:300", out, image_size=32, batch_size=100)
+    extract_codes(PatchColours(), "synthetic:300", out, image_size=32, batch_size=100)
     return str(out)
 
 
@@ -102,8 +102,8 @@ BAD_FLAGS = [
     (["--overwrite", "--resume"], "--resume continues the run", "--overwrite replaces it"),
 ]
 VQ_BAD = [
-    (["--image-size", 30], "--image-size 30 is not a multiple of VQ-tiny's downsampling factor 4",
-     "use 28 or 32"),
+    (["--image-size", 30], "--image-size 30 is not a multiple of the tokenizer's downsampling "
+     "factor 4", "use 28 or 32"),
     (["--image-size", 2], "--image-size 2 is not a multiple", "use 4"),
     (["--codebook-size", 0], "--codebook-size must be at least 1, got 0"),
     (["--disc-start", -1], "--disc-start must be at least 0, got -1"),
@@ -328,7 +328,7 @@ def test_codes_of_another_tokenizer_name_both_checksums(runs, tmp_path, capsys):
     """Same vocabulary (64) and grid (8x8), another tokenizer: the line shows the two checksums,
     and not the vocabulary and grid they share."""
     other = tmp_path / "hash"
-    receipt = data.extract_codes(HashTokenizer(codebook_size=64), "synthetic:300", other,
+    receipt = extract_codes(HashTokenizer(codebook_size=64), "synthetic:300", other,
                                  image_size=32, batch_size=100)
     was = load_checkpoint(runs / "gpt" / "ckpt.pt")["meta"]["tokenizer_checksum"]
     out = copy_run(runs, "gpt", tmp_path)

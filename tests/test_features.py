@@ -1,5 +1,5 @@
-"""data.py, captions: caption folders, COCO captions, scenes; captions beside codes; caption features
-extracted once (valid tokens only, 16-bit, sharded, resumable) and read back by CaptionFeatures."""
+"""data.py and codes.py, captions: caption folders, COCO captions, scenes; captions beside codes;
+caption features extracted once (valid tokens only, 16-bit, sharded, resumable) and read back by CaptionFeatures."""
 import json
 import os
 import subprocess
@@ -10,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+import codes
 import data
 import scenes
+from codes import CaptionFeatures, FeaturesReceipt
+from common import UserError, to_uint8
 from conftest import ENV, ROOT, PatchColours, run_cli
-from data import CaptionFeatures, FeaturesReceipt, UserError
 from model import left_pad_caption
 from text import T5Encoder, TextEncoder, UnigramTokenizer, t5_config, write_safetensors
 
@@ -60,7 +62,7 @@ def png(path, seed, size=(16, 16)):
 
 def pixels(x):
     """[3, H, W] in [-1, 1] -> the uint8 [H, W, 3] it was read from (exact on the 256 levels)."""
-    return data.to_uint8(x[None])[0]
+    return to_uint8(x[None])[0]
 
 
 # ------------------------------------------------------------------------------------------ caption readers
@@ -123,17 +125,17 @@ def test_bad_caption_inputs_are_one_line(tmp_path, t5_dir, capsys):
              ("scenes:0", "write scenes:N"),
              (str(tmp_path / "nowhere"), "does not exist")]
     for spec, words in cases:
-        code, out, err = run_cli(data.main, ["features", "--data", spec, "--t5", t5_dir, "--out", tmp_path / "x"],
+        code, out, err = run_cli(codes.main, ["features", "--data", spec, "--t5", t5_dir, "--out", tmp_path / "x"],
                                  capsys)
         assert code == 2 and words in err and err.count("\n") == 1 and err.startswith("error: "), (spec, err)
     (tmp_path / "f" / "b.txt").write_text("a dog")
-    code, _, err = run_cli(data.main, ["features", "--data", tmp_path / "f", "--t5", tmp_path / "no-t5",
+    code, _, err = run_cli(codes.main, ["features", "--data", tmp_path / "f", "--t5", tmp_path / "no-t5",
                                        "--out", tmp_path / "x"], capsys)
     assert code == 2 and "is not a folder" in err and err.count("\n") == 1
     # an undecodable image stops the extraction with its name (a substitute would carry a wrong caption),
     # in one line even when a DataLoader worker met it
     (tmp_path / "f" / "b.png").write_bytes(b"\x89PNG not really")
-    code, _, err = run_cli(data.main, ["extract", "--vq-config", "VQ-tiny", "--data", f"captions:{tmp_path}/f",
+    code, _, err = run_cli(codes.main, ["extract", "--vq-config", "VQ-tiny", "--data", f"captions:{tmp_path}/f",
                                        "--image-size", 16, "--out", tmp_path / "codes", "--num-workers", 2,
                                        "--device", "cpu"], capsys)
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
@@ -143,17 +145,17 @@ def test_bad_caption_inputs_are_one_line(tmp_path, t5_dir, capsys):
 
 
 def test_extract_scenes_writes_captions_in_row_order(tmp_path):
-    receipt = data.extract_codes(PatchColours(), "scenes:7", tmp_path / "c", image_size=32, batch_size=3)
+    receipt = codes.extract_codes(PatchColours(), "scenes:7", tmp_path / "c", image_size=32, batch_size=3)
     world = scenes.CaptionedScenes(7, 32)
-    captions, checksum = data.read_captions(tmp_path / "c")
-    assert captions == [world.caption(i) for i in range(7)] and checksum == data.captions_checksum(captions)
+    captions, checksum = codes.read_captions(tmp_path / "c")
+    assert captions == [world.caption(i) for i in range(7)] and checksum == codes.captions_checksum(captions)
     assert receipt.data == "scenes:7" and receipt.num_classes == 1 and receipt.classes == ("captioned",)
-    codes = np.load(tmp_path / "c" / "codes.npy")
+    rows = np.load(tmp_path / "c" / "codes.npy")
     assert np.load(tmp_path / "c" / "labels.npy").tolist() == [0] * 7
     for i in (0, 4, 6):  # codes row i is the image of caption i (view 0: unflipped)
-        assert np.array_equal(codes[i, 0], PatchColours().encode(world[i][0][None])[0].flatten().numpy())
-    assert data.load_captions(tmp_path / "c") == (captions, str(tmp_path / "c"))
-    assert data.load_captions("scenes:7") == (captions, "scenes:7")
+        assert np.array_equal(rows[i, 0], PatchColours().encode(world[i][0][None])[0].flatten().numpy())
+    assert codes.load_captions(tmp_path / "c") == (captions, str(tmp_path / "c"))
+    assert codes.load_captions("scenes:7") == (captions, "scenes:7")
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -162,7 +164,7 @@ def test_features_round_trip_valid_tokens_only(tmp_path, dtype, rel):
     """Item i = encode_captions' output for caption i rounded to 16 bits, padded with zeros; only the
     valid tokens are on disk."""
     enc = tiny_encoder()
-    receipt = data.extract_features(enc, CAPTIONS, tmp_path, length=8, batch_size=4, dtype=dtype)
+    receipt = codes.extract_features(enc, CAPTIONS, tmp_path, length=8, batch_size=4, dtype=dtype)
     ds = CaptionFeatures(tmp_path)
     assert ds.receipt == receipt and len(ds) == 10 and receipt.dtype == dtype and receipt.length == 8
     want, mask = enc.encode_captions(CAPTIONS, length=8)
@@ -207,9 +209,9 @@ def counting(enc, stop_after=None):
 
 
 def test_features_resume_after_kill_byte_identical(tmp_path):
-    data.extract_features(tiny_encoder(), CAPTIONS, tmp_path / "full", batch_size=3)
+    codes.extract_features(tiny_encoder(), CAPTIONS, tmp_path / "full", batch_size=3)
     with pytest.raises(Killed):
-        data.extract_features(counting(tiny_encoder(), stop_after=6), CAPTIONS, tmp_path / "cut", batch_size=3)
+        codes.extract_features(counting(tiny_encoder(), stop_after=6), CAPTIONS, tmp_path / "cut", batch_size=3)
     progress = json.loads((tmp_path / "cut" / "parts" / "progress-0-of-1.json").read_text())
     assert progress["done"] == 6
     with open(tmp_path / "cut" / "parts" / "features-0-of-1.bin", "ab") as f:
@@ -217,32 +219,32 @@ def test_features_resume_after_kill_byte_identical(tmp_path):
     with pytest.raises(UserError, match="did not finish"):
         CaptionFeatures(tmp_path / "cut")
     with pytest.raises(UserError, match="resume it with that batch size"):
-        data.extract_features(tiny_encoder(), CAPTIONS, tmp_path / "cut", batch_size=4)
+        codes.extract_features(tiny_encoder(), CAPTIONS, tmp_path / "cut", batch_size=4)
     with pytest.raises(UserError, match="other settings"):
-        data.extract_features(tiny_encoder(), CAPTIONS, tmp_path / "cut", batch_size=3, dtype="float16")
+        codes.extract_features(tiny_encoder(), CAPTIONS, tmp_path / "cut", batch_size=3, dtype="float16")
     enc = counting(tiny_encoder())
-    data.extract_features(enc, CAPTIONS, tmp_path / "cut", batch_size=3)
+    codes.extract_features(enc, CAPTIONS, tmp_path / "cut", batch_size=3)
     assert enc.encoded == 4  # only the missing captions
     for name in ("features.bin", "lengths.npy", "features.json"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
     assert not (tmp_path / "cut" / "parts").exists()
     enc = counting(tiny_encoder())
-    data.extract_features(enc, CAPTIONS, tmp_path / "cut", batch_size=3)
+    codes.extract_features(enc, CAPTIONS, tmp_path / "cut", batch_size=3)
     assert enc.encoded == 0  # finished: nothing recomputed
     with pytest.raises(UserError, match="already holds finished caption features with captions_checksum"):
-        data.extract_features(tiny_encoder(), CAPTIONS[::-1], tmp_path / "cut", batch_size=3)
+        codes.extract_features(tiny_encoder(), CAPTIONS[::-1], tmp_path / "cut", batch_size=3)
 
 
 @pytest.mark.subprocess
 def test_two_ranks_under_torchrun_equal_one_process(tmp_path, t5_dir, capsys):
     """torchrun, 2 processes (gloo): each encodes its batches, rank 0 joins; the folder is byte-identical to
     one process's. 11 captions in batches of 3: rank 0 takes 6, rank 1 the other 5."""
-    data.extract_codes(PatchColours(), "scenes:11", tmp_path / "codes", image_size=32)
+    codes.extract_codes(PatchColours(), "scenes:11", tmp_path / "codes", image_size=32)
     args = ["features", "--data", tmp_path / "codes", "--t5", t5_dir, "--batch-size", 3, "--device", "cpu"]
-    code, out, _ = run_cli(data.main, args + ["--out", tmp_path / "one"], capsys)
+    code, out, _ = run_cli(codes.main, args + ["--out", tmp_path / "one"], capsys)
     assert code == 0 and "11 captions" in out
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "data.py", *map(str, args + ["--out", tmp_path / "two"])],
+                        "codes.py", *map(str, args + ["--out", tmp_path / "two"])],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("wrote") == 1  # rank 0 speaks for both
@@ -255,14 +257,14 @@ def test_two_ranks_under_torchrun_equal_one_process(tmp_path, t5_dir, capsys):
 # ------------------------------------------------------------------------------------------ receipts
 def test_receipt_checks_name_both_checksums(tmp_path, t5_dir):
     enc = TextEncoder.from_pretrained(t5_dir, "cpu")
-    mine = data.extract_features(enc, CAPTIONS, tmp_path / "a", name="t5-tiny")
+    mine = codes.extract_features(enc, CAPTIONS, tmp_path / "a", name="t5-tiny")
     on_disk = json.loads((tmp_path / "a" / "features.json").read_text())
     assert mine.to_dict() == on_disk and FeaturesReceipt.from_dict(on_disk, "x") == mine
     # one encoder loaded in float32 or bfloat16 has one checksum; other weights or words another
-    assert data.encoder_checksum(TextEncoder.from_pretrained(t5_dir, "cpu", torch.bfloat16)) == mine.encoder_checksum
+    assert codes.encoder_checksum(TextEncoder.from_pretrained(t5_dir, "cpu", torch.bfloat16)) == mine.encoder_checksum
     other_words = TextEncoder(UnigramTokenizer.from_words(WORDS[::-1]), tiny_encoder().encoder)
-    assert data.encoder_checksum(other_words) != mine.encoder_checksum
-    theirs = data.extract_features(tiny_encoder(seed=1), CAPTIONS, tmp_path / "b", name="t5-other")
+    assert codes.encoder_checksum(other_words) != mine.encoder_checksum
+    theirs = codes.extract_features(tiny_encoder(seed=1), CAPTIONS, tmp_path / "b", name="t5-other")
     mine.check_same_encoder(FeaturesReceipt.from_dict(on_disk, "x"))  # the same: no error
     a, b = mine.encoder_checksum[:12], theirs.encoder_checksum[:12]
     with pytest.raises(UserError) as e:
@@ -276,12 +278,12 @@ def test_receipt_checks_name_both_checksums(tmp_path, t5_dir):
     with pytest.raises(UserError, match="lacks 'length'"):
         FeaturesReceipt.from_dict({k: v for k, v in on_disk.items() if k != "length"}, "x")
     # the features pair with the codes of the same captions only
-    data.extract_codes(PatchColours(), "scenes:10", tmp_path / "codes", image_size=32)
+    codes.extract_codes(PatchColours(), "scenes:10", tmp_path / "codes", image_size=32)
     with pytest.raises(UserError) as e:
         CaptionFeatures(tmp_path / "a").check_codes(tmp_path / "codes")
-    codes_sum = data.read_captions(tmp_path / "codes")[1][:12]
+    codes_sum = codes.read_captions(tmp_path / "codes")[1][:12]
     assert f"(captions {mine.captions_checksum[:12]})" in str(e.value) and f"(captions {codes_sum})" in str(e.value)
-    paired = data.extract_features(enc, data.load_captions(tmp_path / "codes")[0], tmp_path / "p")
+    paired = codes.extract_features(enc, codes.load_captions(tmp_path / "codes")[0], tmp_path / "p")
     CaptionFeatures(tmp_path / "p").check_codes(tmp_path / "codes")
     assert paired.count == 10
 
@@ -291,7 +293,7 @@ def test_features_reader_errors_and_fp16_range(tmp_path):
         CaptionFeatures(tmp_path / "nowhere")
     with pytest.raises(UserError, match="holds no caption features"):
         CaptionFeatures(tmp_path)
-    data.extract_features(tiny_encoder(), CAPTIONS[:3], tmp_path / "f")
+    codes.extract_features(tiny_encoder(), CAPTIONS[:3], tmp_path / "f")
     with open(tmp_path / "f" / "features.bin", "ab") as f:
         f.write(b"xx")
     with pytest.raises(UserError, match="damaged"):
@@ -300,11 +302,11 @@ def test_features_reader_errors_and_fp16_range(tmp_path):
     with torch.no_grad():
         loud.encoder.encoder.final_layer_norm.weight.mul_(1e6)  # features far beyond 65504
     with pytest.raises(UserError, match=r"caption 0 .* exceed float16's range"):
-        data.extract_features(loud, CAPTIONS[:3], tmp_path / "g", dtype="float16")
-    data.extract_features(loud, CAPTIONS[:3], tmp_path / "h", dtype="bfloat16")  # bf16: float32's range
+        codes.extract_features(loud, CAPTIONS[:3], tmp_path / "g", dtype="float16")
+    codes.extract_features(loud, CAPTIONS[:3], tmp_path / "h", dtype="bfloat16")  # bf16: float32's range
     assert CaptionFeatures(tmp_path / "h")[0][0].abs().max() > 65504
     with pytest.raises(UserError, match="non-empty list of captions"):
-        data.extract_features(loud, [], tmp_path / "i")
+        codes.extract_features(loud, [], tmp_path / "i")
 
 
 def test_joined_specs_train_a_tokenizer_but_extract_nothing(tmp_path):
@@ -317,4 +319,4 @@ def test_joined_specs_train_a_tokenizer_but_extract_nothing(tmp_path):
         ref = shapes[i][0] if i < 3 else scenes_[i - 3][0]
         assert y == 0 and torch.equal(x, ref)
     with pytest.raises(UserError, match="only a tokenizer trains on"):
-        data.extract_codes(None, "synthetic:3+scenes:2", tmp_path / "c", image_size=32)
+        codes.extract_codes(None, "synthetic:3+scenes:2", tmp_path / "c", image_size=32)

@@ -6,7 +6,6 @@ tests/data/inception_parity.pt holds pytorch-fid 0.3.0's outputs (torch 2.14.1) 
 two_images(): pool3, the fc logits WITH bias, and the first 7 channels of Mixed_6d.branch1x1 (N C H W). They
 were generated once in a separate environment that had torchvision; nothing of pytorch-fid is imported here.
 """
-import dataclasses
 import hashlib
 import pathlib
 
@@ -20,8 +19,6 @@ from PIL import Image
 import fid
 from conftest import run_cli
 from common import UserError
-from data import from_uint8, image_dataset, to_uint8
-from tokenizer import VQModel, psnr, ssim, vq_config
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -284,79 +281,12 @@ def test_rfid_and_sfid_compare_distributions(net):
     assert fid.sfid(x, x + 1) == pytest.approx(2023, rel=1e-9)  # a shifted mean only: |dmu|^2
 
 
-def test_tokenizer_metrics_follow_the_official_protocol(net, tmp_path, monkeypatch, capsys, weights_file):
-    """One streamed pass (batches of 5 over 12 images, originals and reconstructions embedded together) gives
-    what the separate pieces give: rfid() on the uint8 reconstructions and originals, tokenizer.psnr/ssim
-    against the uint8-rounded reconstructions, and the share of the codebook used."""
-    torch.manual_seed(0)
-    vq = VQModel(vq_config("VQ-tiny")).eval()
-    images = image_dataset("synthetic:12", 32)
-    got = fid.tokenizer_metrics(vq, images, net, batch_size=5)
-
-    x = torch.stack([images[i][0] for i in range(12)])
-    with torch.no_grad():
-        codes = torch.cat([vq.encode(x[i:i + 5]) for i in range(0, 12, 5)])
-        recon = torch.cat([vq.decode(codes[i:i + 5]) for i in range(0, 12, 5)])
-    originals, recon_u8 = to_uint8(x), to_uint8(recon)
-    # the originals survive to_uint8 exactly: they were uint8 pixels to begin with
-    assert np.abs(originals / 127.5 - 1 - x.permute(0, 2, 3, 1).numpy()).max() < 1e-6
-    rounded = from_uint8(recon_u8)  # the inverse of the pixel rule
-    assert got["rfid"] == pytest.approx(fid.rfid(recon_u8, originals, net), rel=1e-5) and got["rfid"] > 1
-    assert got["psnr"] == pytest.approx(psnr(x, rounded).mean().item(), abs=1e-9)
-    assert got["ssim"] == pytest.approx(ssim(x, rounded).mean().item(), abs=1e-9)
-    assert got["codebook_usage"] == len(set(codes.flatten().tolist())) / 512
-
-    # paper Table 3's protocol: originals and reconstructions resized (bicubic) before measuring, the
-    # reconstruction before it is rounded
-    small = fid.tokenizer_metrics(vq, images, None, batch_size=5, resize_to=16)
-    resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bicubic")
-    rounded16 = from_uint8(to_uint8(resize(recon)))
-    assert small["rfid"] is None
-    assert small["psnr"] == pytest.approx(psnr(resize(x), rounded16).mean().item(), abs=1e-9)
-    assert small["ssim"] == pytest.approx(ssim(resize(x), rounded16).mean().item(), abs=1e-9)
-
-    # the same through the command line, without rFID
-    torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config)}, tmp_path / "vq.pt")
-    code, out, _ = fid_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
-                           "--image-size", "32", "--no-rfid", "--num-workers", "0", "--batch-size", "5")
-    assert code == 0 and "rFID" not in out
-    assert f"PSNR: {got['psnr']:.4f} dB" in out and f"SSIM: {got['ssim']:.4f}" in out
-    code, _, err = fid_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"))
-    assert code == 2 and "needs both --vq-ckpt and --data" in err
-    code, _, err = fid_cli(monkeypatch, capsys, "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:12",
-                           "--num-images", "0")
-    assert code == 2 and "--num-images must be at least 1, got 0" in err
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def fid_cli(monkeypatch, capsys, *argv):
     """fid.py's command line in-process: (exit code, stdout, stderr)."""
     return run_cli(fid.main, argv, capsys)
-
-
-@pytest.mark.parametrize("flag", [["--num-workers", "4"], ["--image-size", "256"],
-                                  ["--resize-to", "256"], ["--num-images", "10"], ["--no-rfid"]])
-def test_tokenizer_flags_are_refused_when_scoring_samples(flag, tmp_path, monkeypatch, capsys):
-    """Each tokenizer-evaluation flag would do nothing to sample scoring: one line, exit 2, even
-    when given its default value, before any weights are looked for."""
-    np.savez(tmp_path / "s.npz", np.zeros((2, 8, 8, 3), np.uint8))
-    code, out, err = fid_cli(monkeypatch, capsys, str(tmp_path / "s.npz"), str(tmp_path / "s.npz"),
-                             *flag)
-    assert code == 2 and out == ""
-    assert err == (f"error: {flag[0]} applies to a tokenizer evaluation (--vq-ckpt, --data) only; "
-                   "drop it when scoring samples\n")
-
-
-def test_tokenizer_flags_keep_their_defaults(monkeypatch):
-    seen = []
-    monkeypatch.setattr(fid, "report_tokenizer", seen.append)
-    fid.main(["--vq-ckpt", "vq.pt", "--data", "synthetic:4"])
-    assert {k: getattr(seen[0], k) for k in fid.TOKENIZER_DEFAULTS} == dict(
-        image_size=256, resize_to=None, num_images=None, num_workers=4, no_rfid=False)
-    fid.main(["--vq-ckpt", "vq.pt", "--data", "synthetic:4", "--image-size", "32", "--no-rfid"])
-    assert seen[1].image_size == 32 and seen[1].no_rfid is True and seen[1].num_workers == 4
 
 
 @pytest.mark.parametrize("make, message", [

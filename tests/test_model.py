@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import decoding
 import model as model_module
 import train
 from common import UserError, attention, load_weights
@@ -40,8 +41,8 @@ def record_steps(model):
     """Wrap model.forward_cached so every decode step's logits (rows [cond ; uncond]) are kept."""
     steps, inner = [], model.forward_cached
 
-    def hook(x, pos):
-        out = inner(x, pos)
+    def hook(*args):
+        out = inner(*args)
         steps.append(out.clone())
         return out
     model.forward_cached = hook
@@ -285,44 +286,47 @@ def test_cpu_bf16_attention_runs_in_float32_with_gradients_or_a_float32_cache():
     assert cache.k.dtype == cache.v.dtype == torch.float32
 
 
-@pytest.mark.skipif(not model_module._ONEDNN, reason="this torch has no oneDNN packed linear")
+@pytest.mark.skipif(not decoding.ONEDNN, reason="this torch has no oneDNN packed linear")
 def test_cpu_sampling_matmuls_equal_f_linear(monkeypatch):
-    """model.Linear with its oneDNN copy of W (made for one generate() call on a CPU): F.linear's
-    numbers, bf16 bit for bit and float32 to rounding; the copies are dropped when generation ends
-    and never deep-copied; whole GPTs draw the same greedy codes with and without them."""
+    """decoding.onednn_weights: for one sampling call on a CPU, linear layers multiply through a
+    oneDNN copy of W, giving F.linear's numbers, bf16 bit for bit and float32 to rounding; the
+    copies are dropped when sampling ends and never deep-copied; whole GPTs draw the same greedy
+    codes with and without them."""
     torch.manual_seed(0)
     big, lin = model_module.Linear(512, 256), model_module.Linear(64, 96)
+    packed = lambda m: isinstance(m, decoding.PackedLinear) and "packed" in vars(m)  # noqa: E731
     with torch.no_grad():
-        model_module.onednn_weights(big, True)
-        for rows in (1, 2, 16, 128):
-            x = torch.randn(rows, 512)
-            assert torch.allclose(big(x), F.linear(x, big.weight), atol=1e-6, rtol=1e-5)
-        assert big._packed is not None
-        model_module.onednn_weights(lin, True)
-        assert lin._packed is None  # a small float32 matrix: F.linear is quicker
+        with decoding.onednn_weights(big):
+            for rows in (1, 2, 16, 128):
+                x = torch.randn(rows, 512)
+                assert torch.allclose(big(x), F.linear(x, big.weight), atol=1e-6, rtol=1e-5)
+            assert packed(big)
+        assert not packed(big) and type(big) is torch.nn.Linear
+        with decoding.onednn_weights(lin):
+            assert not packed(lin)  # a small float32 matrix: F.linear is quicker
         lin.bfloat16()
-        model_module.onednn_weights(lin, True)
-        x = torch.randn(2, 1, 64, dtype=torch.bfloat16)  # a decode step's (rows, 1, dim)
-        assert torch.equal(lin(x), F.linear(x, lin.weight)) and lin._packed is not None
-        assert copy.deepcopy(lin)._packed is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps F.linear's dtype
-            model_module.onednn_weights(big, True)
-            assert big._packed is None
+        with decoding.onednn_weights(lin):
+            x = torch.randn(2, 1, 64, dtype=torch.bfloat16)  # a decode step's (rows, 1, dim)
+            assert torch.equal(lin(x), F.linear(x, lin.weight)) and packed(lin)
+            assert not packed(copy.deepcopy(lin))
+        with torch.autocast("cpu", dtype=torch.bfloat16), decoding.onednn_weights(big):
+            assert not packed(big)  # autocast keeps F.linear's dtype
     gpt = tiny().to(torch.bfloat16)
     labels = torch.tensor([1, 3])
     seen = []
-    monkeypatch.setattr(model_module.Linear, "forward", lambda self, x: seen.append(
-        self._packed is not None) or F.linear(x, self.weight))
-    gpt.generate(labels, cfg_scale=2.0, greedy=True, sampler="jacobi", window=4)
-    gpt.generate(labels, cfg_scale=2.0, greedy=True)
+    for cls in (torch.nn.Linear, decoding.PackedLinear):
+        monkeypatch.setattr(cls, "forward", lambda self, x: seen.append(
+            packed(self)) or F.linear(x, self.weight))
+    decoding.generate(gpt, labels, "jacobi", 4, cfg_scale=2.0, greedy=True)
+    decoding.generate(gpt, labels, cfg_scale=2.0, greedy=True)
     assert seen and all(seen)  # every product of both samplers had its copy ...
-    assert all(m._packed is None for m in gpt.modules() if isinstance(m, model_module.Linear))
+    assert not any(packed(m) or isinstance(m, decoding.PackedLinear) for m in gpt.modules())
     monkeypatch.undo()  # ... and none is left behind
     for gpt in (tiny(dim=256), tiny().to(torch.bfloat16)):  # float32 dim 256: wqkv has 2^17.6
-        monkeypatch.setattr(model_module, "_ONEDNN", True)
-        with_copies = gpt.generate(labels, cfg_scale=2.0, greedy=True)
-        monkeypatch.setattr(model_module, "_ONEDNN", False)
-        assert torch.equal(with_copies, gpt.generate(labels, cfg_scale=2.0, greedy=True))
+        monkeypatch.setattr(decoding, "ONEDNN", True)
+        with_copies = decoding.generate(gpt, labels, cfg_scale=2.0, greedy=True)
+        monkeypatch.setattr(decoding, "ONEDNN", False)
+        assert torch.equal(with_copies, decoding.generate(gpt, labels, cfg_scale=2.0, greedy=True))
 
 
 # ------------------------------------------------------------------------------------ KV cache generation

@@ -15,7 +15,7 @@ from PIL import Image, ImageSequence
 import sample
 from conftest import ENV, ROOT, run_cli
 from common import save_atomic
-from data import CodesReceipt
+from codes import CodesReceipt
 from model import GPT, gpt_config
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
@@ -275,8 +275,7 @@ def test_flags_of_the_other_mode_are_refused(ck, tmp_path, capsys, extra, messag
 
 
 def test_resume_stamp_keys_are_the_pixel_flags(ck, tmp_path, monkeypatch):
-    """settings.json holds exactly the keys it held when they were listed by hand (so parts of
-    earlier runs still compare), with the resolved values."""
+    """settings.json holds exactly sample.PIXEL_FLAGS, with the resolved values."""
     out = tmp_path / "s.npz"
     monkeypatch.setattr(sample, "gather_parts", lambda *a: None)  # keep the parts to read them
     sample.main(["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], *EVAL, "--out", str(out)])
@@ -284,6 +283,7 @@ def test_resume_stamp_keys_are_the_pixel_flags(ck, tmp_path, monkeypatch):
         stamp = json.load(f)
     assert set(stamp) == {"num_samples", "classes", "labels", "batch_size", "seed", "cfg_scale",
                           "cfg_interval", "temperature", "top_k", "top_p", "image_size", "resize_to",
-                          "precision", "gpt_ckpt", "vq_ckpt"}
+                          "precision", "gpt_ckpt", "vq_ckpt", "prompt", "prompts", "t5",
+                          "candidates", "keep", "clip"} == set(sample.PIXEL_FLAGS)
     assert (stamp["labels"], stamp["top_k"], stamp["image_size"], stamp["precision"]) == ("random", 0, SIZE, "fp32")
     assert stamp["classes"] == list(range(CLASSES)) and stamp["gpt_ckpt"] == os.path.abspath(ck["gpt"])

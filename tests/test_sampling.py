@@ -1,4 +1,4 @@
-"""model.py "Faster sampling": the fixed-shape decode step and speculative Jacobi decoding.
+"""decoding.py: the fixed-shape decode step and speculative Jacobi decoding.
 
 Greedy runs must reproduce the sequential sampler code for code; sampled runs must keep its
 distribution, checked by enumerating every sequence of a tiny model."""
@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 from scipy.stats import chi2
 
-import model as model_module
+import decoding
 from common import UserError, load_weights
-from model import GPT, GPTConfig, filter_logits, rope_2d_table, static_caches
+from decoding import static_caches
+from model import GPT, GPTConfig, filter_logits, rope_2d_table
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,7 +85,7 @@ def test_windows_at_per_row_positions_equal_the_full_forward(n_prefix, n_kv_head
 
             def window(starts, tokens):  # tokens (2, 4) at code indices starts .. starts+3
                 index = torch.tensor(starts)[:, None] + torch.arange(4)
-                return model.decode_step(model.tok_embeddings(tokens), N + index), index
+                return decoding.decode_step(model, model.tok_embeddings(tokens), N + index), index
 
             junk = (codes[1, 1:4] + 1) % 32  # row 1: code 0 right, three wrong drafts after it
             row1 = torch.cat([codes[1, :1], junk])
@@ -114,13 +115,14 @@ def test_static_step_gives_the_eager_codes(cfg):
     model = tiny(token_scale=1.0)
     cond = torch.tensor([0, 3, 4])
     eager = model.generate(cond, greedy=True, **cfg)
-    shapes, inner = [], model.decode_step
+    shapes = []
 
-    def spy(x, positions):
+    def spy(model, x, positions):
         shapes.append((tuple(x.shape), tuple(positions.shape)))
-        return inner(x, positions)
-    model.decode_step = spy
-    static, passes = model.generate(cond, greedy=True, static=True, return_passes=True, **cfg)
+        return decoding.decode_step(model, x, positions)
+    model.decode_step = spy  # as compile_step installs a compiled step
+    static, passes = decoding.generate(model, cond, greedy=True, static=True, return_passes=True,
+                                       **cfg)
     assert torch.equal(static, eager) and passes == 16  # one pass per code, the prefill included
     rows = [6 if cfg["cfg_scale"] != 1.0 else 3]
     if "cfg_interval" in cfg:  # guided codes 0..5 come from the prefill and steps 1..5, then 3 rows
@@ -129,11 +131,12 @@ def test_static_step_gives_the_eager_codes(cfg):
     # seeded sampling: the same draws from the same generator, so the same codes
     kw = dict(temperature=1.3, top_k=10, top_p=0.9, **cfg)
     a = model.generate(cond, generator=torch.Generator().manual_seed(5), **kw)
-    b = model.generate(cond, generator=torch.Generator().manual_seed(5), static=True, **kw)
+    b = decoding.generate(model, cond, generator=torch.Generator().manual_seed(5), static=True,
+                          **kw)
     assert torch.equal(a, b) and len(a.unique()) > 4
     # the Jacobi sampler with a window of one code IS the sequential static sampler
-    c = model.generate(cond, generator=torch.Generator().manual_seed(5), sampler="jacobi", window=1,
-                       **kw)
+    c = decoding.generate(model, cond, generator=torch.Generator().manual_seed(5), sampler="jacobi",
+                          window=1, **kw)
     assert torch.equal(a, c)
 
 
@@ -145,10 +148,11 @@ def test_static_step_compiles_once_for_the_whole_image():
     cond = torch.tensor([2, 1])
     eager = model.generate(cond, cfg_scale=2.0, greedy=True)
     counter = CompileCounter()
-    model.decode_step = torch.compile(model.decode_step, backend=counter, fullgraph=True,
+    model.decode_step = torch.compile(decoding.decode_step, backend=counter, fullgraph=True,
                                       dynamic=False)
-    assert torch.equal(model.generate(cond, cfg_scale=2.0, greedy=True, static=True), eager)
-    model.generate(cond.flip(0), cfg_scale=2.0, greedy=True, static=True)
+    assert torch.equal(decoding.generate(model, cond, cfg_scale=2.0, greedy=True, static=True),
+                       eager)
+    decoding.generate(model, cond.flip(0), cfg_scale=2.0, greedy=True, static=True)
     assert counter.frame_count == 1
 
 
@@ -160,8 +164,8 @@ def test_bf16_model_through_every_sampler():
     for cfg in (dict(cfg_scale=1.0), dict(cfg_scale=3.0)):
         eager = model.generate(cond, greedy=True, **cfg)
         assert len(eager.unique()) > 4
-        assert torch.equal(model.generate(cond, greedy=True, static=True, **cfg), eager)
-        jacobi = model.generate(cond, greedy=True, sampler="jacobi", window=4, **cfg)
+        assert torch.equal(decoding.generate(model, cond, greedy=True, static=True, **cfg), eager)
+        jacobi = decoding.generate(model, cond, greedy=True, sampler="jacobi", window=4, **cfg)
         assert torch.equal(jacobi, eager)
 
 
@@ -173,13 +177,13 @@ def test_greedy_jacobi_is_the_greedy_sequence(cfg):
     sequential = model.generate(cond, greedy=True, **cfg)
     assert len(sequential.unique()) > 4
     for window in (2, 4, 16):
-        codes, passes = model.generate(cond, greedy=True, sampler="jacobi", window=window,
-                                       return_passes=True, **cfg)
+        codes, passes = decoding.generate(model, cond, greedy=True, sampler="jacobi",
+                                          window=window, return_passes=True, **cfg)
         assert torch.equal(codes, sequential), window
         assert passes < 16  # fewer passes than codes: several drafts were accepted in one pass
         # each row accepts its own count: alone it needs at most as many passes as in the batch
-        alone = [model.generate(cond[i:i + 1], greedy=True, sampler="jacobi", window=window,
-                                return_passes=True, **cfg) for i in range(4)]
+        alone = [decoding.generate(model, cond[i:i + 1], greedy=True, sampler="jacobi",
+                                   window=window, return_passes=True, **cfg) for i in range(4)]
         assert all(torch.equal(c[0], sequential[i]) for i, (c, _) in enumerate(alone))
         assert max(p for _, p in alone) == passes
     assert not model.training and all(layer.attention.kv_cache is None for layer in model.layers)
@@ -197,7 +201,7 @@ def test_greedy_jacobi_and_static_step_reproduce_the_official_codes():
         expected = ref[f"generate_{name}"]
         for options in (dict(static=True), dict(sampler="jacobi", window=4),
                         dict(sampler="jacobi", window=16)):
-            codes = model.generate(fx["gen_labels"], greedy=True, **options, **kw)
+            codes = decoding.generate(model, fx["gen_labels"], greedy=True, **options, **kw)
             assert torch.equal(codes, expected), (name, options)
 
 
@@ -207,28 +211,28 @@ def test_greedy_jacobi_after_a_multi_token_prefix():
     cond = torch.tensor([1, 2, 0])
     for cfg in (dict(cfg_scale=1.0), dict(cfg_scale=2.0), dict(cfg_scale=2.0, cfg_interval=2)):
         sequential = model.generate(cond, greedy=True, **cfg)
-        codes, passes = model.generate(cond, greedy=True, sampler="jacobi", window=8,
-                                       return_passes=True, **cfg)
+        codes, passes = decoding.generate(model, cond, greedy=True, sampler="jacobi", window=8,
+                                          return_passes=True, **cfg)
         assert torch.equal(codes, sequential) and passes < 16 and len(sequential.unique()) > 4
     # the prefix really conditions: other embeddings, other codes
     with torch.no_grad():
         model.cls_embedding.table.mul_(-1)
-    other = model.generate(cond, greedy=True, sampler="jacobi", window=8)
+    other = decoding.generate(model, cond, greedy=True, sampler="jacobi", window=8)
     assert not torch.equal(other, sequential)
 
 
 def test_progress_callback_and_bad_options():
     model = tiny()
     seen = []
-    codes = model.generate(torch.tensor([1, 2]), greedy=True, sampler="jacobi", window=4,
-                           callback=lambda t, c: seen.append((t, c.clone())))
+    codes = decoding.generate(model, torch.tensor([1, 2]), greedy=True, sampler="jacobi", window=4,
+                              callback=lambda t, c: seen.append((t, c.clone())))
     steps = [t for t, _ in seen]
     assert steps[0] == 1 and steps[-1] == 16 and steps == sorted(steps)
     assert all(torch.equal(c, codes[:, :t]) for t, c in seen)
     with pytest.raises(UserError, match="unknown sampler 'beam'"):
-        model.generate(torch.tensor([1]), sampler="beam")
+        decoding.generate(model, torch.tensor([1]), sampler="beam")
     with pytest.raises(UserError, match="window 0 is not a whole number >= 1"):
-        model.generate(torch.tensor([1]), sampler="jacobi", window=0)
+        decoding.generate(model, torch.tensor([1]), sampler="jacobi", window=0)
 
 
 # ------------------------------------------------------------------- the distribution is unchanged
@@ -275,8 +279,8 @@ def fit(model, exact, n, seed=0):
     """n Jacobi samples (window 3: a pass scores 3 of the 4 codes) per label 0 and 2, in ONE batch
     of 2n rows that accept independently; per label: (TV distance, chi-square p-value)."""
     labels = torch.tensor([0, 2]).repeat_interleave(n)
-    codes, passes = model.generate(labels, sampler="jacobi", window=3, return_passes=True,
-                                   generator=torch.Generator().manual_seed(seed), **SETTING)
+    codes, passes = decoding.generate(model, labels, sampler="jacobi", window=3, return_passes=True,
+                                      generator=torch.Generator().manual_seed(seed), **SETTING)
     index = (codes * torch.tensor([64, 16, 4, 1])).sum(-1)
     results = []
     for k, p in enumerate(exact):
@@ -312,7 +316,7 @@ def test_jacobi_samples_follow_the_exact_distribution(monkeypatch):
              "q/p": (500, lambda p, q: (q / p).clamp(max=1.0)),
              "p only": (4000, lambda p, q: p.clamp(max=1.0))}
     for name, (n, rule) in wrong.items():
-        monkeypatch.setattr(model_module, "acceptance_probability", rule)
+        monkeypatch.setattr(decoding, "acceptance_probability", rule)
         results, _ = fit(model, exact, n)
         for (tv, pvalue), bound in zip(results, bounds[n]):
             assert pvalue < 1e-6 and tv > bound, (name, tv, pvalue, bound)
@@ -333,8 +337,8 @@ def test_caption_condition_through_jacobi_and_the_static_step():
         sequential = model.generate(caption, greedy=True, **cfg)
         assert len(sequential.unique()) > 4
         for options in (dict(static=True), dict(sampler="jacobi", window=8)):
-            codes, passes = model.generate(caption, greedy=True, return_passes=True, **options,
-                                           **cfg)
+            codes, passes = decoding.generate(model, caption, greedy=True, return_passes=True,
+                                              **options, **cfg)
             assert torch.equal(codes, sequential), options
             assert passes == 16 if "static" in options else passes < 16
     assert model.training
@@ -368,19 +372,20 @@ def test_padded_captions_through_jacobi_and_the_static_step():
         assert all(not torch.equal(unpadded[i], sequential[i]) for i in (1, 2, 3))
         for options in (dict(static=True), dict(sampler="jacobi", window=4),
                         dict(sampler="jacobi", window=16)):
-            codes, passes = model.generate(caption, greedy=True, cond_mask=mask,
-                                           return_passes=True, **options, **cfg)
+            codes, passes = decoding.generate(model, caption, greedy=True, cond_mask=mask,
+                                              return_passes=True, **options, **cfg)
             assert torch.equal(codes, sequential), (cfg, options)
             assert passes == 16 if "static" in options else passes < 16
-            assert torch.equal(model.generate(junk, greedy=True, cond_mask=mask, **options,
-                                              **cfg), sequential)
+            assert torch.equal(decoding.generate(model, junk, greedy=True, cond_mask=mask,
+                                                 **options, **cfg), sequential)
     # seeded sampling: the static step draws exactly what the eager sampler draws
     kw = dict(cfg_scale=3.0, temperature=1.3, top_k=10, cond_mask=mask)
     a = model.generate(caption, generator=torch.Generator().manual_seed(3), **kw)
-    b = model.generate(caption, generator=torch.Generator().manual_seed(3), static=True, **kw)
+    b = decoding.generate(model, caption, generator=torch.Generator().manual_seed(3), static=True,
+                          **kw)
     assert torch.equal(a, b)
     with pytest.raises(UserError, match="not left padded"):
-        model.generate(caption, sampler="jacobi", cond_mask=mask.flip(1))
+        decoding.generate(model, caption, sampler="jacobi", cond_mask=mask.flip(1))
 
 
 # ---------------------------------------------------------------------- sample.py's speed flags
@@ -391,7 +396,7 @@ def checkpoints(tmp_path_factory):
     import dataclasses
 
     from common import save_atomic
-    from data import CodesReceipt
+    from codes import CodesReceipt
     from tokenizer import VQModel, tokenizer_checksum, vq_config
     d = tmp_path_factory.mktemp("speed")
     torch.manual_seed(0)
@@ -432,7 +437,7 @@ def test_sample_cli_jacobi_draws_the_greedy_pictures_in_fewer_passes(checkpoints
 
     import numpy as np
 
-    from data import make_grid
+    from common import make_grid
     from sample import decode
     code, _, _, sequential = draw(checkpoints, tmp_path, capsys)
     assert code == 0
@@ -475,9 +480,9 @@ def test_sample_cli_jacobi_progress_gif_has_every_frame(checkpoints, tmp_path, c
 
 def test_sample_cli_compile_compiles_the_static_step(checkpoints, tmp_path, capsys,
                                                      monkeypatch):
-    """--compile hands GPT.decode_step to torch.compile (fixed shapes: dynamic=False; CUDA graphs
-    only on CUDA), and sequential sampling runs through it: one call per code after the prefill,
-    the same pictures."""
+    """--compile hands decoding.decode_step to torch.compile (fixed shapes: dynamic=False; CUDA
+    graphs only on CUDA), and sequential sampling runs through it: one call per code after the
+    prefill, the same pictures."""
     import numpy as np
     seen, calls = [], []
 
@@ -496,7 +501,7 @@ def test_sample_cli_compile_compiles_the_static_step(checkpoints, tmp_path, caps
 
 @pytest.mark.parametrize("flags,message", [
     (["--window", "4"], "--window only applies with --sampler jacobi; drop it"),
-    (["--sampler", "jacobi", "--window", "0"], "--window 0 is out of range"),
+    (["--sampler", "jacobi", "--window", "0"], "--window must be at least 1, got 0"),
 ])
 def test_sample_cli_refuses_bad_speed_flags(checkpoints, tmp_path, capsys, flags, message):
     code, _, err, _ = draw(checkpoints, tmp_path, capsys, *flags)
@@ -510,7 +515,7 @@ def test_sample_cli_refuses_bad_speed_flags(checkpoints, tmp_path, capsys, flags
     (["--only", "vq", "--peer", "x"], "--peer only applies with --only peer; drop it"),
     (["--only", "vq", "--repeat", "2"], "--repeat only applies with --only peer or jacobi"),
     (["--only", "vq", "--window", "4"], "--window only applies with --only jacobi; drop it"),
-    (["--only", "jacobi", "--repeat", "0"], "--repeat 0 / --window 16: both must be >= 1"),
+    (["--only", "jacobi", "--repeat", "0"], "--repeat must be at least 1, got 0"),
     (["--peer", "{tmp}"], "no autoregressive/models/gpt.py there; pass a checkout of"),
     (["--peer", "{broken}"], "importing autoregressive/models/gpt.py failed "
                              "(ModuleNotFoundError: No module named 'nowhere_to_be_found')"),

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import scenes
-from common import UserError
-from data import from_uint8
+from common import UserError, from_uint8
 from scenes import (COLOURS, HELDOUT_PAIRS, RELATIONS, SHAPES, TASKS, VOCABULARY, CaptionedScenes,
                     benchmark_prompts, check, checker_accuracy, detect, evaluate, relative_position)
 
@@ -47,7 +46,7 @@ def test_deterministic_per_seed_and_index():
     assert a.scene(42) == b.scene(42) and a.caption(42) == a[42][1]
     assert not torch.equal(a[42][0], CaptionedScenes(100, seed=1)[42][0])
     x, _ = a[3]
-    objs, _, rng = a._draw(3)  # the dataset's array path equals render() + data.from_uint8
+    objs, _, rng = a._draw(3)  # the dataset's array path equals render() + common.from_uint8
     assert torch.equal(x, from_uint8(scenes.render(objs, 32, rng)))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() < x.max() <= 1
     assert CaptionedScenes(5, image_size=48)[0][0].shape == (3, 48, 48)

@@ -4,7 +4,6 @@ features; sampled from prompts; its pictures scored by the world's exact checker
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -16,10 +15,11 @@ import torch.nn.functional as F
 import data
 import sample
 import scenes
+import t2i
 import train
 from common import load_checkpoint
 from conftest import ENV, ROOT, run_cli
-from data import CodesReceipt
+from codes import CodesReceipt, extract_codes, read_captions, write_captions
 from model import GPT
 from scenes import COLOURS
 from tokenizer import VQModel, vq_config
@@ -101,7 +101,7 @@ def scene_codes(tokenizer, n, out, seed=0, checksum=None):
         classes=("scene",))
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(receipt.to_dict(), f)
-    data.write_captions(out, captions)
+    write_captions(out, captions)
     return str(out)
 
 
@@ -129,7 +129,7 @@ def vq_world(tmp_path_factory):
                vq_path)
     # data.py's own extraction, captions.json included: the path a user's codes take
     codes = str(root / "codes")
-    data.extract_codes(vq, "scenes:120", codes, image_size=32, batch_size=64)
+    extract_codes(vq, "scenes:120", codes, image_size=32, batch_size=64)
     train_main(train_args(codes, root / "t2i", 2))
     return dict(root=root, vq=str(vq_path), codes=codes, gpt=str(root / "t2i" / "ckpt.pt"))
 
@@ -148,14 +148,7 @@ def test_captioned_images_are_encoded_as_themselves_alone(vq_world, tmp_path):
         want = vq.encode(torch.stack([world[i][0] for i in (0, 7)])).flatten(1).numpy()
     assert np.array_equal(codes[[0, 7], 0], want)
     with pytest.raises(data.UserError, match="--ten-crop is for class labels"):
-        data.extract_codes(vq, "scenes:120", tmp_path / "crops", image_size=32, ten_crop=True)
-    # a folder of two views a scene (extracted before this rule) is refused, not trained mirrors
-    # and all: the same folder with each scene's codes doubled and its receipt saying n_aug 2
-    old = shutil.copytree(vq_world["codes"], tmp_path / "two_views")
-    np.save(old / "codes.npy", np.repeat(codes, 2, axis=1))
-    json.dump({**meta, "n_aug": 2}, open(old / "meta.json", "w"))
-    with pytest.raises(data.UserError, match="2 views per captioned image.*extract the codes"):
-        train_main(train_args(old, tmp_path / "t2i", 1))
+        extract_codes(vq, "scenes:120", tmp_path / "crops", image_size=32, ten_crop=True)
 
 
 def test_joint_checkpoint_is_self_contained(vq_world):
@@ -183,7 +176,7 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
     a caption is cleaned and tokenized once, later accesses are the same tensors; the joint
     model's forward equals GPT.forward on its own T5's left-padded features."""
     import text
-    captions = data.read_captions(vq_world["codes"])[0]
+    captions = read_captions(vq_world["codes"])[0]
     args = train.get_args([str(a) for a in train_args(vq_world["codes"], "/tmp/unused", 1)])
     recipe = train.resolve_recipe(args, train.T2IStage, "/tmp/unused", None, 1, "cpu")
     stage = train.T2IStage(recipe, None)
@@ -192,10 +185,10 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
     assert codes.shape == (64,) and ids.shape == mask.shape == (16,) and valid.item() == 1.0
     assert mask.tolist() == [True] * (len(words) + 1) + [False] * (15 - len(words))
     assert ids[len(words)].item() == 1 and (ids[~mask] == 0).all()  # </s>, then <pad>
-    vocab = stage.text_meta["words"]
+    vocab = stage.meta["text"]["words"]
     assert [vocab[i - 3] for i in ids[:len(words)].tolist()] == words
     cleaned = []
-    monkeypatch.setattr(train, "clean_caption",
+    monkeypatch.setattr(t2i, "clean_caption",
                         lambda t: cleaned.append(t) or text.clean_caption(t))
     again, other = stage.dataset[5], stage.dataset[7]  # the caption's part of each item
     assert all(torch.equal(a, b) for a, b in zip(again[1:], (ids, mask, valid)))
@@ -214,8 +207,9 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
 def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monkeypatch, capsys):
     """--text FEATURES_DIR: the GPT alone on stored features (N and width from them), the
     encoder's receipt kept in the checkpoint, and sample.py asks for --t5 to draw it."""
-    class Features(torch.utils.data.Dataset):  # the shape of data.CaptionFeatures
-        receipt = {"name": "flan-t5-tiny", "checksum": "abc", "length": 12, "d_model": 24}
+    class Features(torch.utils.data.Dataset):  # the shape of codes.CaptionFeatures
+        receipt = {"encoder": "flan-t5-tiny", "encoder_checksum": "abc", "length": 12,
+                   "d_model": 24}
 
         def __len__(self):
             return 120
@@ -224,7 +218,7 @@ def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monk
             g = torch.Generator().manual_seed(i)
             mask = torch.arange(12) < 3 + i % 7
             return torch.randn(12, 24, generator=g) * mask[:, None], mask
-    monkeypatch.setattr(train, "caption_features", lambda folder: Features())
+    monkeypatch.setattr(t2i, "caption_features", lambda folder: Features())
     out = tmp_path / "frozen"
     argv = train_args(vq_world["codes"], out, 2)
     argv[argv.index("--text") + 1] = str(tmp_path)
@@ -243,7 +237,7 @@ def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monk
     assert len(err.splitlines()) == 1
     # --caption-len belongs to a trained encoder; frozen features keep their length
     code, _, err = run_cli(train.main, argv[:-1] + [tmp_path / "o2"], capsys)
-    assert code == 2 and "--caption-len applies when a text encoder is trained" in err
+    assert code == 2 and "--caption-len only applies with a text encoder trained along" in err
 
 
 REFUSED = [
@@ -252,7 +246,7 @@ REFUSED = [
     (["--model", "nano", "--caption-len", 16],
      "--caption-len only applies to the text-to-image GPT stage"),
     (["--model", "nano", "--text", "t5-nano", "--caption-len", 1],
-     "--caption-len 1: a caption needs"),
+     "--caption-len must be at least 2, got 1"),
 ]
 
 
@@ -433,18 +427,18 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
     with np.load(tmp_path / "s.npz") as z:
         stored = z["arr_0"]
     gpt, vq = GPT.from_pretrained(vq_world["gpt"]).eval(), VQModel.from_pretrained(vq_world["vq"])
-    condition = sample.joint_condition(gpt, vq_world["gpt"], texts, "cpu")
+    condition = t2i.joint_condition(gpt, vq_world["gpt"], texts, "cpu")
     drawn = sample.sample_images(gpt, vq.eval(), torch.tensor([0, 0, 0, 1, 1, 1]), top_k=0,
                                  generator=torch.Generator().manual_seed(sample.batch_seed(0, 0)),
                                  condition=condition)
-    np.testing.assert_array_equal(stored, sample.rerank_candidates(drawn, texts, model, 1, tok)[0])
+    np.testing.assert_array_equal(stored, clip.rerank_candidates(drawn, texts, model, 1, tok)[0])
 
 
 def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
     """PromptCondition: the checkpoint's own T5 and words, captions left padded to N = 16."""
     gpt = GPT.from_pretrained(vq_world["gpt"])
-    enc = sample.joint_text_encoder(vq_world["gpt"], gpt.meta["text"], "cpu", torch.float32)
-    condition = sample.PromptCondition(["a red circle", "three green crosses at the top"], enc, 16)
+    enc = t2i.joint_text_encoder(vq_world["gpt"], gpt.meta["text"], "cpu", torch.float32)
+    condition = t2i.PromptCondition(["a red circle", "three green crosses at the top"], enc, 16)
     feats, mask = condition(torch.tensor([1, 0]))
     assert feats.shape == (2, 16, 64) and mask.sum(1).tolist() == [6 + 1, 3 + 1]
     assert mask[:, -1].all() and not mask[:, 0].any()  # valid tokens last
@@ -459,7 +453,7 @@ def test_bench_model_generator_draws_candidates_prompt_major(vq_world):
     prompts = scenes.benchmark_prompts(1)[:2]
     got = bench.model_generator(vq_world["gpt"], vq_world["vq"], 3.0, "cpu")(prompts, 3, 7)
     gpt = GPT.from_pretrained(vq_world["gpt"]).eval()
-    condition = sample.joint_condition(gpt, vq_world["gpt"], [p["prompt"] for p in prompts], "cpu")
+    condition = t2i.joint_condition(gpt, vq_world["gpt"], [p["prompt"] for p in prompts], "cpu")
     want = sample.sample_images(gpt, VQModel.from_pretrained(vq_world["vq"]).eval(),
                                 [0, 0, 0, 1, 1, 1], cfg_scale=3.0,
                                 generator=torch.Generator().manual_seed(7), condition=condition)
@@ -504,7 +498,7 @@ def learn_colours(tmp_path):
     path = str(tmp_path / "run" / "ckpt.pt")
     gpt = GPT.from_pretrained(path).eval()
     prompts = [p for p in scenes.benchmark_prompts(40) if p["task"] == "colours"]
-    condition = sample.joint_condition(gpt, path, [p["prompt"] for p in prompts], "cpu")
+    condition = t2i.joint_condition(gpt, path, [p["prompt"] for p in prompts], "cpu")
     images = sample.sample_images(gpt, SceneCodes(), list(range(len(prompts))), cfg_scale=5.0,
                                   top_k=20, generator=torch.Generator().manual_seed(0),
                                   condition=condition)

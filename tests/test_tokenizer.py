@@ -10,8 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fid
 import tokenizer as T
-from common import UserError, save_atomic
+from common import UserError, from_uint8, save_atomic, to_uint8
+from conftest import run_cli
+from data import image_dataset
+from test_fid import random_state_dict, reference_shapes
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "official_vq_tiny.pt")
 
@@ -344,6 +348,61 @@ def test_metrics_match_official_evaluation(official):
         torch.testing.assert_close(T.ssim(x, y, gaussian=True), pair["ssim_gaussian"], atol=1e-5, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def inception():
+    """The FID Inception with test_fid.py's deterministic random weights."""
+    net = fid.FIDInception()
+    net.load_state_dict(random_state_dict(reference_shapes()))
+    return net.eval().requires_grad_(False)
+
+
+def test_tokenizer_metrics_follow_the_official_protocol(inception, tmp_path, capsys):
+    """One streamed pass (batches of 5 over 12 images, originals and reconstructions embedded together) gives
+    what the separate pieces give: rfid() on the uint8 reconstructions and originals, tokenizer.psnr/ssim
+    against the uint8-rounded reconstructions, and the share of the codebook used."""
+    torch.manual_seed(0)
+    vq = T.VQModel(T.vq_config("VQ-tiny")).eval()
+    images = image_dataset("synthetic:12", 32)
+    got = T.tokenizer_metrics(vq, images, inception, batch_size=5)
+
+    x = torch.stack([images[i][0] for i in range(12)])
+    with torch.no_grad():
+        codes = torch.cat([vq.encode(x[i:i + 5]) for i in range(0, 12, 5)])
+        recon = torch.cat([vq.decode(codes[i:i + 5]) for i in range(0, 12, 5)])
+    originals, recon_u8 = to_uint8(x), to_uint8(recon)
+    # the originals survive to_uint8 exactly: they were uint8 pixels to begin with
+    assert np.abs(originals / 127.5 - 1 - x.permute(0, 2, 3, 1).numpy()).max() < 1e-6
+    rounded = from_uint8(recon_u8)  # the inverse of the pixel rule
+    assert got["rfid"] == pytest.approx(fid.rfid(recon_u8, originals, inception), rel=1e-5) and got["rfid"] > 1
+    assert got["psnr"] == pytest.approx(T.psnr(x, rounded).mean().item(), abs=1e-9)
+    assert got["ssim"] == pytest.approx(T.ssim(x, rounded).mean().item(), abs=1e-9)
+    assert got["codebook_usage"] == len(set(codes.flatten().tolist())) / 512
+
+    # paper Table 3's protocol: originals and reconstructions resized (bicubic) before measuring, the
+    # reconstruction before it is rounded
+    small = T.tokenizer_metrics(vq, images, None, batch_size=5, resize_to=16)
+    resize = lambda t: torch.nn.functional.interpolate(t, size=(16, 16), mode="bicubic")
+    rounded16 = from_uint8(to_uint8(resize(recon)))
+    assert small["rfid"] is None
+    assert small["psnr"] == pytest.approx(T.psnr(resize(x), rounded16).mean().item(), abs=1e-9)
+    assert small["ssim"] == pytest.approx(T.ssim(resize(x), rounded16).mean().item(), abs=1e-9)
+
+    # the same through the command line, without rFID
+    torch.save({"model": vq.state_dict(), "config": T.dataclasses.asdict(vq.config)}, tmp_path / "vq.pt")
+    code, out, _ = run_cli(T.main, ["--vq-ckpt", tmp_path / "vq.pt", "--data", "synthetic:12", "--image-size",
+                                    "32", "--no-rfid", "--num-workers", "0", "--batch-size", "5"], capsys)
+    assert code == 0 and "rFID" not in out
+    assert f"PSNR: {got['psnr']:.4f} dB" in out and f"SSIM: {got['ssim']:.4f}" in out
+    code, _, err = run_cli(T.main, ["--vq-ckpt", tmp_path / "vq.pt"], capsys)
+    assert code == 2 and "the following arguments are required: --data" in err
+    code, _, err = run_cli(T.main, ["--vq-ckpt", tmp_path / "vq.pt", "--data", "synthetic:12", "--num-images", "0"],
+                           capsys)
+    assert code == 2 and "--num-images must be at least 1, got 0" in err
+    code, _, err = run_cli(T.main, ["--vq-ckpt", "vq.pt", "--data", "x", "--no-rfid", "--inception", "i.pth"], capsys)
+    assert code == 2 and "--inception only applies with rFID" in err  # refused, not ignored
+
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def test_from_pretrained_round_trip_and_errors(tmp_path):
@@ -372,7 +431,7 @@ def test_training_beats_untrained():
     """200 steps of L2 + codebook losses on SyntheticShapes at 32 px: held-out reconstructions gain >= 5 dB
     PSNR (measured: 6.9 -> about 18 dB) and use more than half of the 64 codes (measured: all). The entropy
     term (ratio 0.1) is what keeps the codes in use over so few steps; without it usage fell to 13-34%."""
-    from data import SyntheticShapes
+    from shapes import SyntheticShapes
     train = torch.stack([img for img, _ in SyntheticShapes(512, image_size=32, seed=0)])
     held = torch.stack([img for img, _ in SyntheticShapes(64, image_size=32, seed=1)])
     torch.manual_seed(0)

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-import data
 import train
+from codes import extract_codes
 from common import load_checkpoint
 from conftest import ENV, ROOT, PatchColours
 from tokenizer import VQModel, vq_config
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.subprocess  # python train.py and torchrun, as users ru
 @pytest.fixture(scope="module")
 def codes(tmp_path_factory):
     out = tmp_path_factory.mktemp("codes") / "synthetic32"
-    data.extract_codes(PatchColours(), "synthetic:1100", out, image_size=32, batch_size=100)
+    extract_codes(PatchColours(), "synthetic:1100", out, image_size=32, batch_size=100)
     return str(out)
 
 
@@ -239,7 +239,7 @@ def test_codes_of_another_tokenizer_refuse_to_resume(codes, tmp_path):
     out = tmp_path / "o"
     run(GPT_ARGS + ["--data", codes, "--max-steps", 1, "--out-dir", out])
     other = tmp_path / "c16"
-    data.extract_codes(PatchColours(), "synthetic:120", other, image_size=16, batch_size=60)
+    extract_codes(PatchColours(), "synthetic:120", other, image_size=16, batch_size=60)
     p = run(GPT_ARGS + ["--data", other, "--max-steps", 2, "--out-dir", out, "--resume"], check=False)
     assert p.returncode == 2 and "(grid [8, 8] vs [4, 4])" in p.stderr
 

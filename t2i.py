@@ -1,0 +1,303 @@
+"""Text-to-image (paper 3.3): captions in, the GPT's caption prefix out, for training and sampling.
+
+A text-conditional GPT is the class GPT with a prefix of N caption features in place of its one
+class token. Two ways to make those features:
+  --text FEATURES_DIR  frozen features, computed once by `codes.py features` (FLAN-T5-XL for the
+      paper), LlamaGen's recipe: an encoder trained on a web corpus knows far more language than
+      any caption set teaches, costs nothing to train, and its outputs are stored like the codes.
+  --text t5-nano       a small T5 learnt together with the GPT from the captions (JointT2I), as
+      DALL-E learns its text embeddings. Right for a small closed world such as scenes.py's,
+      whose captions cover their language completely; at scale the GPT would have to learn
+      language from short captions alone.
+train.py's T2IStage builds its GPT by joint_gpt or frozen_gpt (--init-from: init_from, which
+also starts a text GPT from a class GPT); sample.py draws prompts through PromptCondition.
+"""
+import dataclasses
+import os
+
+import torch
+
+import codes
+from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
+                    unwrap_state_dict)
+from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption
+from scenes import VOCABULARY
+from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
+
+
+# ------------------------------------------------------------------------------------- training
+def caption_features(folder):
+    """The frozen features of a --text folder: item i is (features float32 [N, d] right-padded as
+    T5 returns them, mask bool [N]) for codes item i; .receipt names the encoder that made them."""
+    return codes.CaptionFeatures(folder)
+
+
+def caption_vocabulary(texts):
+    """The words of a jointly-trained tokenizer: the built-in world's vocabulary (scenes.py), then
+    every other word of the training captions, sorted: the same list for the same data."""
+    seen = {w for t in texts for c in ([t] if isinstance(t, str) else t)
+            for w in clean_caption(c).split()}
+    return list(VOCABULARY) + sorted(seen - set(VOCABULARY))
+
+
+class CaptionedCodes(torch.utils.data.Dataset):
+    """Codes with their captions: item -> (codes int64 [L], caption, mask bool [N], valid).
+
+    The caption is token ids int64 [N] (joint training: a tokenizer is given) or frozen features
+    float32 [N, d]; both right-padded as T5 reads and writes them, the model side moves them to
+    the left (left_pad_caption). valid (float32) weighs the item's loss as the official trainer's
+    flag does (0 for an image it could not read); every item here has its codes, so it is 1."""
+
+    def __init__(self, items, texts=None, tokenizer=None, length=120, features=None):
+        self.items, self.texts, self.tokenizer = items, texts, tokenizer
+        self.length, self.features = length, features
+        # caption -> (ids, mask), tokenized once; at most 2^14 kept (all of the built-in world's)
+        self.memo = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        seq = self.items[index][0]
+        if self.features is not None:
+            feats, mask = self.features[index]
+            caption, mask = torch.as_tensor(feats, dtype=torch.float32), torch.as_tensor(mask)
+        else:
+            text = self.texts[index]
+            if not isinstance(text, str):  # several captions: one per access (Seeded's RNG)
+                text = text[int(torch.randint(len(text), ()))]
+            row = self.memo.get(text)
+            if row is None:
+                ids, mask = self.tokenizer(clean_caption(text), self.length)
+                row = ids[0], mask[0]
+                if len(self.memo) < 1 << 14:
+                    self.memo[text] = row
+            caption, mask = row
+        return seq, caption, mask.bool(), torch.tensor(1.0)
+
+
+class JointT2I(GPT):
+    """The text-conditional GPT with its own T5 inside, trained together: forward takes token ids
+    (B, N) and their right-padded mask where GPT.forward takes features. One module, so DDP and
+    FSDP see every weight in one forward; the encoder's keys sit under text_encoder., which
+    GPT.from_pretrained skips (joint_text_encoder loads them)."""
+
+    def __init__(self, config, text_config):
+        super().__init__(config)  # GPT's N(0, 0.02) init runs before the encoder exists ...
+        self.text_encoder = T5Encoder(text_config)  # ... which keeps T5's own
+
+    def forward(self, idx, ids, targets=None, cond_mask=None, valid=None):
+        """-> GPT.forward's (logits, loss), with T5 inside the graph: the GPT's next-token loss
+        is the encoder's objective too."""
+        features, mask = left_pad_caption(self.text_encoder(ids, cond_mask), cond_mask)
+        return super().forward(idx, features, targets, mask, valid)
+
+    def flops_per_token(self):
+        """GPT.flops_per_token, with the encoder counted once per caption token, not per code."""
+        t5 = sum(p.numel() for p in self.text_encoder.parameters())
+        t5 -= self.text_encoder.shared.weight.numel()  # a lookup, no matmul
+        per_code = self.config.cls_token_num / self.config.block_size
+        return GPT.flops_per_token(self) - 6 * t5 + 6 * t5 * per_code
+
+
+def joint_gpt(recipe, items, over, was):
+    """--text <T5 config>: a GPT and a T5 of that config trained together, its tokenizer's words
+    from the captions -> (config, JointT2I, CaptionedCodes, the text side for the checkpoint's
+    meta). `was`: a resumed run's text side, whose words and N it keeps (ids keep their meaning)."""
+    texts = codes.read_captions(recipe.data)[0]  # per item a caption, or a list to draw from
+    if len(texts) != len(items):
+        raise UserError(f"{recipe.data}: {len(texts)} captions for {len(items)} images; "
+                        "extract the codes again")
+    if was is not None and (was.get("kind"), was.get("encoder")) != ("joint", recipe.text):
+        raise UserError(f"the checkpoint's text encoder is {was.get('encoder')!r}, not "
+                        f"--text {recipe.text}; resume with the --text it was trained with")
+    words = was["words"] if was else caption_vocabulary(texts)
+    length = recipe.caption_len or (was["length"] if was else 120)  # N = 120 (paper 3.3)
+    if was and length != was["length"]:
+        raise UserError(f"--caption-len {length} differs from the checkpoint's {was['length']}; "
+                        "a resumed run keeps it")
+    tokenizer = UnigramTokenizer.from_words(words)
+    t5 = dict(vocab_size=len(tokenizer))
+    if recipe.dropout is not None:  # --dropout 0 switches every dropout off, T5's too
+        t5["dropout_rate"] = recipe.dropout
+    text_config = t5_config(recipe.text, **t5)
+    config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length,
+                        **over)
+    return (config, JointT2I(config, text_config), CaptionedCodes(items, texts, tokenizer, length),
+            dict(kind="joint", encoder=recipe.text, length=length, words=words,
+                 config=dataclasses.asdict(text_config)))
+
+
+def frozen_gpt(recipe, items, over, was):
+    """--text <features folder>: the GPT alone, on a frozen encoder's features -> joint_gpt's
+    four. A resumed run must read the same encoder's features."""
+    feats = caption_features(recipe.text)
+    if len(feats) != len(items):
+        raise UserError(f"--text {recipe.text} holds features of {len(feats)} captions, --data "
+                        f"{recipe.data} {len(items)} images: make both from one dataset")
+    length, width = feats[0][0].shape
+    receipt = dict(feats.receipt) if isinstance(feats.receipt, dict) else feats.receipt.to_dict()
+    if was is not None and was.get("receipt") != receipt:
+        raise UserError(f"--text {recipe.text} holds features of another text encoder than the "
+                        "checkpoint was trained on; resume with the same features")
+    config = gpt_config(recipe.model, caption_dim=int(width), cls_token_num=int(length), **over)
+    return (config, GPT(config), CaptionedCodes(items, length=length, features=feats),
+            dict(kind="frozen", features=os.path.abspath(recipe.text), length=int(length),
+                 width=int(width), receipt=receipt))
+
+
+def init_from(model, meta, path, receipt, name):
+    """--init-from: `model` (of --model `name`, whose checkpoint meta is `meta`, on codes of
+    `receipt`) begins as the GPT at `path`, as LlamaGen's 512 px text stage 2 begins as its 256 px
+    stage 1. What draws the codes (embedding, blocks, norm, head) must fit whole; the condition
+    (class table; caption projection and null caption; a T5 trained along) comes too when it means
+    the same (condition_of), and starts afresh otherwise: a class GPT can start a text GPT."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind", "gpt") != "gpt":
+        raise UserError(f"--init-from {path} is a {ckpt['kind']!r} checkpoint, not a GPT")
+    theirs = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    if theirs.get("tokenizer_checksum"):  # official files carry no receipt: shapes must do
+        codes.CodesReceipt.from_dict(theirs, path).check_same_tokenizer(
+            receipt, mine=f"--init-from {path}", theirs=f"--data {receipt.data}")
+
+    def parts(sd):  # (what draws the codes, the condition)
+        cond = {k: v for k, v in sd.items() if k.startswith(("cls_embedding.", "text_encoder."))}
+        return {k: v for k, v in sd.items() if k not in cond}, cond
+    mine = model.state_dict()
+    (body, their_cond), (my_body, my_cond) = parts({
+        k: v for k, v in unwrap_state_dict(ckpt).items()
+        if not any(b in k for b in RUNTIME_BUFFERS)}), parts(mine)
+    check_weights(my_body, body, f"--init-from {path}",
+                  f"--init-from takes a GPT of --model {name} on these codes")
+    same = (their_cond.keys() == my_cond.keys()
+            and all(their_cond[k].shape == v.shape for k, v in my_cond.items())
+            and (not theirs or condition_of(theirs) == condition_of(meta)))
+    model.load_state_dict({**mine, **body, **(their_cond if same else {})})
+    if is_rank0():
+        say(f"--init-from {path}: " + ("every weight" if same else "all but the condition "
+            "embedding, which starts afresh (another condition)"))
+
+
+def condition_of(meta):
+    """What a GPT's condition means, from its checkpoint's meta: its class names, or its text side
+    (a jointly-trained T5's words and shape, or the frozen encoder's receipt)."""
+    text = meta.get("text")
+    if text is None:
+        return "class", list(meta.get("classes") or []), meta.get("num_classes")
+    if text.get("kind") == "joint":
+        return "joint", text["words"], text["length"], text["config"]
+    return "frozen", text["receipt"], text["length"], text["width"]
+
+
+# ------------------------------------------------------------------------------------- sampling
+# The encoder is part of the model: ours trained with --text t5-nano carry their T5 and its words
+# in the checkpoint; the official t2i_XL_*.pt files, and ours trained on frozen features, read
+# FLAN-T5-XL's, whose folder --t5 names (google/flan-t5-xl: config.json, spiece.model, shards).
+OFFICIAL_URL = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
+DEMO_T2I_GPT = "results/demo/t2i_gpt.pt"  # the demo's text-to-image half writes these
+DEMO_T2I_VQ = "results/demo/t2i_vq.pt"
+OFFICIAL_T2I = ["t2i_XL_stage1_256.pt", "t2i_XL_stage2_512.pt"]  # 16x16 and 32x32 codes
+OFFICIAL_T2I_VQ = "vq_ds16_t2i.pt"
+NO_T2I_WEIGHTS = f"""no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2I_GPT}, \
+{DEMO_T2I_VQ}. Run the demo, or use the official LlamaGen text-to-image weights ({OFFICIAL_URL}):
+  tokenizer: {OFFICIAL_T2I_VQ}; GPT: {' or '.join(OFFICIAL_T2I)}; text encoder: the
+  google/flan-t5-xl folder from Hugging Face (config.json, spiece.model, model-*.safetensors)
+  e.g.  python sample.py --gpt-ckpt t2i_XL_stage1_256.pt --vq-ckpt {OFFICIAL_T2I_VQ} \\
+            --t5 flan-t5-xl --prompt "a red apple on a wooden table\""""
+
+
+def read_prompts(path):
+    """The non-empty lines of a prompts file (fid.py's --captions keeps blank ones: its line i
+    must stay the caption of image i)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {path}: cannot read it ({e}); give a UTF-8 text file, one "
+                        "prompt per line") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"--prompts {path} holds no prompt; write one per line")
+    return lines
+
+
+class PromptCondition:
+    """Prompt indices -> (caption features [B, N, caption_dim], mask [B, N]) left padded, on the
+    indices' device. prompts: the captions the indices point into; encoder: a text.TextEncoder;
+    length: the GPT's caption prefix N (its cls_token_num)."""
+
+    def __init__(self, prompts, encoder, length):
+        self.prompts, self.encoder, self.length = prompts, encoder, length
+
+    def __call__(self, indices):
+        """Encoded per call: an evaluation set draws many prompts, a batch's worth at a time."""
+        texts = [self.prompts[int(i)] for i in indices]
+        features, mask = self.encoder.encode_captions(texts, self.length)
+        features, mask = left_pad_caption(features.float(), mask)
+        return features.to(indices.device), mask.to(indices.device)
+
+
+def joint_text_encoder(gpt_path, info, device, dtype):
+    """The T5 and words a GPT was trained with (--text t5-nano), rebuilt from its checkpoint: the
+    config and words from meta["text"] (`info`), the weights under text_encoder.*."""
+    sd = {k.removeprefix("text_encoder."): v
+          for k, v in unwrap_state_dict(load_checkpoint(gpt_path)).items()
+          if k.startswith("text_encoder.")}
+    try:
+        encoder = T5Encoder(T5Config(**info["config"]))
+    except (KeyError, TypeError):  # no config recorded, or a field T5Config does not know
+        raise UserError(f"{gpt_path}: its text encoder record is damaged; train it again") \
+            from None
+    load_weights(encoder, sd, f"text encoder of {gpt_path!r}")
+    return TextEncoder(UnigramTokenizer.from_words(info["words"]), encoder, device, dtype)
+
+
+def joint_condition(gpt, gpt_path, prompts, device):
+    """The PromptCondition of `prompts` for a GPT trained with its own T5, in float32: what the
+    demo's benchmark and bench.py draw from, without sample.py's command line."""
+    encoder = joint_text_encoder(gpt_path, gpt.meta["text"], device, torch.float32)
+    return PromptCondition(prompts, encoder, gpt.config.cls_token_num)
+
+
+def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):
+    """--t5 FOLDER, checked against what the GPT reads: the width always, and for ours the
+    encoder receipt of its training features."""
+    receipt = (info or {}).get("receipt") or {}
+    if t5 is None:
+        name = receipt.get("encoder") if info else "google/flan-t5-xl"
+        raise UserError(f"the GPT {gpt_path} reads the features of a frozen text encoder "
+                        f"({name}): pass its folder with --t5")
+    encoder = TextEncoder.from_pretrained(t5, device, dtype)
+    width = encoder.encoder.config.d_model
+    if width != gpt.config.caption_dim:
+        raise UserError(f"--t5 {t5} makes {width}-d features, the GPT {gpt_path} reads "
+                        f"{gpt.config.caption_dim}-d ones: pass the encoder it was trained on")
+    stamp = receipt.get("encoder_checksum")  # of the whole encoder: weights, pieces, cleaning
+    if stamp and stamp != codes.encoder_checksum(encoder):
+        raise UserError(f"--t5 {t5} is not the text encoder whose features the GPT "
+                        f"{gpt_path} learned (weights checksum differs): pass that one")
+    return encoder
+
+
+def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
+    """The PromptCondition of `prompts` (--t5: the frozen encoder's folder) for a text GPT; None
+    for a class GPT. One line when the condition kinds disagree."""
+    if not gpt.config.caption_dim:
+        if prompts:
+            raise UserError(f"the GPT {gpt_path} is class-conditional: draw it with --class, or "
+                            "pass a text-to-image GPT for --prompt")
+        return None
+    if not prompts:
+        raise UserError(f"the GPT {gpt_path} is text-conditional: give --prompt TEXT or "
+                        "--prompts FILE, not --class")
+    info = gpt.meta.get("text")
+    # FLAN-T5 overflows float16 (text.py); bf16 has float32's range, as LlamaGen runs it
+    text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    if info and info.get("kind") == "joint":
+        if t5 is not None:
+            raise UserError(f"the GPT {gpt_path} carries its own text encoder "
+                            f"({info.get('encoder')}, trained with it): drop --t5")
+        encoder = joint_text_encoder(gpt_path, info, device, text_dtype)
+    else:
+        encoder = pretrained_text_encoder(t5, gpt, gpt_path, info, device, text_dtype)
+    return PromptCondition(prompts, encoder, gpt.config.cls_token_num)
