@@ -1,12 +1,11 @@
-"""Speed, measured: `python bench.py [--only gpt,vq,train,fid] [--device cuda] [--quick]`.
-
-The figures in BENCHMARKS.md come from here; the tests time nothing (speed depends on the machine,
-correctness does not). Models carry random weights, as a pass costs the same whatever the numbers,
-so nothing is downloaded. A figure is the best of a few repeats: compare two codes only within one
-run. At small batch a GPT step is bound by memory bandwidth (every weight is read once per token),
-training and the tokenizer by arithmetic (MFU: against the chip's peak FLOP/s)."""
+"""Speed, measured: `python bench.py [--only gpt,vq,train,fid] [--device cuda] [--quick]`, the
+figures of BENCHMARKS.md. Random weights (a pass costs the same whatever the numbers), so nothing
+is downloaded; a figure is the best of a few repeats, comparable only within one run. At small
+batch a GPT step is bound by memory bandwidth (every weight read once per token), training and
+the tokenizer by arithmetic (MFU: against the chip's peak FLOP/s)."""
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -33,15 +32,17 @@ from text import T5Encoder, UnigramTokenizer, t5_config, write_safetensors
 from tokenizer import VQModel, psnr, ssim, vq_config
 from train import configure_optimizers
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# memory bandwidth in bytes/s (SXM parts; the PCIe H100 first, as both names contain "H100")
+HBM_BANDWIDTH = {"A100": 2.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}
+
 
 def timed_side_by_side(fns, repeat, device, warmup=None):
-    """Best seconds of each function in fns, and its last output. The calls alternate (theirs,
-    ours, theirs, ...), so a slow spell of the machine slows both sides alike; `warmup` calls of
-    each first pay the one-time costs (default: one on a GPU, none on a CPU)."""
+    """Best seconds of each of fns and its last output, the calls alternating so that a slow spell
+    slows every side alike; `warmup` calls of each first (default: one on a GPU, none on a CPU)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(int(device.startswith("cuda")) if warmup is None else warmup):
-        for fn in fns:
-            fn()
+    for fn in fns * (int(device.startswith("cuda")) if warmup is None else warmup):
+        fn()
     sync()
     best, outs = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeat):
@@ -58,10 +59,6 @@ def timed(fn, warmup=1, repeat=3, device="cpu"):
     return timed_side_by_side([fn], repeat, device, warmup)[0][0]
 
 
-# memory bandwidth in bytes/s (SXM parts; the PCIe H100 first, as both names contain "H100")
-HBM_BANDWIDTH = {"A100": 2.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}
-
-
 def bandwidth_floor(model, device, tokens):
     """", bandwidth floor N ms" of batch-1 sampling (a pass reads every weight), "" if unknown."""
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "?"
@@ -70,64 +67,58 @@ def bandwidth_floor(model, device, tokens):
     return f", bandwidth floor {weight_bytes / hbm * tokens * 1e3:.0f} ms" if hbm else ""
 
 
+def sampling_rows(args, models, cfg, compile_too=False):
+    """One line per {name: model}, dtype, compile mode and batch: ms per image and tokens/s of
+    decoding.generate under CFG (which doubles the rows, as real sampling does)."""
+    compiles = [False, True] if compile_too and not args.quick else [False]
+    for compiled, (dtype_name, dtype), (name, base) in itertools.product(
+            compiles, DTYPES.items(), models.items()):
+        model = copy.deepcopy(base).to(args.device, dtype).eval()  # the same weights each run
+        L, label = model.config.block_size, f"{name} {dtype_name} " + (
+            "compiled" if compiled else "eager")
+        if compiled:  # the per-token step: fewer, fused kernels for a GPU that waits on launches
+            torch._dynamo.reset()  # a fresh recompile budget for each dtype
+            model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
+        for batch in [1] if args.quick else [1, 16]:
+            cond, mask = torch.arange(batch, device=args.device) * 97 % 1000, None  # varied classes
+            if model.config.caption_dim:  # a prefix of N in the KV cache: a step attends N + t keys
+                valid = torch.arange(120) >= 100  # 20 valid tokens, right-padded -> left
+                cond, mask = [t.to(args.device) for t in left_pad_caption(
+                    torch.randn(batch, 120, 2048) * valid[:, None], valid.expand(batch, -1))]
+            try:  # torch.compile needs a working C++/Triton toolchain
+                sec = timed(lambda: decoding.generate(model, cond, cfg_scale=cfg, cond_mask=mask),
+                            repeat=1 if args.quick else 2, device=args.device)
+            except Exception as e:
+                if not compiled:
+                    raise
+                print(f"{label}: skipped ({type(e).__name__}: {first_line(e)[:100]})")
+                break
+            floor = bandwidth_floor(model, args.device, L) if batch == 1 else ""
+            print(f"{label:34s} batch {batch:2d}, CFG {cfg}: {sec / batch * 1e3:8.0f} "
+                  f"ms/image, {L * batch / sec:7.1f} tokens/s{floor}", flush=True)
+
+
 def bench_gpt(args):
-    """GPT-B sampling: tokens/s and ms per 256-token image, batch 1 and 16, CFG, fp32/bf16,
-    with and without torch.compile."""
+    """GPT-B class-conditional sampling, CFG 4: ms per 256-token image and tokens/s at batch 1 and
+    16, fp32 and bf16, eager and with torch.compile."""
     torch.manual_seed(0)
-    base = GPT(gpt_config("B")).eval()
-    # at batch 1 the GPU waits on memory and on launching many small kernels, which compiling the
-    # per-token step fuses into fewer
-    for compiled in ([False] if args.quick else [False, True]):
-        for dtype in (torch.float32, torch.bfloat16):
-            model = copy.deepcopy(base).to(args.device, dtype)  # the same weights in each run
-            label = f"{str(dtype).removeprefix('torch.')} {'compiled' if compiled else 'eager'}"
-            if compiled:  # only the per-token step: sampling and bookkeeping stay in Python
-                torch._dynamo.reset()  # a fresh recompile budget for each dtype
-                model.forward_cached = torch.compile(model.forward_cached, dynamic=True)
-            for batch in ([1] if args.quick else [1, 16]):
-                cond = torch.arange(batch, device=args.device) * 97 % 1000  # varied classes
-                try:  # CFG doubles the rows, as real sampling does
-                    sec = timed(lambda: decoding.generate(model, cond, cfg_scale=4.0), warmup=1,
-                                repeat=1 if args.quick else 2, device=args.device)
-                except Exception as e:  # torch.compile needs a working C++/Triton toolchain
-                    print(f"GPT-B {label}: skipped ({type(e).__name__}: {first_line(e)[:100]})")
-                    break
-                floor = bandwidth_floor(model, args.device, 256) if batch == 1 else ""
-                print(f"GPT-B sample {label:15s} batch {batch:2d}, CFG 4.0: "
-                      f"{sec / batch * 1e3:8.0f} ms/image, {256 * batch / sec:7.1f} tokens/s"
-                      f"{floor}", flush=True)
+    sampling_rows(args, {"GPT-B": GPT(gpt_config("B"))}, 4.0, compile_too=True)
 
 
 def bench_t2i(args):
-    """Text-to-image sampling: ms per 256-token image after a 120-token caption prefix (the
-    official N, FLAN-T5-XL's 2048-d features, 20 valid tokens left padded: the masked path)
-    against one class token, batch 1 and 16, CFG, fp32 and bf16; GPT-B (--quick: micro, batch 1)."""
-    name = "micro" if args.quick else "B"
+    """Text-to-image sampling, CFG 7.5: after a 120-token caption prefix (the official N,
+    FLAN-T5-XL's 2048-d features, 20 valid tokens left-padded: the masked path) against one class
+    token, batch 1 and 16, fp32 and bf16; GPT-B (--quick: micro, batch 1)."""
+    name = "GPT-micro" if args.quick else "GPT-B"
     torch.manual_seed(0)
-    models = {"class token": GPT(gpt_config(name)).eval(), "caption, N = 120": GPT(
-        gpt_config(name, caption_dim=2048, cls_token_num=120)).eval()}
-    for dtype in (torch.float32, torch.bfloat16):
-        for batch in ([1] if args.quick else [1, 16]):
-            for kind, base in models.items():
-                model = copy.deepcopy(base).to(args.device, dtype)
-                # the prefix sits in the KV cache: each step attends over N + t keys
-                cond, mask = torch.arange(batch, device=args.device) * 97 % 1000, None
-                if model.config.caption_dim:
-                    valid = torch.arange(120) >= 100  # 20 valid tokens, then right-pad -> left
-                    feats = torch.randn(batch, 120, 2048) * valid[:, None]
-                    cond, mask = left_pad_caption(feats, valid.expand(batch, -1))
-                    cond, mask = cond.to(args.device), mask.to(args.device)
-                sec = timed(lambda: decoding.generate(model, cond, cfg_scale=7.5, cond_mask=mask),
-                            warmup=1, repeat=1 if args.quick else 2, device=args.device)
-                print(f"GPT-{name} {str(dtype).removeprefix('torch.'):8s} batch {batch:2d}, CFG, "
-                      f"{kind:16s}: {sec / batch * 1e3:8.0f} ms/image", flush=True)
+    sampling_rows(args, {f"{name} class token": GPT(gpt_config(name)), f"{name} caption N=120":
+                         GPT(gpt_config(name, caption_dim=2048, cls_token_num=120))}, 7.5)
 
 
 def bench_jacobi(args):
     """Speculative Jacobi decoding against sequential sampling (CFG 4, full codebook, --window):
-    forward passes and ms per image at batch 1 and 8. With --gpt-ckpt a trained GPT; without,
-    random GPT-B weights: a pass's cost at the official shapes, but not a trained model's pass
-    count (nearly uniform logits keep drafts far more often than real images do)."""
+    forward passes and ms per image at batch 1 and 8, on --gpt-ckpt or random GPT-B weights (a
+    pass's cost at the official shapes, but near-uniform logits keep far more drafts)."""
     dev = args.device
     torch.manual_seed(0)
     if args.gpt_ckpt:  # sample.py's loader: an official file's grid from its name
@@ -136,8 +127,7 @@ def bench_jacobi(args):
         model, what = GPT(gpt_config("nano" if args.quick else "B")), "random weights"
         torch.nn.init.normal_(model.output.weight, std=0.02)  # codes not all equally likely
     precision, dtype = resolve_precision("auto", dev)
-    model = model.to(dev, dtype).eval()
-    L = model.config.block_size
+    model, L = model.to(dev, dtype).eval(), model.config.block_size
     print(f"GPT {model.config.n_layer} layers x {model.config.dim} ({what}), {L} codes, "
           f"{precision}; times: best of {args.repeat}, interleaved; passes: mean over the runs")
     for batch in (1, 2) if args.quick else (1, 8):
@@ -146,12 +136,12 @@ def bench_jacobi(args):
 
         def run(sampler):  # a fresh seed per run: a Jacobi run's pass count varies with its draws
             gen = torch.Generator(dev).manual_seed(len(passes[sampler]))
-            passes[sampler].append(decoding.generate(model, cond, sampler, args.window,
-                                                     cfg_scale=4.0, generator=gen,
-                                                     return_passes=True)[1])
+            passes[sampler].append(decoding.generate(
+                model, cond, sampler, args.window, cfg_scale=4.0, generator=gen,
+                return_passes=True)[1])
         (seq_s, jac_s), _ = timed_side_by_side([lambda: run("sequential"), lambda: run("jacobi")],
                                                args.repeat, dev)
-        jac_passes = sum(passes["jacobi"]) / len(passes["jacobi"])
+        jac_passes = np.mean(passes["jacobi"])
         print(f"batch {batch}, CFG 4.0: sequential {seq_s / batch * 1e3:7.0f} ms/image, {L} "
               f"passes; jacobi window {args.window} {jac_s / batch * 1e3:7.0f} ms/image, "
               f"{jac_passes:.1f} passes ({L / jac_passes:.2f}x fewer): {seq_s / jac_s:.2f}x "
@@ -160,79 +150,68 @@ def bench_jacobi(args):
 
 def bench_train(args):
     """Training step (forward + backward + AdamW) tokens/s for GPT-B and micro; MFU on GPUs."""
-    cuda = args.device.startswith("cuda")
-    for name in (["micro"] if args.quick else ["micro", "B"]):
+    cuda, kind = args.device.startswith("cuda"), args.device.split(":")[0]
+    for name in ["micro"] if args.quick else ["micro", "B"]:
         torch.manual_seed(0)
         model = GPT(gpt_config(name)).to(args.device).train()
-        opt = configure_optimizers(model, 0.05, 1e-4, (0.9, 0.95), args.device.split(":")[0])
-        batch = (32 if cuda else 8) // (4 if args.quick else 1)
-        L = model.config.block_size
+        opt = configure_optimizers(model, 0.05, 1e-4, (0.9, 0.95), kind)
+        batch, L = (32 if cuda else 8) // (4 if args.quick else 1), model.config.block_size
         idx = torch.randint(0, model.config.vocab_size, (batch, L), device=args.device)
         cond = torch.randint(0, 1000, (batch,), device=args.device)
 
         def step():  # train.py's step without data loading: bf16 autocast on GPUs, fp32 on CPUs
-            with torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=cuda):
-                _, loss = model(idx, cond, targets=idx)
-            loss.backward()
+            with torch.autocast(kind, torch.bfloat16, enabled=cuda):
+                model(idx, cond, targets=idx)[1].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        sec = timed(step, warmup=1, repeat=2 if args.quick else 3, device=args.device)
-        tps = batch * L / sec
-        mfu = model.estimate_mfu(tps, args.device)
+        sec = timed(step, repeat=2 if args.quick else 3, device=args.device)
+        mfu = model.estimate_mfu(batch * L / sec, args.device)
         print(f"GPT-{name} train step, batch {batch} x {L} tokens, "
-              f"{'bf16 autocast' if cuda else 'fp32'}: {tps:8.0f} tokens/s, {sec * 1e3:.0f} ms/step"
-              + (f", MFU {mfu * 100:.1f}%" if mfu is not None else ""), flush=True)
+              f"{'bf16 autocast' if cuda else 'fp32'}: {batch * L / sec:8.0f} tokens/s, "
+              f"{sec * 1e3:.0f} ms/step" + (f", MFU {mfu * 100:.1f}%" if mfu else ""), flush=True)
 
 
-def two_halves(args, label, batches, precisions, halves):
-    """One line per precision and batch: the throughput of each (name, fn, unit) of halves(batch),
-    in inference mode (bf16: under autocast)."""
-    for precision in precisions:
-        for batch in batches:
-            bf16 = torch.autocast(args.device.split(":")[0], torch.bfloat16,
-                                  enabled=precision == "bf16")
-            with torch.inference_mode(), bf16:
-                secs = [(name, timed(fn, repeat=1 if args.quick else 3, device=args.device), unit)
-                        for name, fn, unit in halves(batch)]
-            print(f"{label} batch {batch:2d} {precision}: " + ", ".join(
-                f"{name} {batch / sec:7.2f} {unit} ({1000 * sec / batch:.0f} ms each)"
-                for name, sec, unit in secs), flush=True)
+def inference_rows(args, label, batches, precisions, parts):
+    """One line per precision (bf16: under autocast) and batch: the throughput of each
+    (name, fn, input, unit) of parts(batch), fn(input) in inference mode."""
+    for precision, batch in itertools.product(precisions, batches):
+        with torch.inference_mode(), torch.autocast(args.device.split(":")[0], torch.bfloat16,
+                                                    enabled=precision == "bf16"):
+            secs = [(name, unit, timed(lambda: fn(x), repeat=1 if args.quick else 3,
+                                       device=args.device)) for name, fn, x, unit in parts(batch)]
+        print(f"{label} batch {batch:2d} {precision}: " + ", ".join(
+            f"{name} {batch / sec:7.2f} {unit} ({1000 * sec / batch:.0f} ms each)"
+            for name, unit, sec in secs), flush=True)
 
 
 def bench_vq(args):
     """VQ-16 encode and decode images/s at 256 px, batch 1 and 16, fp32 and bf16."""
     torch.manual_seed(0)
-    model = VQModel(vq_config("VQ-16")).to(args.device).eval()
-
-    def halves(batch):
-        images = torch.rand(batch, 3, 256, 256, device=args.device) * 2 - 1
-        codes = torch.randint(0, 16384, (batch, 16, 16), device=args.device)
-        return [("encode", lambda: model.encode(images), "img/s"),
-                ("decode", lambda: model.decode(codes), "img/s")]
-    two_halves(args, "VQ-16 256px", (1, 4) if args.quick else (1, 16), ("fp32", "bf16"), halves)
+    model, dev = VQModel(vq_config("VQ-16")).to(args.device).eval(), args.device
+    inference_rows(args, "VQ-16 256px", (1, 4) if args.quick else (1, 16), DTYPES, lambda b: [
+        ("encode", model.encode, torch.rand(b, 3, 256, 256, device=dev) * 2 - 1, "img/s"),
+        ("decode", model.decode, torch.randint(0, 16384, (b, 16, 16), device=dev), "img/s")])
 
 
 def bench_clip(args):
     """CLIP ViT-B/32 (random weights, the released shape): image tower images/s at 224 px and text
     tower captions/s at the full 77-token context (the worst case), fp32 and bf16 autocast."""
     torch.manual_seed(0)
-    model = clip.CLIP(clip.clip_config("ViT-B/32")).to(args.device).eval()
+    model, dev = clip.CLIP(clip.clip_config("ViT-B/32")).to(args.device).eval(), args.device
 
-    def halves(batch):
-        pixels = torch.randn(batch, 3, 224, 224, device=args.device)
-        ids = torch.randint(0, 49406, (batch, 77), device=args.device)
-        ids[:, -1] = 49407
-        return [("image", lambda: model.encode_image(pixels), "img/s"),
-                ("text", lambda: model.encode_text(ids), "captions/s")]
-    two_halves(args, "CLIP ViT-B/32", (2,) if args.quick else (1, 64),
-               ("fp32",) if args.quick else ("fp32", "bf16"), halves)
+    def parts(b):
+        ids = torch.randint(0, 49406, (b, 77), device=dev)
+        ids[:, -1] = 49407  # end of text
+        return [("image", model.encode_image, torch.randn(b, 3, 224, 224, device=dev), "img/s"),
+                ("text", model.encode_text, ids, "captions/s")]
+    inference_rows(args, "CLIP ViT-B/32", (2,) if args.quick else (1, 64),
+                   ("fp32",) if args.quick else DTYPES, parts)
 
 
 def bench_fid(args):
     """Frechet distance of two 10k x 2048 feature sets (ADM's reference batch, Inception's pool
-    width); Inception feature throughput in images/s; PSNR and SSIM throughput."""
-    n = 2000 if args.quick else 10000
-    rng = np.random.default_rng(0)
+    width); precision/recall; Inception feature throughput in images/s; PSNR and SSIM throughput."""
+    n, rng = 2000 if args.quick else 10000, np.random.default_rng(0)
     a = rng.standard_normal((n, 2048), dtype=np.float32)
     b = rng.standard_normal((n, 2048), dtype=np.float32) * 1.1 + 0.1  # another distribution
     t0 = time.perf_counter()
@@ -245,15 +224,14 @@ def bench_fid(args):
                  device=args.device)
     print(f"precision/recall, {n} vs {n} x 2048, k=3: {t_pr:.2f} s")
     batch = 4 if args.quick else 16
-    net = fid.FIDInception()
-    images = torch.rand(2 * batch, 3, 299, 299)  # two batches: fid.py's loop, not one call
+    net, images = fid.FIDInception(), torch.rand(2 * batch, 3, 299, 299)  # two batches: the loop
     t_inc = timed(lambda: fid.compute_features(net, images, batch, args.device, progress=False),
-                  warmup=1, repeat=1 if args.quick else 2, device=args.device)
+                  repeat=1 if args.quick else 2, device=args.device)
     print(f"Inception features (pool, logits, spatial) at 299 px, batch {batch}: "
           f"{2 * batch / t_inc:.1f} images/s")
     x = torch.rand(16 if args.quick else 64, 3, 256, 256, device=args.device) * 2 - 1
     y = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
-    t_ssim = timed(lambda: (psnr(x, y), ssim(x, y)), warmup=1, repeat=2, device=args.device)
+    t_ssim = timed(lambda: (psnr(x, y), ssim(x, y)), repeat=2, device=args.device)
     print(f"PSNR + SSIM (official 7x7 window) at 256 px: {len(x) / t_ssim:.0f} images/s")
 
 
@@ -271,16 +249,15 @@ print(t1 - t0, time.perf_counter() - t1, peak * 1024)"""
 def bench_text(args):
     """FLAN-T5-XL encoder (random weights, real shape): captions/s at 120 tokens in fp32 and bf16,
     tokenizer captions/s, load time + peak RSS of a 2-shard bf16 safetensors folder that size."""
-    # the tokenizer is pure Python: the part most likely to bind a feature extraction on many CPU
-    # workers; from a cold cache, as a first pass over a dataset
-    root = os.path.dirname(os.path.abspath(__file__))
-    rng = random.Random(0)  # captions of 14 words from 2000 made-up ones
+    # the tokenizer is pure Python, the part most likely to bind a feature extraction on many CPU
+    # workers; timed from a cold cache, as a first pass over a dataset
+    root, rng = os.path.dirname(os.path.abspath(__file__)), random.Random(0)
     words = ["".join(rng.choice("aeioubcdfglmnprst") for _ in range(rng.randint(2, 9)))
-             for _ in range(2000)]
+             for _ in range(2000)]  # captions of 14 words from 2000 made-up ones
     texts = [" ".join(rng.choice(words) for _ in range(14))
              for _ in range(200 if args.quick else 2000)]
-    sec = timed(lambda: UnigramTokenizer.from_file(os.path.join(root, "tests", "data", "spm_tiny"))(
-        texts, length=120), warmup=0, repeat=1)
+    spm = os.path.join(root, "tests", "data", "spm_tiny")
+    sec = timed(lambda: UnigramTokenizer.from_file(spm)(texts, length=120), warmup=0, repeat=1)
     print(f"tokenizer (tests/data/spm_tiny, vocab 300), {len(texts)} captions of 14 words to 120 "
           f"ids from a cold cache: {len(texts) / sec:.0f} captions/s", flush=True)
     torch.manual_seed(0)
@@ -289,13 +266,13 @@ def bench_text(args):
     ids = torch.randint(3, 32000, (batch, 120), device=args.device)
     mask = torch.ones(batch, 120, dtype=torch.bool, device=args.device)
     model = T5Encoder(t5_config("flan-t5-xl")).eval()
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype_name, dtype in DTYPES.items():
         model = model.to(args.device, dtype)
         with torch.inference_mode():
             sec = timed(lambda: model(ids, mask), warmup=0 if cpu else 1,
                         repeat=1 if args.quick or cpu else 3, device=args.device)
-        print(f"FLAN-T5-XL encoder {str(dtype).removeprefix('torch.'):8s} batch {batch} x 120 "
-              f"tokens: {batch / sec:.3g} captions/s ({sec / batch:.3g} s each)", flush=True)
+        print(f"FLAN-T5-XL encoder {dtype_name} batch {batch} x 120 tokens: {batch / sec:.3g} "
+              f"captions/s ({sec / batch:.3g} s each)", flush=True)
     with tempfile.TemporaryDirectory() as folder:  # google/flan-t5-xl's layout: 2 shards + index
         sd = {k: v.cpu() for k, v in model.state_dict().items()}
         del model
@@ -310,9 +287,9 @@ def bench_text(args):
             with open(os.path.join(folder, file), "w") as f:
                 json.dump(content, f)
         size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        out = subprocess.run([sys.executable, "-c", LOAD_T5, folder, root],
-                             capture_output=True, text=True, check=True).stdout.split()
-        t_load, t_touch, rss = map(float, out)
+        t_load, t_touch, rss = map(float, subprocess.run(
+            [sys.executable, "-c", LOAD_T5, folder, root], capture_output=True, text=True,
+            check=True).stdout.split())
         print(f"load FLAN-T5-XL encoder from a {size / 1e9:.2f} GB bf16 safetensors folder (2 "
               f"shards): {t_load:.2f} s (memory-mapped), reading every weight once "
               f"{t_touch:.1f} s; peak RSS of the loading process {rss / 1e9:.2f} GB", flush=True)
@@ -327,9 +304,8 @@ PEER_FILES = {"gpt": "autoregressive/models/gpt.py",
 
 
 def load_peer(path):
-    """The official gpt.py, generate.py and vq_model.py of the checkout at `path`, as modules
-    (llamagen_gpt, ...). gpt.py imports `utils.drop_path` from the checkout's root, so that root is
-    on sys.path while they load, and any `utils` module of ours or the user's is put back after."""
+    """The checkout's PEER_FILES as modules (llamagen_gpt, ...). gpt.py imports `utils.drop_path`
+    from the checkout's root: on sys.path while they load, any `utils` of ours put back after."""
     import importlib.util
     missing = [f for f in PEER_FILES.values() if not os.path.isfile(os.path.join(path, f))]
     if missing:
@@ -365,7 +341,7 @@ def bench_peer(args):
     warnings.filterwarnings("ignore", message=".*sdp_kernel.*", category=FutureWarning)
     # --quick: a 4-layer, 128-wide GPT over an 8x8 grid, 64 px decodes: the same code paths
     shape = dict(n_layer=4, n_head=4, dim=128) if args.quick else GPT_CONFIGS["B"]
-    length, batches = (64, (1, 2)) if args.quick else (256, (1, 8))
+    name, length, batches = ("GPT 4x128", 64, (1, 2)) if args.quick else ("GPT-B", 256, (1, 8))
     torch.manual_seed(0)
     official = peer["gpt"].Transformer(peer["gpt"].ModelArgs(
         **shape, vocab_size=16384, block_size=length, num_classes=1000, cls_token_num=1,
@@ -381,11 +357,9 @@ def bench_peer(args):
     if gap > 1e-3:
         raise UserError(f"--peer {args.peer}: its GPT's logits differ from ours by {gap:.2g} on "
                         "the same weights; is it a modified checkout?")
-    name = "GPT-B" if not args.quick else "GPT 4x128"
     print(f"same weights, logits agree to {gap:.1g}; times: best of {repeat}, interleaved")
-    for dtype in (torch.float32, torch.bfloat16):
-        theirs_model = copy.deepcopy(official).to(dev, dtype)
-        ours_model = copy.deepcopy(ours).to(dev, dtype)
+    for dtype_name, dtype in DTYPES.items():
+        theirs_model, ours_model = [copy.deepcopy(m).to(dev, dtype) for m in (official, ours)]
         for batch in batches:
             cond = torch.arange(batch, device=dev) * 97 % 1000  # CFG 4 to the end, both sides
             (theirs_s, ours_s), _ = timed_side_by_side([
@@ -393,17 +367,16 @@ def bench_peer(args):
                                                   temperature=1.0, top_k=0, top_p=1.0),
                 lambda: decoding.generate(ours_model, cond, cfg_scale=4.0)], repeat, dev)
             floor = bandwidth_floor(ours_model, dev, length) if batch == 1 else ""
-            print(f"{name} sample {str(dtype).removeprefix('torch.'):8s} batch {batch}, CFG 4.0, "
-                  f"{length} passes per image: official {theirs_s / batch * 1e3:7.0f} ms/image, "
-                  f"ours {ours_s / batch * 1e3:7.0f} ms/image: {theirs_s / ours_s:.2f}x{floor}",
+            print(f"{name} sample {dtype_name} batch {batch}, CFG 4.0, {length} passes per image: "
+                  f"official {theirs_s / batch * 1e3:7.0f} ms/image, ours "
+                  f"{ours_s / batch * 1e3:7.0f} ms/image: {theirs_s / ours_s:.2f}x{floor}",
                   flush=True)
         del theirs_model, ours_model
     # the tokenizer's decoder, in float32 as sample.py runs it; the pixels compared
-    official_vq = peer["vq"].VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8).eval()
+    official_vq = peer["vq"].VQ_models["VQ-16"](codebook_size=16384, codebook_embed_dim=8)
     ours_vq = load_weights(VQModel(vq_config("VQ-16")), official_vq.state_dict(),
-                           "the official VQ-16's weights").eval()
-    official_vq, ours_vq = official_vq.to(dev), ours_vq.to(dev)
-    side = 4 if args.quick else 16
+                           "the official VQ-16's weights").to(dev).eval()
+    official_vq, side = official_vq.to(dev).eval(), 4 if args.quick else 16
     for batch in batches:
         codes = torch.randint(0, 16384, (batch, side, side), device=dev)
         with torch.inference_mode():
@@ -422,8 +395,7 @@ def stand_in_generator(success=0.3, image_size=32):
     renders the prompt's spec with probability `success`, else a near miss (scenes.wrong_spec),
     blurred like a ds4 tokenizer's output: the curve then shows the re-ranker, not a model."""
     def generate(prompts, n, seed):
-        rng = np.random.default_rng([seed, 4242])  # one stream: the same seed, the same draws
-        out = []
+        rng, out = np.random.default_rng([seed, 4242]), []  # the same seed, the same draws
         for p in prompts:
             avoid = [r["shape"] for r in p["spec"]["include"]]
             for _ in range(n):
@@ -437,10 +409,9 @@ def stand_in_generator(success=0.3, image_size=32):
 
 
 def rerank_sweep(generate, clip_model, tokenizer, prompts, ns=(1, 2, 4, 8, 16, 32), seed=0):
-    """DALL-E's best-of-N figure: for each N, each prompt keeps the CLIP-best of its first N
-    candidates (generate(prompts, n, seed) -> uint8 (P*n, H, W, 3), prompt-major, drawn once),
-    graded by scenes.score. -> rows {"n", "overall", each task, "s_per_kept": seconds of sampling
-    N candidates and ranking them, per kept image}."""
+    """DALL-E's best-of-N figure: each prompt keeps the CLIP-best of its first N candidates
+    (generate(prompts, n, seed) -> uint8 (P*n, H, W, 3), prompt-major, drawn once), graded by
+    scenes.score -> rows {"n", "overall", each task, "s_per_kept": sampling + ranking seconds}."""
     texts, top = [p["prompt"] for p in prompts], max(ns)
     t0 = time.perf_counter()
     drawn = generate(prompts, top, seed)
@@ -489,7 +460,6 @@ def bench_rerank(args):
         return
     model, tokenizer = clip.load(sample.DEMO_CLIP)
     prompts = scenes.benchmark_prompts(2 if args.quick else 50)
-    ns = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16, 32)
     gpt_path, vq_path = t2i.DEMO_T2I_GPT, t2i.DEMO_T2I_VQ
     if os.path.isfile(gpt_path) and os.path.isfile(vq_path):  # on top of guidance, not instead
         generate = model_generator(gpt_path, vq_path, 3.0, args.device)
@@ -499,7 +469,8 @@ def bench_rerank(args):
         print(f"generator: stand_in_generator (no {gpt_path}; true renders 30% of the time, near "
               "misses otherwise)")
     print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")
-    for r in rerank_sweep(generate, model, tokenizer, prompts, ns):
+    for r in rerank_sweep(generate, model, tokenizer, prompts, (1, 2, 4) if args.quick else
+                          (1, 2, 4, 8, 16, 32)):
         print(f"{r['n']:<3} {r['overall']:7.3f} " + " ".join(f"{r[t]:10.3f}" for t in scenes.TASKS)
               + f"  {r['s_per_kept']:.4f}", flush=True)
 
@@ -520,9 +491,8 @@ ONLY_WITH = [("peer", "--only peer", lambda a: "peer" in a.names),
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=None,
-                   help=f"comma-separated subset of {list(BENCHES)} (default: all but "
-                        f"{' and '.join(OPT_IN)}; peer too when --peer is given)")
+    p.add_argument("--only", help=f"comma-separated subset of {list(BENCHES)} (default: all but "
+                   f"{' and '.join(OPT_IN)}; peer too when --peer is given)")
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best one)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats, for a smoke run")
     a = p.add_argument_group("peer and jacobi").add_argument
@@ -546,9 +516,7 @@ def main(argv=None):
     args.window = 16 if args.window is None else args.window
     # imported now, so that a wrong PATH fails before the benchmarks that run ahead of peer
     args.peer_modules = load_peer(args.peer) if "peer" in args.names else None
-    # pick_device, not common.setup_device: that one turns TF32 on, and the fp32 figures here
-    # are of true float32 matmuls
-    args.device = pick_device(args.device)
+    args.device = pick_device(args.device)  # not setup_device, which turns TF32 on: true fp32
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads {gpu}, torch {torch.__version__}, device {args.device}")

@@ -1,12 +1,10 @@
 """CLIP (Radford et al. 2021): an image tower and a text tower trained so that a picture and its
 caption land on nearby points of one space. It re-ranks a generator's candidates (DALL-E 2.5: draw
-N, keep the K CLIP likes best) and scores text-image alignment (LlamaGen's t2i table).
-
-Contrastive pre-training (CLIP paper 2.3): the N x N cosines of a batch's pairs, scaled by a learned
-temperature; row i asks "which caption is image i's?", column j the same of caption j, so the cosine
-is high when a caption fits better than the alternatives: what a t2i sampler leaves open. Weight
-names are Hugging Face's CLIPModel (modeling_clip.py): openai/clip-vit-* folders load unchanged.
-"""
+N, keep the K CLIP likes best) and scores text-image alignment (LlamaGen's t2i table). Contrastive
+pre-training (CLIP paper 2.3): row i of the N x N cosines of a batch's pairs (times a learned
+temperature) asks "which caption is image i's?", column j the same of caption j: a high cosine means
+this caption fits better than the others, what a t2i sampler leaves open. Weight names are Hugging
+Face's CLIPModel (modeling_clip.py): openai/clip-vit-* folders load unchanged."""
 import argparse
 import gzip
 import html
@@ -17,9 +15,8 @@ import re
 import unicodedata
 import zipfile
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Optional
 
 import numpy as np
 import torch
@@ -61,9 +58,8 @@ def encoder(layers, *args):
 
 
 class VisionTransformer(nn.Module):
-    """OpenAI's ViT (Dosovitskiy et al. 2021): patches linearly projected (a conv, kernel = stride),
-    a class token in front, learned positions, a LayerNorm ("pre_layrnorm"); the class token's
-    final state is the image."""
+    """OpenAI's ViT (Dosovitskiy et al. 2021): patches projected (a conv, kernel = stride), a class
+    token in front, learned positions, pre_layrnorm; the class token's final state is the image."""
 
     def __init__(self, c):
         super().__init__()
@@ -115,8 +111,7 @@ class TextTransformer(nn.Module):
         x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]
         for layer in self.encoder.layers:
             x = layer(x, causal=True)
-        x = self.final_layer_norm(x)
-        return x[torch.arange(len(x), device=x.device), end]
+        return self.final_layer_norm(x)[torch.arange(len(x), device=x.device), end]
 
 
 # --------------------------------------------------------------------------------------------- CLIP
@@ -135,13 +130,12 @@ class CLIP(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # both encoders return raw projections, as HF's get_*_features
     def encode_image(self, pixels):
-        """Preprocessed pixels (B, 3, S, S) -> image embeddings (B, embed_dim)."""
+        """Preprocessed pixels (B, 3, S, S) -> raw image embeddings (B, embed_dim), as HF's."""
         return self.visual_projection(self.vision_model(pixels))
 
     def encode_text(self, ids):
-        """Token ids (B, T <= context) -> text embeddings (B, embed_dim)."""
+        """Token ids (B, T <= context) -> raw text embeddings (B, embed_dim)."""
         return self.text_projection(self.text_model(ids))
 
     def forward(self, pixels, ids, return_embeddings=False):
@@ -159,9 +153,8 @@ class CLIP(nn.Module):
         as .meta), in eval mode."""
         if os.path.basename(path) in HF_FILES:
             path = os.path.dirname(path) or "."
-        meta = {}
         if os.path.isdir(path):
-            config, sd = hf_config(path), text.load_hf_state_dict(path)
+            config, sd, meta = hf_config(path), text.load_hf_state_dict(path), {}
         else:
             if zipfile.is_zipfile(path):  # torch.jit.save writes <name>/code/... and constants.pkl
                 with zipfile.ZipFile(path) as z:
@@ -190,15 +183,11 @@ class CLIP(nn.Module):
         model.meta = meta if isinstance(meta, dict) else {}
         return model
 
-    def checkpoint_config(self):
-        return asdict(self.config)
-
 
 def contrastive_loss(image_emb, text_emb, logit_scale):
     """Symmetric InfoNCE (CLIP paper, Figure 3) of embeddings gathered from every rank; the
     temperature exp(logit_scale) capped at 100, as OpenAI clamps it (beyond, no gradient)."""
-    image = F.normalize(image_emb.float(), dim=-1)
-    text = F.normalize(text_emb.float(), dim=-1)
+    image, text = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
     logits = logit_scale.float().clamp(max=math.log(100)).exp() * image @ text.t()
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -265,8 +254,7 @@ def preprocess_tensor(images, size=224):
 
 
 def normalise(x):
-    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)
-    return (x - mean) / torch.tensor(STD, device=x.device).view(3, 1, 1)
+    return (x - x.new_tensor(MEAN).view(3, 1, 1)) / x.new_tensor(STD).view(3, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
@@ -331,8 +319,7 @@ class Tokenizer:
     """text -> CLIP token ids: `encoder` maps BPE symbols to ids, `merges` ranked."""
 
     def __init__(self, encoder, merges):
-        self.encoder = encoder
-        self.decoder = {i: s for s, i in encoder.items()}
+        self.encoder, self.decoder = encoder, {i: s for s, i in encoder.items()}
         self.merges = [tuple(m) for m in merges]  # kept so a checkpoint can carry its tokenizer
         self.ranks = {pair: r for r, pair in enumerate(self.merges)}
         for name in (SOT, EOT):
@@ -354,8 +341,7 @@ class Tokenizer:
                 raise UserError(f"cannot read BPE merges {path!r} ({e}); "
                                 "pass CLIP's bpe_simple_vocab_16e6.txt.gz") from None
         files = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt")]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
+        if missing := [f for f in files if not os.path.isfile(f)]:
             raise UserError(f"CLIP tokenizer: {missing[0]!r} not found; pass a folder with "
                             "vocab.json and merges.txt, or bpe_simple_vocab_16e6.txt.gz")
         try:
@@ -378,8 +364,7 @@ class Tokenizer:
     def from_words(cls, words):
         """BPE learnt on a closed vocabulary such as scenes.VOCABULARY (merge the most frequent
         pair, ties by spelling, until every word is one symbol): each word ONE token."""
-        to_unicode = byte_to_unicode()
-        spelt = {}  # every word as its byte symbols, the last one carrying "</w>"
+        to_unicode, spelt = byte_to_unicode(), {}  # word -> its byte symbols, "</w>" on the last
         for caption in words:
             for word in word_pattern().findall(clean_text(caption)):
                 w = "".join(to_unicode[b] for b in word.encode("utf-8"))
@@ -418,8 +403,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """Ids -> text, a space where "</w>" stood."""
-        # " " is what "</w>" becomes (a real space byte is spelt "Ġ")
+        """Ids -> text, a space where "</w>" stood (a real space byte is spelt "Ġ")."""
         from_unicode = {c: b for b, c in byte_to_unicode().items()} | {" ": 32}
         symbols = "".join(self.decoder[i] for i in ids if i not in (self.sot, self.eot))
         raw = bytes(from_unicode[c] for c in symbols.replace("</w>", " "))
@@ -445,11 +429,9 @@ class Tokenizer:
 
 def _parse_merges(text, path):
     lines = text.split("\n")
-    if lines and "#version" in lines[0]:
-        lines = lines[1:]
+    lines = lines[1:] if "#version" in lines[0] else lines
     merges = [tuple(line.split()) for line in lines[:MAX_MERGES] if line.strip()]
-    bad = next((m for m in merges if len(m) != 2), None)
-    if bad is not None:
+    if bad := next((m for m in merges if len(m) != 2), None):
         raise UserError(f"{path!r} is not a BPE merges list (line {' '.join(bad)!r} is not a pair)")
     return merges
 
@@ -500,8 +482,7 @@ def load(path):
     model = CLIP.from_pretrained(path)
     if os.path.isdir(path) or os.path.basename(path) in HF_FILES:
         return model, Tokenizer.from_pretrained(path)
-    merges = model.meta.get("bpe_merges")
-    if not merges:
+    if not (merges := model.meta.get("bpe_merges")):
         raise UserError(f"{path} carries no tokenizer (meta 'bpe_merges'); train it with train.py "
                         "--model CLIP-*, or pass a Hugging Face CLIP folder")
     return model, Tokenizer.from_merges([tuple(m) for m in merges])
@@ -526,8 +507,7 @@ class TokenizedCaptions(torch.utils.data.Dataset):
 def rank(clip, images, texts, tokenizer=None, batch_size=64):
     """100 x cosine (P, N) of float [-1, 1] images (P*N, 3, H, W), prompt p's N together, with P
     prompts (strings with `tokenizer`, else ids); not calibrated across prompts."""
-    context = clip.config.context_length
-    ids = texts if tokenizer is None else tokenizer(texts, context_length=context)
+    ids = tokenizer(texts, context_length=clip.config.context_length) if tokenizer else texts
     if len(images) % len(ids):
         raise UserError(f"{len(images)} images do not split evenly over {len(ids)} prompts")
     device = next(clip.parameters()).device
@@ -540,20 +520,16 @@ def rank(clip, images, texts, tokenizer=None, batch_size=64):
     return 100 * (image * text[:, None]).sum(-1)
 
 
-def rerank(scores, keep):
-    """Indices (P, keep) of each prompt's best candidates, best first, ties in drawing order."""
+def keep_best(candidates, scores, keep):
+    """Prompt-major candidates (P*N, ...), tensor or array -> each prompt's best (P, keep, ...),
+    best first, ties in drawing order, and their scores (P, keep)."""
     if not 1 <= keep <= scores.shape[1]:
         raise UserError(f"--keep {keep} must be between 1 and the number of candidates "
                         f"{scores.shape[1]}")
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
-    return order, scores.gather(1, order)
-
-
-def keep_best(candidates, scores, keep):
-    """Prompt-major candidates (P*N, ...), tensor or array -> the best (P, keep, ...), scores."""
-    order, best = rerank(scores, keep)
     rows = torch.arange(len(order))[:, None] * scores.shape[1] + order.cpu()  # row p * N + j
-    return candidates[rows if torch.is_tensor(candidates) else rows.numpy()], best
+    kept = candidates[rows if torch.is_tensor(candidates) else rows.numpy()]
+    return kept, scores.gather(1, order)
 
 
 def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
@@ -651,16 +627,16 @@ class CLIPConfig:
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
-    vision_mlp: Optional[int] = None  # None: 4 x width (every OpenAI model)
+    vision_mlp: int | None = None  # None: 4 x width (every OpenAI model)
     context_length: int = 77  # text positions, <|startoftext|> and <|endoftext|> included
     vocab_size: int = 49408
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
-    text_mlp: Optional[int] = None
+    text_mlp: int | None = None
     quick_gelu: bool = True  # OpenAI's models; open_clip's LAION models use exact GELU
     eps: float = 1e-5
-    eot_id: Optional[int] = None  # None: pool at the highest id (OpenAI's vocab ends with it)
+    eot_id: int | None = None  # None: pool at the highest id (OpenAI's vocab ends with it)
 
     def __post_init__(self):
         for a, b, rule in (("image_size", "patch_size", "a multiple of"),

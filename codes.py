@@ -1,11 +1,9 @@
 """Compute once, store, read back: the tokenizer codes the GPT trains on, not pixels (paper 3.2),
-and the frozen text encoder's features of their captions (3.3, official extract_t5_feature.py).
-Each folder's receipt (meta.json, features.json) says how it was made and is written last. Under
-torchrun each rank writes its shard into parts/, recording after every batch how far it got, so
-the same command resumes a run; 1 and N processes write byte-identical folders.
+and the frozen text encoder's features of their captions (3.3, extract_t5_feature.py). A folder's
+receipt (meta.json, features.json), written last, says how it was made. Under torchrun each rank
+writes its shard and per-batch progress into parts/: a rerun resumes; 1 or N processes, same bytes.
 
-    python codes.py extract --vq-ckpt vq_ds16_c2i.pt --data /imagenet/train --out codes/in256 \\
-        --ten-crop
+    python codes.py extract --vq-ckpt vq_ds16_c2i.pt --data /imagenet/train --ten-crop --out in256
     torchrun --nproc_per_node 8 codes.py extract ...            # the same, sharded over 8 GPUs
     python codes.py extract --vq-ckpt VQ.pt --data scenes:2000 --image-size 32 --out codes/scenes
     python codes.py features --data codes/scenes --t5 flan-t5-xl/ --out features/scenes
@@ -63,8 +61,7 @@ class CodesReceipt:
     classes: tuple  # class names, in label order
 
     @classmethod
-    def from_dict(cls, d, where):
-        """The receipt in a meta.json or a checkpoint's "meta"; `where` names it in errors."""
+    def from_dict(cls, d, where):  # a meta.json or a checkpoint's "meta", named `where`
         kept = _fields(cls, d, where, "codes")
         try:  # JSON has no tuples: back to the record's own form, or equal receipts would differ
             kept.update(grid=tuple(int(n) for n in kept["grid"]), classes=tuple(kept["classes"]))
@@ -104,32 +101,8 @@ class FeaturesReceipt:
     captions_checksum: str  # captions_checksum() of the captions, in item order
     data: str  # where the captions came from: a codes folder (absolute path) or a caption spec
 
-    @classmethod
-    def from_dict(cls, d, where):
-        return cls(**_fields(cls, d, where, "features"))
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    def check_same_encoder(self, other, mine="these features", theirs="the others"):
-        """One line, naming both checksums, unless `other` comes from this encoder at this N."""
-        def said(r):
-            return f"encoder {r.encoder} {r.encoder_checksum[:12]}, N {r.length}, d_model " \
-                f"{r.d_model}"
-        if any(getattr(self, k) != getattr(other, k)
-               for k in ("encoder_checksum", "length", "d_model", "clean")):
-            raise UserError(f"the caption features of {mine} come from another text encoder "
-                            f"({said(self)}) than those of {theirs} ({said(other)}): extract "
-                            f"features with the encoder of {mine}, or start afresh")
-
-    def check_encoder(self, text_encoder, mine="these features", theirs="this text encoder"):
-        """The same check against a live text.TextEncoder (prompts are encoded with it)."""
-        have, width = encoder_checksum(text_encoder), text_encoder.encoder.config.d_model
-        if have != self.encoder_checksum or width != self.d_model:
-            raise UserError(f"{mine} were made with text encoder {self.encoder} "
-                            f"{self.encoder_checksum[:12]} (d_model {self.d_model}), but {theirs} "
-                            f"is {have[:12]} (d_model {width}); pass the T5 folder the features "
-                            "were extracted with")
+    to_dict = dataclasses.asdict
+    from_dict = classmethod(lambda cls, d, where: cls(**_fields(cls, d, where, "features")))
 
 
 def encoder_checksum(text_encoder):
@@ -161,19 +134,12 @@ def read_json(path):
     return found
 
 
-# Captions travel with the codes of their images: captions.json holds them in row order with their
-# checksum, which the features receipt quotes, so codes row i and features item i can be checked
-# to describe one image before a t2i model trains on the pair.
+# captions.json holds a codes folder's captions in row order with their checksum, which the features
+# receipt quotes: codes row i and features item i are checked to describe one image.
 def captions_checksum(captions):
     """sha256 of a list of captions' JSON form (fixed: stored checksums quote it)."""
     text = json.dumps(list(captions), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def write_captions(folder, captions):
-    captions = list(captions)
-    write_json(os.path.join(folder, "captions.json"), dict(
-        count=len(captions), checksum=captions_checksum(captions), captions=captions))
 
 
 def read_captions(folder):
@@ -181,16 +147,13 @@ def read_captions(folder):
     caption or the list of an image's captions (COCO), of which training draws one per access."""
     path = os.path.join(str(folder), "captions.json")
     if not os.path.isfile(path):
-        raise UserError(f"{folder} holds no captions.json: its codes were not extracted from "
-                        "captioned data; extract them with --data scenes:N, coco:... or "
-                        "captions:DIR")
+        raise UserError(f"{folder} holds no captions.json: its codes are not of captioned data; "
+                        "extract them with --data scenes:N, coco:... or captions:DIR")
     raw = read_json(path)
     captions = raw.get("captions")
-    if not isinstance(captions, list) or raw.get("count") != len(captions) or not all(
-            isinstance(c, str) or (isinstance(c, list) and c and all(isinstance(s, str) for s in c))
-            for c in captions) or captions_checksum(captions) != raw.get("checksum"):
-        raise UserError(f"{path} is damaged (its captions do not match their count or checksum); "
-                        "extract the codes again")
+    if not isinstance(captions, list) or captions_checksum(captions) != raw.get("checksum"):
+        raise UserError(f"{path} is damaged (its captions do not match their checksum); extract "
+                        "the codes again")
     return captions, raw["checksum"]
 
 
@@ -202,20 +165,15 @@ def process_group(device):
     own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if own:
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    try:
-        yield rank_world()
-    finally:
-        if own:
-            dist.destroy_process_group()
+    yield rank_world()
+    if own:  # after an error, common.cli closes it
+        dist.destroy_process_group()
 
 
-def write_sharded(out, name, receipt, span, fill, join, what, redo, batch_size=None):
-    """Write the folder `out` whose receipt file `name` holds `receipt`, and return it. A finished
-    folder of this receipt is kept, one of another refused. This rank's rows span(rank, world) =
-    [lo, hi) are written by the generator fill(parts, tag, lo, hi, state), resuming from `state`
-    (an interrupted run's progress, or None) and yielding (rows, progress) after each batch it has
-    flushed; the progress is then recorded atomically. Once every rank is done, rank 0 runs
-    join(parts, world), then writes the receipt. batch_size: the shards follow it, keep it."""
+def write_sharded(out, name, receipt, fill, join, what, redo, batch_size=None):
+    """Write folder `out`, its receipt `name` last (a finished one is kept; of another receipt,
+    refused). fill(parts, tag, lo, hi, state) writes this rank's rows [lo, hi) from `state` on,
+    yielding (rows, progress) per flushed batch; then rank 0 runs join(parts, world)."""
     rank, world = rank_world()
     meta, path, parts = receipt.to_dict(), os.path.join(out, name), os.path.join(out, "parts")
     if os.path.exists(path):
@@ -243,14 +201,15 @@ def write_sharded(out, name, receipt, span, fill, join, what, redo, batch_size=N
     if state is not None and state.get("batch_size") != batch_size:
         raise UserError(f"{out} holds an unfinished extraction with --batch-size "
                         f"{state.get('batch_size')}; resume it with that batch size")
-    (lo, hi), done = span(rank, world), state["done"] if state else 0
+    unit, done = batch_size or 1, state["done"] if state else 0
+    lo, hi = (min(receipt.count, math.ceil(receipt.count / unit) * k // world * unit)
+              for k in (rank, rank + 1))  # a batch holds the same rows in any world
     if done < hi - lo:
         os.makedirs(parts, exist_ok=True)
-        bar = progress(total=hi - lo, initial=done, desc=what, show=rank == 0)
-        for rows, state in fill(parts, tag, lo, hi, state):
-            write_json(progress_path, dict(meta=meta, **fixed, **state))
-            bar.update(rows)
-        bar.close()
+        with progress(total=hi - lo, initial=done, desc=what, show=rank == 0) as bar:
+            for rows, state in fill(parts, tag, lo, hi, state):
+                write_json(progress_path, dict(meta=meta, **fixed, **state))
+                bar.update(rows)
     if world > 1:  # rank 0 joins the parts only once every shard is complete
         dist.barrier()
     if rank == 0:
@@ -260,21 +219,35 @@ def write_sharded(out, name, receipt, span, fill, join, what, redo, batch_size=N
     return receipt
 
 
-def _join(parts, world, name, dst, concat):
-    """The ranks' part files `name` ({} for the tag) -> dst: a rename for one process (nothing if
-    a run did so, then stopped), else concat(the existing part files, dst)."""
-    if world == 1 and os.path.exists(os.path.join(parts, name.format("0-of-1"))):
-        os.replace(os.path.join(parts, name.format("0-of-1")), dst)
+def _join(parts, world, name, dst, rows=None):
+    """The ranks' part files `name` ({} for the tag) -> dst: renamed for one process, else copied,
+    byte by byte or, for .npy parts (`rows` in all), row by row into one memory map."""
+    paths = [p for p in (os.path.join(parts, name.format(f"{k}-of-{world}")) for k in range(world))
+             if os.path.exists(p)]
+    if world == 1 and paths:  # (none if a run renamed it, then stopped)
+        os.replace(paths[0], dst)
+    elif world > 1 and rows is None:
+        with open(dst, "wb") as joined:
+            for p in paths:
+                with open(p, "rb") as part:
+                    shutil.copyfileobj(part, joined, 1 << 24)
     elif world > 1:
-        concat([p for p in (os.path.join(parts, name.format(f"{k}-of-{world}"))
-                            for k in range(world)) if os.path.exists(p)], dst)
+        srcs = [np.load(p, mmap_mode="r") for p in paths]
+        if sum(map(len, srcs)) != rows:
+            raise UserError(f"the part files of {dst} are incomplete; rerun with --overwrite")
+        joined = _open_part(dst, "w+", srcs[0].dtype, (rows, *srcs[0].shape[1:]))
+        row = 0
+        for src in srcs:
+            for i in range(0, len(src), 65536):  # in chunks: a shard can exceed the memory
+                joined[row + i:row + min(i + 65536, len(src))] = src[i:i + 65536]
+            row += len(src)
+        joined.flush()
 
 
 # -- Codes -----------------------------------------------------------------------------------------
-# codes.npy [N, n_aug, L] (uint16 while the codebook fits, else int32) and labels.npy [N]: n_aug
-# views per image (data.code_views), the image and its mirror, or the ten crops of the official
-# extract_codes_c2i.py, of which training draws one per access; a captioned image has one
-# (extract_codes_t2i.py). np.load(mmap_mode="r") pages in only the rows in use.
+# codes.npy [N, n_aug, L] (uint16 while the codebook fits, else int32), labels.npy [N]: n_aug views
+# per image (data.code_views): the image and its mirror, or the ten crops of extract_codes_c2i.py,
+# of which training draws one per access; a captioned image has one (extract_codes_t2i.py).
 def _open_part(path, mode, dtype, shape):
     """A memory-mapped .npy file with all its blocks reserved now: on a full disk a memory map
     dies of SIGBUS at write-back with no message; posix_fallocate makes that one ENOSPC line."""
@@ -292,29 +265,14 @@ def _open_part(path, mode, dtype, shape):
     return array
 
 
-def _concat_npy(paths, dst, count):
-    srcs = [np.load(p, mmap_mode="r") for p in paths]
-    if sum(map(len, srcs)) != count:
-        raise UserError(f"the part files of {dst} are incomplete; extract again with --overwrite")
-    joined = _open_part(dst, "w+", srcs[0].dtype, (count, *srcs[0].shape[1:]))
-    row = 0
-    for src in srcs:
-        for i in range(0, len(src), 65536):  # in chunks: a shard can exceed the memory
-            joined[row + i:row + min(i + 65536, len(src))] = src[i:i + 65536]
-        row += len(src)
-    joined.flush()
-
-
 def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1, batch_size=64,
                   num_workers=0, device="cpu", overwrite=False):
-    """Encode dataset `data` (an image_dataset spec) with tokenizer `vq` into the codes folder
-    `out`; returns its CodesReceipt. Images are ADM-centre-cropped to image_size (ten_crop: to
-    int(image_size * crop_range), then ten-cropped); each rank encodes a contiguous shard.
-    overwrite: an earlier extraction in `out`, finished or not, is removed first."""
+    """Encode `data` (an image_dataset spec) with tokenizer `vq` into codes folder `out`, images
+    ADM-centre-cropped to image_size (ten_crop: to int(image_size * crop_range), then ten crops)."""
     data, out = str(data), str(out)
     with process_group(device) as (rank, world):
         if overwrite and rank == 0:  # meta.json first: the mark of a finished folder
-            for name in ("meta.json", "codes.npy", "labels.npy"):
+            for name in ("meta.json", "codes.npy", "labels.npy", "captions.json"):
                 if os.path.isfile(os.path.join(out, name)):
                     os.remove(os.path.join(out, name))
             shutil.rmtree(os.path.join(out, "parts"), ignore_errors=True)
@@ -326,31 +284,28 @@ def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1,
             raise UserError(f"--data {data!r} joins datasets, which only a tokenizer trains on; "
                             "extract the codes of each dataset on its own")
         if ten_crop and isinstance(base, Captioned):
-            raise UserError(f"--ten-crop is for class labels: half of its views are mirror images, "
-                            f"which contradict a caption's left and right; extract {data!r} "
-                            "without it (one centre crop per image)")
+            raise UserError(f"--ten-crop is for class labels: half its views are mirrored, against "
+                            f"a caption's left and right; extract {data!r} without it (one view)")
         vq = vq.to(device).eval()  # no dropout: resumed and sharded runs write the same codes
         with torch.no_grad():  # the grid is probed: what the encoder outputs, the GPT predicts
             grid = tuple(vq.encode(torch.zeros(1, 3, image_size, image_size, device=device))
                          .shape[1:])
         vocab, length = vq.config.codebook_size, grid[0] * grid[1]
-        r = CodesReceipt(
-            vocab_size=vocab, grid=grid, image_size=image_size,
-            n_aug=10 if ten_crop else 1 if isinstance(base, Captioned) else 2, count=len(base),
-            tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop,
-            crop_range=crop_range if ten_crop else None,
-            codes_dtype="uint16" if vocab <= 2 ** 16 else "int32",  # 2 bytes a code, not 8
-            labels_dtype="int16" if base.num_classes <= 2 ** 15 else "int64", data=base.spec,
-            num_classes=base.num_classes, classes=tuple(base.classes))
+        r = CodesReceipt(vocab_size=vocab, grid=grid, image_size=image_size, count=len(base),
+                         n_aug=10 if ten_crop else 1 if isinstance(base, Captioned) else 2,
+                         tokenizer_checksum=tokenizer_checksum(vq), ten_crop=ten_crop,
+                         crop_range=crop_range if ten_crop else None, data=base.spec,
+                         codes_dtype="uint16" if vocab <= 2 ** 16 else "int32",  # 2 bytes a code
+                         labels_dtype="int16" if base.num_classes <= 2 ** 15 else "int64",
+                         num_classes=base.num_classes, classes=tuple(base.classes))
         views = CodeViews(base, image_size, ten_crop, mirror=r.n_aug == 2)
 
         def fill(parts, tag, lo, hi, state):
             done = state["done"] if state else 0
             mode = "r+" if done else "w+"  # "r+" reopens a shard to fill in the rest in place
-            codes = _open_part(os.path.join(parts, f"codes-{tag}.npy"), mode, r.codes_dtype,
+            codes = _open_part(f"{parts}/codes-{tag}.npy", mode, r.codes_dtype,
                                (hi - lo, r.n_aug, length))
-            labels = _open_part(os.path.join(parts, f"labels-{tag}.npy"), mode, r.labels_dtype,
-                                (hi - lo,))
+            labels = _open_part(f"{parts}/labels-{tag}.npy", mode, r.labels_dtype, (hi - lo,))
             for x, y in torch.utils.data.DataLoader(  # in order: part row j is image lo + j
                     torch.utils.data.Subset(views, range(lo + done, hi)), batch_size=batch_size,
                     num_workers=num_workers, pin_memory=str(device).startswith("cuda")):
@@ -365,55 +320,33 @@ def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1,
 
         def join(parts, world):
             if isinstance(base, Captioned):  # row i's caption, for t2i training
-                write_captions(out, captions_of(base))
+                c = captions_of(base)
+                write_json(os.path.join(out, "captions.json"),
+                           dict(count=len(c), checksum=captions_checksum(c), captions=c))
             for name in ("codes", "labels"):
-                _join(parts, world, name + "-{}.npy", os.path.join(out, f"{name}.npy"),
-                      lambda paths, dst: _concat_npy(paths, dst, r.count))
+                _join(parts, world, name + "-{}.npy", os.path.join(out, f"{name}.npy"), r.count)
 
-        return write_sharded(out, "meta.json", r, lambda k, w: (r.count * k // w,
-                                                                r.count * (k + 1) // w),
-                             fill, join, "codes", "pass --overwrite")
+        return write_sharded(out, "meta.json", r, fill, join, "codes", "pass --overwrite")
 
 
 # -- Caption features -----------------------------------------------------------------------------
-# The t2i GPT never reads words, only a frozen FLAN-T5-XL's output, which never changes for a
-# caption, so it is computed once. features.bin holds the valid tokens' vectors of every caption
-# one after another ([total tokens, d_model], 2 bytes a number, little-endian, no header: a COCO
-# caption fills about 15 of 120 positions), lengths.npy [count] int32 the tokens of each.
-STORAGE = {"bf16": "bfloat16", "fp16": "float16"}  # --storage -> FeaturesReceipt.dtype
+# The t2i GPT reads no words, only a frozen FLAN-T5-XL's output, fixed for a caption: computed once.
+# features.bin: the valid tokens' vectors of every caption in turn ([tokens, d_model], 2 bytes a
+# number, little-endian, no header: a COCO caption fills ~15 of 120), lengths.npy [count] int32.
 _STORED = {"bfloat16": "<u2", "float16": "<f2"}  # how each is laid out in features.bin
-
-
-def _concat_bytes(paths, dst):
-    with open(dst, "wb") as joined:
-        for p in paths:
-            with open(p, "rb") as part:
-                shutil.copyfileobj(part, joined, 1 << 24)
 
 
 def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="bfloat16", data="",
                      name="t5"):
-    """Encode `captions` (in item order; an image with several gives its first) with `encoder` (a
-    text.TextEncoder, on its device and precision) into the features folder `out`; returns its
-    FeaturesReceipt. dtype: "bfloat16" or "float16"; data and name: what the receipt says the
-    captions and the encoder are. Each rank appends its batches' rows to its part files."""
-    if dtype not in _STORED:
-        raise UserError(f"features are stored as bfloat16 or float16, not {dtype!r}")
-    if length < 1 or batch_size < 1:
-        raise UserError(f"the caption length N and the batch size must be >= 1, got {length} and "
-                        f"{batch_size}")
+    """Encode `captions` (an image with several gives its first) with text.TextEncoder `encoder`
+    into features folder `out`, stored as `dtype`; `data` and `name`: what the receipt quotes."""
     captions, out, d = list(captions), str(out), encoder.encoder.config.d_model
     if not captions or not all(isinstance(c, (str, list)) for c in captions):
         raise UserError("extract_features needs a non-empty list of captions")
-    r = FeaturesReceipt(
-        encoder=name, encoder_checksum=encoder_checksum(encoder), length=length, d_model=d,
-        dtype=dtype, compute_dtype=str(encoder.dtype).removeprefix("torch."),
-        clean=bool(encoder.clean), count=len(captions),
-        captions_checksum=captions_checksum(captions), data=data)
-
-    def span(k, w):  # cut at whole batches: every batch encodes the same captions for any world
-        batches = math.ceil(len(captions) / batch_size)
-        return tuple(min(len(captions), batches * j // w * batch_size) for j in (k, k + 1))
+    r = FeaturesReceipt(encoder=name, encoder_checksum=encoder_checksum(encoder), length=length,
+                        d_model=d, dtype=dtype, clean=bool(encoder.clean), count=len(captions),
+                        compute_dtype=str(encoder.dtype).removeprefix("torch."), data=data,
+                        captions_checksum=captions_checksum(captions))
 
     def fill(parts, tag, lo, hi, state):
         done, tokens = (state["done"], state["tokens"]) if state else (0, 0)
@@ -422,19 +355,17 @@ def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="b
                      for kind in ("features", "lengths")]
         except FileNotFoundError:
             raise UserError(f"{parts} lost its part files; delete {parts} to start over") from None
-        with files[0] as rows_file, files[1] as lengths_file:
-            # a killed run may have written past what its progress vouches for: cut it off
-            rows_file.truncate(tokens * d * 2)
-            lengths_file.truncate(done * 4)
-            rows_file.seek(0, os.SEEK_END)  # appends go after the cut ("r+b" opens at 0)
-            lengths_file.seek(0, os.SEEK_END)
+        with files[0], files[1]:
+            for f, size in zip(files, (tokens * d * 2, done * 4)):  # what the progress vouches for:
+                f.truncate(size)  # a killed run may have written past it
+                f.seek(size)
             for start in range(lo + done, hi, batch_size):
-                texts = first_captions(captions[start:min(start + batch_size, hi)])
+                texts = [c if isinstance(c, str) else c[0]  # an image's first caption
+                         for c in captions[start:min(start + batch_size, hi)]]
                 rows, counts = _encode_valid(encoder, texts, length, dtype, start)
-                rows_file.write(rows)
-                lengths_file.write(counts.astype("<i4").tobytes())
-                rows_file.flush()  # the rows reach the file before the progress that vouches
-                lengths_file.flush()
+                for f, b in zip(files, (rows, counts.astype("<i4").tobytes())):
+                    f.write(b)
+                    f.flush()  # the rows reach the file before the progress that vouches
                 done, tokens = done + len(texts), tokens + int(counts.sum())
                 yield len(texts), {"done": done, "tokens": tokens}
 
@@ -443,14 +374,13 @@ def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="b
         lengths = np.concatenate([np.zeros(0, "<i4")] + [np.fromfile(p, "<i4") for p in found
                                                          if os.path.exists(p)]).astype(np.int32)
         save_atomic(lambda f: np.save(f, lengths), os.path.join(out, "lengths.npy"))
-        _join(parts, world, "features-{}.bin", os.path.join(out, "features.bin"), _concat_bytes)
+        _join(parts, world, "features-{}.bin", os.path.join(out, "features.bin"))
         if len(lengths) != r.count or os.path.getsize(os.path.join(out, "features.bin")) != \
                 int(lengths.sum()) * d * 2:
-            raise UserError(f"the part files in {parts} are incomplete; delete {out} and extract "
-                            "again")
+            raise UserError(f"the part files in {parts} are incomplete; delete {out} and rerun")
 
     with process_group(encoder.device.type):
-        return write_sharded(out, "features.json", r, span, fill, join, "caption features",
+        return write_sharded(out, "features.json", r, fill, join, "caption features",
                              f"delete {out}", batch_size)
 
 
@@ -474,9 +404,7 @@ def _encode_valid(encoder, texts, length, dtype, start):
 
 
 def load_captions(spec):
-    """(captions, data) for `features --data`: a codes folder's captions.json (any folder with a
-    trace of an extraction), or the captions of a caption spec, no image read."""
-    spec = str(spec)
+    """(captions, data) for `features --data`: a codes folder's, or a caption spec's (no image)."""
     if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f))
                                    for f in ("captions.json", "meta.json", "parts")):
         return read_captions(spec)[0], os.path.abspath(spec)
@@ -484,14 +412,9 @@ def load_captions(spec):
     return captions_of(ds), ds.spec
 
 
-def first_captions(captions):
-    """One caption per image for frozen features: an image's first where it has several."""
-    return [c if isinstance(c, str) else c[0] for c in captions]
-
-
 # -- Reading back ----------------------------------------------------------------------------------
-# Memory maps are opened lazily in each process (a DataLoader worker gets a path, not a copy of the
-# data); the folder is checked at once, in the main process.
+# Memory maps, which page in only the rows in use, open lazily in each process (a DataLoader worker
+# gets a path, not a copy of the data); the folder is checked at once, in the main process.
 def _receipt(folder, name, kind, flags):
     """The receipt dict of a finished extraction into `folder`, or one line for what is there."""
     fix = f"python codes.py {kind} {flags} --out {folder}"
@@ -508,31 +431,18 @@ def _receipt(folder, name, kind, flags):
 
 class CodesDataset(torch.utils.data.Dataset):
     """A codes folder: item -> (codes int64 [L], label int64), one of the n_aug views drawn with
-    torch's RNG (the official crop-and-flip augmentation, chosen among views made beforehand).
-    vocab_size, grid (h or (h, w)) and tokenizer_checksum, when given, must match `.receipt`."""
+    torch's RNG (the official crop-and-flip augmentation, chosen among views made beforehand)."""
 
-    def __init__(self, folder, vocab_size=None, grid=None, tokenizer_checksum=None):
+    def __init__(self, folder):
         self.folder = folder = str(folder)
         raw = _receipt(folder, "meta.json", "extract", "--vq-ckpt TOKENIZER.pt --data DATA")
         self.receipt = r = CodesReceipt.from_dict(raw, os.path.join(folder, "meta.json"))
-        grid = (grid, grid) if isinstance(grid, int) else grid and tuple(grid)
-        for what, want, have, show in (("vocab size", vocab_size, r.vocab_size, str),
-                                       ("token grid", grid, r.grid, list),
-                                       ("tokenizer checksum", tokenizer_checksum,
-                                        r.tokenizer_checksum, str)):
-            if want is not None and want != have:
-                raise UserError(f"codes in {folder} were made by a tokenizer with {what} "
-                                f"{show(have)}, but {show(want)} is expected here; re-extract the "
-                                "codes with the tokenizer you use (python codes.py extract "
-                                f"--vq-ckpt TOKENIZER.pt --data DATA --out {folder}), or match "
-                                "the model to the codes")
         self.num_classes, self._codes, self._labels = r.num_classes, None, None
         codes, labels = self._arrays()
         if codes.shape != (r.count, r.n_aug, r.grid[0] * r.grid[1]) or labels.shape != (r.count,):
             raise UserError(f"{folder}: codes.npy {codes.shape} / labels.npy {labels.shape} "
                             "disagree with meta.json; the folder is damaged, extract it again")
-        # a code outside the vocabulary would reach the embedding as an index error (on a GPU, a
-        # device-side assert): one pass in blocks of 16M codes
+        # an out-of-vocabulary code would crash the embedding (a CUDA assert): checked 16M at a time
         flat = codes.reshape(len(codes), -1)
         step = max(1, (1 << 24) // max(flat.shape[1], 1))
         for i in range(0, len(flat), step):
@@ -568,27 +478,24 @@ class CodesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         codes, labels = self._arrays()
         view = int(torch.randint(self.receipt.n_aug, ()))
-        # int64 is what nn.Embedding and cross_entropy take; the file keeps 2 bytes a code
-        return (torch.from_numpy(codes[index, view].astype(np.int64)),
+        return (torch.from_numpy(codes[index, view].astype(np.int64)),  # int64: nn.Embedding's
                 torch.tensor(int(labels[index])))
 
 
 class MixedCodes(torch.utils.data.Dataset):
-    """Codes folders of the same images made with different crops: each access picks a folder at
-    random, then one of its views. The official GPTs mixed ten crops at crop_range 1.1 and 1.05
-    this way (dataset/imagenet.py)."""
+    """Codes folders of the same images made with different crops, a folder drawn per access: the
+    official GPTs mixed ten crops at crop_range 1.1 and 1.05 this way (dataset/imagenet.py)."""
 
     def __init__(self, folders):
         self.parts = [CodesDataset(f) for f in folders]
-        first = self.parts[0]
-        self.receipt, self.num_classes = first.receipt, first.num_classes
+        self.receipt, self.num_classes = self.parts[0].receipt, self.parts[0].num_classes
         for p in self.parts[1:]:  # row-aligned: equal receipts and equal labels row by row
             if any(getattr(p.receipt, k) != getattr(self.receipt, k)
                    for k in ("count", "vocab_size", "grid", "tokenizer_checksum")) or \
-                    not np.array_equal(p._arrays()[1], first._arrays()[1]):
-                raise UserError(f"{p.folder} and {first.folder} do not hold codes of the same "
-                                "images by the same tokenizer; extract both from one --data with "
-                                "one tokenizer")
+                    not np.array_equal(p._arrays()[1], self.parts[0]._arrays()[1]):
+                raise UserError(f"{p.folder} and {self.parts[0].folder} do not hold codes of the "
+                                "same images by the same tokenizer; extract both from one --data "
+                                "with one tokenizer")
 
     def __len__(self):
         return len(self.parts[0])
@@ -603,8 +510,7 @@ def codes_dataset(spec):
     spec = str(spec)
     folders = [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]
     if not folders:
-        raise UserError(f"--data {spec!r} names no codes folder; pass one, or several separated "
-                        "by commas")
+        raise UserError(f"--data {spec!r} names no codes folder; pass one, or several as A,B")
     return CodesDataset(folders[0]) if len(folders) == 1 else MixedCodes(folders)
 
 
@@ -625,8 +531,7 @@ class CaptionFeatures(torch.utils.data.Dataset):
         if lengths.shape != (r.count,) or size != int(lengths.sum()) * r.d_model * 2:
             raise UserError(f"{folder}: features.bin ({size} bytes) and lengths.npy disagree "
                             "with features.json; the folder is damaged, extract it again")
-        self.lengths = lengths.astype(np.int64)
-        self.offsets, self._rows = np.concatenate([[0], np.cumsum(self.lengths)]), None
+        self.offsets, self._rows = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), None
 
     def __getstate__(self):
         return {**self.__dict__, "_rows": None}
@@ -635,23 +540,19 @@ class CaptionFeatures(torch.utils.data.Dataset):
         return self.receipt.count
 
     def __getitem__(self, index):
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} captions")
-        index, r = index % len(self), self.receipt  # a negative index counts from the end
+        index, r = range(len(self))[index], self.receipt  # IndexError past the end, as a list
         if self._rows is None:
             self._rows = np.memmap(os.path.join(self.folder, "features.bin"), _STORED[r.dtype],
                                    "r", shape=(int(self.offsets[-1]), r.d_model))
-        a, n = int(self.offsets[index]), int(self.lengths[index])
+        a, n = int(self.offsets[index]), int(self.offsets[index + 1] - self.offsets[index])
         rows = torch.from_numpy(np.array(self._rows[a:a + n]))  # a copy: the map is read-only
         if r.dtype == "bfloat16":  # the bit patterns, reinterpreted, not converted
             rows = rows.view(torch.int16).view(torch.bfloat16)
-        features, mask = torch.zeros(r.length, r.d_model), torch.zeros(r.length, dtype=torch.bool)
-        features[:n], mask[:n] = rows.float(), True
-        return features, mask
+        mask = torch.arange(r.length) < n
+        return torch.cat([rows.float(), torch.zeros(r.length - n, r.d_model)]), mask
 
     def check_codes(self, codes_folder):
-        """One line unless these features were made from the captions of the codes in
-        `codes_folder`, in the same order: codes row i must be the image of caption i."""
+        """One line unless codes row i in `codes_folder` is the image of caption i here."""
         _, checksum = read_captions(codes_folder)
         if checksum != self.receipt.captions_checksum:
             raise UserError(f"the caption features in {self.folder} were made from other captions "
@@ -679,19 +580,16 @@ def main(argv=None):
                     "centre of it and of its mirror), not 2 (it and its mirror)")
     ex.add_argument("--crop-range", type=float, help="with --ten-crop: centre-crop to "
                     "int(image_size * crop_range) first (default: 1.1; the paper also uses 1.05)")
-    ex.add_argument("--num-workers", type=int, default=4,
-                    help="DataLoader processes decoding images (default: 4)")
+    ex.add_argument("--num-workers", type=int, default=4, help="DataLoader workers (default: 4)")
     ft = sub.add_parser("features", help="captions -> a frozen T5's features, for t2i training")
     ft.add_argument("--data", required=True, help="a codes folder of captioned data (the features "
                     "pair with its rows) or a caption spec ('scenes[:N]', 'coco:...', 'captions:')")
     ft.add_argument("--t5", required=True, help="a Hugging Face (FLAN-)T5 folder (flan-t5-xl)")
-    ft.add_argument("--out", required=True, help="features folder (features.bin, lengths.npy, "
-                    "features.json)")
-    ft.add_argument("--length", type=int, default=120,
-                    help="N, tokens per caption, longer ones truncated (default: 120, the paper's)")
+    ft.add_argument("--out", required=True, help="folder: features.bin, lengths.npy, features.json")
+    ft.add_argument("--length", type=int, default=120, help="N, tokens per caption (default: 120)")
     ft.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="the "
                     "encoder's (auto: bf16 on GPUs that have it, else fp32; fp16 overflows T5)")
-    ft.add_argument("--storage", choices=list(STORAGE), default="bf16", help="2 bytes a number "
+    ft.add_argument("--storage", choices=["bf16", "fp16"], default="bf16", help="2 bytes a number "
                     "(default: bf16; fp16 keeps 3 more bits, refused beyond 65504)")
     for q in (ex, ft):
         q.add_argument("--batch-size", type=int, default=64, help="per process (default: 64)")
@@ -701,16 +599,12 @@ def main(argv=None):
                        "crop_range": at_least(1), "length": at_least(1)},
                 [("crop_range", "--ten-crop", lambda a: a.ten_crop)])
     rank0 = rank_world()[0] == 0  # one summary, not one per process
+    device = setup_device(args.device, tf32=False)  # fp32: codes are nearest-neighbour decisions
     if args.command == "extract":
         if os.path.isfile(args.out):  # fail before the tokenizer loads
-            raise UserError(f"--out {args.out} is a file; codes go into a folder: choose another "
-                            "--out")
-        try:  # a real file, at once deleted: the only test that catches read-only mounts
-            os.makedirs(args.out, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.out).close()
-        except OSError as e:
-            raise UserError(os_error_line(e, args.out)) from None
-        device = setup_device(args.device, tf32=False)  # codes are nearest-neighbour decisions
+            raise UserError(f"--out {args.out} is a file; codes go into a folder, choose another")
+        os.makedirs(args.out, exist_ok=True)  # an OSError here is one line (common.cli)
+        tempfile.TemporaryFile(dir=args.out).close()  # a real file: catches read-only mounts
         torch.manual_seed(0)  # --vq-config: the same random weights in every process
         vq = VQModel.from_pretrained(args.vq_ckpt) if args.vq_ckpt else \
             VQModel(vq_config(args.vq_config))
@@ -726,16 +620,14 @@ def main(argv=None):
     captions, data = load_captions(args.data)
     t5 = os.path.expanduser(args.t5)
     if not os.path.isdir(t5):
-        raise UserError(f"--t5 {args.t5!r} is not a folder; download a Hugging Face T5 folder "
-                        "(google/flan-t5-xl: config.json, spiece.model, model.safetensors) and "
-                        "pass its path")
-    device = setup_device(args.device, tf32=False)  # the features are stored: full fp32
+        raise UserError(f"--t5 {args.t5!r} is not a folder; pass a Hugging Face T5 folder "
+                        "(google/flan-t5-xl: config.json, spiece.model, model.safetensors)")
     precision = args.precision if args.precision != "auto" else "bf16" if \
         device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32"
     encoder = TextEncoder.from_pretrained(t5, device, DTYPES[precision])
     name = os.path.basename(os.path.normpath(t5))  # normpath: flan-t5-xl/ would name nothing
     r = extract_features(encoder, captions, args.out, args.length, args.batch_size,
-                         STORAGE[args.storage], data, name)
+                         str(DTYPES[args.storage]).removeprefix("torch."), data, name)
     if rank0:
         tokens = int(np.load(os.path.join(args.out, "lengths.npy")).sum())
         print(f"wrote {args.out}: {r.count} captions, {tokens} tokens ({tokens / r.count:.1f} "

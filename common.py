@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 import warnings
 
@@ -78,6 +79,8 @@ def cli(main):
     def leave(line, code):
         if is_rank0():
             say(line)
+        else:  # torchrun stops every rank when one exits: give rank 0 time to say it first
+            time.sleep(2)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         sys.exit(code)
@@ -325,11 +328,10 @@ def load_checkpoint(path):
 
 
 def weights_checksum(module, as_dtype=None):
-    """sha256 of a module's floating-point tensors (names, dtypes, shapes and bytes, in key order):
-    the identity of a set of weights, the same whichever file they came from, so that data made
-    with them (tokenizer codes, text features) can be matched to them later. as_dtype hashes every
-    tensor cast to that dtype, so one model loaded in float32 or in bfloat16 gets one checksum (a
-    frozen text encoder runs in either); None hashes the tensors as they are."""
+    """sha256 of a module's floating-point tensors (names, dtypes, shapes, bytes, in key order):
+    the identity of a set of weights whichever file they came from, so that data made with them
+    (codes, text features) can be matched to them later. as_dtype: hash every tensor cast to it
+    (a frozen text encoder runs in float32 or bfloat16 under one checksum)."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
         if v.is_floating_point():
@@ -341,10 +343,8 @@ def weights_checksum(module, as_dtype=None):
 
 
 def unwrap_state_dict(ckpt):
-    """The weights inside any of the containers in use: our own and the official DDP trainer's
-    {"model": ...}, DeepSpeed's {"module": ...}, {"state_dict": ...}, or a bare FSDP consolidated
-    dict.
-    A checkpoint with an "ema" dict (train.py --ema) yields its exponential moving average."""
+    """The weights inside any container in use ({"model": ...} ours and the official trainer's,
+    DeepSpeed's {"module": ...}, {"state_dict": ...}, a bare dict); with an "ema" dict, its EMA."""
     ema = ckpt.get("ema") if isinstance(ckpt, dict) else None
     for key in ("model", "module", "state_dict"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
@@ -360,10 +360,8 @@ def unwrap_state_dict(ckpt):
 
 
 def load_weights(module, state_dict, what, ignore=(), hint=""):
-    """Strict loading with a readable failure. Keys containing a string in `ignore` (runtime buffers
-    such as KV caches) are dropped; any other missing, unexpected or wrongly-shaped tensor raises
-    one UserError naming the key, both shapes and `hint` (for example, the config that would
-    fit)."""
+    """Strict loading with a readable failure: keys containing a string of `ignore` (runtime
+    buffers) are dropped, then check_weights."""
     sd = {k: v for k, v in state_dict.items() if not any(s in k for s in ignore)}
     check_weights(module, sd, what, hint)
     module.load_state_dict(sd, strict=True)
@@ -371,9 +369,8 @@ def load_weights(module, state_dict, what, ignore=(), hint=""):
 
 
 def check_weights(module, sd, what, hint=""):
-    """load_weights' checks alone: every tensor of `module` (or of a state dict) in `sd` with its
-    shape, nothing more. Also for a module sharded by FSDP, whose state_dict shapes are those of
-    the whole tensors."""
+    """Every tensor of `module` (or of a state dict) in `sd` with its shape, nothing more; else one
+    UserError naming the key, both shapes and `hint` (say, the config that would fit)."""
     own = module if isinstance(module, dict) else module.state_dict()
     hint = f"; {hint}" if hint else ""
     for k, v in own.items():
@@ -389,10 +386,9 @@ def check_weights(module, sd, what, hint=""):
 
 
 def save_atomic(what, path):
-    """Write `path` so that a crash leaves the old file or the new one, never half of one: into a
-    temporary file in the same folder, flushed to disk, then renamed over `path` (a rename within
-    one filesystem is atomic). `what` is an object for torch.save, or a function that writes to a
-    file. A full disk or an unwritable folder is one UserError; the old file stays."""
+    """Write `path` so that a crash leaves the old file or the new one, never half of one: a
+    temporary file in the same folder, flushed, then renamed over `path` (atomic within one
+    filesystem). `what`: an object for torch.save, or a function writing to a binary file."""
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     try:
@@ -488,5 +484,9 @@ def weights_file(path):
         return path
     url = os.environ.get("NANOLLAMAGEN_WEIGHTS_URL", OFFICIAL_WEIGHTS[path]).rstrip("/") + "/"
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", path)
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:  # under torchrun one process a machine fetches
+        while not os.path.isfile(cached):  # (if it fails, torchrun stops this one too)
+            time.sleep(1)
+        return cached
     return download(url + path, cached, fix=f"offline? download it by hand to {cached} (or "
                     "anywhere, and pass that path)")

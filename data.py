@@ -134,7 +134,7 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
     if "+" in spec and not os.path.isdir(spec):  # a real folder named a+b is one folder
         return Joined([image_dataset(part, image_size, augment, flip, seed)
                        for part in spec.split("+")], spec)
-    if is_caption_spec(spec):
+    if spec.startswith(("captions:", "coco:", "scenes:")) or spec == "scenes":  # captioned images
         return Captioned(caption_dataset(spec, image_size, augment, flip, seed))
     if spec == "synthetic" or spec.startswith("synthetic:"):
         if os.path.isdir(spec):  # a real folder of that name: neither reading may be guessed
@@ -214,12 +214,6 @@ def check_image_size(image_size, downsample, flag="--image-size"):
 #   coco:ANNOTATIONS.json:IMAGES_DIR  a COCO captions file: per image, the list of its captions
 #   scenes[:N]    N scenes of the built-in captioned world (scenes.CaptionedScenes; 10,000 if no N)
 
-def is_caption_spec(spec):
-    """True for the --data specs that name captioned images (captions:, coco:, scenes[:N])."""
-    spec = str(spec)
-    return spec.startswith(("captions:", "coco:")) or spec == "scenes" or spec.startswith("scenes:")
-
-
 def _read_caption(path, image):
     """The caption file of `image`, every run of white space (line breaks too) one space."""
     try:
@@ -283,8 +277,8 @@ def caption_folder(root, image_size, augment="center", flip=False):
 def coco_captions(annotations, images_dir, image_size, augment="center", flip=False):
     """A COCO captions file ("images" [{id, file_name}], "annotations" [{image_id, caption}]): one
     item per image, in the order of "images", with the list of its captions in the file's order
-    (joint training draws one per access, frozen features take the first). Images with no
-    caption are left out, counted in `.uncaptioned`."""
+    (joint training draws one per access, frozen features take the first); images with no caption
+    are left out."""
     annotations = os.path.abspath(os.path.expanduser(annotations))
     images_dir = os.path.abspath(os.path.expanduser(images_dir))
     try:
@@ -324,10 +318,8 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
                         f"{images_dir} the image folder of these annotations?")
     if not samples:
         raise UserError(f"{annotations}: no image has a caption")
-    ds = CaptionedImages(samples, image_size, augment, flip,
-                         spec=f"coco:{annotations}:{images_dir}")
-    ds.uncaptioned = len(names) - len(samples)
-    return ds
+    return CaptionedImages(samples, image_size, augment, flip,
+                           spec=f"coco:{annotations}:{images_dir}")
 
 
 def caption_dataset(spec, image_size, augment="center", flip=False, seed=0):

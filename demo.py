@@ -51,8 +51,8 @@ import sample
 import scenes
 import t2i
 import train
-from common import (UserError, cli, cpu_has_bf16, from_uint8, pick_device, resolve_precision,
-                    save_grid)
+from common import (POSITIVE, at_least, check_flags, cli, cpu_has_bf16, from_uint8, pick_device,
+                    resolve_precision, save_atomic, save_grid)
 from model import GPT
 from shapes import CLASS_NAMES, SyntheticShapes
 from tokenizer import VQModel, tokenizer_metrics
@@ -61,10 +61,8 @@ from tokenizer import VQModel, tokenizer_metrics
 class NearestNeighbour:
     """A simple classifier for the embedded dataset: k-nearest neighbours (k=5) in pixel space,
     against 10,000 real training images blurred to 8x8 so that a shape a few pixels off still
-    matches its class. It stands in for the Inception network of FID: no download, and its accuracy
-    on real images (printed beside the samples', per class too) says how far to trust it. With
-    5,000 references a yellow plus was taken for another class one time in ten; 10,000 bring every
-    class to at least 96% on real images."""
+    matches its class. It stands in for the Inception network of FID (no download); its accuracy
+    on real images, printed beside the samples', says how far to trust it."""
 
     def __init__(self, image_size, n=10000, seed=123):
         ds = SyntheticShapes(n, image_size, seed=seed)
@@ -72,13 +70,10 @@ class NearestNeighbour:
         self.refs, self.labels = self.features(torch.stack(x)), torch.tensor(self.labels)
 
     @staticmethod
-    def features(x):
-        """[B, 3, H, W] -> [B, 192]: the 8x8 average-pooled image, flattened. The pooling keeps
-        colour and rough layout, which is all that tells these ten classes apart."""
+    def features(x):  # colour and rough layout: all that tells these ten classes apart
         return torch.nn.functional.adaptive_avg_pool2d(x.float(), 8).flatten(1)
 
-    def __call__(self, images):
-        """Predicted labels [B]: the majority class of the 5 nearest real images."""
+    def __call__(self, images):  # the majority class of the 5 nearest real images
         d = torch.cdist(self.features(images), self.refs)
         votes = self.labels[d.topk(5, largest=False).indices]
         return torch.mode(votes, dim=1).values
@@ -99,8 +94,7 @@ def get_args():
     p.add_argument("--gpt", default="nano", help="GPT config (model.py)")
     p.add_argument("--images", type=int, default=12000,
                    help="training images of the embedded dataset")
-    # 50: a class's accuracy from 10 or 20 samples moves 10 or 5 points with one sample, too
-    # coarse to tell 80% from 70% (one model read 86%, 92% and 87% on 10, 20 and 50 per class)
+    # 50: from 10 samples a class's accuracy moves 10 points with one sample, too coarse
     p.add_argument("--per-class", type=int, default=50,
                    help="samples per class and cfg for the accuracy (the grids show 10)")
     p.add_argument("--scenes", type=int, default=6000,
@@ -118,22 +112,20 @@ def get_args():
                    help="benchmark candidates per prompt that CLIP re-ranks (1 = none)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="training precision (auto: train.py's on GPUs, bf16 on CPUs that "
-                        "multiply bf16 natively, e.g. avx512_bf16, where the GPT steps run 1.6x "
-                        "faster, fp32 on other CPUs; the tokenizer always trains in fp32)")
+                        "multiply bf16 natively, e.g. avx512_bf16, fp32 on other CPUs; the "
+                        "tokenizer always trains in fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
     p.add_argument("--only", choices=HALVES, default=None,
                    help="run one half: c2i (class-conditional) or t2i (text-conditional); "
                         "default: both")
     args = p.parse_args()
-    # a count of 0 would only fail minutes later, inside a step
-    for flag in ("image_size", "vq_steps", "gpt_steps", "images", "per_class", "scenes",
-                 "t2i_steps", "per_task", "clip_steps", "candidates"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got "
-                            f"{getattr(args, flag)}")
-    if not args.scale > 0:
-        raise UserError(f"--scale must be above 0, got {args.scale}")
+    check_flags(args, RANGES)  # a count of 0 would only fail minutes later, inside a step
     return args
+
+
+RANGES = {"scale": POSITIVE, "t2i_cfg": at_least(0), **{k: at_least(1) for k in (
+    "image_size", "vq_steps", "gpt_steps", "images", "per_class", "scenes", "t2i_steps",
+    "per_task", "clip_steps", "candidates")}}
 
 
 def fresh(folder):
@@ -155,11 +147,8 @@ def train_tokenizer(args, device, spec, shared):
     print(f"== 1. tokenizer: VQ-tiny on {spec} at {size} px")
     vq_dir = fresh(os.path.join(out, "vq_run"))
     # no LPIPS and no discriminator: both need downloads or many steps to help, and plain L2 on
-    # these flat-coloured shapes is enough; a 10x higher lr than the paper's for a short run, and
-    # small batches: 600 steps of 16 took 17% longer than 300 of 32 and gave 22.1 dB against 21.1
-    # (the white stripes and the hexagon first became recognisable). Always float32: bf16 saved
-    # only 0.6 of the 3 minutes on a CPU, and its codes drew the pink crescent 66% right at cfg 4
-    # (the same GPT recipe on float32 codes: 86-90% over three sampling seeds)
+    # these flat-coloured shapes is enough; a 10x higher lr than the paper's for a short run, small
+    # batches, and always float32 (BENCHMARKS.md, "the demo's settings", has the ablations)
     train.main(["--model", "VQ-tiny", "--data", spec, "--image-size", str(size),
                 "--batch-size", "16", "--lr", "1e-3",
                 "--max-steps", str(int(args.vq_steps * args.scale)), "--perceptual-weight", "0",
@@ -205,10 +194,8 @@ def train_gpt(args, vq, codes_dir, shared, figures):
     print(f"== 4. GPT-{args.gpt} on the codes")
     gpt_dir = fresh(os.path.join(args.out, "gpt_run"))
     # a short run needs a decaying schedule (the paper's is constant for 300 epochs), a high
-    # peak rate (3e-3 against 2e-3: 0.12 bits per token lower, 90% against 87% at cfg 4) and no
-    # dropout: 1800 steps of 32 see each image about 2.4 times, too few to overfit (dropout 0.1
-    # cost 0.13 bits per token). Twice the steps at half the batch, in the same time, on one set of
-    # codes: 97% against 95% at cfg 4, the weakest class 92% against 86% (1300 steps: 93%, 70%)
+    # peak rate and no dropout: 1800 steps of 32 see each image about 2.4 times, too few to
+    # overfit (the ablations: BENCHMARKS.md)
     train.main(["--model", args.gpt, "--data", codes_dir, "--batch-size", "32", "--lr", "3e-3",
                 "--lr-schedule", "cosine", "--warmup-steps", "50", "--dropout", "0",
                 "--max-steps", str(int(args.gpt_steps * args.scale)),
@@ -253,7 +240,7 @@ def draw_pictures(args, vq, device, figures):
         figures[f"class_accuracy_cfg{cfg:g}_per_class"] = dict(zip(CLASS_NAMES, per_class))
         shown = min(args.per_class, 10)  # each class's first 10: rows a reader can take in
         save_grid(pixels.view(10, args.per_class, *pixels.shape[1:])[:, :shown].flatten(0, 1),
-                       os.path.join(out, f"samples_cfg{cfg:g}.png"), nrow=shown)
+                  os.path.join(out, f"samples_cfg{cfg:g}.png"), nrow=shown)
         print(f"cfg {cfg:g}: class accuracy {100 * acc:.0f}% ({ms:.0f} ms per image); per class: "
               + ", ".join(f"{name} {100 * a:.0f}%" for name, a in zip(CLASS_NAMES, per_class)))
     print(f"(the classifier itself gets {100 * on_real:.0f}% on real images, at least "
@@ -277,7 +264,7 @@ def extract(args, vq, device, spec):
     print("== 3. codes of every training image (and of its mirror image)")
     codes_dir = fresh(os.path.join(args.out, "codes"))
     codes.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
-                       device=device)
+                        device=device)
     return codes_dir
 
 
@@ -305,9 +292,7 @@ def train_t2i(args, codes_dir, shared, figures, start):
           + (", the GPT started from the class GPT" if start else ""))
     run = fresh(os.path.join(args.out, "t2i_run"))
     # --init-from the class GPT: it already draws the shared tokenizer's shapes on the dark
-    # background, so only the caption side is new. 500 steps from it: 3.78 bits against 3.90
-    # after 1000 from random weights, and the benchmark at cfg 3 as good (12.0% against 12.7%,
-    # 24 draws of 120 prompts, the draws' noise about 1 point), in half the time
+    # background, so only the caption side is new, and half the steps do
     steps = args.t2i_steps or (500 if start else 1000)
     # --text t5-nano: no pretrained encoder knows these words, so one is learnt with the GPT (as
     # DALL-E learns its text embeddings); 16 tokens hold the longest caption of the grammar
@@ -407,7 +392,7 @@ def text_half(args, device, shared, figures, phase, vq, start):
     print(f"== 6. codes of {args.scenes} captioned scenes")
     codes_dir = fresh(os.path.join(args.out, "scene_codes"))
     codes.extract_codes(vq, spec, codes_dir, image_size=args.image_size, batch_size=256,
-                       device=device)
+                        device=device)
     phase("scene_codes")
     train_t2i(args, codes_dir, shared, figures, start)
     phase("t2i_gpt")
@@ -452,8 +437,8 @@ def main():
         text_half(args, device, shared, figures, phase, vq,
                   os.path.join(out, "gpt.pt") if "c2i" in halves else None)
     figures["minutes"] = (time.time() - t_start) / 60
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(figures, f, indent=1)
+    save_atomic(lambda f: f.write(json.dumps(figures, indent=1).encode()),
+                os.path.join(out, "summary.json"))
     print(f"\n== done in {figures['minutes']:.1f} min; pictures and summary.json in {out}/")
     if "c2i" in halves:
         print("rows of samples_cfg*.png, top to bottom: " + ", ".join(CLASS_NAMES))

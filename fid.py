@@ -4,11 +4,9 @@
     python fid.py reference.npz --save-stats reference_stats.npz # cache statistics for later runs
 
 The paper's ImageNet metrics (paper 3.2) come from ADM's TensorFlow evaluator (guided-diffusion
-evaluations/evaluator.py) and its 2015-12-05 Inception-v3 graph: below, that graph in PyTorch with
-the standard port of its weights (pt_inception-2015-12-05-6726825d.pth, pytorch-fid's file), then
-the metrics as ADM computes them. Inputs: ADM's .npz (uint8 N x H x W x 3 under `arr_0`), a folder
-of images, a statistics .npz, or arrays, tensors and batches. A leaf, like pytorch-fid: it needs
-only common.py. (A tokenizer's rFID: `python tokenizer.py --vq-ckpt ... --data ...`.)
+evaluations/evaluator.py) on its 2015-12-05 Inception-v3 graph: below, that graph in PyTorch with
+pytorch-fid's port of its weights, then the metrics as ADM computes them, on ADM's .npz (uint8
+N x H x W x 3 under `arr_0`), a folder of images, a statistics .npz, arrays, tensors or batches.
 """
 import argparse
 import functools
@@ -24,10 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (IMAGE_EXTENSIONS, UNREADABLE, UserError, at_least, check_flags,
-                    check_writable, cli, download, first_line, load_checkpoint, load_weights,
-                    pick_device, read_image, save_atomic, say, unwrap_state_dict)
-from common import progress as progress_bar  # batch_features' `progress` is its on/off flag
+from common import (IMAGE_EXTENSIONS, UNREADABLE, UserError, at_least, check_flags, check_writable,
+                    cli, download, first_line, load_checkpoint, load_weights, pick_device,
+                    progress as progress_bar, read_image, save_atomic, say, unwrap_state_dict)
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -150,30 +147,23 @@ class FIDInception(nn.Module):
     feature sets the metrics use: pool (N x 2048), logits (N x 1008) and spatial (N x 2023)."""
     def __init__(self):
         super().__init__()
-        # the stem: 299 -> 35 px in five plain convolutions and two max pools
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
         # then 3 blocks at 35x35, a reduction, 4 at 17x17, a reduction, 2 at 8x8: 2048 channels
-        self.Mixed_5b = InceptionA(192, pool_features=32)
-        self.Mixed_5c = InceptionA(256, pool_features=64)
-        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (
+            InceptionA(cin, pool_features=p) for cin, p in ((192, 32), (256, 64), (288, 64)))
         self.Mixed_6a = InceptionB(288)
-        self.Mixed_6b = InceptionC(768, mid=128)
-        self.Mixed_6c = InceptionC(768, mid=160)
-        self.Mixed_6d = InceptionC(768, mid=160)
-        self.Mixed_6e = InceptionC(768, mid=192)
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (
+            InceptionC(768, mid=m) for m in (128, 160, 160, 192))
         self.Mixed_7a = InceptionD(768)
-        self.Mixed_7b = InceptionE(1280, pool="avg")
-        self.Mixed_7c = InceptionE(2048, pool="max")
-        # 1008 outputs: the 1000 classes and unused padding entries of the graph's label map
-        self.fc = nn.Linear(2048, 1008)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool="avg"), InceptionE(2048, pool="max")
+        self.fc = nn.Linear(2048, 1008)  # the 1000 classes and unused entries of the label map
 
     def forward(self, x):
-        # the standard port's input (TF's own resize differs slightly: a gap of every port)
-        x = resize299(x) * 2 - 1
+        x = resize299(x) * 2 - 1  # the port's input; TF's own resize differs a little
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # 299 -> 149 -> 147
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))  # -> 73 -> 71
         x = F.max_pool2d(x, 3, stride=2)  # -> 35
@@ -194,14 +184,12 @@ class FIDInception(nn.Module):
         # BatchNorm's step counters, never read here, are absent from files of torch < 0.4.1
         state_dict = {**{k: v for k, v in net.state_dict().items()
                          if k.endswith("num_batches_tracked")}, **state_dict}
-        load_weights(net, state_dict, "Inception",
-                     hint=f"expected the FID Inception file {os.path.basename(WEIGHTS_URL)}")
-        return net.eval().requires_grad_(False)
+        return load_weights(net, state_dict, "Inception", hint="expected the FID Inception file "
+                            f"{os.path.basename(WEIGHTS_URL)}").eval().requires_grad_(False)
 
 
 def resize299(x):
-    """N x 3 x H x W -> N x 3 x 299 x 299, bilinear (align_corners False, no antialias). From 299 to
-    299 it is the identity, so batches resized early (mixed sizes) give the same features."""
+    """N x 3 x H x W -> 299 x 299, bilinear, no antialias; the identity at 299 (so safe early)."""
     return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
 
 
@@ -217,8 +205,7 @@ def download_weights(url=WEIGHTS_URL, cache_dir=None):
 # ------------------------------------------------------------------------------------------------
 # Inputs -> batches of images -> features
 def to_float_images(batch, what="images"):
-    """A uint8 N x H x W x 3 array/tensor (ADM's format) or a float N x 3 x H x W tensor in [0, 1]
-    -> float N x 3 x H x W in [0, 1], pytorch-fid's scale (x / 255), the network's input."""
+    """uint8 N x H x W x 3 (ADM's) or float N x 3 x H x W -> float N x 3 x H x W in [0, 1]."""
     batch = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
     if not torch.is_tensor(batch):
         raise UserError(f"{what}: expected an array or tensor of images, "
@@ -234,9 +221,8 @@ def to_float_images(batch, what="images"):
     return batch.permute(0, 3, 1, 2).float().div(255) if uint8 else batch.float()
 
 
-def _npz_images(path, batch_size, sizes=None):
-    """(count, batches) of arr_0, streamed from the zip member (np.load would read all of it: 50k
-    ImageNet samples are ~10 GB); the .npy header says where the pixels start."""
+def _npz_images(path, batch_size, sizes):
+    """(count, batches) of arr_0, streamed from the zip member (np.load would read all of it)."""
     try:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -246,18 +232,15 @@ def _npz_images(path, batch_size, sizes=None):
         raise UserError(f"{path!r} has no 'arr_0' array; "
                         "save samples with np.savez(path, uint8_nhwc_images)")
     member = archive.open("arr_0.npy")
-    fmt = np.lib.format  # a 2-byte header length in version 1.0, 4 bytes in 2.0 and 3.0
-    read = fmt.read_array_header_1_0 if fmt.read_magic(member) == (1, 0) else \
-        fmt.read_array_header_2_0
-    shape, fortran, dtype = read(member)
+    v = "1" if np.lib.format.read_magic(member) == (1, 0) else "2"  # header length: 2 or 4 bytes
+    shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{v}_0")(member)
     # the pixels are read below as raw C-order bytes: a Fortran-ordered array would be scrambled
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
         member.close(), archive.close()
         raise UserError(f"{path!r}: arr_0 must hold uint8 images N x H x W x 3 (ADM's format), "
                         f"found {dtype} {tuple(shape)}")
     per_image = int(np.prod(shape[1:]))
-    if sizes is not None:
-        sizes.add(tuple(shape[1:3]))
+    sizes.add(tuple(shape[1:3]))
 
     def batches():
         with archive, member:
@@ -268,13 +251,11 @@ def _npz_images(path, batch_size, sizes=None):
                     raise UserError(f"{path!r} is truncated at image {start}; re-save it")
                 # a bytearray, so the array is writable (torch.from_numpy warns on read-only)
                 yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
-
     return shape[0], batches()
 
 
-def _folder_images(path, batch_size, sizes=None):
-    """(count, batches) of one folder's images (pytorch-fid's extensions, sorted names); one that
-    cannot be decoded is left out and counted at the end: a metric of N - 1 images beats none."""
+def _folder_images(path, batch_size, sizes):
+    """(count, batches) of a folder's images, by name; an undecodable one is skipped, counted."""
     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                    if f.lower().endswith(IMAGE_EXTENSIONS))
 
@@ -287,27 +268,22 @@ def _folder_images(path, batch_size, sizes=None):
                     imgs.append(np.array(read_image(p)))
                 except UNREADABLE as e:
                     skipped.append(f"{os.path.basename(p)}: {first_line(e)}")
-            if sizes is not None:
-                sizes.update(im.shape[:2] for im in imgs)
-            if not imgs:
-                continue
+            sizes.update(im.shape[:2] for im in imgs)
             if len({im.shape for im in imgs}) == 1:
                 yield np.stack(imgs)
-            else:  # mixed sizes cannot be stacked; the net resizes each to 299 anyway: do it first
+            elif imgs:  # mixed sizes cannot be stacked; the net resizes each to 299: do it first
                 yield torch.cat([resize299(to_float_images(im[None])) for im in imgs])
         if skipped:
             say(f"skipped {len(skipped)} unreadable image(s) of {len(files)} in {path} (first: "
                 f"{skipped[0]})")
-
     return len(files), batches()
 
 
 def image_batches(source, batch_size, sizes=None):
-    """(count or None, iterator of batches: uint8 N x H x W x 3 or float N x 3 x H x W in [0, 1])
-    of a path (.npz or folder), one array/tensor of all images, or an iterable of batches (a
-    decoder's outputs, streamed). sizes: a set that collects the (H, W) of a path's images."""
+    """(count or None, batches for to_float_images) of a path (.npz or folder), an array/tensor,
+    or an iterable of batches (a decoder's, streamed); `sizes` collects a path's image sizes."""
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
+        path, sizes = os.fspath(source), set() if sizes is None else sizes
         if os.path.isdir(path):
             return _folder_images(path, batch_size, sizes)
         if not os.path.isfile(path):
@@ -355,41 +331,35 @@ def statistics(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)) of
-    two Gaussians; on pool_3 features, FID (paper 3.2; LlamaGen-B 5.46 on ImageNet 256, Table 6).
-    The square-root trace sums the square roots of the eigenvalues of sigma1 sigma2, which with
-    sigma1 = b b^T are those of the symmetric b^T sigma2 b: two symmetric eigensolves. ADM and
-    pytorch-fid run scipy's sqrtm on the non-symmetric product, which fails on singular ones
-    (hence their eps * I retry); zeroing the round-off keeps rank-deficient ones exact, no eps."""
+    """Frechet distance |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)) of two
+    Gaussians: FID on pool_3 (paper 3.2). The trace sums the square roots of the eigenvalues of
+    sigma1 sigma2, those of the symmetric b^T sigma2 b for sigma1 = b b^T: unlike ADM's scipy sqrtm
+    (and its eps * I retry), two symmetric eigensolves stay exact for singular covariances."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise UserError(f"statistics do not match: means {mu1.shape} vs {mu2.shape}, covariances "
                         f"{sigma1.shape} vs {sigma2.shape}; compare features of the same kind")
+
+    def sqrt_eig(w):  # eigenvalues under a symmetric eigensolver's error (n eps max) are round-off
+        floor = len(w) * np.finfo(np.float64).eps * max(w.max(initial=0.0), 0.0)
+        return np.sqrt(np.where(w > floor, w, 0.0))
     w, v = np.linalg.eigh(sigma1)  # sigma1 = v diag(w) v^T
-    b = v * np.sqrt(_drop_round_off(w))  # sigma1 = b b^T
+    b = v * sqrt_eig(w)  # sigma1 = b b^T
     m = b.T @ sigma2 @ b  # (m + m^T) / 2 below: exactly symmetric, as eigvalsh reads one triangle
-    tr_covmean = np.sqrt(_drop_round_off(np.linalg.eigvalsh((m + m.T) / 2))).sum()
+    tr_covmean = sqrt_eig(np.linalg.eigvalsh((m + m.T) / 2)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def _drop_round_off(eigenvalues):
-    """Eigenvalues under a symmetric eigensolver's error (n eps max) are round-off: zero them."""
-    floor = len(eigenvalues) * np.finfo(np.float64).eps * max(eigenvalues.max(initial=0.0), 0.0)
-    return np.where(eigenvalues > floor, eigenvalues, 0.0)
-
-
 def sfid(spatial1, spatial2):
-    """sFID (Nash et al. 2021, paper 3.2): FID on the 2023-d spatial features, which also penalise
-    wrong layouts. Each argument: N x 2023 features, or their (mu_s, sigma_s)."""
+    """sFID (Nash et al. 2021): FID of the spatial features (N x 2023, or (mu_s, sigma_s))."""
     fit = lambda s: s if isinstance(s, tuple) else statistics(s)  # noqa: E731
     return frechet_distance(*fit(spatial1), *fit(spatial2))
 
 
 def rfid(reconstructions, originals, net, batch_size=64, device="cpu", progress=True):
-    """rFID of a tokenizer (paper 3.1): FID of its reconstructions against the very images it
-    encoded (ImageNet val crops), one batch of each through the net at a time: two streams."""
+    """rFID (paper 3.1): FID of a tokenizer's reconstructions against the images it encoded."""
     streams = [image_batches(images, batch_size)[1] for images in (originals, reconstructions)]
     is_original = []  # per row of the joint batches: the two streams' batches may differ in size
 
@@ -441,15 +411,12 @@ def manifold_radii(features, k=3, block_rows=None):
 
 
 def precision_recall(real, fake, k=3, block_rows=None, device="cpu"):
-    """Improved precision and recall (Kynkaanniemi et al. 2019) on pool_3 features, as ADM:
-    precision (fidelity), the share of generated images inside the real images' manifold (a union
-    of k-NN balls); recall (coverage), the share of real images inside the generated one. ADM's
-    distances are float16, these float32: a point on a ball's very edge may land differently."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019), as ADM but float32 (not float16):
+    precision, the share of generated images in the real k-NN balls' union; recall, the converse."""
     real, fake = (torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
                   for x in (real, fake))
     r_real, r_fake = manifold_radii(real, k, block_rows), manifold_radii(fake, k, block_rows)
-    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
-    real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
+    fake_in, real_in = (torch.zeros(len(x), dtype=torch.bool, device=device) for x in (fake, real))
     rows = block_rows or max(1, (1 << 26) // len(real))
     for i in range(0, len(fake), rows):
         d = _squared_distances(fake[i:i + rows], real)  # block of fake rows x all real columns
@@ -495,8 +462,7 @@ def load_input(path, get_net, batch_size, device):
     sizes = set()
     count, batches = image_batches(path, batch_size, sizes=sizes)  # bad input fails before weights
     feats = batch_features(get_net(), count, batches, device)
-    stats = dict(zip(("mu", "sigma"), statistics(feats["pool"])))
-    stats.update(zip(("mu_s", "sigma_s"), statistics(feats["spatial"])))
+    stats = dict(zip(STAT_KEYS, (*statistics(feats["pool"]), *statistics(feats["spatial"]))))
     return {**stats, **found, "pool": feats["pool"], "sizes": sizes}  # stored statistics win
 
 
@@ -523,8 +489,7 @@ def main(argv=None):
     if args.save_stats:
         check_writable(args.save_stats, args.overwrite, "--save-stats")
     device = pick_device(args.device)
-    # loaded once, and only if images are embedded or pool features scored (IS)
-    get_net = functools.cache(lambda: FIDInception.from_pretrained(args.inception))
+    get_net = functools.cache(lambda: FIDInception.from_pretrained(args.inception))  # if needed
     samples = load_input(args.samples, get_net, args.batch_size, device)
     if args.save_stats:
         stats = {k: v for k, v in samples.items() if k in STAT_KEYS}

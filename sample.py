@@ -8,15 +8,14 @@ tokenizer's decoder turns the grid into pixels (paper 2.1-2.3).
         --num-samples 50000 --cfg-scale 2.0 --out samples.npz  # ADM-format .npz for fid.py
 
 Without --gpt-ckpt/--vq-ckpt it uses the demo's models (results/demo/). Checkpoints are ours
-(train.py) or the official releases; the image size is the one the GPT was trained at unless
---image-size says so. Text-to-image GPTs draw --prompt captions (t2i.py).
+(train.py) or the official releases, which may be named alone: one not on disk is fetched once
+into torch's hub cache. Text-to-image GPTs draw --prompt captions (t2i.py).
 
-Two jobs share the code. Pictures (the default) are for looking at: a few classes, strong
-guidance (cfg 4) and top-k 2000, as the official demo draws them. An evaluation set
-(--num-samples) is for measuring: tens of thousands of images with the settings of the paper's
-FID runs (top-k 0, its guidance scales), stored as the ADM evaluator reads them, sharded over
-torchrun processes and resumable batch by batch. Batch b is seeded from (--seed, b) alone, so a
-picture does not change with the number of processes, the order they finish in, or a resume.
+Two jobs share the code. Pictures (the default) are for looking at: a few classes, strong guidance
+(cfg 4) and top-k 2000, as the official demo draws them. An evaluation set (--num-samples) is for
+measuring: tens of thousands of images with the settings of the paper's FID runs (top-k 0, its
+guidance scales), stored as ADM's evaluator reads them, sharded over torchrun processes and
+resumable. Batch b is seeded by (--seed, b) alone, whatever the processes, their order or resumes.
 """
 import argparse
 import json
@@ -38,7 +37,7 @@ import t2i
 from codes import CodesReceipt
 from common import (POSITIVE, UserError, at_least, check_flags, check_writable, cli, from_uint8,
                     make_grid, progress, rank_world, resolve_precision, save_atomic, save_grid,
-                    say, setup_device, to_uint8)
+                    say, setup_device, to_uint8, weights_file)
 from data import check_image_size
 from model import GPT
 from tokenizer import VQModel, tokenizer_checksum
@@ -46,31 +45,20 @@ from tokenizer import VQModel, tokenizer_checksum
 DEMO_GPT = "results/demo/gpt.pt"  # written by the demo; the default models when none is given
 DEMO_VQ = "results/demo/vq.pt"
 DEMO_CLIP = "results/demo/clip.pt"  # the re-ranker, when the demo has trained one
-# ImageNet's 1000 classes; the number in the name is the image size the GPT was trained at
-OFFICIAL_GPTS = ["c2i_B_256.pt", "c2i_B_384.pt", "c2i_L_256.pt", "c2i_L_384.pt", "c2i_XL_384.pt",
-                 "c2i_XXL_384.pt", "c2i_3B_384.pt"]
-OFFICIAL_VQ = "vq_ds16_c2i.pt"
 DEMO_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official demo's ImageNet classes
 
 
 # ------------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def sample_images(gpt, vq, labels, cfg_scale=1.0, cfg_interval=-1, temperature=1.0, top_k=0,
-                  top_p=1.0, generator=None, resize_to=None, callback=None, condition=None,
-                  sampler="sequential", window=16, static=False, passes=None):
-    """Images of the classes `labels` (list or int64 tensor [B]) as uint8 [B, H, W, 3], by
-    decoding.generate with these knobs (callback(t, codes[:, :t]) after each token). condition:
-    for a text GPT, labels are prompt indices and condition(labels) their (features, mask)
-    (t2i.PromptCondition). passes: a list that gets this batch's GPT forward passes appended.
-    The tokenizer decodes in float32 whatever the GPT's dtype, so its pixels match any GPU's."""
+def sample_images(gpt, vq, labels, resize_to=None, condition=None, passes=None, **knobs):
+    """uint8 [B, H, W, 3] images of `labels` (class ids; prompt indices for a text GPT, `condition`
+    giving their (features, mask)) by decoding.generate with `knobs` (cfg_scale, top_k, generator,
+    sampler, ...); `passes` gets the batch's forward passes. The tokenizer decodes in float32
+    whatever the GPT's dtype, so its pixels match any GPU's."""
     device = next(gpt.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
     cond, mask = condition(labels) if condition is not None else (labels, None)
-    codes, n_passes = decoding.generate(gpt, cond, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                                        temperature=temperature, top_k=top_k, top_p=top_p,
-                                        generator=generator, callback=callback, cond_mask=mask,
-                                        sampler=sampler, window=window, static=static,
-                                        return_passes=True)
+    codes, n_passes = decoding.generate(gpt, cond, cond_mask=mask, return_passes=True, **knobs)
     if passes is not None:
         passes.append(n_passes)
     return decode(vq, codes, resize_to)
@@ -91,8 +79,7 @@ def decode(vq, codes, resize_to=None):
 
 # ------------------------------------------------------------------------------------- pictures
 def picture_grid(args, gpt, vq, sample_kw):
-    """args.out: a PNG grid with one row per class (rows of 8 for a single class), batches seeded
-    by (seed, batch index); with --progress, also the GIF of the rasters being written."""
+    """args.out: a PNG grid, a row per class, batch b seeded by (seed, b); --progress: a GIF too."""
     # class-major: a class's pictures fill one grid row (and its --candidates are one block)
     labels = [k for k in args.classes for _ in range(args.per_class)]
     length = gpt.config.block_size
@@ -127,16 +114,14 @@ def picture_grid(args, gpt, vq, sample_kw):
 
 
 def progress_steps(length, frames):
-    """Token counts after which the animation takes a frame: `frames` evenly spaced (at most one
-    per token), the last the finished raster."""
+    """The token counts at which the GIF takes a frame: `frames` evenly spaced, at most one each."""
     n = min(frames, length)
     return [math.ceil(k * length / n) for k in range(1, n + 1)]
 
 
 def raster_so_far(vq, codes, length, resize_to):
-    """Codes [B, t] of an unfinished raster -> uint8 [B, H, W, 3], the cells not yet written
-    exactly mid-grey. The decoder needs a full grid: the missing cells are first filled with this
-    tokenizer's codes of a grey picture (written cells still change a little as neighbours come)."""
+    """Codes [B, t] of an unfinished raster -> uint8 [B, H, W, 3], unwritten cells mid-grey: the
+    decoder needs a full grid, so they are first filled with the codes of a grey picture."""
     b, t = codes.shape
     if t == length:
         return decode(vq, codes, resize_to)
@@ -152,20 +137,17 @@ def raster_so_far(vq, codes, length, resize_to):
 
 
 def save_progress_gif(vq, shots, steps, length, nrow, resize_to, path):
-    """One grid per step in `steps`, decoded after sampling from the saved rasters (not a decoder
-    pass per token); the last frame holds for 2 s, so a looping viewer shows the result."""
+    """One grid per step, decoded from the saved rasters; the last frame holds 2 s when looping."""
     frames = [make_grid(from_uint8(np.concatenate([raster_so_far(vq, shot[t], length, resize_to)
                                                    for shot in shots])), nrow) for t in steps]
     # GIF frames hold 256 colours each; loop=0 repeats forever (without it most viewers play once)
     save_atomic(lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                         duration=[80] * (len(frames) - 1) + [2000], loop=0),
-                path)
+                                         duration=[80] * (len(frames) - 1) + [2000], loop=0), path)
 
 
 # -------------------------------------------------------------------------------- evaluation set
 def write_npz(f, **arrays):
-    """np.savez (uncompressed, what the ADM evaluator streams) into the binary file f, with a fixed
-    timestamp on each member, so the same samples always give the same bytes."""
+    """np.savez (uncompressed, as ADM streams it), fixed timestamps: same samples, same bytes."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:  # 50k images > 4 GB
         for name, a in arrays.items():
             member = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -175,10 +157,8 @@ def write_npz(f, **arrays):
 
 
 def evaluation_labels(args):
-    """The --num-samples labels, int64 [num_samples], drawn up front from --seed on the CPU (the
-    same whatever the processes): uniform over the classes as the official evaluation (the class
-    counts vary a little, as in the published numbers), or --labels balanced cycling through
-    them; for prompts, sample i draws prompt i (cycling)."""
+    """The --num-samples labels, drawn up front from --seed on the CPU (whatever the processes):
+    uniform over the classes as the official evaluation, or cycling (balanced, and prompts)."""
     classes, n = torch.tensor(args.classes), args.num_samples
     if args.prompt_list:
         return torch.arange(n) % len(args.prompt_list)
@@ -211,16 +191,12 @@ def resume_stamp(args, parts, rank):
 
 
 def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
-    """args.out: an ADM-format .npz of num_samples images (uint8 NHWC arr_0, labels arr_1). Batch
-    b holds samples [b*bs, (b+1)*bs); rank r draws every world-th unfinished batch into its own
-    <out>.parts/ file, atomically (a rerun skips finished ones); rank 0 gathers them at the end."""
+    """args.out: an ADM .npz (uint8 NHWC arr_0, labels arr_1). Rank r draws every world-th
+    unfinished batch into <out>.parts/ (a rerun skips finished ones); rank 0 gathers them."""
     n, bs = args.num_samples, args.batch_size
     labels, parts, n_batches = evaluation_labels(args), args.out + ".parts", math.ceil(n / bs)
     resume_stamp(args, parts, rank)
-    done = set()
-    if os.path.isdir(parts):  # the parts' names only: not settings.json or .tmp-* leftovers
-        done = {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
-        done = checked_parts(parts, done, n, bs, rank)
+    done = checked_parts(parts, n, bs, rank) if os.path.isdir(parts) else set()
     if world > 1:
         dist.barrier()  # every rank has listed the finished batches before any rank adds one
     # round-robin over the missing batches: a rerun may use another number of processes
@@ -243,18 +219,15 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
 
 
 def part_damage(path, count):
-    """Why the part at `path` cannot be gathered (cut short, not an .npz, not `count` images and
-    labels), or None; from the zip directory and the .npy headers alone, not the pixels."""
+    """Why the part at `path` cannot be gathered, or None; from its zip directory, .npy headers."""
     try:
         with zipfile.ZipFile(path) as z:  # the directory sits at the end: a cut file fails here
             shapes = {}
             for name in ("arr_0", "arr_1"):
                 info = z.getinfo(name + ".npy")
                 with z.open(info) as m:  # .npy 1.0 has a 2-byte header length, 2.0 a 4-byte one
-                    read_header = (np.lib.format.read_array_header_1_0
-                                   if np.lib.format.read_magic(m) == (1, 0)
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = read_header(m)
+                    v = "1" if np.lib.format.read_magic(m) == (1, 0) else "2"
+                    shape, _, dtype = getattr(np.lib.format, f"read_array_header_{v}_0")(m)
                     size = m.tell() + math.prod(shape) * dtype.itemsize  # header + data
                 if info.file_size != size:
                     return f"{name} is cut short"
@@ -266,10 +239,9 @@ def part_damage(path, count):
     return None
 
 
-def checked_parts(parts, done, n, bs, rank):
-    """The finished batches whose parts are whole; a damaged one is drawn again now, before the
-    gathering at the end would find it."""
-    good = set()
+def checked_parts(parts, n, bs, rank):
+    """The finished batches whose parts are whole: a damaged one is drawn again, not gathered."""
+    good, done = set(), {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
     for b in sorted(b for b in done if b * bs < n):
         why = part_damage(os.path.join(parts, f"{b:06d}.npz"), min(bs, n - b * bs))
         if why is None:
@@ -329,7 +301,6 @@ def class_prompts(gpt, classes):
 
 def setup_reranker(args, gpt):
     """With --candidates: the CLIP (on the GPT's device) and the text of every row drawn."""
-    args.reranker = None
     if args.candidates:
         args.prompts_of = (dict(enumerate(args.prompt_list)) if args.prompt_list
                            else class_prompts(gpt, args.classes))
@@ -339,8 +310,7 @@ def setup_reranker(args, gpt):
 
 
 def rerank_grid(args, images):
-    """Pictures: each row's N candidates -> its K best, best first, the scores printed; the grid
-    then has K per row. Timed apart from the sampling speed."""
+    """Pictures: each row's N candidates -> its K best, best first, their scores printed."""
     if not args.candidates:
         return images
     t0, texts = time.perf_counter(), [args.prompts_of[k] for k in args.classes]
@@ -367,18 +337,15 @@ def draw_best(args, gpt, vq, labels, gen, sample_kw):
 
 
 # --------------------------------------------------------------------------------------- models
-NO_WEIGHTS = f"""no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_GPT}, {DEMO_VQ}.
-Run the demo to train small models there, or use the official LlamaGen weights ({t2i.OFFICIAL_URL}):
-  tokenizer: {OFFICIAL_VQ}
-  GPT (ImageNet classes, _256/_384 = image size): {' '.join(OFFICIAL_GPTS)}
-  e.g.  wget {t2i.OFFICIAL_URL}{OFFICIAL_VQ} {t2i.OFFICIAL_URL}c2i_L_384.pt
-        python sample.py --gpt-ckpt c2i_L_384.pt --vq-ckpt {OFFICIAL_VQ} --class 207"""
+NO_WEIGHTS = (f"no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_GPT}, {DEMO_VQ} (demo.py "
+              "trains them); or fetch the smallest official pair once (about 0.7 GB: GPT-B 111M "
+              "and VQ-16 72M parameters in float32): python sample.py --gpt-ckpt c2i_B_256.pt "
+              "--vq-ckpt vq_ds16_c2i.pt --class 207")
 
 
 def load_gpt(path, image_size, downsample):
-    """(GPT, its codes receipt or None) with the token grid (image_size // downsample)^2. The size
-    is --image-size if given; else ours record theirs (receipt, config) and an official release
-    states it in its name (_256, _384); a file with neither is refused rather than guessed."""
+    """(GPT, its codes receipt or None) for --image-size, or the size ours record or an official
+    file's name states (_256, _384); a file with neither is refused rather than guessed."""
     # the image size a file's name states: "c2i_L_384.pt" yes, "run2560.pt" no; the last wins
     sizes = re.findall(r"(?<!\d)(256|384|512)(?!\d)", os.path.basename(path))
     named = image_size or (int(sizes[-1]) if sizes else None)
@@ -393,19 +360,16 @@ def load_gpt(path, image_size, downsample):
             return gpt, receipt
         else:  # a bare state dict: guessing 256 px drew 64x64 tokens from a GPT trained on 8x8
             raise UserError(f"the GPT {path} does not say which image size it was trained at (no "
-                            "config inside, no _256/_384/_512 in its name): pass --image-size "
-                            "(256 or 384 for the official c2i files), or rename it like "
-                            "c2i_B_256.pt")
+                            "config inside, no _256/_384/_512 in its name): pass --image-size (256 "
+                            "or 384 for the official c2i files), or rename it like c2i_B_256.pt")
         if h * w != gpt.config.block_size:  # one of ours named _256: a second load
             gpt = GPT.from_pretrained(path, block_size=h * w)
     return gpt, receipt
 
 
 def load_models(gpt_path, vq_path, image_size=None, text=False):
-    """Both models on the CPU in eval mode, checked against each other: the GPT's words must be
-    the tokenizer's codes, its grid the tokenizer's at the trained size, and (ours) its codes
-    those of these very tokenizer weights. No paths: the demo's (its text ones with `text`).
-    Returns (gpt, vq, gpt_path, vq_path)."""
+    """(gpt, vq, gpt_path, vq_path) on the CPU (no paths: the demo's; official names: the cached
+    files), checked: vocabulary, grid and (ours) the tokenizer weights the GPT's codes came from."""
     if gpt_path is None and vq_path is None:
         gpt_path, vq_path, missing = ((t2i.DEMO_T2I_GPT, t2i.DEMO_T2I_VQ, t2i.NO_T2I_WEIGHTS)
                                       if text else (DEMO_GPT, DEMO_VQ, NO_WEIGHTS))
@@ -414,10 +378,12 @@ def load_models(gpt_path, vq_path, image_size=None, text=False):
     elif gpt_path is None or vq_path is None:
         raise UserError("pass both --gpt-ckpt and --vq-ckpt: a GPT's codes mean something only "
                         "to the tokenizer it was trained with")
+    vq_path = weights_file(vq_path)  # an official name: its file in the hub cache, fetched once
     vq = VQModel.from_pretrained(vq_path)  # first: its downsampling turns sizes into grids
     ds = vq.config.downsample
     if image_size is not None:
         check_image_size(image_size, ds)
+    gpt_path = weights_file(gpt_path)
     gpt, receipt = load_gpt(gpt_path, image_size, ds)
     if gpt.config.vocab_size != vq.config.codebook_size:  # official files: the shapes at least
         raise UserError(f"the GPT {gpt_path} predicts {gpt.config.vocab_size} codes but the "
@@ -443,8 +409,7 @@ def load_models(gpt_path, vq_path, image_size=None, text=False):
 
 
 # ---------------------------------------------------------------------------------- command line
-# The flags that decide the pixels: a --num-samples run records them with its parts (resume_stamp),
-# so that a resumed run cannot mix other settings in.
+# The flags that decide the pixels: a --num-samples run records them with its parts (resume_stamp)
 PIXEL_FLAGS = ("gpt_ckpt", "vq_ckpt", "classes", "cfg_scale", "cfg_interval", "temperature",
                "top_k", "top_p", "seed", "image_size", "resize_to", "batch_size", "precision",
                "num_samples", "labels", "prompt", "prompts", "t5", "candidates", "keep", "clip")
@@ -474,8 +439,10 @@ def get_args(argv=None):
     g = p.add_argument_group("what the pictures depend on", "a --num-samples run records these "
                              "(PIXEL_FLAGS); resuming it needs the same values")
     a = g.add_argument
-    a("--gpt-ckpt", help=f"GPT: ours (train.py) or an official c2i_*.pt (default: {DEMO_GPT})")
-    a("--vq-ckpt", help=f"tokenizer: ours or the official {OFFICIAL_VQ} (default: {DEMO_VQ})")
+    a("--gpt-ckpt", help="GPT: ours (train.py) or an official file, by path or name alone "
+      f"(c2i_B_256.pt ... c2i_3B_384.pt, t2i_XL_stage1_256.pt; default: {DEMO_GPT})")
+    a("--vq-ckpt", help="tokenizer: ours or an official file, by path or name alone "
+      f"(vq_ds16_c2i.pt, vq_ds8_c2i.pt, vq_ds16_t2i.pt; default: {DEMO_VQ})")
     a("--class", dest="classes", type=int, nargs="+", help="class ids to draw (default: the "
       "official demo's 8 ImageNet classes if the GPT has them, else all its classes; with "
       "--num-samples every class), one row each; --num-samples draws labels from them")
@@ -536,8 +503,7 @@ def get_args(argv=None):
 
 
 def check_args(args):
-    """One UserError line for a flag out of its range or its mode (the tables above), then the
-    defaults of the mode (flags default to None so that "not given" shows)."""
+    """One UserError line for a bad flag, then the mode's defaults (None meant "not given")."""
     check_flags(args, RANGES, ONLY_WITH)
     evaluation, prompts = args.num_samples is not None, bool(args.prompt or args.prompts)
     if args.candidates is not None:  # pictures draw N per row in place of --per-class/prompt
@@ -580,8 +546,7 @@ def check_args(args):
         if not evaluation:  # the official text-to-image demo: cfg 7.5, top-k 1000
             args.cfg_scale = 7.5 if args.cfg_scale is None else args.cfg_scale
             args.top_k = 1000 if args.top_k is None else args.top_k
-    args.per_class = 4 if args.per_class is None else args.per_class
-    args.progress_frames = 32 if args.progress_frames is None else args.progress_frames
+    args.per_class, args.progress_frames = args.per_class or 4, args.progress_frames or 32
     args.labels, args.window = args.labels or "random", args.window or 16
     if args.top_k is None:  # the official demo's 2000 for pictures, all codes for FID
         args.top_k = 0 if evaluation else 2000
@@ -599,9 +564,7 @@ def check_args(args):
 
 @torch.no_grad()  # sampling only: no autograd graph (and none left switched off for the caller)
 def main(argv=None):
-    """Check every flag, then load, then draw: a bad flag or an unwritable --out is reported before
-    the first token. Writes a PNG grid of classes or prompts, or with --num-samples the evaluation
-    .npz that fid.py reads, sharded over torchrun ranks and resumable by its parts."""
+    """Check every flag, then load, then draw: a bad flag or --out is reported before any token."""
     args = get_args(argv)
     rank, args.world = rank_world()
     check_args(args)

@@ -20,8 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from common import (UserError, at_least, check_flags, check_writable, cli, from_uint8,
-                    save_grid)
+from common import UserError, at_least, check_flags, check_writable, cli, from_uint8, save_grid
 from shapes import POLYGONS, SS, background, disk, polygon, star
 
 # -- The world: palette, shapes, the held-out pairs and the words ----------------------------------
@@ -92,20 +91,17 @@ def _layout(objects, image_size, rng):
     from every other and 1 px from the border; False when this draw does not fit."""
     s = image_size / 32  # the scale of 32 px sizes
     cell, gap, border = image_size / 3, 2 * s, 1 * s
+
+    def centres(k, h):  # along an axis: the centres in its k-th third that keep the margins
+        return max(k * cell + s, h + border), min((k + 1) * cell - s, image_size - h - border)
     placed = []
     for obj in objects:
         lo_side, hi_side = SIZES[obj["size"]]
         side = s * (lo_side + (hi_side - lo_side) * rng.random())
         hx, hy = (side / 2 * e for e in _HALF[obj["shape"]])
-        ranges = []  # the free cells this object fits in, with the interval of centres there
-        for c in range(9):
-            row, col = divmod(c, 3)
-            x0 = max(col * cell + s, hx + border)
-            x1 = min((col + 1) * cell - s, image_size - hx - border)
-            y0 = max(row * cell + s, hy + border)
-            y1 = min((row + 1) * cell - s, image_size - hy - border)
-            if (row, col) not in [o["cell"] for o in placed] and x0 <= x1 and y0 <= y1:
-                ranges.append((row, col, x0, x1, y0, y1))
+        ranges = [(row, col, *centres(col, hx), *centres(row, hy)) for row in range(3)
+                  for col in range(3) if (row, col) not in [o["cell"] for o in placed]]
+        ranges = [r for r in ranges if r[2] <= r[3] and r[4] <= r[5]]  # the free cells it fits in
         for _ in range(30 if ranges else 0):
             row, col, x0, x1, y0, y1 = ranges[int(rng.random() * len(ranges))]
             cx, cy = x0 + (x1 - x0) * rng.random(), y0 + (y1 - y0) * rng.random()
@@ -120,16 +116,11 @@ def _layout(objects, image_size, rng):
     return True
 
 
-def _new_object(shape, colour, size, rng):
-    """An object before layout; its shade jittered +-15 per channel, as in SyntheticShapes."""
-    rgb = tuple(min(max(int(v + 30 * rng.random() - 15), 0), 255) for v in COLOURS[colour])
-    return {"shape": shape, "colour": colour, "size": size, "rgb": rgb}
-
-
-def _arrange(pairs, image_size, rng):
-    """Objects for (colour, shape) pairs, of random sizes, laid out without overlap."""
+def _arrange(pairs, image_size, rng):  # (colour, shape) pairs -> objects without overlap
     for _ in range(200):
-        objs = [_new_object(s, c, ("small", "large")[rng.random() < 0.5], rng) for c, s in pairs]
+        objs = [{"shape": s, "colour": c, "size": ("small", "large")[rng.random() < 0.5],
+                 "rgb": tuple(min(max(int(v + 30 * rng.random() - 15), 0), 255)  # +-15 a channel
+                              for v in COLOURS[c])} for c, s in pairs]
         if _layout(objs, image_size, rng):
             return objs
     raise RuntimeError(f"no layout found for {pairs} at {image_size} px")  # not at >= 24 px
@@ -143,10 +134,9 @@ def _draw_shape(draw, shape, r, cx, cy, fill):
         draw.polygon(polygon(OUTLINES[shape], 0.0, r, cx, cy), fill=fill)
 
 
-def render(objects, image_size=32, rng=None):
+def render(objects, image_size, rng):
     """Scene (objects with "shape", "rgb", "centre", "side") -> RGB PIL image on the SyntheticShapes
     background drawn from `rng`: one 4x RGBA layer of all objects, box-reduced, then blended."""
-    rng = np.random.default_rng(0) if rng is None else rng
     bg = np.asarray(background(image_size, rng), np.float32)
     layer = Image.new("RGBA", (image_size * SS, image_size * SS))
     draw = ImageDraw.Draw(layer)
@@ -177,26 +167,22 @@ def _scene_and_caption(rng, image_size, pairs):
     n = int(kind) + 1
     objs = _arrange([pairs[k] for k in rng.choice(len(pairs), n, replace=False)], image_size, rng)
     if n == 1:
-        words = _phrase(objs[0], with_colour, with_size)
-        if rng.random() < 0.5:
-            words += " " + PLACES[objs[0]["cell"][0]][objs[0]["cell"][1]]
-        return objs, words
+        place = " " + PLACES[objs[0]["cell"][0]][objs[0]["cell"][1]] if rng.random() < 0.5 else ""
+        return objs, _phrase(objs[0], with_colour, with_size) + place
     with_colour = with_colour or len({o["shape"] for o in objs}) < n  # not "a star by a star"
     order = [int(k) for k in rng.permutation(n)]
     if n == 2 and rng.random() < 0.5:
         a, b = objs[order[0]], objs[order[1]]
         clear = sorted(_clear_relations(a["box"], b["box"]))
         if clear:
-            rel = clear[rng.integers(len(clear))]
-            return objs, (f"{_phrase(a, with_colour, with_size)} {RELATIONS[rel]} "
-                          f"{_phrase(b, with_colour, with_size)}")
+            pa, pb = (_phrase(o, with_colour, with_size) for o in (a, b))
+            return objs, f"{pa} {RELATIONS[_pick(clear, rng)]} {pb}"
     return objs, " and ".join(_phrase(objs[k], with_colour, with_size) for k in order)
 
 
 class CaptionedScenes(torch.utils.data.Dataset):
-    """`num_images` captioned scenes; item i -> (float32 [3, H, W] in [-1, 1], caption), a pure
-    function of (seed, i); scene(i) is its truth (objects with shape, colour, size, rgb, cell,
-    centre, side, box). heldout=True: no HELDOUT_PAIRS pair occurs."""
+    """Item i -> (float32 [3, H, W] in [-1, 1], caption), a pure function of (seed, i); scene(i):
+    its objects (shape, colour, size, rgb, cell, centre, side, box). heldout: no HELDOUT_PAIRS."""
 
     def __init__(self, num_images, image_size=32, seed=0, heldout=True):
         if num_images < 1 or image_size < 24:
@@ -212,8 +198,7 @@ class CaptionedScenes(torch.utils.data.Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} scenes")
         rng = np.random.default_rng([self.seed, index])
-        objs, caption = _scene_and_caption(rng, self.image_size, self.pairs)
-        return objs, caption, rng  # the rng goes on to draw the background
+        return (*_scene_and_caption(rng, self.image_size, self.pairs), rng)  # on to the background
 
     def scene(self, index):
         return self._draw(index)[0]
@@ -231,10 +216,9 @@ TASKS = ("single_object", "two_objects", "counting", "colours", "position", "col
 
 
 def benchmark_prompts(per_task, seed=0):
-    """`per_task` prompts per task ("a circle", exactly "three red circles", "a red circle above a
-    blue square", ...): dicts of task, prompt, heldout (odd colour prompts name a held-out pair)
-    and spec, GenEval's metadata: "include" [{shape, count, colour?, position?: [relation, index
-    of an earlier requirement]}] and "exclude" [{shape, count}] NOT to be met."""
+    """`per_task` prompts per task: dicts of task, prompt ("three red circles"), heldout (odd colour
+    prompts name a held-out pair) and spec, GenEval's metadata: "include" [{shape, count, colour?,
+    position?: [relation, index of an earlier requirement]}], "exclude" [{shape, count}] NOT met."""
     if per_task < 1:
         raise UserError(f"benchmark_prompts needs per_task >= 1, got {per_task}")
     out = []
@@ -251,7 +235,6 @@ def _pick(pool, rng):
 
 
 def _prompt(task, held, k, rng):
-    """One prompt and spec of `task`."""
     if task == "single_object":
         shape = SHAPES[k % len(SHAPES)]  # every shape equally often
         return {"prompt": f"a {shape}", "spec": {"include": [{"shape": shape, "count": 1}]}}
@@ -296,9 +279,6 @@ def _as_uint8(image):
 def _hue(rgb):
     """Hue angle in radians of an RGB colour (the hexagonal-projection formula)."""
     return math.atan2(math.sqrt(3) * (rgb[1] - rgb[2]), 2 * rgb[0] - rgb[1] - rgb[2])
-
-
-_HUES = {name: _hue(rgb) for name, rgb in COLOURS.items()}
 
 
 def _moments(shape):
@@ -353,7 +333,7 @@ def detect(image):
         y0, x0, y1, x1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
         pix = a[sl][blob]
         hue = _hue(pix[pix.max(-1) >= np.median(pix.max(-1))].mean(0))
-        colour = min(_HUES, key=lambda name: abs(math.remainder(hue - _HUES[name], 2 * math.pi)))
+        colour = min(COLOURS, key=lambda c: abs(math.remainder(hue - _hue(COLOURS[c]), 2 * np.pi)))
         # coverage in a window 3 px around the box: brightness above the window's own background
         # (its median outside the object) over the palette colour's; other objects zeroed
         pad = max(2, round(3 * s))
@@ -380,29 +360,20 @@ def evaluate(objects, spec):
     """GenEval's decision (its evaluate_images.py): each include requirement takes the `count` most
     confident objects of its shape, needs them all of its colour and, for a position, each in the
     relation to every object requirement `index` matched; excludes fail on `count` of a shape."""
-    by_shape = {}
-    for o in sorted(objects, key=lambda o: -o["area"]):
-        by_shape.setdefault(o["shape"], []).append(o)
-    matched, ok = [], True
+    ranked = sorted(objects, key=lambda o: -o["area"])
+    by_shape = {s: [o for o in ranked if o["shape"] == s] for s in {o["shape"] for o in ranked}}
+    matched = []
     for req in spec["include"]:
         found = by_shape.get(req["shape"], [])[:req["count"]]
-        good = len(found) >= req["count"]
-        if good and "colour" in req:
-            good = sum(o["colour"] == req["colour"] for o in found) >= req["count"]
+        good = len(found) == req["count"] and all(o["colour"] == req.get("colour", o["colour"])
+                                                  for o in found)
         if good and "position" in req:
             rel, target = req["position"]
-            good = matched[target] is not None and all(
-                rel in relative_position(o["box"], t["box"])
-                for o in found for t in matched[target])
+            good = matched[target] is not None and all(rel in relative_position(o["box"], t["box"])
+                                                       for o in found for t in matched[target])
         matched.append(found if good else None)
-        ok = ok and good
-    return ok and all(len(by_shape.get(r["shape"], [])) < r["count"]
-                      for r in spec.get("exclude", []))
-
-
-def check(image, spec):
-    """Is `image` right for `spec` (a benchmark prompt's spec)? detect(), then evaluate()."""
-    return evaluate(detect(image), spec)
+    return None not in matched and all(len(by_shape.get(r["shape"], [])) < r["count"]
+                                       for r in spec.get("exclude", []))
 
 
 def score(images, prompts):
@@ -410,7 +381,7 @@ def score(images, prompts):
     "seen": {...}, "heldout": {...}}, the same over the prompts of each split."""
     if len(images) != len(prompts):
         raise UserError(f"score needs one image per prompt, got {len(images)} for {len(prompts)}")
-    right = [check(img, p["spec"]) for img, p in zip(images, prompts)]
+    right = [evaluate(detect(img), p["spec"]) for img, p in zip(images, prompts)]
 
     def table(keep):
         hits = {t: [r for r, p in zip(right, prompts) if p["task"] == t and keep(p)] for t in TASKS}
@@ -420,10 +391,9 @@ def score(images, prompts):
             "heldout": table(lambda p: p["heldout"])}
 
 
-def scene_for(spec, image_size=32, rng=None, avoid=()):
+def scene_for(spec, image_size, rng, avoid=()):
     """A scene satisfying `spec` (positions with the captions' clear margin) and, half the time,
     one or two distractors of shapes neither the spec nor `avoid` names."""
-    rng = np.random.default_rng(0) if rng is None else rng
     named = {r["shape"] for r in spec["include"] + spec.get("exclude", [])} | set(avoid)
     others = [p for p in ALL_PAIRS if p[1] not in named]
     for _ in range(200):

@@ -19,19 +19,13 @@ import torch
 
 import codes
 from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
-                    unwrap_state_dict)
+                    unwrap_state_dict, weights_file)
 from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption
 from scenes import VOCABULARY
 from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
 
 
 # ------------------------------------------------------------------------------------- training
-def caption_features(folder):
-    """The frozen features of a --text folder: item i is (features float32 [N, d] right-padded as
-    T5 returns them, mask bool [N]) for codes item i; .receipt names the encoder that made them."""
-    return codes.CaptionFeatures(folder)
-
-
 def caption_vocabulary(texts):
     """The words of a jointly-trained tokenizer: the built-in world's vocabulary (scenes.py), then
     every other word of the training captions, sorted: the same list for the same data."""
@@ -130,13 +124,15 @@ def joint_gpt(recipe, items, over, was):
 
 def frozen_gpt(recipe, items, over, was):
     """--text <features folder>: the GPT alone, on a frozen encoder's features -> joint_gpt's
-    four. A resumed run must read the same encoder's features."""
-    feats = caption_features(recipe.text)
-    if len(feats) != len(items):
-        raise UserError(f"--text {recipe.text} holds features of {len(feats)} captions, --data "
-                        f"{recipe.data} {len(items)} images: make both from one dataset")
+    four. The features must be of the codes' captions (by checksum), and a resumed run's of the
+    same encoder."""
+    feats = codes.CaptionFeatures(recipe.text)  # item i: (features [N, d], mask [N]) of caption i
+    feats.check_codes(recipe.data)
+    if len(feats) != len(items):  # the codes folder's captions.json and codes disagree
+        raise UserError(f"{recipe.data}: {len(feats)} captions for {len(items)} images; extract "
+                        "the codes again")
     length, width = feats[0][0].shape
-    receipt = dict(feats.receipt) if isinstance(feats.receipt, dict) else feats.receipt.to_dict()
+    receipt = feats.receipt.to_dict()
     if was is not None and was.get("receipt") != receipt:
         raise UserError(f"--text {recipe.text} holds features of another text encoder than the "
                         "checkpoint was trained on; resume with the same features")
@@ -152,7 +148,7 @@ def init_from(model, meta, path, receipt, name):
     stage 1. What draws the codes (embedding, blocks, norm, head) must fit whole; the condition
     (class table; caption projection and null caption; a T5 trained along) comes too when it means
     the same (condition_of), and starts afresh otherwise: a class GPT can start a text GPT."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(weights_file(path))  # an official name: its cached file
     if ckpt.get("kind", "gpt") != "gpt":
         raise UserError(f"--init-from {path} is a {ckpt['kind']!r} checkpoint, not a GPT")
     theirs = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
@@ -193,17 +189,14 @@ def condition_of(meta):
 # The encoder is part of the model: ours trained with --text t5-nano carry their T5 and its words
 # in the checkpoint; the official t2i_XL_*.pt files, and ours trained on frozen features, read
 # FLAN-T5-XL's, whose folder --t5 names (google/flan-t5-xl: config.json, spiece.model, shards).
-OFFICIAL_URL = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
 DEMO_T2I_GPT = "results/demo/t2i_gpt.pt"  # the demo's text-to-image half writes these
 DEMO_T2I_VQ = "results/demo/t2i_vq.pt"
-OFFICIAL_T2I = ["t2i_XL_stage1_256.pt", "t2i_XL_stage2_512.pt"]  # 16x16 and 32x32 codes
-OFFICIAL_T2I_VQ = "vq_ds16_t2i.pt"
-NO_T2I_WEIGHTS = f"""no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2I_GPT}, \
-{DEMO_T2I_VQ}. Run the demo, or use the official LlamaGen text-to-image weights ({OFFICIAL_URL}):
-  tokenizer: {OFFICIAL_T2I_VQ}; GPT: {' or '.join(OFFICIAL_T2I)}; text encoder: the
-  google/flan-t5-xl folder from Hugging Face (config.json, spiece.model, model-*.safetensors)
-  e.g.  python sample.py --gpt-ckpt t2i_XL_stage1_256.pt --vq-ckpt {OFFICIAL_T2I_VQ} \\
-            --t5 flan-t5-xl --prompt "a red apple on a wooden table\""""
+NO_T2I_WEIGHTS = (f"no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2I_GPT}, "
+                  f"{DEMO_T2I_VQ} (demo.py trains them); or fetch the official pair once (about "
+                  "3.4 GB: GPT-XL 775M and VQ-16 72M parameters in float32), with FLAN-T5-XL "
+                  "cloned by hand (git clone https://huggingface.co/google/flan-t5-xl): python "
+                  "sample.py --gpt-ckpt t2i_XL_stage1_256.pt --vq-ckpt vq_ds16_t2i.pt --t5 "
+                  "flan-t5-xl --prompt \"a red apple on a wooden table\"")
 
 
 def read_prompts(path):

@@ -202,9 +202,8 @@ class T5Block(nn.Module):
         if has_bias:  # uninitialised, see T5Encoder
             table = torch.empty(c.relative_attention_num_buckets, c.num_heads)
             attn["relative_attention_bias"] = nn.Embedding(*table.shape, _weight=table)
-        ffn = {"wi_0": nn.Linear(c.d_model, c.d_ff, bias=False),
-               "wi_1": nn.Linear(c.d_model, c.d_ff, bias=False),
-               "wo": nn.Linear(c.d_ff, c.d_model, bias=False)}
+        ffn = {w: nn.Linear(c.d_model, c.d_ff, bias=False) for w in ("wi_0", "wi_1")}
+        ffn["wo"] = nn.Linear(c.d_ff, c.d_model, bias=False)
         self.layer = nn.ModuleList([nn.ModuleDict({
             "SelfAttention": nn.ModuleDict(attn),
             "layer_norm": T5LayerNorm(c.d_model, c.layer_norm_epsilon)}), nn.ModuleDict({
@@ -265,8 +264,7 @@ class T5Encoder(nn.Module):
         std = {"shared": 1.0, "q": (c.d_model * c.d_kv) ** -0.5, "wo": c.d_ff ** -0.5,
                "o": (c.num_heads * c.d_kv) ** -0.5}
         for name, p in self.named_parameters():  # shared, then q, k, v, o, layer_norm, wi_0, ...
-            kind = name.split(".")[-2]
-            if kind.endswith("layer_norm"):
+            if (kind := name.split(".")[-2]).endswith("layer_norm"):
                 p.fill_(1.0)
             else:
                 p.normal_(0, std.get(kind, c.d_model ** -0.5))
@@ -321,10 +319,9 @@ class T5Encoder(nn.Module):
                                 f"{list(sd[name].shape)}, config.json implies {list(p.shape)}; "
                                 "the config and the weights do not belong together")
             sd[name] = sd[name].to(dtype)
-        extra = sorted(set(sd) - set(model.state_dict()))
-        if extra:
-            raise UserError(f"{source[extra[0]]}: unexpected encoder tensor "
-                            f"{extra[0]!r}; not a gated-GELU T5 encoder")
+        if extra := sorted(set(sd) - set(model.state_dict())):
+            raise UserError(f"{source[extra[0]]}: unexpected encoder tensor {extra[0]!r}; not a "
+                            "gated-GELU T5 encoder")
         model.load_state_dict(sd, strict=True, assign=True)
         return model.eval()
 

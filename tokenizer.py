@@ -1,8 +1,7 @@
 """The image tokenizer (paper 2.1-2.2): a VQGAN-style encoder cuts an image into a grid of vectors,
-each is replaced by its nearest entry in a learned codebook, whose index is the image token; the
-decoder turns a grid of codes back into pixels. Key names and shapes are those of the official
-checkpoints (vq_ds16_c2i.pt, vq_ds8_c2i.pt). Also here: its training losses (L2, LPIPS, PatchGAN),
-its metrics and their command line (paper Table 2), and the named configs, at the bottom.
+each replaced by its nearest entry in a learned codebook, whose index is the image token; the
+decoder turns codes back into pixels, under the official checkpoints' key names and shapes. Also
+here: its training losses (L2, LPIPS, PatchGAN), metrics (paper Table 2) and named configs.
 
     python tokenizer.py --vq-ckpt vq_ds16_c2i.pt --data imagenet/val   # rFID, PSNR, SSIM, usage
 """
@@ -180,8 +179,7 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.l2_norm, self.beta = cfg.codebook_l2_norm, cfg.commit_loss_beta
         self.entropy_ratio = cfg.entropy_loss_ratio
-        # FIFO of the most recent training indices; a float32 buffer in the official checkpoints
-        self.register_buffer("codebook_used", torch.zeros(self.usage_window))
+        self.register_buffer("codebook_used", torch.zeros(self.usage_window))  # float32: official
         shape = (cfg.codebook_size, cfg.codebook_embed_dim)
         self.embedding = nn.Embedding(*shape, _weight=torch.empty(shape))  # no normal init
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
@@ -197,8 +195,7 @@ class VectorQuantizer(nn.Module):
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2)
 
     def nearest(self, z):
-        """z [B, D, h, w] -> (vectors [N, D], squared distances [N, K], nearest codes [N]), raster
-        order, in fp32 under any autocast (bf16's 3 digits of cosine confuse nearby codes)."""
+        """z [B, D, h, w] -> (vectors, squared distances, codes), fp32: bf16 confuses near codes."""
         with torch.autocast(z.device.type, enabled=False):
             z = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             if self.l2_norm:
@@ -219,8 +216,7 @@ class VectorQuantizer(nn.Module):
         if self.training:
             n = min(idx.numel(), self.usage_window)
             self.codebook_used.copy_(torch.cat([self.codebook_used[n:], idx[-n:].float()]))
-        # straight-through: z_q forward, the decoder's gradient handed to z (argmin has none)
-        z_q = z + (z_q - z).detach()
+        z_q = z + (z_q - z).detach()  # straight-through: argmin has no gradient, z gets z_q's
         return z_q.view(B, h, w, D).permute(0, 3, 1, 2), idx.view(B, h, w), losses
 
 
@@ -252,11 +248,8 @@ def config_from_state_dict(sd):
 class VQModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        self.config, self.encoder, self.decoder = config, Encoder(config), Decoder(config)
         self.quantize = VectorQuantizer(config)
-        # 1x1 convolutions into and out of the low-dimensional code space
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
 
@@ -282,8 +275,7 @@ class VQModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, config=None):
-        """Our checkpoint ({"model", "config", "kind": "vq"}) or an official one (topology read off
-        the shapes), in eval mode on the CPU; `config` (a name or a VQConfig) forces a topology."""
+        """Ours or an official checkpoint (topology read off the shapes); `config` forces one."""
         ckpt = load_checkpoint(path)
         if isinstance(ckpt, dict) and ckpt.get("kind", "vq") != "vq":
             raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a tokenizer; "
@@ -369,8 +361,7 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
             h = layer(h)
             if i in self.taps:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-                fx, fy = f.chunk(2)
+                fx, fy = (h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)).chunk(2)
                 dist = dist + getattr(self, f"lin{self.taps.index(i)}")((fx - fy) ** 2).mean((2, 3))
         return dist.flatten()
 
@@ -406,8 +397,7 @@ def hinge_g_loss(logits_fake):
 
 
 class VQLoss(nn.Module):
-    """The objective: L2 + perceptual_weight * LPIPS + codebook terms, and from step `disc_start` on
-    disc_weight * hinge GAN loss, also the discriminator's. LPIPS from `lpips_path` or the cache."""
+    """L2 + perceptual_weight * LPIPS + codebook terms (+ disc_weight * GAN from disc_start)."""
     def __init__(self, disc_start=20000, disc_weight=0.5, perceptual_weight=1.0, lpips_path=None):
         super().__init__()
         self.disc_start, self.disc_weight, self.perceptual_weight = (disc_start, disc_weight,
@@ -429,8 +419,7 @@ class VQLoss(nn.Module):
         if self.gan_active(step):
             logs["gen_adv"] = hinge_g_loss(self.discriminator(recon))
             loss = loss + self.disc_weight * logs["gen_adv"]
-        logs["loss"] = loss
-        return loss, {k: v.detach() for k, v in logs.items()}
+        return loss, {k: v.detach() for k, v in {**logs, "loss": loss}.items()}
 
     def discriminator_loss(self, images, recon_detached, step, discriminator=None):
         """-> (loss, logs); real and fake through D (maybe DDP-wrapped) apart, for BatchNorm."""
@@ -453,14 +442,12 @@ def precise(t):
 
 def psnr(x, y):
     """Peak signal-to-noise ratio in dB per image [B] on [0, 1] (inf for identical images)."""
-    mse = ((precise(x) - precise(y)) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse)
+    return 10 * torch.log10(1.0 / ((precise(x) - precise(y)) / 2).pow(2).flatten(1).mean(1))
 
 
 def ssim(x, y, gaussian=False):
-    """SSIM per image [B], over channels and windows: as the official evaluation (scikit-image's
-    defaults), a uniform 7x7 window and sample covariances, or gaussian=True, Wang et al. 2004's
-    11-tap Gaussian (sigma 1.5). Its quirk kept: data_range=2.0 on [0, 1], quadrupling C1, C2."""
+    """SSIM per image [B] as the official evaluation (scikit-image: a uniform 7x7 window, sample
+    covariances) or gaussian=True (Wang et al. 2004); its quirk kept: data_range=2 on [0, 1]."""
     x, y = (precise(x) + 1) / 2, (precise(y) + 1) / 2
     maps = torch.cat([x, y, x * x, y * y, x * y], 1)  # every local mean below, in one pass
     if gaussian:  # the 2-D Gaussian is separable: one 11-tap pass down the columns, one along rows
@@ -474,7 +461,6 @@ def ssim(x, y, gaussian=False):
     mx, my, xx, yy, xy = maps.split(x.shape[1], 1)  # local means of x, y, x^2, y^2, xy
     vx, vy, vxy = cov_norm * (xx - mx * mx), cov_norm * (yy - my * my), cov_norm * (xy - mx * my)
     c1, c2 = (0.01 * 2.0) ** 2, (0.03 * 2.0) ** 2  # (K * data_range)^2 with data_range 2.0
-    # luminance x contrast-structure comparison, per window
     ssim_map = (2 * mx * my + c1) * (2 * vxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return ssim_map.mean((2, 3)).mean(1)
 
@@ -482,8 +468,7 @@ def ssim(x, y, gaussian=False):
 @torch.inference_mode()
 def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_workers=0,
                       resize_to=None):
-    """rFID (with `net`, the FID Inception), mean PSNR and SSIM, and codebook usage of `vq` on a
-    dataset of ([-1, 1] image, label), in one pass; resize_to: both measured at that size."""
+    """rFID (with `net`), PSNR, SSIM and codebook usage of `vq` on ([-1, 1] image, label) pairs."""
     vq = vq.to(device).eval()
     loader = torch.utils.data.DataLoader(images, batch_size, num_workers=num_workers)
     psnrs, ssims, used = [], [], []
@@ -511,8 +496,7 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
             originals, reconstructions = itertools.tee(pairs())
             rfid = fid.rfid((r for _, r in reconstructions), (o for o, _ in originals), net,
                             device=device)
-    return dict(rfid=rfid, psnr=torch.cat(psnrs).mean().item(),
-                ssim=torch.cat(ssims).mean().item(),
+    return dict(rfid=rfid, psnr=torch.cat(psnrs).mean().item(), ssim=torch.cat(ssims).mean().item(),
                 codebook_usage=codebook_usage_of(torch.cat(used), vq.config.codebook_size))
 
 

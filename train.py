@@ -4,8 +4,7 @@
     python codes.py extract --vq-ckpt runs/VQ-tiny/ckpt.pt --data synthetic:20000 --image-size 32 \\
         --out runs/codes
     torchrun --nproc_per_node=2 train.py --model nano --data runs/codes       # stage 2, DDP
-    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$NODE --master_addr=$HOST \\
-        --master_port=29500 train.py --model XXL --fsdp --data /data/imagenet256_codes
+    torchrun --nproc_per_node=8 train.py --model XXL --fsdp --data /data/imagenet256_codes  # FSDP
 
 --model picks the Stage (GPT, with --text the text GPT, tokenizer, CLIP): model, data, loss and
 validation figure. main is four steps: the recipe, the stage, the trainer (DDP/FSDP) and the loop.
@@ -13,7 +12,6 @@ validation figure. main is four steps: the recipe, the stage, the trainer (DDP/F
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import itertools
 import json
 import math
@@ -42,16 +40,14 @@ from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
 
 # -------------------------------------------------------------------------------------------- data
-# A step is a fixed slice of one global stream, not a DistributedSampler's per-rank share: 1
-# process, DDP or FSDP ranks, gradient accumulation and a kill + resume all see the same items.
 def global_batches(n, batch, accum, rank, world, seed, start_step):
     """This rank's micro-batches of (index, item seed), forever: step s takes positions [s*B,
-    (s+1)*B) of a stream of seeded per-epoch permutations; an item's seed is its position."""
+    (s+1)*B) of one stream of seeded per-epoch permutations (an item's seed is its position), so 1
+    process, DDP or FSDP ranks, gradient accumulation and a kill + resume all see the same items."""
     mb, perm_epoch = batch // (accum * world), -1
     for step in itertools.count(start_step):
         for micro in range(accum):
-            # rank r's micro-batch m of a step is the slice (m * world + r) of its positions
-            start, out = step * batch + (micro * world + rank) * mb, []
+            start, out = step * batch + (micro * world + rank) * mb, []  # slice micro*world+rank
             for pos in range(start, start + mb):
                 epoch, i = divmod(pos, n)
                 if epoch != perm_epoch:  # 7919, a prime: --seed s + 1 meets s's 7919 epochs on
@@ -76,8 +72,7 @@ def split(ds, val_size):
     """(train, val): every (n / val_size)-th item held out, across a class-sorted folder."""
     n = len(ds)
     if n <= val_size:
-        raise UserError(f"--data has {n} items, not more than --val-size {val_size}; use more "
-                        "data or lower it")
+        raise UserError(f"--data has {n} items, not more than --val-size {val_size}; lower it")
     val = {i * n // val_size for i in range(val_size)}
     return (torch.utils.data.Subset(ds, [i for i in range(n) if i not in val]),
             torch.utils.data.Subset(ds, sorted(val)))
@@ -85,20 +80,17 @@ def split(ds, val_size):
 
 # ------------------------------------------------------------------------------------------ stages
 class Stage:
-    """What is trained, on what, with which loss: the loop knows nothing else. A stage (in STAGES)
-    has name (in messages), configs (the --model names), kind (the checkpoint's), unit (of the
-    throughput), defaults (epochs, batch_size, weight_decay), flags (its own: name -> (value when
-    not given, type, help)), val_label; its __init__(recipe, resumed checkpoint or None) sets model,
-    config, meta (both saved), train_set, val_set; loss(model, batch, step) -> (loss, logs) and
-    val_metric(model, batch) take self.model wrapped for data parallelism. One with a
-    discriminator (its own AdamW) defines discriminator_active and discriminator_loss."""
+    """What is trained, on what, with which loss: the loop knows nothing else. Its name, configs
+    (the --model names), kind (the checkpoint's), unit (of throughput), defaults, flags (name ->
+    (value when not given, type, help)), val_label; __init__(recipe, resumed checkpoint or None)
+    sets model, config, meta (saved), train_set, val_set; loss(model, batch, step) -> (loss, logs)
+    and val_metric(model, batch) get the wrapped model. A GAN adds discriminator(_active, _loss)."""
     units_per_item, discriminator, mfu = 1, None, None  # mfu(units/s, device): FLOPs utilisation
     blocks = ()  # the repeated layers: FSDP shards them one by one, --grad-ckpt recomputes them
 
     def to(self, device):  # every network of the stage: the model and any loss networks
-        for net in vars(self).values():
-            if isinstance(net, torch.nn.Module):
-                net.to(device)
+        for net in filter(lambda v: isinstance(v, torch.nn.Module), vars(self).values()):
+            net.to(device)
         return self
 
 
@@ -111,28 +103,27 @@ class GPTStage(Stage):
         "dropout": (None, float, "token/residual/FFN dropout in [0, 1) (default 0.1)"),
         "class_dropout": (None, float, "the null class's probability, for CFG (default 0.1)"),
         "grad_ckpt": (False, bool, "activation checkpointing: recompute each block in backward"),
-        "init_from": (None, str, "GPT.pt: start from another GPT (ours or official) of --model on "
-                      "the same tokenizer's codes; its class or caption embedding too when that "
-                      "means the same, else that starts afresh")}
+        "init_from": (None, str, "GPT.pt: start from another GPT (ours, or official by path or "
+                      "name: c2i_B_256.pt ...) of --model on the same tokenizer's codes; its class "
+                      "or caption embedding too when that means the same, else that starts afresh")}
     val_label = "validation cross-entropy (nats/token)"
 
     def __init__(self, recipe, resumed):
         items = codes.codes_dataset(recipe.data)
         receipt = items.receipt  # vocabulary and grid: the GPT speaks its tokenizer's tokens
         over = dict(vocab_size=receipt.vocab_size, block_size=math.prod(receipt.grid))
-        if recipe.dropout is not None:  # one flag, three rates: the official recipe sets them alike
-            over.update(token_dropout_p=recipe.dropout, resid_dropout_p=recipe.dropout,
-                        ffn_dropout_p=recipe.dropout)
-        if recipe.class_dropout is not None:
-            over["class_dropout_prob"] = recipe.class_dropout
+        rates = dict(token_dropout_p=recipe.dropout, resid_dropout_p=recipe.dropout,
+                     ffn_dropout_p=recipe.dropout, class_dropout_prob=recipe.class_dropout)
+        over.update({k: v for k, v in rates.items() if v is not None})
         self.build(recipe, items, over, resumed)
-        if resumed and resumed["meta"]:
+        if resumed:
             codes.CodesReceipt.from_dict(resumed["meta"], checkpoint_path(recipe.out_dir)) \
                 .check_same_tokenizer(receipt, "the checkpoint", f"the codes in {recipe.data}")
         if recipe.init_from and not resumed:
             t2i.init_from(self.model, self.meta, recipe.init_from, receipt, recipe.model)
         self.train_set, self.val_set = split(self.dataset, recipe.val_size)
         self.units_per_item, self.mfu = self.config.block_size, self.model.estimate_mfu
+        self.blocks = self.model.layers  # embeddings, final norm and head stay in FSDP's root unit
 
     def build(self, recipe, items, over, resumed):
         """config, model, dataset, meta: the class GPT on the codes and their labels."""
@@ -141,10 +132,6 @@ class GPTStage(Stage):
                             "with the --text it was trained with")
         self.config = gpt_config(recipe.model, num_classes=items.receipt.num_classes, **over)
         self.model, self.dataset, self.meta = GPT(self.config), items, items.receipt.to_dict()
-
-    @property
-    def blocks(self):
-        return self.model.layers  # embeddings, final norm and head stay in FSDP's root unit
 
     def loss(self, model, batch, step):  # teacher forcing: each code from those before it
         seq, cond, mask, valid = (*batch, None, None)[:4]
@@ -177,8 +164,7 @@ class T2IStage(GPTStage):
 class VQStage(Stage):
     """Stage 1 (paper 2.2): images through the quantizer bottleneck, a PatchGAN at --disc-start."""
     name, configs, kind, unit = "tokenizer", VQ_CONFIGS, "vq", "img"
-    # the paper says AdamW with weight decay 0.05; the official tokenizer/tokenizer_image/
-    # vq_train.py, which trained the released tokenizer, Adam without decay: we follow the code
+    # as the official vq_train.py that trained the release: Adam, no decay (the paper: AdamW 0.05)
     defaults = dict(epochs=40, batch_size=128, weight_decay=0.0)
     flags = {  # the official vq_train.py defaults; None: the VQ config's own value
         "image_size": (256, int, "training resolution, a multiple of the config's downsampling"),
@@ -191,14 +177,12 @@ class VQStage(Stage):
     val_label = "validation PSNR (dB)"
 
     def __init__(self, recipe, resumed):
-        over = dict(codebook_size=recipe.codebook_size,
-                    entropy_loss_ratio=recipe.entropy_loss_ratio)
+        over = {k: getattr(recipe, k) for k in ("codebook_size", "entropy_loss_ratio")}
         self.config = vq_config(recipe.model, **{k: v for k, v in over.items() if v is not None})
         self.model, self.meta = VQModel(self.config), {}
-        self.train_set = split(data.image_dataset(recipe.data, recipe.image_size,
-                                                  augment="random_resize_crop"), recipe.val_size)[0]
-        self.val_set = split(data.image_dataset(recipe.data, recipe.image_size, augment="center",
-                                                flip=False), recipe.val_size)[1]
+        images = partial(data.image_dataset, recipe.data, recipe.image_size)
+        self.train_set = split(images(augment="random_resize_crop"), recipe.val_size)[0]
+        self.val_set = split(images(augment="center", flip=False), recipe.val_size)[1]
         self.crit = VQLoss(disc_start=recipe.disc_start, disc_weight=recipe.disc_weight,
                            perceptual_weight=recipe.perceptual_weight, lpips_path=recipe.lpips)
         self.discriminator = self.crit.discriminator
@@ -271,11 +255,9 @@ STAGES = [GPTStage, VQStage, ClipStage, T2IStage]
 
 def stage_for(model, text=None):
     """The Stage class whose configs hold --model; a GPT with --text is the text-to-image stage."""
-    if text is not None and model in T2IStage.configs:
-        return T2IStage
-    for stage in STAGES:
-        if model in stage.configs:
-            return stage
+    stage = next((s for s in STAGES if model in s.configs), None)
+    if stage is not None:
+        return T2IStage if stage is GPTStage and text is not None else stage
     known = "; ".join(f"{s.name} configs: {', '.join(s.configs)}" for s in STAGES)
     raise UserError(f"unknown --model {model!r}; {known}")
 
@@ -337,8 +319,7 @@ def checkpoint_to_resume(path, resume, overwrite, stage, model):
     """The checkpoint --resume continues (train.py's, of this stage and --model, with its
     optimizer state), or None; never a silent restart over an old run."""
     if resume and overwrite:
-        raise UserError("--resume continues the run in --out-dir and --overwrite replaces it: "
-                        "pass one of them")
+        raise UserError("--resume continues the run and --overwrite replaces it: pass one of them")
     if resume and not os.path.exists(path):
         raise UserError(f"--resume: no checkpoint at {path}; drop --resume to start a new run")
     if not resume and not overwrite and os.path.exists(path):
@@ -347,55 +328,48 @@ def checkpoint_to_resume(path, resume, overwrite, stage, model):
     if not resume:
         return None
     ckpt, new = load_checkpoint(path), "; start a new run in another --out-dir"
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        raise UserError(f"--resume: {path} is a bare state dict (weights only), not a checkpoint "
-                        f"of train.py; sampling can load it{new}")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
-        raise UserError(f"--resume: {path} is not a checkpoint of train.py (no recipe under "
-                        f"'args'){new}")
+        bare = isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values())
+        raise UserError(f"--resume: {path} is " + ("a bare state dict (weights only), not a "
+                        "checkpoint of train.py; sampling can load it" if bare else "not a "
+                        "checkpoint of train.py (no recipe under 'args')") + new)
     saved = ckpt["args"].get("model")
     if ckpt.get("kind") != stage.kind:
         other = next((s.name for s in STAGES if s.kind == ckpt.get("kind")), ckpt.get("kind"))
         raise UserError(f"--resume: {path} is a {other} checkpoint (--model {saved}), and --model "
-                        f"{model} trains the {stage.name}: pass --model {saved} or another "
-                        "--out-dir")
+                        f"{model} trains the {stage.name}: use --model {saved} or a new --out-dir")
     if saved != model:
         raise UserError(f"--resume: {path} is a checkpoint of --model {saved}, not {model}: pass "
                         f"--model {saved} to continue it, or another --out-dir")
     needed = ["model", "optimizer", "step", "config", "rng"]
-    needed += ["discriminator", "optimizer_disc"] if stage.discriminator is not None else []
+    needed += ["discriminator", "optimizer_disc"] if stage is VQStage else []
     for key in needed:  # an empty AdamW state too: Trainer.save writes zero moments for all
         if key not in ckpt or (key.startswith("optimizer") and not ckpt[key].get("state")):
-            raise UserError(f"--resume: {path} has no {key!r} state (a file of train.py always "
-                            f"has){new}")
+            raise UserError(f"--resume: {path} has no {key!r} state{new}")
     return ckpt
 
 
 def resolve_recipe(args, stage, out_dir, ckpt, world, device):
     """The flags with every default filled in: what the run reads and the checkpoint saves."""
-    for other in STAGES:
-        for flag in other.flags:
-            if flag not in stage.flags and getattr(args, flag) is not None:
-                raise UserError(f"--{flag.replace('_', '-')} only applies to the {other.name} "
-                                f"stage; --model {args.model} trains the {stage.name}: drop it")
+    for other, flag in [(o, f) for o in STAGES for f in o.flags if f not in stage.flags]:
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag.replace('_', '-')} only applies to the {other.name} stage; "
+                            f"--model {args.model} trains the {stage.name}: drop it")
     saved = ckpt["args"] if ckpt else {}
     for name in ("batch_size", "weight_decay", "init_from"):
         given = getattr(args, name)
         if saved and given is not None and given != saved.get(name):
             raise UserError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's "
                             f"{saved.get(name)}: a resumed run keeps it; start a new --out-dir")
-    recipe = dict(vars(args))
-    typed = recipe.pop("typed", set(recipe))  # a Namespace not from get_args: every flag typed
+    recipe = {k: v for k, v in vars(args).items() if k != "typed"}
     recipe.update({k: v for k, v in saved.items()
-                   if k in recipe and k not in typed and k not in PER_INVOCATION})
-    for other in STAGES:  # every stage's flags keep a value in every checkpoint
-        recipe.update({k: v[0] for k, v in other.flags.items() if recipe[k] is None})
-    for name, value in stage.defaults.items():
-        if recipe[name] is None:
-            recipe[name] = value if saved.get(name) is None else saved[name]
+                   if k in recipe and k not in args.typed and k not in PER_INVOCATION})
+    # every stage's flags keep a value in every checkpoint
+    recipe.update({k: v[0] for s in STAGES for k, v in s.flags.items() if recipe[k] is None})
+    recipe.update({k: v for k, v in stage.defaults.items() if recipe[k] is None})
     # the official 1e-4 per 256 images (GPT) or 128 (tokenizer), linear in the batch (Goyal 2017)
     if recipe["lr"] is None:
-        recipe["lr"] = saved.get("lr") or 1e-4 * recipe["batch_size"] / stage.defaults["batch_size"]
+        recipe["lr"] = 1e-4 * recipe["batch_size"] / stage.defaults["batch_size"]
     recipe["out_dir"], recipe["precision"] = out_dir, resolve_precision(args.precision, device)[0]
     r = argparse.Namespace(**recipe)
     check_flags(r, RANGES, ONLY_WITH)
@@ -414,15 +388,13 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
 
 # the flags of this invocation rather than of the run: a resumed run may change them freely
 PER_INVOCATION = {"resume", "overwrite", "out_dir", "device", "num_workers", "precision", "compile"}
-RANGES = {
-    **dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", "log_interval",
-                     "eval_interval", "ckpt_interval", "codebook_size"), at_least(1)),
-    **dict.fromkeys(("warmup_steps", "num_workers", "disc_start", "weight_decay", "grad_clip",
-                     "disc_weight", "perceptual_weight", "entropy_loss_ratio"), at_least(0)),
-    **dict.fromkeys(("epochs", "lr"), POSITIVE),
-    **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
-    "caption_len": at_least(2),  # a word and </s>
-}
+RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", "log_interval",
+                           "eval_interval", "ckpt_interval", "codebook_size"), at_least(1)),
+          **dict.fromkeys(("warmup_steps", "num_workers", "disc_start", "weight_decay", "grad_clip",
+                           "disc_weight", "perceptual_weight", "entropy_loss_ratio"), at_least(0)),
+          **dict.fromkeys(("epochs", "lr"), POSITIVE),
+          **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
+          "caption_len": at_least(2)}  # a word and </s>
 ONLY_WITH = [("caption_len", f"a text encoder trained along (--text {'/'.join(T5_CONFIGS)}); "
               "frozen features keep their own length", lambda r: r.text in T5_CONFIGS)]
 
@@ -445,18 +417,16 @@ def configure_optimizers(module, weight_decay, learning_rate, betas, device_type
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas,
-                             **({"fused": True} if fused else {}))
+                             fused=device_type == "cuda" or None)  # None: torch's default
 
 
 def wrap(module, blocks, fsdp, dtype, device, world):
     """DDP keeps a full replica per rank and all-reduces gradients behind the backward pass; FSDP
     shards weights, gradients and optimizer state, one block whole at a time (paper 2.4: 3B)."""
-    if world == 1 and not fsdp:
-        return module
     if not fsdp:
-        return DDP(module, device_ids=[device] if device.startswith("cuda") else None)
+        ids = [device] if device.startswith("cuda") else None
+        return module if world == 1 else DDP(module, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == torch.bfloat16 else MixedPrecisionPolicy()
@@ -472,8 +442,7 @@ def gradient_sync(module, last):
 
 
 class Trainer:
-    """The stage's networks on this rank, wrapped, with their AdamW, loss scaler and EMA: a step,
-    validation, a checkpoint. Logged scalars are summed on the device, read once per log line."""
+    """The stage's networks on this rank, wrapped, with their AdamW, loss scaler and EMA."""
 
     def __init__(self, stage, recipe, device, rank, world):
         self.stage, self.recipe, self.device = stage, recipe, device
@@ -509,7 +478,7 @@ class Trainer:
             s, n = self.sums.get(k, (0.0, 0.0))
             self.sums[k] = (s + v.detach().float() * weight, n + weight)
 
-    def read_logs(self):
+    def read_logs(self):  # logged scalars are summed on the device, read once per log line
         keys = sorted(self.sums, key=lambda k: (k != "loss", k))  # one order on every rank
         means = torch.stack([self.sums[k][0] / self.sums[k][1] for k in keys])
         if self.world > 1:
@@ -522,12 +491,10 @@ class Trainer:
         path = checkpoint_path(self.recipe.out_dir)
         for net, key in ((self.raw, "model"), (self.stage.discriminator, "discriminator")):
             if net is not None:
-                check_weights(net, {k.removeprefix("_orig_mod."): v for k, v in ckpt[key].items()},
-                              f"--resume {path}", hint="it was trained with another config "
-                              "(the codes' vocabulary or grid, --codebook-size) than this run's")
+                check_weights(net, ckpt[key], f"--resume {path}", hint="it was trained with "
+                              "another config (the codes' vocabulary or grid, --codebook-size)")
         if self.ema is not None and "ema" not in ckpt:
-            raise UserError(f"--resume: {path} was trained without --ema; drop it, or start a "
-                            "new run with it")
+            raise UserError(f"--resume: {path} was trained without --ema; drop it or start anew")
         full = StateDictOptions(full_state_dict=True)  # consolidated in, sharded under FSDP
         try:
             set_state_dict(self.model, self.opt, model_state_dict=ckpt["model"],
@@ -545,16 +512,12 @@ class Trainer:
 
     def seed_dropout(self, ckpt, step):
         """Dropout continues exactly on one world size; else rank r seeds seed*world + r + step."""
-        rng = ckpt["rng"] if ckpt and len(ckpt["rng"]) == self.world else None
-        if rng:
-            torch.set_rng_state(rng[self.rank]["cpu"])
+        if ckpt and len(ckpt["rng"]) == self.world:
+            torch.set_rng_state(ckpt["rng"][self.rank]["cpu"])
             if self.device_type == "cuda":
-                torch.cuda.set_rng_state(rng[self.rank]["cuda"])
+                torch.cuda.set_rng_state(ckpt["rng"][self.rank]["cuda"])
         else:
             torch.manual_seed(self.recipe.seed * self.world + self.rank + step)
-
-    def to_device(self, batch):
-        return [t.to(self.device, non_blocking=True) for t in batch]  # async from pinned memory
 
     def train_step(self, step, lr, batches):
         """--grad-accum micro-batches, each loss / accum (their summed gradients are the global
@@ -565,7 +528,7 @@ class Trainer:
         train_disc = self.disc is not None and stage.discriminator_active(step)
         for micro in range(accum):
             last = micro == accum - 1
-            batch = self.to_device(next(batches))
+            batch = [t.to(self.device, non_blocking=True) for t in next(batches)]  # pinned: async
             with gradient_sync(self.model, last):
                 with self.autocast():
                     loss, logs = stage.loss(self.model, batch, step)
@@ -581,11 +544,9 @@ class Trainer:
         self.scaler.unscale_(self.opt)  # the threshold is for the true gradients
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-        if self.scaler.is_enabled():  # fp16: the scaler skips inf/nan steps; average the others
-            finite = torch.isfinite(norm)
-            self.log({"grad_norm": torch.where(finite, norm, 0.0)}, finite.float())
-        else:
-            self.log({"grad_norm": norm}, 1.0)
+        # fp16: the scaler skips inf/nan steps, and the logged norm averages the others
+        finite = torch.isfinite(norm) | (not self.scaler.is_enabled())
+        self.log({"grad_norm": torch.where(finite, norm, 0.0)}, finite.float())
         self.scaler.step(self.opt)
         if train_disc:  # D's own clip and step at the same rate: the official vq_train.py's way
             self.scaler.unscale_(self.opt_d)
@@ -606,10 +567,9 @@ class Trainer:
         idx = list(range(self.rank, len(stage.val_set), world))
         per_batch = max(1, self.recipe.batch_size // world)
         with torch.no_grad(), self.autocast():
-            for i in range(0, len(idx), per_batch):
-                chunk = idx[i:i + per_batch]
-                items = self.to_device(torch.utils.data.default_collate(
-                    [val_set[(j, j)] for j in chunk]))
+            for chunk in (idx[i:i + per_batch] for i in range(0, len(idx), per_batch)):
+                items = [t.to(self.device) for t in torch.utils.data.default_collate(
+                    [val_set[(j, j)] for j in chunk])]
                 vals += torch.stack([stage.val_metric(self.model, items).float() * len(chunk),
                                      torch.tensor(float(len(chunk)), device=self.device)])
         if world > 1:
@@ -660,12 +620,11 @@ class RunLog:
         save_atomic(lambda f: f.write("".join(kept).encode()), self.pending or self.path)
         if not replacing and os.path.exists(self.path + ".new"):
             os.remove(self.path + ".new")  # left by an --overwrite run that never saved
-        self.file = open(self.pending or self.path, "a")
+        self.file = open(self.pending or self.path, "a", buffering=1)
 
-    def write(self, rec):  # flushed: a kill loses no logged step
+    def write(self, rec):  # the file is line-buffered: a kill loses no logged step
         try:
             self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
         except OSError as e:
             raise UserError(os_error_line(e, self.file.name)) from None
 
@@ -678,26 +637,10 @@ class RunLog:
                     os.remove(os.path.join(self.out_dir, old))
 
 
-@contextlib.contextmanager
-def ctrl_c():
-    """The first Ctrl-C only sets asked[0]: the loop stops at a step boundary, with a checkpoint
-    (mid-step, torchrun's other ranks would wait in a collective). A second interrupts at once."""
-    asked, before = [False], None
-
-    def ask(signum, frame):
-        asked[0] = True
-        signal.signal(signal.SIGINT, before)
-    if threading.current_thread() is threading.main_thread():  # signals reach only main's
-        before = signal.signal(signal.SIGINT, ask)
-    try:
-        yield asked
-    finally:  # put back: demo.py calls train.main several times in one process
-        if before is not None:
-            signal.signal(signal.SIGINT, before)
-
-
 def train(trainer, step):
-    """From `step` (optimizer steps taken) to the last; a log line before each save, too."""
+    """From `step` (optimizer steps taken) to the last; a log line before each save, too. The first
+    Ctrl-C only asks: the loop stops at a step boundary, with a checkpoint (mid-step, torchrun's
+    other ranks would wait in a collective); a second interrupts at once."""
     stage, r, world, master = trainer.stage, trainer.recipe, trainer.world, trainer.rank == 0
     total = r.max_steps or math.ceil(r.epochs * len(stage.train_set) / r.batch_size)
     if step >= total:
@@ -713,55 +656,59 @@ def train(trainer, step):
     bar = progress(total=total, initial=step, show=master, desc=r.model)
     trainer.model.train()  # dropout and the null class on; validate turns them off and back on
     t0, logged = time.perf_counter(), step  # time and step of the last log line
+    asked, before = [False], None
+
+    def ask(signum, frame):
+        asked[0] = True
+        signal.signal(signal.SIGINT, before)
+    if threading.current_thread() is threading.main_thread():  # signals reach only main's
+        before = signal.signal(signal.SIGINT, ask)
     try:
-        with ctrl_c() as asked:
-            while step < total:
-                lr = lr_at(step, r, total)
-                trainer.train_step(step, lr, batches)
-                step += 1
-                bar.update(1)
-                validating = step % r.eval_interval == 0 or step == total
-                saving = step % r.ckpt_interval == 0 or step == total
-                # Ctrl-C: one process stops at once, torchrun's ranks agree at the next log line
-                if not (step % r.log_interval == 0 or validating or saving or asked[0] and
-                        world == 1):
-                    continue
-                rec = dict(step=step, **trainer.read_logs(), lr=lr)
-                # divergence stops the run before it saves (fp16: an inf norm is a skipped step)
-                if not math.isfinite(rec["loss"]) or not (
-                        trainer.scaler.is_enabled() or math.isfinite(rec["grad_norm"])):
-                    back = trainer.last_checkpoint
-                    where, then = ((f"the last good checkpoint is {back}", "then --resume") if back
-                                   else ("no checkpoint was saved yet", "and start again"))
-                    raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step "
-                                    f"{step}; {where}. Lower --lr, or use --precision bf16/fp32, "
-                                    f"{then}")
-                rec[f"{stage.unit}/s"] = (r.batch_size * stage.units_per_item * (step - logged)
-                                          / (time.perf_counter() - t0))
-                mfu = stage.mfu and stage.mfu(rec[f"{stage.unit}/s"] / world, trainer.device)
-                if mfu is not None:
-                    rec["mfu"] = mfu
-                stopping = torch.tensor([float(asked[0])], device=trainer.device)
-                if world > 1:
-                    dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-                stopping = bool(stopping.item())
+        while step < total:
+            lr = lr_at(step, r, total)
+            trainer.train_step(step, lr, batches)
+            step += 1
+            bar.update(1)
+            validating = step % r.eval_interval == 0 or step == total
+            saving = step % r.ckpt_interval == 0 or step == total
+            # Ctrl-C: one process stops at once, torchrun's ranks agree at the next log line
+            if not (step % r.log_interval == 0 or validating or saving or asked[0] and world == 1):
+                continue
+            rec = dict(step=step, **trainer.read_logs(), lr=lr)
+            # divergence stops the run before it saves (fp16: an inf norm is a skipped step)
+            if not math.isfinite(rec["loss"]) or not (
+                    trainer.scaler.is_enabled() or math.isfinite(rec["grad_norm"])):
+                back = trainer.last_checkpoint
+                where, then = ((f"the last good checkpoint is {back}", "then --resume") if back
+                               else ("no checkpoint was saved yet", "and start again"))
+                raise UserError(f"loss {rec['loss']}, grad norm {rec['grad_norm']} by step {step}; "
+                                f"{where}. Lower --lr, or use --precision bf16/fp32, {then}")
+            rec[f"{stage.unit}/s"] = (r.batch_size * stage.units_per_item * (step - logged)
+                                      / (time.perf_counter() - t0))
+            mfu = stage.mfu and stage.mfu(rec[f"{stage.unit}/s"] / world, trainer.device)
+            if mfu is not None:
+                rec["mfu"] = mfu
+            stopping = torch.tensor([float(asked[0])], device=trainer.device)
+            if world > 1:  # one rank's Ctrl-C stops every rank, at this same step
+                dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+            if validating:
+                rec["val"] = trainer.validate()
+            if master:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "step"})
                 if validating:
-                    rec["val"] = trainer.validate()
+                    bar.write(f"step {step}: {stage.val_label} {rec['val']:.4f}")
+                log.write(rec)
+            if saving or stopping:
+                trainer.save(step)
                 if master:
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items()
-                                     if k != "step" and v is not None})
-                    if validating:
-                        bar.write(f"step {step}: {stage.val_label} {rec['val']:.4f}")
-                    log.write(rec)
-                if saving or stopping:
-                    trainer.save(step)
-                    if master:
-                        log.checkpointed(step)
-                if stopping:
-                    raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to "
-                                            f"{trainer.last_checkpoint}, resume with --resume")
-                t0, logged = time.perf_counter(), step  # throughput leaves out validation, saving
+                    log.checkpointed(step)
+            if stopping:
+                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to "
+                                        f"{trainer.last_checkpoint}, resume with --resume")
+            t0, logged = time.perf_counter(), step  # throughput leaves out validation, saving
     finally:
+        if before is not None:  # put back: demo.py calls train.main several times in one process
+            signal.signal(signal.SIGINT, before)
         bar.close()
         if log:
             log.file.close()
@@ -778,7 +725,6 @@ def main(argv=None):
     recipe = resolve_recipe(args, Stage, out_dir, ckpt, world, device)
     if "RANK" in os.environ:  # torchrun: join the others once bad input has stopped them all
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank: FSDP broadcasts none
     stage = Stage(recipe, ckpt)
     trainer = Trainer(stage, recipe, device, rank_world()[0], world)

@@ -22,6 +22,7 @@ Fixtures in tests/data, recorded once outside the project with transformers 4.57
 - clip_preprocess.pt: CLIPImageProcessor(shortest_edge 16, crop 16) pixel_values of the 45 x 30
   test image made below (a crop margin of 8 px, where HF's and torchvision's offsets agree).
 """
+import dataclasses
 import json
 import math
 import os
@@ -207,23 +208,24 @@ def test_rank_and_rerank(hf_tiny):
         txt = nn.functional.normalize(hf_tiny.encode_text(ids), dim=-1)
     torch.testing.assert_close(scores, 100 * (img.view(2, 4, -1) @ txt[:, :, None])[..., 0])
     fixed = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.7, 0.2, 0.7, 0.8]])
-    order, best = clip.rerank(fixed, 1)
-    assert order.tolist() == [[1], [3]]
+    start = torch.tensor([[0], [4]])  # kept row numbers: prompt p's candidate j is row p * 4 + j
+    order, best = clip.keep_best(torch.arange(8), fixed, 1)
+    assert (order - start).tolist() == [[1], [3]]
     assert best.flatten().tolist() == [pytest.approx(0.9), pytest.approx(0.8)]
-    order, best = clip.rerank(fixed, 4)  # N = K: every candidate, best first, ties in drawing order
-    assert order.tolist() == [[1, 2, 3, 0], [3, 0, 2, 1]]
+    order, best = clip.keep_best(torch.arange(8), fixed, 4)  # N = K: all, ties in drawing order
+    assert (order - start).tolist() == [[1, 2, 3, 0], [3, 0, 2, 1]]
     assert sorted(best.flatten().tolist()) == sorted(fixed.flatten().tolist())
     kept, kept_scores = clip.keep_best(images, fixed, 2)
     assert kept.shape == (2, 2, 3, 16, 16)
     assert torch.equal(kept[0, 0], images[1]) and torch.equal(kept[1, 1], images[4 + 0])
     assert torch.equal(clip.keep_best(images, fixed, 4)[0][0][[3, 0, 1, 2]], images[:4])
     with pytest.raises(UserError, match="--keep 5"):
-        clip.rerank(fixed, 5)
+        clip.keep_best(images, fixed, 5)
 
 
 def test_own_checkpoint_round_trip(hf_tiny, tmp_path):
     path = str(tmp_path / "clip.pt")
-    torch.save({"model": hf_tiny.state_dict(), "config": hf_tiny.checkpoint_config(),
+    torch.save({"model": hf_tiny.state_dict(), "config": dataclasses.asdict(hf_tiny.config),
                 "kind": "clip"}, path)
     again = clip.CLIP.from_pretrained(path)
     ids = torch.load(os.path.join(DATA, "clip_parity.pt"), weights_only=True)["ids"]

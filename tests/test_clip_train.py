@@ -167,6 +167,7 @@ if rank == 0:
                                                  model.module.named_parameters()}}}}, {out!r})
 dist.barrier()  # neither rank closes its connections while the other still uses them
 dist.destroy_process_group()
+os._exit(0)  # skip interpreter teardown, where gloo's threads can abort a finished rank
 """
 
 

@@ -231,7 +231,7 @@ def test_extract_codes_and_reader(tmp_path, vocab, dtype):
     assert meta["tokenizer_checksum"] == tokenizer_checksum(vq) != tokenizer_checksum(HashTokenizer(vocab, 1))
     assert not (tmp_path / "c" / "parts").exists()
 
-    ds = codes.CodesDataset(tmp_path / "c", vocab_size=vocab, grid=4, tokenizer_checksum=meta["tokenizer_checksum"])
+    ds = codes.CodesDataset(tmp_path / "c")
     ds = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives: a path, not the data
     torch.manual_seed(0)
     seen = set()
@@ -305,15 +305,8 @@ def test_extract_resumes_after_interruption(tmp_path):
 
 
 def test_codes_dataset_errors(tmp_path):
-    vq = HashTokenizer()
-    codes.extract_codes(vq, "synthetic:3", tmp_path / "c", image_size=16)
-    with pytest.raises(UserError, match="vocab size 65536, but 16384"):
-        codes.CodesDataset(tmp_path / "c", vocab_size=16384)
-    with pytest.raises(UserError, match=r"token grid \[4, 4\], but \[16, 16\]"):
-        codes.CodesDataset(tmp_path / "c", grid=16)
-    with pytest.raises(UserError, match="re-extract"):
-        codes.CodesDataset(tmp_path / "c", tokenizer_checksum=tokenizer_checksum(HashTokenizer(salt=1)))
-    assert len(codes.CodesDataset(tmp_path / "c", 65536, (4, 4), tokenizer_checksum(vq))) == 3
+    codes.extract_codes(HashTokenizer(), "synthetic:3", tmp_path / "c", image_size=16)
+    assert len(codes.CodesDataset(tmp_path / "c")) == 3
     with pytest.raises(UserError, match="does not exist"):
         codes.CodesDataset(tmp_path / "nowhere")
     with pytest.raises(UserError, match="holds no codes"):
@@ -351,12 +344,13 @@ def test_extract_with_the_real_tokenizer(tmp_path):
     codes.main(["extract", "--vq-ckpt", str(tmp_path / "vq.pt"), "--data", "synthetic:5", "--out",
                str(tmp_path / "c"), "--image-size", "16", "--batch-size", "1", "--num-workers", "0", "--device", "cpu"])
     down = 16 // cfg.downsample
-    ds = codes.CodesDataset(tmp_path / "c", cfg.codebook_size, down, tokenizer_checksum(vq))
+    ds = codes.CodesDataset(tmp_path / "c")
     got = torch.from_numpy(np.load(tmp_path / "c" / "codes.npy").astype(np.int64))
     with torch.no_grad():
         want = _expected_codes(vq, 5, 16)
     assert got.shape == (5, 2, down * down) and torch.equal(got, want)
     assert ds.receipt.vocab_size == cfg.codebook_size and ds.receipt.labels_dtype == "int16"
+    assert ds.receipt.grid == (down, down) and ds.receipt.tokenizer_checksum == tokenizer_checksum(vq)
 
 
 def test_codes_receipt_round_trip_and_checks(tmp_path):

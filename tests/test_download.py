@@ -12,7 +12,11 @@ import pytest
 import torch
 
 import common
+import sample
+import t2i
 from common import UserError
+from conftest import run_cli
+from model import GPT, GPTConfig, gpt_config
 
 # a tiny GPT's weights in the official key names, recorded from the official gpt.py
 STATE = common.load_checkpoint(os.path.join(os.path.dirname(__file__), "data",
@@ -92,3 +96,65 @@ def test_offline_names_the_file_the_url_and_where_to_put_it(host, monkeypatch):
     line = str(e.value)
     assert "http://127.0.0.1:9/vq_ds16_c2i.pt" in line and str(host / "vq_ds16_c2i.pt") in line
     assert "\n" not in line
+
+
+# ------------------------------------------------------------- the command lines, by name
+def official_vq_file():
+    """tests/data/official_vq_tiny.pt (recorded from the official vq_model.py) in the layout of the
+    released vq_ds16_c2i.pt: fp32 weights under "model"."""
+    fx = torch.load(os.path.join(os.path.dirname(__file__), "data", "official_vq_tiny.pt"),
+                    weights_only=True)
+    sd = {k: v.float() for k, v in fx["state_dict"].items()}
+    sd["quantize.codebook_used"] = torch.zeros(65536)
+    buf = io.BytesIO()
+    torch.save({"model": sd}, buf)
+    return sd, buf.getvalue()
+
+
+def test_sample_fetches_the_official_pair_by_name_once(host, capsys):
+    """sample.py --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt: both fetched on the first run,
+    loaded with the served weights, read from the cache on the next run (no request). The GPT is
+    one whose shapes tell its config (64-wide heads), in the official trainer's layout."""
+    vq_sd, Host.files["vq_ds16_c2i.pt"] = official_vq_file()
+    torch.manual_seed(0)
+    gpt_sd = GPT(gpt_config("nano", n_layer=2, dim=64, n_head=1, vocab_size=64, block_size=16,
+                            num_classes=10)).state_dict()
+    buf = io.BytesIO()
+    torch.save({"model": gpt_sd, "args": argparse.Namespace(gpt_model="GPT-B")}, buf)
+    Host.files["c2i_B_256.pt"] = buf.getvalue()
+    argv = ["--gpt-ckpt", "c2i_B_256.pt", "--vq-ckpt", "vq_ds16_c2i.pt", "--image-size", "8",
+            "--class", "1", "--per-class", "1", "--out", "x.png"]  # the tiny GPT's 4x4 codes
+    code, _, err = run_cli(sample.main, argv, capsys)
+    assert code == 0, err
+    assert Host.requests == ["/vq_ds16_c2i.pt", "/c2i_B_256.pt"]
+    assert sorted(os.listdir(host)) == ["c2i_B_256.pt", "vq_ds16_c2i.pt"]
+    gpt, vq, gpt_path, vq_path = sample.load_models("c2i_B_256.pt", "vq_ds16_c2i.pt", 8)
+    assert (gpt_path, vq_path) == (str(host / "c2i_B_256.pt"), str(host / "vq_ds16_c2i.pt"))
+    for model, sd in ((gpt, gpt_sd), (vq, vq_sd)):
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    picture = open("x.png", "rb").read()
+    code, _, err = run_cli(sample.main, argv + ["--overwrite"], capsys)
+    assert code == 0 and len(Host.requests) == 2 and open("x.png", "rb").read() == picture
+
+
+def test_init_from_takes_an_official_name(host):
+    """train.py --init-from c2i_B_256.pt: t2i.init_from reads the fetched file."""
+    config = common.load_checkpoint(os.path.join(os.path.dirname(__file__), "data",
+                                                 "official_gpt_tiny.pt"))["mha"]["config"]
+    model = GPT(GPTConfig(**config))
+    t2i.init_from(model, {}, "c2i_B_256.pt", None, "GPT-B")
+    assert Host.requests == ["/c2i_B_256.pt"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in STATE.items())
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["--class", "207"], "python sample.py --gpt-ckpt c2i_B_256.pt --vq-ckpt vq_ds16_c2i.pt "
+     "--class 207"),
+    (["--prompt", "a red circle"], "python sample.py --gpt-ckpt t2i_XL_stage1_256.pt --vq-ckpt "
+     "vq_ds16_t2i.pt --t5 flan-t5-xl")])
+def test_no_models_names_the_command_that_fetches_them(host, capsys, argv, command):
+    """No demo models and no flags: one line with the command that fetches the official pair and
+    its size; nothing is downloaded unasked."""
+    code, _, err = run_cli(sample.main, argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and command in err and " GB" in err, err
+    assert Host.requests == [] and not host.exists()

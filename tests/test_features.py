@@ -99,7 +99,7 @@ def test_coco_captions_every_caption_per_image(tmp_path):
     ds = data.caption_dataset(f"coco:{tmp_path}/captions.json:{tmp_path}/img", 16)
     # in the file's order of images, each with its captions in the file's order; c.png has none
     assert ds.captions == [["a dog"], ["A cat on a mat.", "a second caption of the cat"]]
-    assert ds.uncaptioned == 1
+    assert len(ds) == 2
     x, caption = ds[0]
     # b.png is 20 x 16: the ADM centre crop keeps its central 16 columns
     assert caption == ["a dog"] and np.array_equal(pixels(x), b[:, 2:18])
@@ -264,17 +264,7 @@ def test_receipt_checks_name_both_checksums(tmp_path, t5_dir):
     assert codes.encoder_checksum(TextEncoder.from_pretrained(t5_dir, "cpu", torch.bfloat16)) == mine.encoder_checksum
     other_words = TextEncoder(UnigramTokenizer.from_words(WORDS[::-1]), tiny_encoder().encoder)
     assert codes.encoder_checksum(other_words) != mine.encoder_checksum
-    theirs = codes.extract_features(tiny_encoder(seed=1), CAPTIONS, tmp_path / "b", name="t5-other")
-    mine.check_same_encoder(FeaturesReceipt.from_dict(on_disk, "x"))  # the same: no error
-    a, b = mine.encoder_checksum[:12], theirs.encoder_checksum[:12]
-    with pytest.raises(UserError) as e:
-        mine.check_same_encoder(theirs, mine="ckpt.pt", theirs="features/b")
-    assert str(e.value).startswith(f"the caption features of ckpt.pt come from another text encoder (encoder "
-                                   f"t5-tiny {a}, N 120, d_model 64) than those of features/b (encoder t5-other "
-                                   f"{b}, N 120, d_model 64)") and "\n" not in str(e.value)
-    mine.check_encoder(TextEncoder.from_pretrained(t5_dir, "cpu", torch.bfloat16))  # the same weights: no error
-    with pytest.raises(UserError, match=f"made with text encoder t5-tiny {a} .*, but the prompt encoder is {b} "):
-        mine.check_encoder(tiny_encoder(seed=1), theirs="the prompt encoder")
+    assert codes.encoder_checksum(tiny_encoder(seed=1)) != mine.encoder_checksum  # other weights
     with pytest.raises(UserError, match="lacks 'length'"):
         FeaturesReceipt.from_dict({k: v for k, v in on_disk.items() if k != "length"}, "x")
     # the features pair with the codes of the same captions only

@@ -4,6 +4,7 @@ features; sampled from prompts; its pictures scored by the world's exact checker
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -19,9 +20,11 @@ import t2i
 import train
 from common import load_checkpoint
 from conftest import ENV, ROOT, run_cli
-from codes import CodesReceipt, extract_codes, read_captions, write_captions
+from codes import (CaptionFeatures, CodesReceipt, FeaturesReceipt, captions_checksum, extract_codes,
+                   extract_features, read_captions, write_json)
 from model import GPT
 from scenes import COLOURS
+from text import T5Encoder, TextEncoder, UnigramTokenizer, t5_config
 from tokenizer import VQModel, vq_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,6 +106,12 @@ def scene_codes(tokenizer, n, out, seed=0, checksum=None):
         json.dump(receipt.to_dict(), f)
     write_captions(out, captions)
     return str(out)
+
+
+def write_captions(folder, captions):
+    """captions.json as codes.extract_codes writes it beside captioned codes."""
+    write_json(os.path.join(folder, "captions.json"),
+               dict(count=len(captions), checksum=captions_checksum(captions), captions=captions))
 
 
 def train_args(codes, out, steps, *extra):
@@ -207,9 +216,14 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
 def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monkeypatch, capsys):
     """--text FEATURES_DIR: the GPT alone on stored features (N and width from them), the
     encoder's receipt kept in the checkpoint, and sample.py asks for --t5 to draw it."""
-    class Features(torch.utils.data.Dataset):  # the shape of codes.CaptionFeatures
-        receipt = {"encoder": "flan-t5-tiny", "encoder_checksum": "abc", "length": 12,
-                   "d_model": 24}
+    class Features(CaptionFeatures):  # its checks, made-up features of the codes' captions
+        receipt = FeaturesReceipt(
+            encoder="flan-t5-tiny", encoder_checksum="abc", length=12, d_model=24,
+            dtype="bfloat16", compute_dtype="float32", clean=True, count=120,
+            captions_checksum=read_captions(vq_world["codes"])[1], data=vq_world["codes"])
+
+        def __init__(self, folder):
+            self.folder = folder
 
         def __len__(self):
             return 120
@@ -218,7 +232,7 @@ def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monk
             g = torch.Generator().manual_seed(i)
             mask = torch.arange(12) < 3 + i % 7
             return torch.randn(12, 24, generator=g) * mask[:, None], mask
-    monkeypatch.setattr(t2i, "caption_features", lambda folder: Features())
+    monkeypatch.setattr("codes.CaptionFeatures", Features)
     out = tmp_path / "frozen"
     argv = train_args(vq_world["codes"], out, 2)
     argv[argv.index("--text") + 1] = str(tmp_path)
@@ -227,7 +241,7 @@ def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monk
     assert code == 0, err
     ckpt = load_checkpoint(out / "ckpt.pt")
     info = ckpt["meta"]["text"]
-    assert info["kind"] == "frozen" and info["receipt"] == Features.receipt
+    assert info["kind"] == "frozen" and info["receipt"] == Features.receipt.to_dict()
     assert ckpt["config"]["caption_dim"] == 24 and ckpt["config"]["cls_token_num"] == 12
     assert not any(k.startswith("text_encoder.") for k in ckpt["model"])
     code, _, err = run_cli(sample.main, ["--gpt-ckpt", out / "ckpt.pt", "--vq-ckpt", vq_world["vq"],
@@ -238,6 +252,33 @@ def test_frozen_features_train_and_record_their_encoder(vq_world, tmp_path, monk
     # --caption-len belongs to a trained encoder; frozen features keep their length
     code, _, err = run_cli(train.main, argv[:-1] + [tmp_path / "o2"], capsys)
     assert code == 2 and "--caption-len only applies with a text encoder trained along" in err
+
+
+def test_features_of_other_captions_are_refused(vq_world, tmp_path, capsys):
+    """Frozen features pair with codes by their captions' checksum, never by count: features of
+    another folder's captions (the same number, in another order) are one line naming both."""
+    captions = read_captions(vq_world["codes"])[0]
+    tok = UnigramTokenizer.from_words(scenes.VOCABULARY)
+    torch.manual_seed(0)
+    encoder = TextEncoder(tok, T5Encoder(t5_config("t5-nano", vocab_size=len(tok))), "cpu",
+                          torch.float32)
+    feats, other = tmp_path / "featsA", tmp_path / "codesB"
+    extract_features(encoder, captions, feats, length=8, batch_size=120)
+    shutil.copytree(vq_world["codes"], other)
+    write_captions(other, captions[::-1])
+    argv = train_args(other, tmp_path / "o", 1)
+    argv[argv.index("--text") + 1] = feats
+    i = argv.index("--caption-len")
+    argv = argv[:i] + argv[i + 2:]
+    code, _, err = run_cli(train.main, argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"features in {feats} were made from other captions" in err and str(other) in err
+    assert not (tmp_path / "o").exists()
+    argv[argv.index("--data") + 1] = vq_world["codes"]  # the features' own codes: accepted
+    args = train.get_args([str(a) for a in argv])
+    stage = train.T2IStage(train.resolve_recipe(args, train.T2IStage, tmp_path / "o", None, 1,
+                                                "cpu"), None)
+    assert stage.meta["text"]["kind"] == "frozen" and stage.config.cls_token_num == 8
 
 
 REFUSED = [
