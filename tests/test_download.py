@@ -50,7 +50,7 @@ def host(tmp_path, monkeypatch):
     Host.files = {"c2i_B_256.pt": buf.getvalue()}
     Host.requests, Host.cut, Host.etag = [], False, None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Host)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     monkeypatch.setenv("NANOLLAMAGEN_WEIGHTS_URL", f"http://127.0.0.1:{server.server_port}/")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)  # no file of an official name here
