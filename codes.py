@@ -65,8 +65,9 @@ class CodesReceipt:
         kept = _fields(cls, d, where, "codes")
         try:  # JSON has no tuples: back to the record's own form, or equal receipts would differ
             kept.update(grid=tuple(int(n) for n in kept["grid"]), classes=tuple(kept["classes"]))
-            assert len(kept["grid"]) == 2
-        except (TypeError, ValueError, AssertionError):
+            if len(kept["grid"]) != 2:
+                raise ValueError
+        except (TypeError, ValueError):
             raise UserError(f"{where}: the codes receipt's grid {d['grid']!r} is not two numbers; "
                             "extract the codes again") from None
         return cls(**kept)
@@ -162,12 +163,14 @@ def read_captions(folder):
 def process_group(device):
     """Under torchrun, the process group (unless the caller has one: train.py, a test); only a
     barrier crosses processes, so gloo serves CPUs and nccl GPUs alike. Yields (rank, world)."""
-    own = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    own = rank_world()[1] > 1 and not dist.is_initialized()
     if own:
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
-    yield rank_world()
-    if own:  # after an error, common.cli closes it
-        dist.destroy_process_group()
+    try:
+        yield rank_world()
+    finally:
+        if own:
+            dist.destroy_process_group()
 
 
 def write_sharded(out, name, receipt, fill, join, what, redo, batch_size=None):

@@ -8,6 +8,7 @@ import argparse
 import errno
 import glob
 import hashlib
+import http.client
 import math
 import os
 import shutil
@@ -124,7 +125,8 @@ def check_flags(args, ranges=None, only_with=()):
     a float must also be finite (nan compares False with everything and would slip through).
     only_with: [(dest, "what it needs", present(args))]: given without it, the flag is refused."""
     for name, needs, present in only_with:
-        if getattr(args, name, None) not in (None, False) and not present(args):
+        value = getattr(args, name, None)
+        if value is not None and value is not False and not present(args):
             raise UserError(f"--{name.replace('_', '-')} only applies with {needs}; drop it")
     for name, (ok, rule) in (ranges or {}).items():
         value = getattr(args, name, None)
@@ -435,6 +437,9 @@ def download(url, path, sha256_prefix=None, fix=""):
     torchvision, LPIPS) or else the one the server states (Hugging Face's X-Linked-ETag for large
     files). A 60 s socket timeout keeps a silent firewall from hanging a run. Failure: one
     UserError line naming the file, the URL and `fix`."""
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:  # under torchrun one process a machine fetches
+        while not os.path.isfile(path):  # (if it fails, torchrun stops this one too)
+            time.sleep(1)
     if os.path.isfile(path):
         return path
     name = os.path.basename(path)
@@ -459,7 +464,7 @@ def download(url, path, sha256_prefix=None, fix=""):
             raise OSError(f"SHA-256 {h.hexdigest()[:12]} is not the published {want[:12]}")
     try:
         save_atomic(write, path)
-    except (OSError, ValueError) as e:  # offline, refused, cut short, tampered
+    except (OSError, ValueError, http.client.HTTPException) as e:  # offline, cut short, tampered
         raise UserError(f"cannot download {name} from {url} ({first_line(e)}); {fix}") from None
     return path
 
@@ -484,9 +489,5 @@ def weights_file(path):
         return path
     url = os.environ.get("NANOLLAMAGEN_WEIGHTS_URL", OFFICIAL_WEIGHTS[path]).rstrip("/") + "/"
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", path)
-    if int(os.environ.get("LOCAL_RANK", 0)) > 0:  # under torchrun one process a machine fetches
-        while not os.path.isfile(cached):  # (if it fails, torchrun stops this one too)
-            time.sleep(1)
-        return cached
     return download(url + path, cached, fix=f"offline? download it by hand to {cached} (or "
                     "anywhere, and pass that path)")

@@ -1,6 +1,6 @@
-"""The whole LlamaGen pipeline on the embedded dataset, on a laptop CPU in minutes (2 cores):
+"""The whole LlamaGen pipeline on the embedded dataset, on a laptop CPU in minutes:
 
-    python demo.py                           # 2 CPU cores: tokenizer, codes, GPT, pictures
+    python demo.py                           # tokenizer, codes, GPT, pictures, both halves
     python demo.py --only c2i                # only the class-conditional half (or t2i)
     python demo.py --device cuda --scale 8   # the same story, bigger and longer, on a GPU
 

@@ -200,8 +200,8 @@ NO_T2I_WEIGHTS = (f"no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2
 
 
 def read_prompts(path):
-    """The non-empty lines of a prompts file (fid.py's --captions keeps blank ones: its line i
-    must stay the caption of image i)."""
+    """The non-empty lines of a prompts file (clip.py score's --captions keeps blank ones: its
+    line i must stay the caption of image i)."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]

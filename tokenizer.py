@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fid
 from common import (UserError, at_least, attention, check_flags, cli, download, from_uint8,
                     load_checkpoint, load_weights, pick_device, progress, to_uint8,
-                    unwrap_state_dict, weights_checksum)
+                    unwrap_state_dict, weights_checksum, weights_file)
 from data import check_image_size, image_dataset
 
 
@@ -275,8 +275,9 @@ class VQModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, config=None):
-        """Ours or an official checkpoint (topology read off the shapes); `config` forces one."""
-        ckpt = load_checkpoint(path)
+        """Ours or an official checkpoint, also by its file name (common.weights_file); the
+        topology is read off the shapes unless `config` forces one."""
+        ckpt = load_checkpoint(weights_file(path))
         if isinstance(ckpt, dict) and ckpt.get("kind", "vq") != "vq":
             raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a tokenizer; "
                             "pass a VQ checkpoint")

@@ -207,7 +207,7 @@ class VQStage(Stage):
 
 
 class ClipStage(Stage):
-    """CLIP (clip.py), sample.py's re-ranker and fid.py's scorer, on the built-in captioned world;
+    """CLIP (clip.py), sample.py's re-ranker and clip.py score, on the built-in captioned world;
     its closed vocabulary is BPE learnt on it, kept in the checkpoint's meta."""
     name, kind, unit = "CLIP", "clip", "img"  # the small configs: the released ones are loaded
     configs = {k: v for k, v in clip.CLIP_CONFIGS.items() if k.startswith("CLIP-")}
@@ -275,11 +275,13 @@ def get_args(argv=None):
     a("--out-dir", help="where ckpt.pt and log.jsonl go (default runs/<model>)")
     a("--resume", action="store_true", help="continue <out-dir>/ckpt.pt exactly where it stopped")
     a("--overwrite", action="store_true", help="replace the run in --out-dir once this one saves")
-    a("--epochs", type=float, help="passes over the data (default: GPT 300, VQ 40)")
+    a("--epochs", type=float, help="passes over the data (default: GPT 300, VQ 40, CLIP 30)")
     a("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    a("--batch-size", type=int, help="GLOBAL batch over ranks and accumulation (GPT 256, VQ 128)")
+    a("--batch-size", type=int, help="GLOBAL batch over ranks and accumulation (GPT 256, VQ and "
+      "CLIP 128)")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each rank")
-    a("--lr", type=float, help="peak learning rate (default 1e-4 per default batch, linear in it)")
+    a("--lr", type=float, help="peak learning rate (default 1e-4 per default batch, linear in it; "
+      "CLIP 1e-3)")
     a("--lr-schedule", choices=["constant", "cosine"], default="constant")
     a("--warmup-steps", type=int, default=0, help="linear warmup steps")
     a("--weight-decay", type=float, help="AdamW's, on >=2-D weights (default: GPT 0.05, VQ 0)")
@@ -302,8 +304,10 @@ def get_args(argv=None):
         for name, (default, kind, text) in stage.flags.items():
             if all(name not in s.flags for s in STAGES[:i]):  # T2IStage has GPTStage's too
                 text += f" (default {default})" if default not in (None, False) else ""
-                g.add_argument("--" + name.replace("_", "-"), default=None, help=text,
-                               **({"action": "store_true"} if kind is bool else {"type": kind}))
+                shown, _, rest = text.partition(": ")  # "GPT.pt: ..." names the value
+                how = {"action": "store_true"} if kind is bool else {"type": kind} | (
+                    {"metavar": shown} if rest and " " not in shown else {})
+                g.add_argument("--" + name.replace("_", "-"), default=None, help=text, **how)
     args = p.parse_args(argv)
     unset = object()  # argparse sets a default only where the namespace lacks the flag
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))

@@ -83,7 +83,7 @@ def test_grid_png_holds_the_samples_one_row_per_class(ck, tmp_path):
     argv = ["--gpt-ckpt", ck["gpt"], "--vq-ckpt", ck["vq"], "--class", "1", "7", "--per-class", "3", "--batch-size", "4"]
     sample.main(argv + ["--out", str(out)])
     grid = np.asarray(Image.open(out).convert("RGB"))
-    assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # data.make_grid: 2 px padding
+    assert grid.shape == (2 * (SIZE + 2) + 2, 3 * (SIZE + 2) + 2, 3)  # common.make_grid: 2 px padding
     # the same images straight from sample_images: batch b of 4 is seeded by (seed 0, b), cfg 4 by default
     gpt, vq = models(ck)
     labels = [1, 1, 1, 7, 7, 7]
@@ -265,6 +265,7 @@ def test_default_models_are_the_demos_else_where_to_download(ck, tmp_path, monke
     (EVAL + ["--per-class", "2"], "--per-class only applies with pictures, not --num-samples"),
     (["--labels", "balanced"], "--labels only applies with --num-samples"),
     (["--progress-frames", "5"], "--progress-frames only applies with --progress"),
+    (["--keep", "0"], "--keep only applies with --candidates N"),  # a 0 given is given
 ])
 def test_flags_of_the_other_mode_are_refused(ck, tmp_path, capsys, extra, message):
     """A flag that cannot act in this mode is one line naming it and exit 2, never ignored."""

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import sample
 import scenes
 import t2i
 import train
+import common
 from common import load_checkpoint
 from conftest import ENV, ROOT, run_cli
 from codes import (CaptionFeatures, CodesReceipt, FeaturesReceipt, captions_checksum, extract_codes,
@@ -83,7 +83,7 @@ class SceneCodes(torch.nn.Module):
 
 
 def scene_codes(tokenizer, n, out, seed=0, checksum=None):
-    """A codes folder of n CaptionedScenes as data.py extract lays one out (codes.npy, labels.npy,
+    """A codes folder of n CaptionedScenes as codes.py extract lays one out (codes.npy, labels.npy,
     meta.json) plus captions.json, item by item. One view per image: a mirror would contradict
     the captions' left and right."""
     ds = scenes.CaptionedScenes(n, 32, seed)
@@ -136,7 +136,7 @@ def vq_world(tmp_path_factory):
     import dataclasses
     torch.save({"model": vq.state_dict(), "config": dataclasses.asdict(vq.config), "kind": "vq"},
                vq_path)
-    # data.py's own extraction, captions.json included: the path a user's codes take
+    # codes.py.s own extraction, captions.json included: the path a user's codes take
     codes = str(root / "codes")
     extract_codes(vq, "scenes:120", codes, image_size=32, batch_size=64)
     train_main(train_args(codes, root / "t2i", 2))
@@ -156,7 +156,7 @@ def test_captioned_images_are_encoded_as_themselves_alone(vq_world, tmp_path):
     with torch.no_grad():
         want = vq.encode(torch.stack([world[i][0] for i in (0, 7)])).flatten(1).numpy()
     assert np.array_equal(codes[[0, 7], 0], want)
-    with pytest.raises(data.UserError, match="--ten-crop is for class labels"):
+    with pytest.raises(common.UserError, match="--ten-crop is for class labels"):
         extract_codes(vq, "scenes:120", tmp_path / "crops", image_size=32, ten_crop=True)
 
 
@@ -452,7 +452,7 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
                          for r in range(2) for c in range(cols)])
     every, kept = cells(tmp_path / "all.png", 3), cells(tmp_path / "kept.png", 2)
     model, tok = clip.load(str(ckpt))
-    scores = clip.rank(model, data.from_uint8(torch.from_numpy(every.copy())), texts, tok)
+    scores = clip.rank(model, common.from_uint8(torch.from_numpy(every.copy())), texts, tok)
     best = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :2]
     assert np.array_equal(kept, every.reshape(2, 3, 32, 32, 3)[[[0], [1]], best.numpy()]
                           .reshape(4, 32, 32, 3))

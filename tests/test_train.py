@@ -164,7 +164,7 @@ def test_bad_input_messages(codes, tmp_path, capsys):
 
 
 # Every flag does what it says or is refused: a flag of the other stage, or a number the loop cannot
-# honour, is one line naming it and exit code 2 (the policy data.py applies to --crop-range).
+# honour, is one line naming it and exit code 2 (the policy codes.py applies to --crop-range).
 REFUSED = [
     ("nano", ["--image-size", 32], "--image-size only applies to the tokenizer stage"),
     ("nano", ["--disc-start", 5], "--disc-start only applies to the tokenizer stage"),
