@@ -406,7 +406,7 @@ def main():
     args = get_args()
     device, out, t_start = pick_device(args.device), args.out, time.time()
     os.makedirs(out, exist_ok=True)
-    # figures collects every number printed, and the machine they were measured on, for
+    # figures collects every number printed, and the machine that printed them, for
     # summary.json: timings differ between machines, the rest must not
     figures = dict(machine=torch.cuda.get_device_name(device) if device.startswith("cuda")
                    else f"{device}, {os.cpu_count()} CPU cores")

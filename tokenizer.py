@@ -435,7 +435,7 @@ class VQLoss(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # Evaluation, as the official tokenizer/tokenizer_image/reconstruction_vq_ddp.py: images in
-# [-1, 1], measured on [0, 1]; the reconstruction as the pixels common.to_uint8 gives.
+# [-1, 1], scored on [0, 1]; the reconstruction as the pixels common.to_uint8 gives.
 def precise(t):
     """float64 (SSIM's variances are differences of close numbers); float32 on MPS, lacking it."""
     return t.to(torch.float32 if t.device.type == "mps" else torch.float64)

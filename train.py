@@ -679,7 +679,7 @@ def train(trainer, step):
             if not (step % r.log_interval == 0 or validating or saving or asked[0] and world == 1):
                 continue
             rec = dict(step=step, **trainer.read_logs(), lr=lr)
-            # divergence stops the run before it saves (fp16: an inf norm is a skipped step)
+            # divergence stops training before it saves (fp16: an inf norm is a skipped step)
             if not math.isfinite(rec["loss"]) or not (
                     trainer.scaler.is_enabled() or math.isfinite(rec["grad_norm"])):
                 back = trainer.last_checkpoint
