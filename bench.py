@@ -25,6 +25,7 @@ import fid
 import sample
 import scenes
 import t2i
+import common
 from common import (UserError, at_least, check_flags, cli, first_line, load_weights, pick_device,
                     resolve_precision)
 from model import GPT, GPT_CONFIGS, GPTConfig, gpt_config, left_pad_caption
@@ -32,7 +33,7 @@ from text import T5Encoder, UnigramTokenizer, t5_config, write_safetensors
 from tokenizer import VQModel, psnr, ssim, vq_config
 from train import configure_optimizers
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {k: common.DTYPES[k] for k in ("fp32", "bf16")}  # the precisions every bench compares
 # memory bandwidth in bytes/s (SXM parts; the PCIe H100 first, as both names contain "H100")
 HBM_BANDWIDTH = {"A100": 2.0e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12}
 
