@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import fid
 import text
 from common import (UserError, at_least, attention, check_flags, cli, from_uint8, load_checkpoint,
-                    load_weights, pick_device, progress, unwrap_state_dict)
+                    load_weights, pick_device, progress, read_json, stored, unwrap_state_dict)
 
 
 # -------------------------------------------------------------------------------------- transformer
@@ -351,6 +351,14 @@ class Tokenizer:
                 merges = _parse_merges(f.read(), files[1])
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"CLIP tokenizer files in {folder!r} are unreadable ({e})") from None
+        if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
+            raise UserError(f"{files[0]}: not a JSON object of symbol -> id; pass CLIP's "
+                            "vocab.json")
+        symbols = list(byte_to_unicode().values())  # every byte, alone or ending a word, and merge
+        made = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
+        if lost := next((s for s in made if s not in encoder), None):
+            raise UserError(f"{files[1]}: the symbol {lost!r} (a byte, or a merge's result) is not "
+                            "in vocab.json; the two files do not belong together")
         return cls(encoder, merges)
 
     @classmethod
@@ -442,14 +450,9 @@ HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")  # each sta
 
 def hf_config(folder):
     """CLIPConfig of a Hugging Face config.json, missing keys at transformers' (B/32) defaults."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{folder!r} has no config.json; pass a Hugging Face CLIP folder") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path!r} is not valid JSON ({e})") from None
+    if not os.path.isfile(path := os.path.join(folder, "config.json")):
+        raise UserError(f"{folder!r} has no config.json; pass a Hugging Face CLIP folder")
+    cfg = read_json(path, "pass a Hugging Face CLIP folder")
     if cfg.get("model_type") != "clip":
         raise UserError(f"{path!r} describes a {cfg.get('model_type')!r} model, not CLIP "
                         "(model_type 'clip'); pass a folder such as openai/clip-vit-base-patch32")
@@ -481,11 +484,16 @@ def load(path):
     """(CLIP, its Tokenizer) from one place: a Hugging Face folder or our checkpoint's "meta"."""
     model = CLIP.from_pretrained(path)
     if os.path.isdir(path) or os.path.basename(path) in HF_FILES:
-        return model, Tokenizer.from_pretrained(path)
-    if not (merges := model.meta.get("bpe_merges")):
-        raise UserError(f"{path} carries no tokenizer (meta 'bpe_merges'); train it with train.py "
-                        "--model CLIP-*, or pass a Hugging Face CLIP folder")
-    return model, Tokenizer.from_merges([tuple(m) for m in merges])
+        tok = Tokenizer.from_pretrained(path)
+    else:  # ours: the BPE merges learnt in training, in its meta
+        tok = Tokenizer.from_merges([tuple(m) for m in stored(model.meta, "bpe_merges", path)])
+    c, top = model.config, max(tok.encoder.values())
+    if top >= c.vocab_size or tok.eot != (top if c.eot_id is None else c.eot_id):
+        raise UserError(f"{path}: its tokenizer has {top + 1} ids, <|endoftext|> {tok.eot}, its "
+                        f"text embedding {c.vocab_size} rows, pooled at " + (
+                            "the highest id" if c.eot_id is None else f"id {c.eot_id}")
+                        + "; the tokenizer and the weights do not belong together")
+    return model, tok
 
 
 class TokenizedCaptions(torch.utils.data.Dataset):
@@ -596,13 +604,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best)")
     args = p.parse_args(argv)
     check_flags(args, {"batch_size": at_least(1)})
-    try:
-        with open(args.captions, encoding="utf-8") as f:
-            captions = f.read().split("\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read captions {args.captions!r} ({e}); give a UTF-8 text file, "
-                        "one caption per line") from None
-    captions = captions[:-1] if captions[-1] == "" else captions  # a final newline ends the last
+    captions = text.read_lines(args.captions, "--captions")
     count, batches = fid.image_batches(args.samples, args.batch_size)
     if count is not None and count != len(captions):
         raise UserError(f"{args.captions} has {len(captions)} captions for {count} images in "

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (DTYPES, UserError, at_least, check_flags, cli, first_line, os_error_line,
-                    progress, rank_world, save_atomic, setup_device, weights_checksum)
+from common import (DTYPES, UserError, at_least, between, check_flags, cli, first_line,
+                    json_checksum, os_error_line, progress, rank_world, read_json, save_atomic,
+                    setup_device, weights_checksum)
 from data import (Captioned, CodeViews, Joined, caption_dataset, captions_of, check_image_size,
                   image_dataset)
 from text import TextEncoder, clean_caption
@@ -122,25 +123,9 @@ def write_json(path, obj):
     save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
 
 
-def read_json(path):
-    """A receipt or progress file as a dict; a damaged one is one line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f)
-    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-        raise UserError(f"{path} cannot be read ({first_line(e)}); the folder is damaged: "
-                        "extract it again") from None
-    if not isinstance(found, dict):
-        raise UserError(f"{path} holds no JSON object; the folder is damaged: extract it again")
-    return found
-
-
 # captions.json holds a codes folder's captions in row order with their checksum, which the features
 # receipt quotes: codes row i and features item i are checked to describe one image.
-def captions_checksum(captions):
-    """sha256 of a list of captions' JSON form (fixed: stored checksums quote it)."""
-    text = json.dumps(list(captions), ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+captions_checksum = json_checksum  # of the list of captions
 
 
 def read_captions(folder):
@@ -599,7 +584,8 @@ def main(argv=None):
         q.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best)")
     args = p.parse_args(argv)
     check_flags(args, {"batch_size": at_least(1), "num_workers": at_least(0),
-                       "crop_range": at_least(1), "length": at_least(1)},
+                       "crop_range": at_least(1), "length": between(1, 1024),
+                       "image_size": between(1, 4096)},
                 [("crop_range", "--ten-crop", lambda a: a.ten_crop)])
     rank0 = rank_world()[0] == 0  # one summary, not one per process
     device = setup_device(args.device, tf32=False)  # fp32: codes are nearest-neighbour decisions

@@ -9,6 +9,7 @@ import errno
 import glob
 import hashlib
 import http.client
+import json
 import math
 import os
 import shutil
@@ -65,7 +66,7 @@ _FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, 
 
 def os_error_line(e, path=None):
     """One line for a fixable OSError: what happened to which path, and what to do."""
-    where = e.filename or path or "the output folder"
+    where = path or e.filename or "the output folder"  # the path asked for, not a temporary
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on {where}; free some space or write elsewhere (files kept)"
     if e.errno == errno.ENOTDIR:
@@ -116,8 +117,13 @@ def at_least(lo):
     return (lambda v: v >= lo, f"at least {lo}")
 
 
+def between(lo, hi):
+    return (lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
 POSITIVE = (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+SEED = between(0, 2**24 - 1)  # train.py seeds item (seed * 2^40 + position) in torch's 64 bits
 
 
 def check_flags(args, ranges=None, only_with=()):
@@ -321,9 +327,9 @@ def load_checkpoint(path):
             why = "it is empty or cut short; re-download or re-save it"
         elif "central directory" in text or "zip archive" in text:
             why = "it is truncated or damaged; re-download or re-save it"
-        elif "Unsupported global" in text:
-            why = ("it holds pickled Python objects besides tensors, which are never unpickled "
-                   "here (they can run code); save its state_dict instead")
+        elif "unsupported global" in text.lower() or "Unsupported operand" in text:  # raw pickle
+            why = ("it holds pickled Python objects besides tensors, which can be code: it was not "
+                   "run (never unpickled here); save a state_dict with torch.save instead")
         else:  # a KeyError on a byte value, "invalid load key": some other kind of file
             why = "it is not a PyTorch checkpoint; check the path"
         raise UserError(f"cannot read checkpoint {path!r}: {why}") from None
@@ -342,6 +348,40 @@ def weights_checksum(module, as_dtype=None):
             h.update(f"{k}:{v.dtype}:{tuple(v.shape)};".encode())
             h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def read_json(path, fix="the folder is damaged: extract it again"):
+    """A JSON object of a user's file (a receipt, a config); else one line naming it and `fix`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UserError(f"{path} cannot be read ({first_line(e)}); {fix}") from None
+    if not isinstance(found, dict):
+        raise UserError(f"{path} holds no JSON object; {fix}")
+    return found
+
+
+def json_checksum(obj):
+    """sha256 of an object's compact JSON form (fixed: stored checksums quote it)."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def with_checksum(key, value):
+    """{key: value, key_checksum: ...}: a list a checkpoint carries (a tokenizer's words or
+    merges), which `stored` checks when it is read back."""
+    return {key: value, f"{key}_checksum": json_checksum(value)}
+
+
+def stored(meta, key, where):
+    """meta[key] as with_checksum saved it; damaged or missing, one line (a tokenizer read back
+    otherwise would give the model other tokens than it learned)."""
+    value = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(value, list) or json_checksum(value) != meta.get(f"{key}_checksum"):
+        raise UserError(f"{where}: its stored {key} " + ("do not match their checksum" if value
+                        else "are missing") + "; the file is damaged: train it again")
+    return value
 
 
 def unwrap_state_dict(ckpt):

@@ -51,8 +51,8 @@ import sample
 import scenes
 import t2i
 import train
-from common import (POSITIVE, at_least, check_flags, cli, cpu_has_bf16, from_uint8, pick_device,
-                    resolve_precision, save_atomic, save_grid)
+from common import (POSITIVE, SEED, at_least, check_flags, cli, cpu_has_bf16, from_uint8,
+                    pick_device, resolve_precision, save_atomic, save_grid)
 from model import GPT
 from shapes import CLASS_NAMES, SyntheticShapes
 from tokenizer import VQModel, tokenizer_metrics
@@ -123,7 +123,7 @@ def get_args():
     return args
 
 
-RANGES = {"scale": POSITIVE, "t2i_cfg": at_least(0), **{k: at_least(1) for k in (
+RANGES = {"scale": POSITIVE, "t2i_cfg": at_least(0), "seed": SEED, **{k: at_least(1) for k in (
     "image_size", "vq_steps", "gpt_steps", "images", "per_class", "scenes", "t2i_steps",
     "per_task", "clip_steps", "candidates")}}
 

@@ -34,12 +34,14 @@ import torch.distributed as dist
 import clip
 import decoding
 import t2i
-from codes import CodesReceipt
-from common import (POSITIVE, UserError, at_least, check_flags, check_writable, cli, from_uint8,
-                    make_grid, progress, rank_world, resolve_precision, save_atomic, save_grid,
-                    say, setup_device, to_uint8, weights_file)
+from codes import CodesReceipt, encoder_checksum
+from common import (SEED, UserError, at_least, between, check_flags, check_writable, cli,
+                    from_uint8, json_checksum, make_grid, progress, rank_world, resolve_precision,
+                    save_atomic, save_grid, say, setup_device, to_uint8, weights_checksum,
+                    weights_file)
 from data import check_image_size
 from model import GPT
+from text import read_lines
 from tokenizer import VQModel, tokenizer_checksum
 
 DEMO_GPT = "results/demo/gpt.pt"  # written by the demo; the default models when none is given
@@ -168,10 +170,16 @@ def evaluation_labels(args):
         args.seed))]
 
 
-def resume_stamp(args, parts, rank):
+def resume_stamp(args, parts, rank, gpt, vq, condition):
     """The settings that decide the pixels (PIXEL_FLAGS), recorded in <parts>/settings.json by
-    rank 0, or checked against the stamp there: parts of other settings never mix in one .npz."""
-    stamp, path = {k: getattr(args, k) for k in PIXEL_FLAGS}, os.path.join(parts, "settings.json")
+    rank 0, or checked against the stamp there: parts of other settings never mix in one .npz.
+    Inputs named by a path are recorded by their contents (a file may be edited in between)."""
+    reranker = getattr(args, "reranker", None)
+    stamp = {**{k: getattr(args, k) for k in PIXEL_FLAGS}, "gpt_ckpt": weights_checksum(gpt),
+             "vq_ckpt": tokenizer_checksum(vq), "prompts": json_checksum(args.prompt_list or []),
+             "t5": condition and encoder_checksum(condition.encoder), "clip": reranker and
+             json_checksum([weights_checksum(reranker), reranker.tokenizer.encoder])}
+    path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
         try:
             with open(path) as f:
@@ -195,7 +203,7 @@ def evaluation_npz(args, gpt, vq, sample_kw, rank, world):
     unfinished batch into <out>.parts/ (a rerun skips finished ones); rank 0 gathers them."""
     n, bs = args.num_samples, args.batch_size
     labels, parts, n_batches = evaluation_labels(args), args.out + ".parts", math.ceil(n / bs)
-    resume_stamp(args, parts, rank)
+    resume_stamp(args, parts, rank, gpt, vq, sample_kw["condition"])
     done = checked_parts(parts, n, bs, rank) if os.path.isdir(parts) else set()
     if world > 1:
         dist.barrier()  # every rank has listed the finished batches before any rank adds one
@@ -416,9 +424,10 @@ PIXEL_FLAGS = ("gpt_ckpt", "vq_ckpt", "classes", "cfg_scale", "cfg_interval", "t
 RANGES = {
     **dict.fromkeys(("per_class", "per_prompt", "batch_size", "progress_frames", "num_samples",
                      "candidates", "window", "resize_to"), at_least(1)),
-    "seed": at_least(0), "temperature": POSITIVE, "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": SEED, "temperature": between(0.01, 100), "keep": at_least(1),
+    "image_size": between(1, 4096), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, "at least 0 (0 = every code)"),
-    "cfg_scale": (lambda v: v >= 0, "at least 0 (1 = no guidance, 0 = unconditional)"),
+    "cfg_scale": (lambda v: 0 <= v <= 1000, "in [0, 1000] (1 = no guidance, 0 = unconditional)"),
     "cfg_interval": (lambda v: v >= -1, "at least -1 (-1 = guide every token)")}
 ONLY_WITH = [  # a flag given where it cannot act is refused, never silently ignored
     ("keep", "--candidates N", lambda a: a.candidates is not None),
@@ -469,9 +478,10 @@ def get_args(argv=None):
     a("--labels", choices=["random", "balanced"], help="with --num-samples: uniformly random over "
       "the classes, as the official evaluation (default), or cycling through them")
     a("--prompt", action="append", metavar="TEXT", help="text-to-image: a caption to draw, one row "
-      "each; repeat for more (default cfg 7.5 and top-k 1000, the official t2i settings)")
-    a("--prompts", metavar="FILE", help="captions, one per line; with --num-samples sample i draws "
-      "line i (cycling), as FID-30k draws the COCO captions")
+      "each; repeat for more (default cfg 7.5 and top-k 1000, the official t2i settings). Words "
+      "the text encoder does not know are drawn as <unk>, named in a warning")
+    a("--prompts", metavar="FILE", help="captions, one per line, none blank; with --num-samples "
+      "sample i draws line i (cycling), as FID-30k draws the COCO captions")
     a("--t5", metavar="FOLDER", help="the T5 folder whose features the GPT reads (google/flan-t5-xl"
       " for the official t2i files); not for GPTs trained with their own (--text t5-nano)")
     a("--candidates", type=int, metavar="N", help="re-rank by CLIP (DALL-E 2.5): draw N per "
@@ -529,10 +539,10 @@ def check_args(args):
                             f"none at {DEMO_CLIP}")
         args.clip = os.path.abspath(args.clip or DEMO_CLIP)  # the stamp must not depend on cwd
     # prompts: their indices stand where class ids stand elsewhere
-    args.prompt_list = (args.prompt or []) + (t2i.read_prompts(args.prompts) if args.prompts
-                                              else []) or None
+    args.prompt_list = (args.prompt or []) + (read_lines(args.prompts, "--prompts") if
+                                              args.prompts else []) or None
     if prompts:
-        if any(not p.strip() for p in args.prompt_list):
+        if args.cfg_scale != 0 and any(not p.strip() for p in args.prompt_list):
             raise UserError("--prompt: an empty prompt; give some words, or --cfg-scale 0 for "
                             "unconditional pictures")
         for flag, value in (("--class", args.classes), ("--per-class", args.per_class),
@@ -570,6 +580,8 @@ def main(argv=None):
     check_args(args)
     args.device = device = setup_device(args.device)  # under torchrun: the LOCAL_RANK GPU
     args.precision, dtype = resolve_precision(args.precision, device)  # "auto": by the GPU found
+    if args.precision == "fp16" and device == "cpu":  # its KV cache and attention hold float32
+        raise UserError("--precision fp16 is for GPUs; on a CPU use --precision fp32 or bf16")
     gpt, vq, gpt_path, vq_path = load_models(args.gpt_ckpt, args.vq_ckpt, args.image_size,
                                              text=bool(args.prompt_list))
     # what the stamp records: absolute paths, and the size drawn, resolved from the GPT

@@ -20,7 +20,8 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from common import UserError, at_least, check_flags, check_writable, cli, from_uint8, save_grid
+from common import (SEED, UserError, at_least, between, check_flags, check_writable, cli,
+                    from_uint8, save_grid)
 from shapes import POLYGONS, SS, background, disk, polygon, star
 
 # -- The world: palette, shapes, the held-out pairs and the words ----------------------------------
@@ -470,7 +471,8 @@ def main(argv=None):
         q.add_argument("--image-size", type=int, default=32, help="image side (default: 32)")
         q.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     args = p.parse_args(argv)
-    check_flags(args, {"count": at_least(1), "image_size": at_least(24), "per_task": at_least(1)})
+    check_flags(args, {"count": at_least(1), "image_size": between(24, 1024),
+                       "per_task": at_least(1), "seed": SEED})
     if args.command == "preview":
         check_writable(args.out, args.overwrite)
         items = list(CaptionedScenes(args.count, args.image_size, args.seed))

@@ -19,10 +19,11 @@ import torch
 
 import codes
 from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
-                    unwrap_state_dict, weights_file)
+                    stored, unwrap_state_dict, weights_file, with_checksum)
 from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption
 from scenes import VOCABULARY
-from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
+from text import (T5_CONFIGS, T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption,
+                  t5_config)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -105,7 +106,8 @@ def joint_gpt(recipe, items, over, was):
     if was is not None and (was.get("kind"), was.get("encoder")) != ("joint", recipe.text):
         raise UserError(f"the checkpoint's text encoder is {was.get('encoder')!r}, not "
                         f"--text {recipe.text}; resume with the --text it was trained with")
-    words = was["words"] if was else caption_vocabulary(texts)
+    words = stored(was, "words", "the checkpoint's text encoder") if was else \
+        caption_vocabulary(texts)
     length = recipe.caption_len or (was["length"] if was else 120)  # N = 120 (paper 3.3)
     if was and length != was["length"]:
         raise UserError(f"--caption-len {length} differs from the checkpoint's {was['length']}; "
@@ -118,7 +120,7 @@ def joint_gpt(recipe, items, over, was):
     config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length,
                         **over)
     return (config, JointT2I(config, text_config), CaptionedCodes(items, texts, tokenizer, length),
-            dict(kind="joint", encoder=recipe.text, length=length, words=words,
+            dict(kind="joint", encoder=recipe.text, length=length, **with_checksum("words", words),
                  config=dataclasses.asdict(text_config)))
 
 
@@ -126,6 +128,9 @@ def frozen_gpt(recipe, items, over, was):
     """--text <features folder>: the GPT alone, on a frozen encoder's features -> joint_gpt's
     four. The features must be of the codes' captions (by checksum), and a resumed run's of the
     same encoder."""
+    if not os.path.isdir(recipe.text):
+        raise UserError(f"--text {recipe.text} is neither a features folder (codes.py features) "
+                        f"nor a T5 config ({', '.join(T5_CONFIGS)})")
     feats = codes.CaptionFeatures(recipe.text)  # item i: (features [N, d], mask [N]) of caption i
     feats.check_codes(recipe.data)
     if len(feats) != len(items):  # the codes folder's captions.json and codes disagree
@@ -199,21 +204,6 @@ NO_T2I_WEIGHTS = (f"no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2
                   "flan-t5-xl --prompt \"a red apple on a wooden table\"")
 
 
-def read_prompts(path):
-    """The non-empty lines of a prompts file (clip.py score's --captions keeps blank ones: its
-    line i must stay the caption of image i)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts {path}: cannot read it ({e}); give a UTF-8 text file, one "
-                        "prompt per line") from None
-    lines = [line for line in lines if line]
-    if not lines:
-        raise UserError(f"--prompts {path} holds no prompt; write one per line")
-    return lines
-
-
 class PromptCondition:
     """Prompt indices -> (caption features [B, N, caption_dim], mask [B, N]) left padded, on the
     indices' device. prompts: the captions the indices point into; encoder: a text.TextEncoder;
@@ -242,7 +232,8 @@ def joint_text_encoder(gpt_path, info, device, dtype):
         raise UserError(f"{gpt_path}: its text encoder record is damaged; train it again") \
             from None
     load_weights(encoder, sd, f"text encoder of {gpt_path!r}")
-    return TextEncoder(UnigramTokenizer.from_words(info["words"]), encoder, device, dtype)
+    words = stored(info, "words", gpt_path)
+    return TextEncoder(UnigramTokenizer.from_words(words), encoder, device, dtype)
 
 
 def joint_condition(gpt, gpt_path, prompts, device):
@@ -293,4 +284,8 @@ def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
         encoder = joint_text_encoder(gpt_path, info, device, text_dtype)
     else:
         encoder = pretrained_text_encoder(t5, gpt, gpt_path, info, device, text_dtype)
+    tok, clean = encoder.tokenizer, clean_caption if encoder.clean else str
+    if unknown := list(dict.fromkeys(w for p in prompts for w in tok.unknown_words(clean(p)))):
+        say(f"warning: the text encoder reads {len(unknown)} word(s) of the prompts as <unk>, "
+            "unknown to it: " + ", ".join(map(repr, unknown[:10])))
     return PromptCondition(prompts, encoder, gpt.config.cls_token_num)

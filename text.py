@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UserError, at_least, attention, check_flags, cli, load_checkpoint,
+from common import (UserError, attention, between, check_flags, cli, load_checkpoint, read_json,
                     pick_device, save_atomic)
 
 # ------------------------------------------------------------------------------------- safetensors
@@ -288,14 +288,8 @@ class T5Encoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.float32):
         """A Hugging Face gated-GELU T5 folder (v1.1, FLAN), only the encoder read, mapped."""
-        path = os.path.join(folder, "config.json")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-            assert isinstance(raw, dict)
-        except (OSError, ValueError, AssertionError):
-            raise UserError(f"{path}: cannot read a JSON config; point to a Hugging Face T5 "
-                            "folder") from None
+        raw = read_json(path := os.path.join(folder, "config.json"),
+                        "point to a Hugging Face T5 folder")
         kind, ffn = raw.get("model_type"), raw.get("feed_forward_proj", "gated-gelu")
         if kind not in ("t5", None) or ffn != "gated-gelu":
             raise UserError(f"{path}: model_type {kind!r} with feed_forward_proj {ffn!r}; only "
@@ -430,6 +424,10 @@ class UnigramTokenizer:
                 ids.append(self.special_ids[found[k]])
         return ids + [self.eos_id] if eos else ids
 
+    def unknown_words(self, text):
+        """The words of `text` read as <unk> (in part): what a model cannot follow."""
+        return [w for w in nmt_nfkc(text).split() if self.unk_id in self.segment(METASPACE + w)]
+
     def decode(self, ids):
         """The text of piece ids, control pieces dropped (the normalisation is not undone)."""
         keep = [self.pieces[i] for i in ids if i not in (self.pad_id, self.eos_id)]
@@ -468,19 +466,26 @@ class UnigramTokenizer:
             raw = f.read()
         if path.endswith(".json") or raw[:1] == b"{":  # Hugging Face's tokenizer.json
             try:
-                model = json.loads(raw.decode("utf-8"))["model"]
-                kind = model.get("type")
+                whole = json.loads(raw.decode("utf-8"))
+                model, kind = whole["model"], whole["model"].get("type")
+                added = whole.get("added_tokens") or []
+                special = {t["content"] for t in added if t.get("special")}
             except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
-                raise UserError(f"{path}: not a Hugging Face tokenizer.json (no 'model' object)") \
-                    from None
+                raise UserError(f"{path}: not a Hugging Face tokenizer.json (no 'model' object, "
+                                "or damaged 'added_tokens')") from None
             if kind != "Unigram":
                 raise UserError(f"{path}: a {kind} tokenizer, not a SentencePiece unigram one "
                                 "(T5's); give the tokenizer.json or spiece.model of a T5 model")
-            added = json.loads(raw)["added_tokens"] if b"added_tokens" in raw else []  # verbatim
-            special = {t["content"] for t in added if t.get("special")}
-            unk = model.get("unk_id", 2)
+            vocab, unk = model.get("vocab"), model.get("unk_id", 2)
+            ok = [isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and type(v[1]) in
+                  (int, float) for v in vocab] if isinstance(vocab, list) else []
+            if not ok or not all(ok) or type(unk) is not int or not 0 <= unk < len(ok):
+                why = (f"unk_id {unk} is not the id of one of its {len(ok)} pieces" if all(ok)
+                       and ok else f"'vocab' entry {ok.index(False)} is not a [piece, score] pair"
+                       if ok else "'vocab' is not a non-empty list of [piece, score] pairs")
+                raise UserError(f"{path}: {why}; the file is damaged, download it again")
             pieces = [(p, float(s), p not in special and i != unk)
-                      for i, (p, s) in enumerate(model["vocab"])]
+                      for i, (p, s) in enumerate(vocab)]
             ids = {p: i for i, (p, _, _) in enumerate(pieces)}
             return cls(pieces, unk_id=unk, eos_id=ids.get("</s>", 1), pad_id=ids.get("<pad>", 0),
                        split_any_space=True, specials=[p for p in special if p in ids])
@@ -571,6 +576,22 @@ def clean_caption(text):
     return text
 
 
+def read_lines(path, flag):
+    """The texts of a prompts or captions file, line i the text of sample i: a blank line is
+    refused, never dropped (sample.py --prompts and clip.py score --captions read alike)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.read().split("\n")]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag} {path}: cannot read it ({e}); give a UTF-8 text file, one text "
+                        "per line") from None
+    lines = lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last line
+    if "" in lines or not lines:
+        raise UserError(f"{flag} {path} " + (f"line {lines.index('') + 1} is blank: line i is "
+                        "the text of sample i; remove it" if lines else "holds no line"))
+    return lines
+
+
 # ------------------------------------------------------------------- one call for the GPT, a CLI
 class TextEncoder:
     """Tokenizer + frozen T5 encoder on one device and dtype: captions in, the GPT's prefix out."""
@@ -583,8 +604,12 @@ class TextEncoder:
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=torch.float32, clean=True):
         """A Hugging Face (FLAN-)T5 folder: spiece.model or tokenizer.json, config.json, weights."""
-        return cls(UnigramTokenizer.from_file(folder), T5Encoder.from_pretrained(folder, dtype),
-                   pick_device(device), dtype, clean)
+        tokenizer = UnigramTokenizer.from_file(folder)
+        encoder = T5Encoder.from_pretrained(folder, dtype)
+        if len(tokenizer) > (rows := encoder.config.vocab_size):  # ids past the table: no row
+            raise UserError(f"the tokenizer of {folder} has {len(tokenizer)} pieces, more than the "
+                            f"{rows} rows of its encoder's embedding; they do not belong together")
+        return cls(tokenizer, encoder, pick_device(device), dtype, clean)
 
     @torch.no_grad()
     def encode_captions(self, texts, length=120, batch_size=32):
@@ -615,7 +640,7 @@ def main(argv=None):
     t.add_argument("--clean", action="store_true", help="apply LlamaGen's caption cleaning first")
     t.add_argument("texts", nargs="+")
     args = p.parse_args(argv)
-    check_flags(args, {"length": at_least(1)})
+    check_flags(args, {"length": between(1, 1024)})
     if args.cmd == "tokenize":
         tok = UnigramTokenizer.from_file(args.tokenizer)
         for text in args.texts:

@@ -31,9 +31,9 @@ import codes
 import data
 import scenes
 import t2i
-from common import (DTYPES, FRACTION, POSITIVE, UserError, at_least, check_flags, check_weights,
-                    cli, first_line, load_checkpoint, os_error_line, progress, rank_world,
-                    resolve_precision, save_atomic, setup_device)
+from common import (DTYPES, FRACTION, POSITIVE, SEED, UserError, at_least, between, check_flags,
+                    check_weights, cli, first_line, load_checkpoint, os_error_line, progress,
+                    rank_world, resolve_precision, save_atomic, setup_device, stored, with_checksum)
 from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
 from text import T5_CONFIGS
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
@@ -86,6 +86,7 @@ class Stage:
     sets model, config, meta (saved), train_set, val_set; loss(model, batch, step) -> (loss, logs)
     and val_metric(model, batch) get the wrapped model. A GAN adds discriminator(_active, _loss)."""
     units_per_item, discriminator, mfu = 1, None, None  # mfu(units/s, device): FLOPs utilisation
+    val_group = 1  # val_metric scores whole groups of this many items (CLIP: among 10)
     blocks = ()  # the repeated layers: FSDP shards them one by one, --grad-ckpt recomputes them
 
     def to(self, device):  # every network of the stage: the model and any loss networks
@@ -215,7 +216,7 @@ class ClipStage(Stage):
     defaults = dict(epochs=30, batch_size=128, weight_decay=0.2, lr=1e-3)
     flags = {"with_heldout": (False, bool, "--data scenes[:N]: also train on the held-out "
                               "colour-shape pairs (default: never shown, as to the text GPT)")}
-    val_label = "validation accuracy of an image picking its caption among 10"
+    val_label, val_group = "validation accuracy of an image picking its caption among 10", 10
 
     def __init__(self, recipe, resumed):
         spec, _, n = str(recipe.data).partition(":")
@@ -225,12 +226,23 @@ class ClipStage(Stage):
         if recipe.fsdp:  # the released checkpoints store logit_scale as a 0-d tensor
             raise UserError("--fsdp cannot shard CLIP's scalar logit_scale (FSDP2 refuses 0-d "
                             "parameters); CLIP-tiny fits any device: drop --fsdp to train with DDP")
-        merges = resumed["meta"]["bpe_merges"] if resumed else None
-        self.tokenizer = (clip.Tokenizer.from_merges([tuple(m) for m in merges]) if merges else
-                          clip.Tokenizer.from_words(scenes.VOCABULARY))
+        procs, r = rank_world()[1], recipe
+        if r.batch_size < 10 * procs * r.grad_accum or r.val_size < 10 * procs:  # per micro-batch
+            raise UserError(f"--batch-size {r.batch_size} (--grad-accum {r.grad_accum}) and "
+                            f"--val-size {r.val_size} must give each of {procs} process(es) 10 "
+                            "pairs or more: a caption is picked among 10, the others its negatives")
+        then, now = (f"--data {a['data']}" + " --with-heldout" * bool(a["with_heldout"])
+                     for a in ((resumed or {}).get("args") or vars(r), vars(r)))
+        if then != now:
+            raise UserError(f"--resume: that CLIP run trains on {then}, not {now}: resume it with "
+                            "those, or start a new --out-dir")
+        self.tokenizer = (clip.Tokenizer.from_merges([tuple(m) for m in stored(
+            resumed["meta"], "bpe_merges", "--resume")]) if resumed else
+            clip.Tokenizer.from_words(scenes.VOCABULARY))
         self.config = clip.clip_config(recipe.model, vocab_size=len(self.tokenizer.encoder))
         self.model = clip.CLIP(self.config)
-        self.meta = {"bpe_merges": [list(m) for m in self.tokenizer.merges], "data": recipe.data}
+        self.meta = {**with_checksum("bpe_merges", [list(m) for m in self.tokenizer.merges]),
+                     "data": recipe.data}
         # held-out pairs stay unseen (as by the text GPT); no flips or crops: "on the left" holds
         world = scenes.CaptionedScenes(int(n or 20000), self.config.image_size, seed=recipe.seed,
                                        heldout=not recipe.with_heldout)
@@ -360,7 +372,7 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
             raise UserError(f"--{flag.replace('_', '-')} only applies to the {other.name} stage; "
                             f"--model {args.model} trains the {stage.name}: drop it")
     saved = ckpt["args"] if ckpt else {}
-    for name in ("batch_size", "weight_decay", "init_from"):
+    for name in ("batch_size", "weight_decay", "init_from", "text"):
         given = getattr(args, name)
         if saved and given is not None and given != saved.get(name):
             raise UserError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's "
@@ -398,7 +410,7 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
                            "disc_weight", "perceptual_weight", "entropy_loss_ratio"), at_least(0)),
           **dict.fromkeys(("epochs", "lr"), POSITIVE),
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
-          "caption_len": at_least(2)}  # a word and </s>
+          "caption_len": between(2, 1024), "seed": SEED, "image_size": between(8, 4096)}
 ONLY_WITH = [("caption_len", f"a text encoder trained along (--text {'/'.join(T5_CONFIGS)}); "
               "frozen features keep their own length", lambda r: r.text in T5_CONFIGS)]
 
@@ -568,8 +580,8 @@ class Trainer:
         stage, world = self.stage, self.world
         self.model.eval()
         vals, val_set = torch.zeros(2, device=self.device), Seeded(stage.val_set)
-        idx = list(range(self.rank, len(stage.val_set), world))
-        per_batch = max(1, self.recipe.batch_size // world)
+        idx, g = list(range(self.rank, len(stage.val_set), world)), stage.val_group
+        idx, per_batch = idx[:len(idx) // g * g], max(g, self.recipe.batch_size // world // g * g)
         with torch.no_grad(), self.autocast():
             for chunk in (idx[i:i + per_batch] for i in range(0, len(idx), per_batch)):
                 items = [t.to(self.device) for t in torch.utils.data.default_collate(

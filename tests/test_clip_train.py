@@ -92,7 +92,7 @@ def test_clip_score_cli_prefers_the_true_captions(trained, tmp_path, capsys):
     assert got["true"] == pytest.approx(ref["clip_score"], abs=1e-3)
     code, _, err = run_cli(clip.main, ["score", str(tmp_path / "s.npz"), "--clip", trained,
                                        "--captions", str(tmp_path / "short.txt")], capsys)
-    assert code == 2 and "cannot read captions" in err
+    assert code == 2 and "short.txt: cannot read it" in err
     (tmp_path / "short.txt").write_text("a star\n")
     code, _, err = run_cli(clip.main, ["score", str(tmp_path / "s.npz"), "--clip", trained,
                                        "--captions", str(tmp_path / "short.txt")], capsys)

@@ -287,7 +287,7 @@ REFUSED = [
     (["--model", "nano", "--caption-len", 16],
      "--caption-len only applies to the text-to-image GPT stage"),
     (["--model", "nano", "--text", "t5-nano", "--caption-len", 1],
-     "--caption-len must be at least 2, got 1"),
+     "--caption-len must be in [2, 1024], got 1"),
 ]
 
 
@@ -401,7 +401,7 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
     from PIL import Image
     assert Image.open(png).size == (3 * 34 + 2, 2 * 34 + 2)  # 3 columns, 2 rows of 32 px, 2 px gaps
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n\na green cross\n")
+    prompts.write_text("a red circle\na green cross\n")
     npz = tmp_path / "eval.npz"
     code, _, err = run_cli(sample.main, base + ["--prompts", prompts, "--num-samples", 5,
                                                 "--cfg-scale", 1, "--batch-size", 2,
