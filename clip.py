@@ -322,10 +322,6 @@ class Tokenizer:
         self.encoder, self.decoder = encoder, {i: s for s, i in encoder.items()}
         self.merges = [tuple(m) for m in merges]  # kept so a checkpoint can carry its tokenizer
         self.ranks = {pair: r for r, pair in enumerate(self.merges)}
-        for name in (SOT, EOT):
-            if name not in encoder:
-                raise UserError(f"CLIP tokenizer: {name} is not in the vocabulary; "
-                                "pass CLIP's vocab.json")
         self.sot, self.eot = encoder[SOT], encoder[EOT]
         self.cache = {SOT: [self.sot], EOT: [self.eot]}
 
@@ -352,13 +348,12 @@ class Tokenizer:
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"CLIP tokenizer files in {folder!r} are unreadable ({e})") from None
         if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
-            raise UserError(f"{files[0]}: not a JSON object of symbol -> id; pass CLIP's "
-                            "vocab.json")
+            raise UserError(f"{files[0]}: not a JSON object of symbol -> id; give CLIP's")
         symbols = list(byte_to_unicode().values())  # every byte, alone or ending a word, and merge
-        made = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges)]
+        made = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
         if lost := next((s for s in made if s not in encoder), None):
-            raise UserError(f"{files[1]}: the symbol {lost!r} (a byte, or a merge's result) is not "
-                            "in vocab.json; the two files do not belong together")
+            raise UserError(f"{files[1]}: the symbol {lost!r} (a byte, a special, or a merge's "
+                            "result) is not in vocab.json; the two files do not belong together")
         return cls(encoder, merges)
 
     @classmethod
@@ -483,16 +478,14 @@ def hf_config(folder):
 def load(path):
     """(CLIP, its Tokenizer) from one place: a Hugging Face folder or our checkpoint's "meta"."""
     model = CLIP.from_pretrained(path)
-    if os.path.isdir(path) or os.path.basename(path) in HF_FILES:
-        tok = Tokenizer.from_pretrained(path)
-    else:  # ours: the BPE merges learnt in training, in its meta
-        tok = Tokenizer.from_merges([tuple(m) for m in stored(model.meta, "bpe_merges", path)])
-    c, top = model.config, max(tok.encoder.values())
+    hf = os.path.isdir(path) or os.path.basename(path) in HF_FILES  # else ours: merges in meta
+    tok = Tokenizer.from_pretrained(path) if hf else Tokenizer.from_merges(
+        [tuple(m) for m in stored(model.meta, "bpe_merges", path)])
+    c, top = model.config, max(tok.encoder.values())  # pooled at eot_id, or at the highest id
     if top >= c.vocab_size or tok.eot != (top if c.eot_id is None else c.eot_id):
-        raise UserError(f"{path}: its tokenizer has {top + 1} ids, <|endoftext|> {tok.eot}, its "
-                        f"text embedding {c.vocab_size} rows, pooled at " + (
-                            "the highest id" if c.eot_id is None else f"id {c.eot_id}")
-                        + "; the tokenizer and the weights do not belong together")
+        raise UserError(f"{path}: its tokenizer has {top + 1} ids (<|endoftext|> {tok.eot}), its "
+                        f"text embedding {c.vocab_size} rows (eot_id {c.eot_id}): they do not "
+                        "belong together")
     return model, tok
 
 
@@ -516,7 +509,7 @@ def rank(clip, images, texts, tokenizer=None, batch_size=64):
     """100 x cosine (P, N) of float [-1, 1] images (P*N, 3, H, W), prompt p's N together, with P
     prompts (strings with `tokenizer`, else ids); not calibrated across prompts."""
     ids = tokenizer(texts, context_length=clip.config.context_length) if tokenizer else texts
-    if len(images) % len(ids):
+    if not len(ids) or len(images) % len(ids):
         raise UserError(f"{len(images)} images do not split evenly over {len(ids)} prompts")
     device = next(clip.parameters()).device
     text = F.normalize(clip.encode_text(ids.to(device)).float(), dim=-1)
@@ -543,8 +536,6 @@ def keep_best(candidates, scores, keep):
 def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
     """DALL-E's best-of-N of uint8 candidates (P*N, H, W, 3) for P prompts, scored on the pixels
     saved -> (uint8 (P*keep, H, W, 3), scores (P, keep)); tokenizer: clip_model's by default."""
-    if len(texts) == 0 or len(images) % len(texts):
-        raise UserError(f"{len(images)} candidates do not split evenly over {len(texts)} prompts")
     scores = rank(clip_model, from_uint8(images), list(texts), tokenizer or clip_model.tokenizer)
     kept, best = keep_best(images, scores, keep)
     return kept.reshape(-1, *images.shape[1:]), best
@@ -570,17 +561,12 @@ PHOTO_DEPICTS = "A photo depicts"
 def clip_score(clip, images, captions, tokenizer, prefix=PHOTO_DEPICTS, w=2.5, batch_size=64):
     """Float [-1, 1] images (N, 3, H, W, or batches of them) against `prefix` + their captions ->
     {"clip_score": 100 x mean cosine, "clipscore": 100 x mean w max(cos, 0), "count": N}."""
-    if torch.is_tensor(images) and len(images) != len(captions):
-        raise UserError(f"CLIP score: {len(captions)} captions for {len(images)} images; give "
-                        "one caption per image")
     cos, done = [], 0
     for chunk in images.split(batch_size) if torch.is_tensor(images) else images:
         texts = [f"{prefix} {c}".strip() for c in captions[done:done + len(chunk)]]
-        if len(texts) != len(chunk):
-            raise UserError(f"CLIP score: {len(captions)} captions for more images; give one "
-                            "caption per image")
-        cos.append(rank(clip, chunk, texts, tokenizer)[:, 0] / 100)  # (b, 1): one image each
         done += len(chunk)
+        if len(texts) == len(chunk):  # else more images than captions: counted for the message
+            cos.append(rank(clip, chunk, texts, tokenizer)[:, 0] / 100)  # (b, 1): one image each
     if done != len(captions):
         raise UserError(f"CLIP score: {len(captions)} captions for {done} images; give one "
                         "caption per image")

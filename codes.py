@@ -28,7 +28,7 @@ from common import (DTYPES, UserError, at_least, between, check_flags, cli, firs
                     setup_device, weights_checksum)
 from data import (Captioned, CodeViews, Joined, caption_dataset, captions_of, check_image_size,
                   image_dataset)
-from text import TextEncoder, clean_caption
+from text import T5_CONFIGS, TextEncoder, clean_caption
 from tokenizer import VQModel, tokenizer_checksum, vq_config
 
 
@@ -408,7 +408,8 @@ def _receipt(folder, name, kind, flags):
     fix = f"python codes.py {kind} {flags} --out {folder}"
     what = "codes" if kind == "extract" else "caption features"
     if not os.path.isdir(folder):
-        raise UserError(f"{what.split()[-1]} folder {folder!r} does not exist; make it with {fix}")
+        raise UserError(f"{what.split()[-1]} folder {folder!r} does not exist; make it with {fix}"
+                        + (f" (or name a T5 config: {', '.join(T5_CONFIGS)})" * (what != "codes")))
     if os.path.exists(os.path.join(folder, name)):
         return read_json(os.path.join(folder, name))
     if os.path.isdir(os.path.join(folder, "parts")):

@@ -368,15 +368,8 @@ def json_checksum(obj):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def with_checksum(key, value):
-    """{key: value, key_checksum: ...}: a list a checkpoint carries (a tokenizer's words or
-    merges), which `stored` checks when it is read back."""
-    return {key: value, f"{key}_checksum": json_checksum(value)}
-
-
 def stored(meta, key, where):
-    """meta[key] as with_checksum saved it; damaged or missing, one line (a tokenizer read back
-    otherwise would give the model other tokens than it learned)."""
+    """meta[key], a tokenizer's words or merges, checked against the json_checksum beside it."""
     value = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(value, list) or json_checksum(value) != meta.get(f"{key}_checksum"):
         raise UserError(f"{where}: its stored {key} " + ("do not match their checksum" if value

@@ -309,11 +309,7 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
                         "coco:ANNOTATIONS.json:IMAGES_DIR")
     if len(names) < len(ids):  # one image would be lost, another would take its captions
         twice = next(a for a, b in zip(sorted(ids), sorted(ids)[1:]) if a == b)
-        raise UserError(f"{annotations}: image id {twice} is listed twice in 'images'; fix the "
-                        "file")
-    if (stray := next((i for i in every if i not in names), None)) is not None:
-        raise UserError(f"{annotations}: a caption names image_id {stray}, which is not in its "
-                        "'images'; is it the captions file of these images?")
+        raise UserError(f"{annotations}: image id {twice} is listed twice in 'images'; fix it")
     samples = [(os.path.join(images_dir, str(name)), every[i]) for i, name in names.items()
                if i in every]
     empty = next((i for i, name in names.items() if "" in every.get(i, ())), None)

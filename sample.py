@@ -36,9 +36,9 @@ import decoding
 import t2i
 from codes import CodesReceipt, encoder_checksum
 from common import (SEED, UserError, at_least, between, check_flags, check_writable, cli,
-                    from_uint8, json_checksum, make_grid, progress, rank_world, resolve_precision,
-                    save_atomic, save_grid, say, setup_device, to_uint8, weights_checksum,
-                    weights_file)
+                    from_uint8, json_checksum, make_grid, progress, rank_world, read_json,
+                    resolve_precision, save_atomic, save_grid, say, setup_device, to_uint8,
+                    weights_checksum, weights_file)
 from data import check_image_size
 from model import GPT
 from text import read_lines
@@ -171,9 +171,8 @@ def evaluation_labels(args):
 
 
 def resume_stamp(args, parts, rank, gpt, vq, condition):
-    """The settings that decide the pixels (PIXEL_FLAGS), recorded in <parts>/settings.json by
-    rank 0, or checked against the stamp there: parts of other settings never mix in one .npz.
-    Inputs named by a path are recorded by their contents (a file may be edited in between)."""
+    """The settings that decide the pixels (PIXEL_FLAGS, inputs by their contents, not path) kept in
+    <parts>/settings.json by rank 0, or checked against it: no .npz mixes other settings' parts."""
     reranker = getattr(args, "reranker", None)
     stamp = {**{k: getattr(args, k) for k in PIXEL_FLAGS}, "gpt_ckpt": weights_checksum(gpt),
              "vq_ckpt": tokenizer_checksum(vq), "prompts": json_checksum(args.prompt_list or []),
@@ -181,14 +180,8 @@ def resume_stamp(args, parts, rank, gpt, vq, condition):
              json_checksum([weights_checksum(reranker), reranker.tokenizer.encoder])}
     path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError):  # not JSON: hand-edited, cut short
-            old = None
-        if not isinstance(old, dict):
-            raise UserError(f"{path} is damaged, so the samples in {parts} cannot be matched to "
-                            "these settings; delete that folder to start over")
+        old = read_json(path, f"the samples in {parts} cannot be matched to these settings; "
+                        "delete that folder to start over")
         if old != stamp:
             diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
                              if old.get(k) != v)

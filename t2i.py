@@ -19,11 +19,10 @@ import torch
 
 import codes
 from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
-                    stored, unwrap_state_dict, weights_file, with_checksum)
+                    json_checksum, stored, unwrap_state_dict, weights_file)
 from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption
 from scenes import VOCABULARY
-from text import (T5_CONFIGS, T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption,
-                  t5_config)
+from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
 
 
 # ------------------------------------------------------------------------------------- training
@@ -120,17 +119,14 @@ def joint_gpt(recipe, items, over, was):
     config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length,
                         **over)
     return (config, JointT2I(config, text_config), CaptionedCodes(items, texts, tokenizer, length),
-            dict(kind="joint", encoder=recipe.text, length=length, **with_checksum("words", words),
-                 config=dataclasses.asdict(text_config)))
+            dict(kind="joint", encoder=recipe.text, length=length, words=words,
+                 words_checksum=json_checksum(words), config=dataclasses.asdict(text_config)))
 
 
 def frozen_gpt(recipe, items, over, was):
     """--text <features folder>: the GPT alone, on a frozen encoder's features -> joint_gpt's
     four. The features must be of the codes' captions (by checksum), and a resumed run's of the
     same encoder."""
-    if not os.path.isdir(recipe.text):
-        raise UserError(f"--text {recipe.text} is neither a features folder (codes.py features) "
-                        f"nor a T5 config ({', '.join(T5_CONFIGS)})")
     feats = codes.CaptionFeatures(recipe.text)  # item i: (features [N, d], mask [N]) of caption i
     feats.check_codes(recipe.data)
     if len(feats) != len(items):  # the codes folder's captions.json and codes disagree
@@ -232,8 +228,8 @@ def joint_text_encoder(gpt_path, info, device, dtype):
         raise UserError(f"{gpt_path}: its text encoder record is damaged; train it again") \
             from None
     load_weights(encoder, sd, f"text encoder of {gpt_path!r}")
-    words = stored(info, "words", gpt_path)
-    return TextEncoder(UnigramTokenizer.from_words(words), encoder, device, dtype)
+    tokenizer = UnigramTokenizer.from_words(stored(info, "words", gpt_path))
+    return TextEncoder(tokenizer, encoder, device, dtype)
 
 
 def joint_condition(gpt, gpt_path, prompts, device):
@@ -284,8 +280,7 @@ def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
         encoder = joint_text_encoder(gpt_path, info, device, text_dtype)
     else:
         encoder = pretrained_text_encoder(t5, gpt, gpt_path, info, device, text_dtype)
-    tok, clean = encoder.tokenizer, clean_caption if encoder.clean else str
-    if unknown := list(dict.fromkeys(w for p in prompts for w in tok.unknown_words(clean(p)))):
+    if unknown := encoder.unknown_words(prompts):
         say(f"warning: the text encoder reads {len(unknown)} word(s) of the prompts as <unk>, "
             "unknown to it: " + ", ".join(map(repr, unknown[:10])))
     return PromptCondition(prompts, encoder, gpt.config.cls_token_num)

@@ -424,10 +424,6 @@ class UnigramTokenizer:
                 ids.append(self.special_ids[found[k]])
         return ids + [self.eos_id] if eos else ids
 
-    def unknown_words(self, text):
-        """The words of `text` read as <unk> (in part): what a model cannot follow."""
-        return [w for w in nmt_nfkc(text).split() if self.unk_id in self.segment(METASPACE + w)]
-
     def decode(self, ids):
         """The text of piece ids, control pieces dropped (the normalisation is not undone)."""
         keep = [self.pieces[i] for i in ids if i not in (self.pad_id, self.eos_id)]
@@ -577,18 +573,16 @@ def clean_caption(text):
 
 
 def read_lines(path, flag):
-    """The texts of a prompts or captions file, line i the text of sample i: a blank line is
-    refused, never dropped (sample.py --prompts and clip.py score --captions read alike)."""
+    """Line i of a prompts or captions file, the text of sample i (blank: refused, not dropped)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f.read().split("\n")]
+        with open(path, encoding="utf-8") as f:  # a final newline ends the last line
+            lines = [line.strip() for line in f.read().removesuffix("\n").split("\n")]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{flag} {path}: cannot read it ({e}); give a UTF-8 text file, one text "
                         "per line") from None
-    lines = lines[:-1] if lines[-1] == "" else lines  # a final newline ends the last line
-    if "" in lines or not lines:
-        raise UserError(f"{flag} {path} " + (f"line {lines.index('') + 1} is blank: line i is "
-                        "the text of sample i; remove it" if lines else "holds no line"))
+    if "" in lines:
+        raise UserError(f"{flag} {path} line {lines.index('') + 1} is blank: line i is the text "
+                        "of sample i; remove it")
     return lines
 
 
@@ -604,12 +598,17 @@ class TextEncoder:
     @classmethod
     def from_pretrained(cls, folder, device=None, dtype=torch.float32, clean=True):
         """A Hugging Face (FLAN-)T5 folder: spiece.model or tokenizer.json, config.json, weights."""
-        tokenizer = UnigramTokenizer.from_file(folder)
-        encoder = T5Encoder.from_pretrained(folder, dtype)
-        if len(tokenizer) > (rows := encoder.config.vocab_size):  # ids past the table: no row
-            raise UserError(f"the tokenizer of {folder} has {len(tokenizer)} pieces, more than the "
-                            f"{rows} rows of its encoder's embedding; they do not belong together")
-        return cls(tokenizer, encoder, pick_device(device), dtype, clean)
+        tok, t5 = UnigramTokenizer.from_file(folder), T5Encoder.from_pretrained(folder, dtype)
+        if len(tok) > (rows := t5.config.vocab_size):  # an id past the table has no row
+            raise UserError(f"the tokenizer of {folder} has {len(tok)} pieces, more than the "
+                            f"{rows} rows of its encoder's embedding: they do not fit together")
+        return cls(tok, t5, pick_device(device), dtype, clean)
+
+    def unknown_words(self, texts):
+        """The words of `texts` read as <unk> (in part), once each: what the GPT cannot follow."""
+        tok, clean = self.tokenizer, clean_caption if self.clean else str
+        words = dict.fromkeys(w for t in texts for w in nmt_nfkc(clean(t)).split())
+        return [w for w in words if tok.unk_id in tok.segment(METASPACE + w)]
 
     @torch.no_grad()
     def encode_captions(self, texts, length=120, batch_size=32):

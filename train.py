@@ -33,7 +33,7 @@ import scenes
 import t2i
 from common import (DTYPES, FRACTION, POSITIVE, SEED, UserError, at_least, between, check_flags,
                     check_weights, cli, first_line, load_checkpoint, os_error_line, progress,
-                    rank_world, resolve_precision, save_atomic, setup_device, stored, with_checksum)
+                    json_checksum, rank_world, resolve_precision, save_atomic, setup_device, stored)
 from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
 from text import T5_CONFIGS
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
@@ -228,21 +228,20 @@ class ClipStage(Stage):
                             "parameters); CLIP-tiny fits any device: drop --fsdp to train with DDP")
         procs, r = rank_world()[1], recipe
         if r.batch_size < 10 * procs * r.grad_accum or r.val_size < 10 * procs:  # per micro-batch
-            raise UserError(f"--batch-size {r.batch_size} (--grad-accum {r.grad_accum}) and "
-                            f"--val-size {r.val_size} must give each of {procs} process(es) 10 "
-                            "pairs or more: a caption is picked among 10, the others its negatives")
-        then, now = (f"--data {a['data']}" + " --with-heldout" * bool(a["with_heldout"])
-                     for a in ((resumed or {}).get("args") or vars(r), vars(r)))
-        if then != now:
-            raise UserError(f"--resume: that CLIP run trains on {then}, not {now}: resume it with "
-                            "those, or start a new --out-dir")
+            raise UserError(f"--batch-size {r.batch_size} (over --grad-accum and processes) and "
+                            f"--val-size {r.val_size} must leave 10 pairs: one of 10 is picked")
+        was = resumed["args"] if resumed else vars(r)
+        if (was["data"], bool(was["with_heldout"])) != (r.data, bool(r.with_heldout)):
+            raise UserError(f"--resume: that CLIP run trains on --data {was['data']} "
+                            f"(--with-heldout {bool(was['with_heldout'])}); resume it so, or start "
+                            "a new --out-dir")
         self.tokenizer = (clip.Tokenizer.from_merges([tuple(m) for m in stored(
             resumed["meta"], "bpe_merges", "--resume")]) if resumed else
             clip.Tokenizer.from_words(scenes.VOCABULARY))
         self.config = clip.clip_config(recipe.model, vocab_size=len(self.tokenizer.encoder))
         self.model = clip.CLIP(self.config)
-        self.meta = {**with_checksum("bpe_merges", [list(m) for m in self.tokenizer.merges]),
-                     "data": recipe.data}
+        self.meta = {"bpe_merges": (m := [list(p) for p in self.tokenizer.merges]),
+                     "bpe_merges_checksum": json_checksum(m), "data": recipe.data}
         # held-out pairs stay unseen (as by the text GPT); no flips or crops: "on the left" holds
         world = scenes.CaptionedScenes(int(n or 20000), self.config.image_size, seed=recipe.seed,
                                        heldout=not recipe.with_heldout)
@@ -410,7 +409,7 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
                            "disc_weight", "perceptual_weight", "entropy_loss_ratio"), at_least(0)),
           **dict.fromkeys(("epochs", "lr"), POSITIVE),
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
-          "caption_len": between(2, 1024), "seed": SEED, "image_size": between(8, 4096)}
+          "caption_len": between(2, 1024), "seed": SEED, "image_size": between(1, 4096)}
 ONLY_WITH = [("caption_len", f"a text encoder trained along (--text {'/'.join(T5_CONFIGS)}); "
               "frozen features keep their own length", lambda r: r.text in T5_CONFIGS)]
 

@@ -116,7 +116,7 @@ def test_clip_stage_refuses_other_data_and_flags(tmp_path, capsys):
 
 def test_clip_stage_resumes_exactly(tmp_path):
     """Stopped at step 2 and resumed to 4: the same weights as 4 steps in one go."""
-    base = ["--model", "CLIP-tiny", "--data", "scenes:200", "--batch-size", "8", "--val-size",
+    base = ["--model", "CLIP-tiny", "--data", "scenes:200", "--batch-size", "10", "--val-size",
             "20", "--num-workers", "0", "--log-interval", "1", "--ckpt-interval", "2"]
     train.main(base + ["--max-steps", "4", "--out-dir", str(tmp_path / "whole")])
     train.main(base + ["--max-steps", "2", "--out-dir", str(tmp_path / "cut")])

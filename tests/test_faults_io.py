@@ -254,7 +254,7 @@ CASES = [
     ("extract into a file", CODES(*EXTRACT, "--out", "{d}/f"), a_file, 2,
      ["--out {d}/f is a file; codes go into a folder"]),
     ("damaged settings.json", S(*EVAL, "--out", "{d}/x.npz"), parts_with_damaged_settings, 2,
-     ["{d}/x.npz.parts/settings.json is damaged", "delete that folder"]),
+     ["{d}/x.npz.parts/settings.json cannot be read", "delete that folder"]),
     ("tokenizer size", ("tokenizer", lambda d, ck: ["--vq-ckpt", ck["vq"], "--data", "synthetic:2",
                                                     "--image-size", "30", "--no-rfid"]), nothing, 2,
      ["--image-size 30 is not a multiple of the tokenizer's downsampling factor 4; use 28 or 32"]),

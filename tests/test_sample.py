@@ -14,7 +14,7 @@ from PIL import Image, ImageSequence
 
 import sample
 from conftest import ENV, ROOT, run_cli
-from common import save_atomic
+from common import json_checksum, save_atomic, weights_checksum
 from codes import CodesReceipt
 from model import GPT, gpt_config
 from tokenizer import VQModel, tokenizer_checksum, vq_config
@@ -286,4 +286,7 @@ def test_resume_stamp_keys_are_the_pixel_flags(ck, tmp_path, monkeypatch):
                           "precision", "gpt_ckpt", "vq_ckpt", "prompt", "prompts", "t5",
                           "candidates", "keep", "clip"} == set(sample.PIXEL_FLAGS)
     assert (stamp["labels"], stamp["top_k"], stamp["image_size"], stamp["precision"]) == ("random", 0, SIZE, "fp32")
-    assert stamp["classes"] == list(range(CLASSES)) and stamp["gpt_ckpt"] == os.path.abspath(ck["gpt"])
+    # inputs by their contents: a file edited or replaced under the same path is another input
+    gpt, vq = sample.load_models(ck["gpt"], ck["vq"])[:2]
+    assert stamp["classes"] == list(range(CLASSES)) and stamp["gpt_ckpt"] == weights_checksum(gpt)
+    assert stamp["vq_ckpt"] == tokenizer_checksum(vq) and stamp["prompts"] == json_checksum([])

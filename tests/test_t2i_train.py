@@ -432,7 +432,7 @@ def test_prompts_rerank_by_clip_keeps_each_prompts_best(vq_world, tmp_path, caps
     each stored sample is its prompt's best of 3."""
     import clip
     train_main(["--model", "CLIP-tiny", "--data", "scenes:64", "--max-steps", 2, "--batch-size",
-                8, "--val-size", 16, "--num-workers", 0, "--out-dir", tmp_path / "clip"])
+                10, "--val-size", 16, "--num-workers", 0, "--out-dir", tmp_path / "clip"])
     ckpt, texts = tmp_path / "clip" / "ckpt.pt", ["a red circle", "two blue stars"]
     base = ["--gpt-ckpt", vq_world["gpt"], "--vq-ckpt", vq_world["vq"],
             *(a for p in texts for a in ("--prompt", p))]
