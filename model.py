@@ -232,6 +232,7 @@ class GPTConfig:
     num_classes: int = 1000  # class condition only
     caption_dim: int = 0  # 0: a class condition; > 0: caption features of this width
     cls_token_num: int = 1  # N, the length of the condition prefix: 1 for a class, 120 officially
+    stream_words: int = 0  # > 0: DALL-E's one stream of N caption tokens (t2i.StreamT2I)
     class_dropout_prob: float = 0.1
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
@@ -249,7 +250,8 @@ class GPTConfig:
                            "(2D RoPE splits it in row and column halves of pairs)"),
             (self.n_head % (self.n_kv_head or self.n_head), "n_head is no multiple of n_kv_head"),
             (self.caption_dim < 0, f"caption_dim {self.caption_dim} is negative"),
-            (self.caption_dim == 0 and self.cls_token_num != 1, "a class condition is a prefix of "
+            (not (self.caption_dim or self.stream_words) and self.cls_token_num != 1, "a class "
+             "condition is a prefix of "
              "exactly one token (cls_token_num 1; set caption_dim for a caption prefix)"),
             (self.cls_token_num < 1, "the condition prefix needs at least one token")]
         for bad, why in problems:
@@ -265,6 +267,8 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
+    stream = False  # t2i.StreamT2I: DALL-E's one stream
+
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
@@ -291,6 +295,12 @@ class GPT(nn.Module):
         """[prefix ; idx[:, :-1]] -> T float32 logits (t predicting idx[:, t]) and the cross-entropy
         (weighted per sample by valid, as the official t2i trainer). cond: labels (B,) or caption
         features (B, N, caption_dim) left padded as cond_mask (B, N) says (None: no padding)."""
+        logits = self.output(self.hidden(idx, cond, cond_mask)[:, self.config.cls_token_num - 1:])
+        logits = logits.float()  # the prefix's last position predicts code 0
+        return logits, None if targets is None else next_token_loss(logits, targets, valid)
+
+    def hidden(self, idx, cond, cond_mask=None):
+        """The final norm's output (B, N + T - 1, dim) at each position of [prefix ; codes]."""
         self._check_condition(cond, cond_mask)
         n, T = self.config.cls_token_num, idx.shape[1]
         assert T <= self.config.block_size, f"{T} codes, but block_size is {self.config.block_size}"
@@ -301,14 +311,7 @@ class GPT(nn.Module):
             F.pad(cond_mask.bool(), (0, x.shape[1] - n), value=True), 0, x.shape[1])
         for layer in self.layers:
             x = layer(x, rope, 0, mask)
-        logits = self.output(self.norm(x[:, n - 1:])).float()  # the prefix's last predicts code 0
-        if targets is None:
-            return logits, None
-        if valid is None:
-            return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        weight = valid.to(ce.dtype)[:, None].expand_as(targets).flatten()
-        return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
+        return self.norm(x)
 
     def rope_table(self, device):  # moved to the device once
         if self.freqs_cis.device != device:
@@ -390,10 +393,11 @@ class GPT(nn.Module):
         return codes
 
     @classmethod
-    def from_pretrained(cls, path, block_size=None, **overrides):
-        """Ours or the official c2i_*.pt and t2i_*.pt (any container) -> model in eval mode on the
-        CPU. An official file has no config: its shapes tell it, but for block_size (else 256)."""
-        ckpt = load_checkpoint(path)
+    def from_pretrained(cls, path, block_size=None, ckpt=None, **overrides):
+        """Ours or the official c2i_*.pt and t2i_*.pt (any container; ckpt: its contents, if read)
+        -> model in eval mode on the CPU. An official file has no config: its shapes tell it, but
+        for block_size (else 256)."""
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         if ckpt.get("kind", "gpt") != "gpt":
             raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a GPT; "
                             "pass a GPT checkpoint")
@@ -402,6 +406,9 @@ class GPT(nn.Module):
         saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         if set(saved) - {f.name for f in fields(GPTConfig)}:
             raise UserError(f"{path} was made by an older version; train again")
+        if bool(saved.get("stream_words")) != cls.stream:
+            kind, fix = ("a prefix", "GPT") if cls.stream else ("a DALL-E stream", "t2i.StreamT2I")
+            raise UserError(f"{path} is {kind} GPT; load it with {fix}.from_pretrained")
         given = {} if block_size is None else {"block_size": block_size}
         model = cls(GPTConfig(**{**(saved or found), **given, **overrides}))
         name = next((k for k, v in GPT_CONFIGS.items()
@@ -428,6 +435,16 @@ class GPT(nn.Module):
         peaks = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense
         peak = next((v for k, v in peaks.items() if k in gpu), None)
         return peak and self.flops_per_token() * tokens_per_second / peak
+
+
+def next_token_loss(logits, targets, valid=None):
+    """The mean cross-entropy of logits (B, T, V) for targets (B, T), each sample's tokens weighted
+    by valid (B,) if given (the official t2i trainer's flag: 0 for an image it could not read)."""
+    if valid is None:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    weight = valid.to(ce.dtype)[:, None].expand_as(targets).flatten()
+    return (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):

@@ -36,8 +36,8 @@ import decoding
 import t2i
 from codes import CodesReceipt
 from common import (POSITIVE, UserError, at_least, check_flags, check_writable, cli, from_uint8,
-                    make_grid, progress, rank_world, resolve_precision, save_atomic, save_grid,
-                    say, setup_device, to_uint8, weights_file)
+                    load_checkpoint, make_grid, progress, rank_world, resolve_precision,
+                    save_atomic, save_grid, say, setup_device, to_uint8, weights_file)
 from data import check_image_size
 from model import GPT
 from tokenizer import VQModel, tokenizer_checksum
@@ -349,7 +349,9 @@ def load_gpt(path, image_size, downsample):
     # the image size a file's name states: "c2i_L_384.pt" yes, "run2560.pt" no; the last wins
     sizes = re.findall(r"(?<!\d)(256|384|512)(?!\d)", os.path.basename(path))
     named = image_size or (int(sizes[-1]) if sizes else None)
-    gpt = GPT.from_pretrained(path, block_size=(named // downsample) ** 2 if named else None)
+    ckpt = load_checkpoint(path)  # read once; --text stream's are a t2i.StreamT2I
+    cls = t2i.StreamT2I if (ckpt.get("config") or {}).get("stream_words") else GPT
+    gpt = cls.from_pretrained(path, (named // downsample) ** 2 if named else None, ckpt)
     receipt = CodesReceipt.from_dict(gpt.meta, path) if gpt.meta else None
     if image_size is None:
         if receipt:
@@ -363,7 +365,7 @@ def load_gpt(path, image_size, downsample):
                             "config inside, no _256/_384/_512 in its name): pass --image-size (256 "
                             "or 384 for the official c2i files), or rename it like c2i_B_256.pt")
         if h * w != gpt.config.block_size:  # one of ours named _256: a second load
-            gpt = GPT.from_pretrained(path, block_size=h * w)
+            gpt = cls.from_pretrained(path, h * w, ckpt)
     return gpt, receipt
 
 

@@ -16,11 +16,12 @@ import dataclasses
 import os
 
 import torch
+import torch.nn as nn
 
 import codes
 from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
                     unwrap_state_dict, weights_file)
-from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption
+from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption, next_token_loss
 from scenes import VOCABULARY
 from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
 
@@ -94,15 +95,84 @@ class JointT2I(GPT):
         return GPT.flops_per_token(self) - 6 * t5 + 6 * t5 * per_code
 
 
+# ------------------------------------------------------------------------------ DALL-E's one stream
+# DALL-E (Ramesh et al. 2021) has no text encoder and no prefix: the caption's tokens are the
+# first N positions of the GPT's own sequence, then the image's, one causal stream, and the GPT
+# learns to predict both. Padding is no mask but a token, its own per slot, so every position
+# is a real input and attention stays plain causal. DALL-E had no classifier-free guidance; here
+# the null caption is all padding, swapped in for whole captions as LlamaGen drops its prefix.
+class StreamCaption(nn.Module):
+    """The caption's side of the stream, ids (B, N) -> (B, N, dim): a table of the words and of
+    one padding token per slot (slot i's is n_words + i), plus a learned position per slot (as
+    DALL-E's text), and `head`, the text positions' next-token prediction."""
+
+    def __init__(self, n_words, n, dim):
+        super().__init__()
+        self.n_words, self.embedding_table = n_words, nn.Embedding(n_words + n, dim)
+        self.position, self.head = nn.Embedding(n, dim), nn.Linear(dim, n_words + n, bias=False)
+        for m in (self.embedding_table, self.position, self.head):
+            nn.init.normal_(m.weight, std=0.02)  # GPT's init
+
+    def null(self, ids):  # the all-padding caption
+        return stream_ids(ids, torch.zeros_like(ids, dtype=torch.bool), self.n_words)
+
+    def forward(self, ids):
+        return self.embedding_table(ids) + self.position.weight
+
+
+def stream_ids(ids, mask, n_words):
+    """Right-padded caption ids (B, N) and mask -> the stream's ids: slot i's pad is n_words + i."""
+    return torch.where(mask, ids, n_words + torch.arange(ids.shape[1], device=ids.device))
+
+
+class StreamT2I(GPT):
+    """The stream GPT: GPT with StreamCaption for its condition, which is caption ids (B, N),
+    pads included (stream_ids), no mask; GPT.generate, its KV cache and decoding.py run as is."""
+    stream = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        n = config.cls_token_num
+        self.cls_embedding = StreamCaption(config.stream_words, n, config.dim)
+        # the identity rotation (cos 1, sin 0) at the text positions, not the prefix's zero rows:
+        # those make every text q.k zero, and a caption token could not tell where, nor which,
+        # the words before it are; its position comes from the learned table instead
+        self.freqs_cis[:n, :, 0] = 1.0
+
+    def forward(self, idx, ids, targets=None, cond_mask=None, valid=None):
+        """-> GPT.forward's (image logits, loss) for caption ids (B, N), right padded as cond_mask
+        says (None: already stream ids). The loss is DALL-E's (text + 7 * image) / 8, each the
+        mean over its own tokens; text positions 0..N-2 predict caption tokens 1..N-1."""
+        if cond_mask is not None:
+            ids = stream_ids(ids, cond_mask.bool(), self.config.stream_words)
+        if self.training and self.config.class_dropout_prob > 0:  # whole captions -> the null one
+            drop = torch.rand(len(ids), 1, device=ids.device) < self.config.class_dropout_prob
+            ids = torch.where(drop, self.cls_embedding.null(ids), ids)
+        x, n = self.hidden(idx, ids), self.config.cls_token_num
+        logits = self.output(x[:, n - 1:]).float()
+        if targets is None:
+            return logits, None
+        text = next_token_loss(self.cls_embedding.head(x[:, :n - 1]).float(), ids[:, 1:], valid)
+        return logits, (text + 7 * next_token_loss(logits, targets, valid)) / 8
+
+    def _check_condition(self, cond, cond_mask):
+        if cond.dim() != 2 or cond.shape[1] != self.config.cls_token_num or \
+                cond.is_floating_point() or cond_mask is not None:
+            raise UserError(f"this GPT is DALL-E's one stream: pass caption ids (B, "
+                            f"{self.config.cls_token_num}) with their pads (t2i.stream_ids) and "
+                            f"no mask, not a {tuple(cond.shape)} {cond.dtype} tensor")
+
+
 def joint_gpt(recipe, items, over, was):
-    """--text <T5 config>: a GPT and a T5 of that config trained together, its tokenizer's words
-    from the captions -> (config, JointT2I, CaptionedCodes, the text side for the checkpoint's
-    meta). `was`: a resumed run's text side, whose words and N it keeps (ids keep their meaning)."""
+    """--text <T5 config>: a GPT and a T5 of that config trained together (--text stream: the
+    StreamT2I alone), its tokenizer's words from the captions -> (config, model, CaptionedCodes,
+    the text side for the checkpoint's meta). `was`: a resumed run's text side, whose words and N
+    it keeps (ids keep their meaning)."""
     texts = codes.read_captions(recipe.data)[0]  # per item a caption, or a list to draw from
     if len(texts) != len(items):
         raise UserError(f"{recipe.data}: {len(texts)} captions for {len(items)} images; "
                         "extract the codes again")
-    if was is not None and (was.get("kind"), was.get("encoder")) != ("joint", recipe.text):
+    if was is not None and was.get("encoder") != recipe.text:
         raise UserError(f"the checkpoint's text encoder is {was.get('encoder')!r}, not "
                         f"--text {recipe.text}; resume with the --text it was trained with")
     words = was["words"] if was else caption_vocabulary(texts)
@@ -111,15 +181,20 @@ def joint_gpt(recipe, items, over, was):
         raise UserError(f"--caption-len {length} differs from the checkpoint's {was['length']}; "
                         "a resumed run keeps it")
     tokenizer = UnigramTokenizer.from_words(words)
+    data = CaptionedCodes(items, texts, tokenizer, length)
+    if recipe.text == "stream":
+        config = gpt_config(recipe.model, stream_words=len(tokenizer), cls_token_num=length, **over)
+        return config, StreamT2I(config), data, dict(kind="stream", encoder="stream",
+                                                      length=length, words=words)
     t5 = dict(vocab_size=len(tokenizer))
     if recipe.dropout is not None:  # --dropout 0 switches every dropout off, T5's too
         t5["dropout_rate"] = recipe.dropout
     text_config = t5_config(recipe.text, **t5)
     config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length,
                         **over)
-    return (config, JointT2I(config, text_config), CaptionedCodes(items, texts, tokenizer, length),
-            dict(kind="joint", encoder=recipe.text, length=length, words=words,
-                 config=dataclasses.asdict(text_config)))
+    return config, JointT2I(config, text_config), data, dict(
+        kind="joint", encoder=recipe.text, length=length, words=words,
+        config=dataclasses.asdict(text_config))
 
 
 def frozen_gpt(recipe, items, over, was):
@@ -180,8 +255,8 @@ def condition_of(meta):
     text = meta.get("text")
     if text is None:
         return "class", list(meta.get("classes") or []), meta.get("num_classes")
-    if text.get("kind") == "joint":
-        return "joint", text["words"], text["length"], text["config"]
+    if text.get("kind") in ("joint", "stream"):
+        return text["kind"], text["words"], text["length"], text.get("config")
     return "frozen", text["receipt"], text["length"], text["width"]
 
 
@@ -230,6 +305,16 @@ class PromptCondition:
         return features.to(indices.device), mask.to(indices.device)
 
 
+class StreamCondition(PromptCondition):
+    """PromptCondition for a StreamT2I: (caption ids [B, N], pads per slot, None); its encoder is
+    the tokenizer of the GPT's words, since the stream GPT embeds its captions itself."""
+
+    def __call__(self, indices):
+        texts = [clean_caption(self.prompts[int(i)]) for i in indices]
+        ids, mask = self.encoder(texts, self.length)
+        return stream_ids(ids, mask, len(self.encoder)).to(indices.device), None
+
+
 def joint_text_encoder(gpt_path, info, device, dtype):
     """The T5 and words a GPT was trained with (--text t5-nano), rebuilt from its checkpoint: the
     config and words from meta["text"] (`info`), the weights under text_encoder.*."""
@@ -245,11 +330,13 @@ def joint_text_encoder(gpt_path, info, device, dtype):
     return TextEncoder(UnigramTokenizer.from_words(info["words"]), encoder, device, dtype)
 
 
-def joint_condition(gpt, gpt_path, prompts, device):
-    """The PromptCondition of `prompts` for a GPT trained with its own T5, in float32: what the
-    demo's benchmark and bench.py draw from, without sample.py's command line."""
-    encoder = joint_text_encoder(gpt_path, gpt.meta["text"], device, torch.float32)
-    return PromptCondition(prompts, encoder, gpt.config.cls_token_num)
+def joint_condition(gpt, gpt_path, prompts, device, dtype=torch.float32):
+    """The PromptCondition of `prompts` for a GPT trained with its own T5 (or a StreamT2I's
+    StreamCondition): what the demo's benchmark and bench.py draw from, without sample.py."""
+    info, n = gpt.meta["text"], gpt.config.cls_token_num
+    if info["kind"] == "stream":
+        return StreamCondition(prompts, UnigramTokenizer.from_words(info["words"]), n)
+    return PromptCondition(prompts, joint_text_encoder(gpt_path, info, device, dtype), n)
 
 
 def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):
@@ -275,7 +362,7 @@ def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):
 def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
     """The PromptCondition of `prompts` (--t5: the frozen encoder's folder) for a text GPT; None
     for a class GPT. One line when the condition kinds disagree."""
-    if not gpt.config.caption_dim:
+    if not (gpt.config.caption_dim or gpt.stream):
         if prompts:
             raise UserError(f"the GPT {gpt_path} is class-conditional: draw it with --class, or "
                             "pass a text-to-image GPT for --prompt")
@@ -286,11 +373,10 @@ def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
     info = gpt.meta.get("text")
     # FLAN-T5 overflows float16 (text.py); bf16 has float32's range, as LlamaGen runs it
     text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-    if info and info.get("kind") == "joint":
+    if info and info.get("kind") in ("joint", "stream"):
         if t5 is not None:
-            raise UserError(f"the GPT {gpt_path} carries its own text encoder "
-                            f"({info.get('encoder')}, trained with it): drop --t5")
-        encoder = joint_text_encoder(gpt_path, info, device, text_dtype)
-    else:
-        encoder = pretrained_text_encoder(t5, gpt, gpt_path, info, device, text_dtype)
+            raise UserError(f"the GPT {gpt_path} learned its own text side (--text "
+                            f"{info.get('encoder')}): drop --t5")
+        return joint_condition(gpt, gpt_path, prompts, device, text_dtype)
+    encoder = pretrained_text_encoder(t5, gpt, gpt_path, info, device, text_dtype)
     return PromptCondition(prompts, encoder, gpt.config.cls_token_num)

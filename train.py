@@ -36,6 +36,8 @@ from common import (DTYPES, FRACTION, POSITIVE, UserError, at_least, check_flags
                     resolve_precision, save_atomic, setup_device)
 from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
 from text import T5_CONFIGS
+
+TRAINED_ALONG = (*T5_CONFIGS, "stream")  # --text values whose text side trains with the GPT
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
 
@@ -127,7 +129,7 @@ class GPTStage(Stage):
 
     def build(self, recipe, items, over, resumed):
         """config, model, dataset, meta: the class GPT on the codes and their labels."""
-        if resumed and resumed["config"].get("caption_dim"):
+        if resumed and any(map(resumed["config"].get, ("caption_dim", "stream_words"))):
             raise UserError(f"{checkpoint_path(recipe.out_dir)} is a text-to-image GPT; resume it "
                             "with the --text it was trained with")
         self.config = gpt_config(recipe.model, num_classes=items.receipt.num_classes, **over)
@@ -148,14 +150,15 @@ class T2IStage(GPTStage):
     block 0's position table before block 0 runs, so its blocks stay in FSDP's root unit."""
     name = "text-to-image GPT"
     flags = {**GPTStage.flags,
-             "text": (None, str, "FEATURES_DIR|T5_CONFIG: condition on captions (--data: codes "
-                      "with captions.json), as frozen features from `codes.py features` or "
-                      f"through a T5 trained along ({', '.join(T5_CONFIGS)})"),
-             "caption_len": (None, int, "with a T5 config: caption tokens N (default 120, the "
+             "text": (None, str, "FEATURES_DIR|T5_CONFIG|stream: condition on captions (--data: "
+                      "codes with captions.json), as frozen features from `codes.py features`, "
+                      f"through a T5 trained along ({', '.join(T5_CONFIGS)}), or as DALL-E's one "
+                      "stream, the caption's tokens first in the GPT's own sequence"),
+             "caption_len": (None, int, "with a T5 or stream: caption tokens N (default 120, the "
                              "paper's); longer captions are cut, </s> kept")}
 
     def build(self, recipe, items, over, resumed):  # a resumed run keeps its text side
-        make = t2i.joint_gpt if recipe.text in T5_CONFIGS else t2i.frozen_gpt
+        make = t2i.joint_gpt if recipe.text in TRAINED_ALONG else t2i.frozen_gpt
         was = resumed["meta"].get("text") if resumed else None
         self.config, self.model, self.dataset, text = make(recipe, items, over, was)
         self.meta = {**items.receipt.to_dict(), "text": text}
@@ -399,8 +402,9 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
           **dict.fromkeys(("epochs", "lr"), POSITIVE),
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
           "caption_len": at_least(2)}  # a word and </s>
-ONLY_WITH = [("caption_len", f"a text encoder trained along (--text {'/'.join(T5_CONFIGS)}); "
-              "frozen features keep their own length", lambda r: r.text in T5_CONFIGS)]
+ONLY_WITH = [("caption_len", "a text encoder trained along or DALL-E's stream (--text "
+              f"{'/'.join(TRAINED_ALONG)}); frozen features keep their own length",
+              lambda r: r.text in TRAINED_ALONG)]
 
 
 def lr_at(step, r, total):

@@ -412,7 +412,7 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
     for flags, message in (
             (["--class", 1, "--prompt", "a star"], "--class is for class-conditional GPTs"),
             (["--class", 1], "is text-conditional: give --prompt"),
-            (["--prompt", "a star", "--t5", tmp_path], "carries its own text encoder"),
+            (["--prompt", "a star", "--t5", tmp_path], "learned its own text side"),
             (["--t5", tmp_path], "--t5 only applies with --prompt"),
             (["--prompt", "a star", "--per-class", 2], "--per-class is for class")):
         code, _, err = run_cli(sample.main, base + flags + ["--out", tmp_path / "r.png"], capsys)
