@@ -1,14 +1,14 @@
 """Text-to-image (paper 3.3): captions in, the GPT's caption prefix out, for training and sampling.
 
 A text-conditional GPT is the class GPT with a prefix of N caption features in place of its one
-class token. Two ways to make those features:
+class token. Two ways to make those features, and DALL-E's way without them:
   --text FEATURES_DIR  frozen features, computed once by `codes.py features` (FLAN-T5-XL for the
       paper), LlamaGen's recipe: an encoder trained on a web corpus knows far more language than
       any caption set teaches, costs nothing to train, and its outputs are stored like the codes.
-  --text t5-nano       a small T5 learnt together with the GPT from the captions (JointT2I), as
-      DALL-E learns its text embeddings. Right for a small closed world such as scenes.py's,
-      whose captions cover their language completely; at scale the GPT would have to learn
-      language from short captions alone.
+  --text t5-nano       a small T5 learnt together with the GPT from the captions (JointT2I).
+  --text stream        the caption's own tokens first in the GPT's sequence (StreamT2I, DALL-E).
+      These two learn their language from the captions alone, as DALL-E its text embeddings:
+      right for a small closed world such as scenes.py's, whose captions cover it, not at scale.
 train.py's T2IStage builds its GPT by joint_gpt or frozen_gpt (--init-from: init_from, which
 also starts a text GPT from a class GPT); sample.py draws prompts through PromptCondition.
 """
@@ -21,7 +21,7 @@ import torch.nn as nn
 import codes
 from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
                     unwrap_state_dict, weights_file)
-from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption, next_token_loss
+from model import GPT, RUNTIME_BUFFERS, gpt_config, next_token_loss
 from scenes import VOCABULARY
 from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
 
@@ -33,6 +33,16 @@ def caption_vocabulary(texts):
     seen = {w for t in texts for c in ([t] if isinstance(t, str) else t)
             for w in clean_caption(c).split()}
     return list(VOCABULARY) + sorted(seen - set(VOCABULARY))
+
+
+def left_pad_caption(features, mask):
+    """A right-padded text-encoder output (T5's) -> the left-padded prefix: features (B, N, d) and
+    mask (B, N), valid tokens moved to the end in order, pads zeroed, mask bool (sample_t2i.py).
+    Why the left: the prefix's LAST position predicts code 0, and must be a token that has seen
+    the whole caption; a pad there sees only itself."""
+    mask, order = torch.sort(mask.bool().long(), dim=1, stable=True)  # pads first, order kept
+    features = features.gather(1, order[..., None].expand_as(features))
+    return features * mask[..., None].to(features.dtype), mask.bool()
 
 
 class CaptionedCodes(torch.utils.data.Dataset):
@@ -97,14 +107,13 @@ class JointT2I(GPT):
 
 # ------------------------------------------------------------------------------ DALL-E's one stream
 # DALL-E (Ramesh et al. 2021) has no text encoder and no prefix: the caption's tokens are the
-# first N positions of the GPT's own sequence, then the image's, one causal stream, and the GPT
-# learns to predict both. Padding is no mask but a token, its own per slot, so every position
-# is a real input and attention stays plain causal. DALL-E had no classifier-free guidance; here
-# the null caption is all padding, swapped in for whole captions as LlamaGen drops its prefix.
+# first N positions of the GPT's own sequence, one causal stream with the image's, and the GPT
+# learns to predict both. A pad is no mask but a token, its own per slot: every position is a
+# real input and attention stays plain causal. DALL-E had no classifier-free guidance; the null
+# caption here is all pads, swapped in for whole captions as LlamaGen drops its prefix.
 class StreamCaption(nn.Module):
-    """The caption's side of the stream, ids (B, N) -> (B, N, dim): a table of the words and of
-    one padding token per slot (slot i's is n_words + i), plus a learned position per slot (as
-    DALL-E's text), and `head`, the text positions' next-token prediction."""
+    """The stream's caption side: ids (B, N) -> the table's rows (the words, then slot i's pad at
+    n_words + i) plus a learned position per slot, as DALL-E's; `head` predicts the next id."""
 
     def __init__(self, n_words, n, dim):
         super().__init__()
@@ -156,11 +165,11 @@ class StreamT2I(GPT):
         return logits, (text + 7 * next_token_loss(logits, targets, valid)) / 8
 
     def _check_condition(self, cond, cond_mask):
-        if cond.dim() != 2 or cond.shape[1] != self.config.cls_token_num or \
-                cond.is_floating_point() or cond_mask is not None:
-            raise UserError(f"this GPT is DALL-E's one stream: pass caption ids (B, "
-                            f"{self.config.cls_token_num}) with their pads (t2i.stream_ids) and "
-                            f"no mask, not a {tuple(cond.shape)} {cond.dtype} tensor")
+        n, bad = self.config.cls_token_num, cond.is_floating_point() or cond_mask is not None
+        if bad or cond.dim() != 2 or cond.shape[1] != n:
+            raise UserError(f"this GPT is DALL-E's one stream: pass caption ids (B, {n}) with "
+                            f"their pads (t2i.stream_ids), no mask, not a {tuple(cond.shape)} "
+                            f"{cond.dtype} tensor")
 
 
 def joint_gpt(recipe, items, over, was):
@@ -251,13 +260,11 @@ def init_from(model, meta, path, receipt, name):
 
 def condition_of(meta):
     """What a GPT's condition means, from its checkpoint's meta: its class names, or its text side
-    (a jointly-trained T5's words and shape, or the frozen encoder's receipt)."""
+    (the words and shapes of one trained along, a frozen encoder's receipt; not where it lies)."""
     text = meta.get("text")
     if text is None:
         return "class", list(meta.get("classes") or []), meta.get("num_classes")
-    if text.get("kind") in ("joint", "stream"):
-        return text["kind"], text["words"], text["length"], text.get("config")
-    return "frozen", text["receipt"], text["length"], text["width"]
+    return {k: v for k, v in text.items() if k != "features"}
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -305,16 +312,6 @@ class PromptCondition:
         return features.to(indices.device), mask.to(indices.device)
 
 
-class StreamCondition(PromptCondition):
-    """PromptCondition for a StreamT2I: (caption ids [B, N], pads per slot, None); its encoder is
-    the tokenizer of the GPT's words, since the stream GPT embeds its captions itself."""
-
-    def __call__(self, indices):
-        texts = [clean_caption(self.prompts[int(i)]) for i in indices]
-        ids, mask = self.encoder(texts, self.length)
-        return stream_ids(ids, mask, len(self.encoder)).to(indices.device), None
-
-
 def joint_text_encoder(gpt_path, info, device, dtype):
     """The T5 and words a GPT was trained with (--text t5-nano), rebuilt from its checkpoint: the
     config and words from meta["text"] (`info`), the weights under text_encoder.*."""
@@ -331,12 +328,17 @@ def joint_text_encoder(gpt_path, info, device, dtype):
 
 
 def joint_condition(gpt, gpt_path, prompts, device, dtype=torch.float32):
-    """The PromptCondition of `prompts` for a GPT trained with its own T5 (or a StreamT2I's
-    StreamCondition): what the demo's benchmark and bench.py draw from, without sample.py."""
+    """The PromptCondition of `prompts` for a GPT trained with its own T5, or for a StreamT2I
+    the same mapping to (caption ids, no mask): what the demo's benchmark and bench.py draw from."""
     info, n = gpt.meta["text"], gpt.config.cls_token_num
-    if info["kind"] == "stream":
-        return StreamCondition(prompts, UnigramTokenizer.from_words(info["words"]), n)
-    return PromptCondition(prompts, joint_text_encoder(gpt_path, info, device, dtype), n)
+    if info["kind"] != "stream":
+        return PromptCondition(prompts, joint_text_encoder(gpt_path, info, device, dtype), n)
+    tokenizer = UnigramTokenizer.from_words(info["words"])  # the stream GPT embeds them itself
+
+    def condition(indices):
+        ids, mask = tokenizer([clean_caption(prompts[int(i)]) for i in indices], n)
+        return stream_ids(ids, mask, len(tokenizer)).to(indices.device), None
+    return condition
 
 
 def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):

@@ -34,7 +34,7 @@ import t2i
 from common import (DTYPES, FRACTION, POSITIVE, UserError, at_least, check_flags, check_weights,
                     cli, first_line, load_checkpoint, os_error_line, progress, rank_world,
                     resolve_precision, save_atomic, setup_device)
-from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
+from model import GPT, GPT_CONFIGS, gpt_config
 from text import T5_CONFIGS
 
 TRAINED_ALONG = (*T5_CONFIGS, "stream")  # --text values whose text side trains with the GPT
@@ -138,7 +138,7 @@ class GPTStage(Stage):
     def loss(self, model, batch, step):  # teacher forcing: each code from those before it
         seq, cond, mask, valid = (*batch, None, None)[:4]
         if cond.is_floating_point():  # frozen caption features come right-padded (T5's layout);
-            cond, mask = left_pad_caption(cond, mask)  # JointT2I pads its T5's output itself
+            cond, mask = t2i.left_pad_caption(cond, mask)  # JointT2I pads its T5's output itself
         return model(seq, cond, targets=seq, cond_mask=mask, valid=valid)[1], {}
 
     def val_metric(self, model, batch):

@@ -206,7 +206,7 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
     b = torch.utils.data.default_collate([stage.dataset[i] for i in (0, 5, 9)])
     feats, m = text.TextEncoder(text.UnigramTokenizer.from_words(vocab), model.text_encoder
                                 ).encode_captions([captions[i] for i in (0, 5, 9)], 16)
-    from model import left_pad_caption
+    from t2i import left_pad_caption
     f2, m2 = left_pad_caption(feats, m)
     want = GPT.forward(model, b[0], f2, targets=b[0], cond_mask=m2)[1]
     assert model(b[0], b[1], targets=b[0], cond_mask=b[2], valid=b[3])[1].item() == \
