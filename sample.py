@@ -475,7 +475,7 @@ def get_args(argv=None):
     a("--prompts", metavar="FILE", help="captions, one per line; with --num-samples sample i draws "
       "line i (cycling), as FID-30k draws the COCO captions")
     a("--t5", metavar="FOLDER", help="the T5 folder whose features the GPT reads (google/flan-t5-xl"
-      " for the official t2i files); not for GPTs trained with their own (--text t5-nano)")
+      " for the official t2i files); not for GPTs trained with their own (--text t5-nano, stream)")
     a("--candidates", type=int, metavar="N", help="re-rank by CLIP (DALL-E 2.5): draw N per "
       "picture kept and keep the best by CLIP against the prompt or \"a <class name>\"")
     a("--keep", type=int, metavar="K", help="with --candidates: the best K per row, best first "

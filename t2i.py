@@ -173,10 +173,9 @@ class StreamT2I(GPT):
 
 
 def joint_gpt(recipe, items, over, was):
-    """--text <T5 config>: a GPT and a T5 of that config trained together (--text stream: the
-    StreamT2I alone), its tokenizer's words from the captions -> (config, model, CaptionedCodes,
-    the text side for the checkpoint's meta). `was`: a resumed run's text side, whose words and N
-    it keeps (ids keep their meaning)."""
+    """--text <T5 config>: a GPT and a T5 of that config trained together (stream: StreamT2I),
+    the tokenizer's words from the captions -> (config, model, CaptionedCodes, the text side for
+    the checkpoint's meta); `was`: a resumed run's text side, whose words and N it keeps."""
     texts = codes.read_captions(recipe.data)[0]  # per item a caption, or a list to draw from
     if len(texts) != len(items):
         raise UserError(f"{recipe.data}: {len(texts)} captions for {len(items)} images; "
@@ -199,8 +198,7 @@ def joint_gpt(recipe, items, over, was):
     if recipe.dropout is not None:  # --dropout 0 switches every dropout off, T5's too
         t5["dropout_rate"] = recipe.dropout
     text_config = t5_config(recipe.text, **t5)
-    config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length,
-                        **over)
+    config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length, **over)
     return config, JointT2I(config, text_config), data, dict(
         kind="joint", encoder=recipe.text, length=length, words=words,
         config=dataclasses.asdict(text_config))

@@ -36,8 +36,6 @@ from common import (DTYPES, FRACTION, POSITIVE, UserError, at_least, check_flags
                     resolve_precision, save_atomic, setup_device)
 from model import GPT, GPT_CONFIGS, gpt_config
 from text import T5_CONFIGS
-
-TRAINED_ALONG = (*T5_CONFIGS, "stream")  # --text values whose text side trains with the GPT
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
 
@@ -158,7 +156,7 @@ class T2IStage(GPTStage):
                              "paper's); longer captions are cut, </s> kept")}
 
     def build(self, recipe, items, over, resumed):  # a resumed run keeps its text side
-        make = t2i.joint_gpt if recipe.text in TRAINED_ALONG else t2i.frozen_gpt
+        make = t2i.joint_gpt if recipe.text in (*T5_CONFIGS, "stream") else t2i.frozen_gpt
         was = resumed["meta"].get("text") if resumed else None
         self.config, self.model, self.dataset, text = make(recipe, items, over, was)
         self.meta = {**items.receipt.to_dict(), "text": text}
@@ -403,8 +401,8 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
           "caption_len": at_least(2)}  # a word and </s>
 ONLY_WITH = [("caption_len", "a text encoder trained along or DALL-E's stream (--text "
-              f"{'/'.join(TRAINED_ALONG)}); frozen features keep their own length",
-              lambda r: r.text in TRAINED_ALONG)]
+              f"{'/'.join(T5_CONFIGS)}/stream); frozen features keep their own length",
+              lambda r: r.text in (*T5_CONFIGS, "stream"))]
 
 
 def lr_at(step, r, total):
