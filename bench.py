@@ -28,7 +28,7 @@ import t2i
 import common
 from common import (UserError, at_least, check_flags, cli, first_line, load_weights, pick_device,
                     resolve_precision)
-from model import GPT, GPT_CONFIGS, GPTConfig, gpt_config, left_pad_caption
+from model import GPT, GPT_CONFIGS, GPTConfig, gpt_config
 from text import T5Encoder, UnigramTokenizer, t5_config, write_safetensors
 from tokenizer import VQModel, psnr, ssim, vq_config
 from train import configure_optimizers
@@ -84,7 +84,7 @@ def sampling_rows(args, models, cfg, compile_too=False):
             cond, mask = torch.arange(batch, device=args.device) * 97 % 1000, None  # varied classes
             if model.config.caption_dim:  # a prefix of N in the KV cache: a step attends N + t keys
                 valid = torch.arange(120) >= 100  # 20 valid tokens, right-padded -> left
-                cond, mask = [t.to(args.device) for t in left_pad_caption(
+                cond, mask = [t.to(args.device) for t in t2i.left_pad_caption(
                     torch.randn(batch, 120, 2048) * valid[:, None], valid.expand(batch, -1))]
             try:  # torch.compile needs a working C++/Triton toolchain
                 sec = timed(lambda: decoding.generate(model, cond, cfg_scale=cfg, cond_mask=mask),

@@ -206,16 +206,6 @@ def prefix_mask(key_ok, pos, T):
     return (key_ok[:, None, None, :pos + T] & (k <= q)) | (k == q)
 
 
-def left_pad_caption(features, mask):
-    """A right-padded text-encoder output (T5's) -> the left-padded prefix: features (B, N, d) and
-    mask (B, N), valid tokens moved to the end in order, pads zeroed, mask bool (sample_t2i.py).
-    Why the left: the prefix's LAST position predicts code 0, and must be a token that has seen
-    the whole caption; a pad there sees only itself."""
-    mask, order = torch.sort(mask.bool().long(), dim=1, stable=True)  # pads first, order kept
-    features = features.gather(1, order[..., None].expand_as(features))
-    return features * mask[..., None].to(features.dtype), mask.bool()
-
-
 @dataclass
 class GPTConfig:
     """The official ModelArgs fields that shape a model."""
@@ -232,6 +222,7 @@ class GPTConfig:
     num_classes: int = 1000  # class condition only
     caption_dim: int = 0  # 0: a class condition; > 0: caption features of this width
     cls_token_num: int = 1  # N, the length of the condition prefix: 1 for a class, 120 officially
+    stream_words: int = 0  # > 0: DALL-E's one stream of N caption tokens (t2i.StreamT2I)
     class_dropout_prob: float = 0.1
     token_dropout_p: float = 0.1
     attn_dropout_p: float = 0.0
@@ -249,8 +240,8 @@ class GPTConfig:
                            "(2D RoPE splits it in row and column halves of pairs)"),
             (self.n_head % (self.n_kv_head or self.n_head), "n_head is no multiple of n_kv_head"),
             (self.caption_dim < 0, f"caption_dim {self.caption_dim} is negative"),
-            (self.caption_dim == 0 and self.cls_token_num != 1, "a class condition is a prefix of "
-             "exactly one token (cls_token_num 1; set caption_dim for a caption prefix)"),
+            (self.cls_token_num != 1 and not (self.caption_dim or self.stream_words), "a class "
+             "condition is a prefix of exactly one token (cls_token_num 1), unless caption_dim"),
             (self.cls_token_num < 1, "the condition prefix needs at least one token")]
         for bad, why in problems:
             if bad:
@@ -265,6 +256,8 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
+    stream = False  # t2i.StreamT2I: DALL-E's one stream
+
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
@@ -291,24 +284,23 @@ class GPT(nn.Module):
         """[prefix ; idx[:, :-1]] -> T float32 logits (t predicting idx[:, t]) and the cross-entropy
         (weighted per sample by valid, as the official t2i trainer). cond: labels (B,) or caption
         features (B, N, caption_dim) left padded as cond_mask (B, N) says (None: no padding)."""
+        logits = self.output(self.hidden(idx, cond, cond_mask)[:, self.config.cls_token_num - 1:])
+        logits = logits.float()  # the prefix's last position predicts code 0
+        return logits, None if targets is None else next_token_loss(logits, targets, valid)
+
+    def hidden(self, idx, cond, cond_mask=None):
+        """The final norm's output (B, N + T - 1, dim) at each position of [prefix ; codes]."""
         self._check_condition(cond, cond_mask)
-        n, T = self.config.cls_token_num, idx.shape[1]
-        assert T <= self.config.block_size, f"{T} codes, but block_size is {self.config.block_size}"
+        L = self.config.block_size
+        assert idx.shape[1] <= L, f"{idx.shape[1]} codes, but block_size is {L}"
         x = torch.cat([self.cls_embedding(cond), self.tok_embeddings(idx[:, :-1])], dim=1)
         x = self.tok_dropout(x)
         rope = self.rope_table(x.device)[: x.shape[1]]
         mask = None if cond_mask is None else prefix_mask(  # causal unless a caption has padding
-            F.pad(cond_mask.bool(), (0, x.shape[1] - n), value=True), 0, x.shape[1])
+            F.pad(cond_mask.bool(), (0, idx.shape[1] - 1), value=True), 0, x.shape[1])
         for layer in self.layers:
             x = layer(x, rope, 0, mask)
-        logits = self.output(self.norm(x[:, n - 1:])).float()  # the prefix's last predicts code 0
-        if targets is None:
-            return logits, None
-        if valid is None:
-            return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        weight = valid.to(ce.dtype)[:, None].expand_as(targets).flatten()
-        return logits, (ce * weight).sum() / weight.sum().clamp(min=1)
+        return self.norm(x)
 
     def rope_table(self, device):  # moved to the device once
         if self.freqs_cis.device != device:
@@ -316,17 +308,17 @@ class GPT(nn.Module):
         return self.freqs_cis
 
     def _check_condition(self, cond, cond_mask):
-        cfg, want = self.config, (cond.shape[0], self.config.cls_token_num, self.config.caption_dim)
-        if not cfg.caption_dim:
-            if cond.dim() != 1 or cond.is_floating_point() or cond_mask is not None:
-                raise UserError(f"this GPT is class-conditional: pass class labels (B,) as "
-                                f"integers and no caption mask, not a {tuple(cond.shape)} tensor")
-        elif tuple(cond.shape) != want or not cond.is_floating_point():
-            raise UserError(f"this GPT is text-conditional: pass caption features of shape {want} "
-                            f"(left padded to N = {cfg.cls_token_num} tokens), not a "
+        n, d = self.config.cls_token_num, self.config.caption_dim
+        if not d and (cond.dim() != 1 or cond.is_floating_point() or cond_mask is not None):
+            raise UserError(f"this GPT is class-conditional: pass class labels (B,) as integers "
+                            f"and no caption mask, not a {tuple(cond.shape)} tensor")
+        if d and (tuple(cond.shape) != (len(cond), n, d) or not cond.is_floating_point()):
+            raise UserError(f"this GPT is text-conditional: pass caption features of shape "
+                            f"{(len(cond), n, d)} (left padded to N = {n} tokens), not a "
                             f"{tuple(cond.shape)} {cond.dtype} tensor")
-        elif cond_mask is not None and tuple(cond_mask.shape) != want[:2]:
-            raise UserError(f"caption mask of shape {tuple(cond_mask.shape)}, expected {want[:2]}")
+        if d and cond_mask is not None and tuple(cond_mask.shape) != (len(cond), n):
+            raise UserError(f"caption mask of shape {tuple(cond_mask.shape)}, expected "
+                            f"{(len(cond), n)}")
 
     def sampling_prefix(self, cond, cond_mask, cfg_scale, length):
         """A sampler's checked condition rows, [cond ; uncond] under guidance, and key_ok: None, or
@@ -335,11 +327,10 @@ class GPT(nn.Module):
         rows = torch.cat([cond, self.cls_embedding.null(cond)]) if cfg_scale != 1.0 else cond
         if cond_mask is None:  # no mask at all unless a caption has padding
             return rows, None
-        cond_mask = cond_mask.bool()
-        if not (cond_mask[:, 1:] >= cond_mask[:, :-1]).all():
+        key_ok = F.pad(cond_mask.bool(), (0, length - cond_mask.shape[1]), value=True)
+        if not (key_ok[:, 1:] >= key_ok[:, :-1]).all():
             raise UserError("caption mask is not left padded (valid tokens last); convert a "
                             "text encoder's right-padded output with left_pad_caption")
-        key_ok = F.pad(cond_mask, (0, length - cond_mask.shape[1]), value=True)
         return rows, key_ok.repeat(len(rows) // len(cond), 1)
 
     def forward_cached(self, x, pos, mask=None):
@@ -390,18 +381,20 @@ class GPT(nn.Module):
         return codes
 
     @classmethod
-    def from_pretrained(cls, path, block_size=None, **overrides):
-        """Ours or the official c2i_*.pt and t2i_*.pt (any container) -> model in eval mode on the
-        CPU. An official file has no config: its shapes tell it, but for block_size (else 256)."""
-        ckpt = load_checkpoint(path)
+    def from_pretrained(cls, path, block_size=None, ckpt=None, **overrides):
+        """Ours or the official c2i_*.pt, t2i_*.pt (any container; ckpt: its contents, if read) ->
+        model in eval mode on the CPU; an official file's shapes tell its config, not block_size."""
+        ckpt = load_checkpoint(path) if ckpt is None else ckpt
         if ckpt.get("kind", "gpt") != "gpt":
-            raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a GPT; "
-                            "pass a GPT checkpoint")
+            raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a GPT; pass a GPT one")
         sd = unwrap_state_dict(ckpt)
         found = config_from_state_dict(sd, overrides.get("n_head"))
         saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         if set(saved) - {f.name for f in fields(GPTConfig)}:
             raise UserError(f"{path} was made by an older version; train again")
+        if bool(saved.get("stream_words")) != cls.stream:
+            kind, fix = ("a prefix", "GPT") if cls.stream else ("a DALL-E stream", "t2i.StreamT2I")
+            raise UserError(f"{path} is {kind} GPT; load it with {fix}.from_pretrained")
         given = {} if block_size is None else {"block_size": block_size}
         model = cls(GPTConfig(**{**(saved or found), **given, **overrides}))
         name = next((k for k, v in GPT_CONFIGS.items()
@@ -428,6 +421,14 @@ class GPT(nn.Module):
         peaks = {"A100": 312e12, "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}  # dense
         peak = next((v for k, v in peaks.items() if k in gpu), None)
         return peak and self.flops_per_token() * tokens_per_second / peak
+
+
+def next_token_loss(logits, targets, valid=None):
+    """The mean cross-entropy of logits (B, T, V) for targets (B, T), each sample's tokens weighted
+    by valid (B,) if given (the official t2i trainer's flag: 0 for an image it could not read)."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    weight = torch.ones_like(ce) if valid is None else valid.to(ce.dtype)[:, None].expand_as(ce)
+    return (ce * weight).sum() / weight.sum().clamp(min=1)
 
 
 def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0):

@@ -36,9 +36,9 @@ import decoding
 import t2i
 from codes import CodesReceipt, encoder_checksum
 from common import (SEED, UserError, at_least, between, check_flags, check_writable, cli,
-                    from_uint8, json_checksum, make_grid, progress, rank_world, read_json,
-                    resolve_precision, save_atomic, save_grid, say, setup_device, to_uint8,
-                    weights_checksum, weights_file)
+                    from_uint8, json_checksum, load_checkpoint, make_grid, progress, rank_world,
+                    read_json, resolve_precision, save_atomic, save_grid, say, setup_device,
+                    to_uint8, weights_checksum, weights_file)
 from data import check_image_size
 from model import GPT
 from text import read_lines
@@ -176,8 +176,9 @@ def resume_stamp(args, parts, rank, gpt, vq, condition):
     reranker = getattr(args, "reranker", None)
     stamp = {**{k: getattr(args, k) for k in PIXEL_FLAGS}, "gpt_ckpt": weights_checksum(gpt),
              "vq_ckpt": tokenizer_checksum(vq), "prompts": json_checksum(args.prompt_list or []),
-             "t5": condition and encoder_checksum(condition.encoder), "clip": reranker and
-             json_checksum([weights_checksum(reranker), reranker.tokenizer.encoder])}
+             "t5": hasattr(condition, "encoder") and encoder_checksum(condition.encoder),
+             "clip": reranker and json_checksum([weights_checksum(reranker),
+                                                  reranker.tokenizer.encoder])}
     path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
         old = read_json(path, f"the samples in {parts} cannot be matched to these settings; "
@@ -350,7 +351,9 @@ def load_gpt(path, image_size, downsample):
     # the image size a file's name states: "c2i_L_384.pt" yes, "run2560.pt" no; the last wins
     sizes = re.findall(r"(?<!\d)(256|384|512)(?!\d)", os.path.basename(path))
     named = image_size or (int(sizes[-1]) if sizes else None)
-    gpt = GPT.from_pretrained(path, block_size=(named // downsample) ** 2 if named else None)
+    ckpt = load_checkpoint(path)  # read once; --text stream's are a t2i.StreamT2I
+    cls = t2i.StreamT2I if (ckpt.get("config") or {}).get("stream_words") else GPT
+    gpt = cls.from_pretrained(path, (named // downsample) ** 2 if named else None, ckpt)
     receipt = CodesReceipt.from_dict(gpt.meta, path) if gpt.meta else None
     if image_size is None:
         if receipt:
@@ -364,7 +367,7 @@ def load_gpt(path, image_size, downsample):
                             "config inside, no _256/_384/_512 in its name): pass --image-size (256 "
                             "or 384 for the official c2i files), or rename it like c2i_B_256.pt")
         if h * w != gpt.config.block_size:  # one of ours named _256: a second load
-            gpt = GPT.from_pretrained(path, block_size=h * w)
+            gpt = cls.from_pretrained(path, h * w, ckpt)
     return gpt, receipt
 
 
@@ -476,7 +479,7 @@ def get_args(argv=None):
     a("--prompts", metavar="FILE", help="captions, one per line, none blank; with --num-samples "
       "sample i draws line i (cycling), as FID-30k draws the COCO captions")
     a("--t5", metavar="FOLDER", help="the T5 folder whose features the GPT reads (google/flan-t5-xl"
-      " for the official t2i files); not for GPTs trained with their own (--text t5-nano)")
+      " for the official t2i files); not for GPTs trained with their own (--text t5-nano, stream)")
     a("--candidates", type=int, metavar="N", help="re-rank by CLIP (DALL-E 2.5): draw N per "
       "picture kept and keep the best by CLIP against the prompt or \"a <class name>\"")
     a("--keep", type=int, metavar="K", help="with --candidates: the best K per row, best first "

@@ -1,14 +1,14 @@
 """Text-to-image (paper 3.3): captions in, the GPT's caption prefix out, for training and sampling.
 
 A text-conditional GPT is the class GPT with a prefix of N caption features in place of its one
-class token. Two ways to make those features:
+class token. Two ways to make those features, and DALL-E's way without them:
   --text FEATURES_DIR  frozen features, computed once by `codes.py features` (FLAN-T5-XL for the
       paper), LlamaGen's recipe: an encoder trained on a web corpus knows far more language than
       any caption set teaches, costs nothing to train, and its outputs are stored like the codes.
-  --text t5-nano       a small T5 learnt together with the GPT from the captions (JointT2I), as
-      DALL-E learns its text embeddings. Right for a small closed world such as scenes.py's,
-      whose captions cover their language completely; at scale the GPT would have to learn
-      language from short captions alone.
+  --text t5-nano       a small T5 learnt together with the GPT from the captions (JointT2I).
+  --text stream        the caption's own tokens first in the GPT's sequence (StreamT2I, DALL-E).
+      These two learn their language from the captions alone, as DALL-E its text embeddings:
+      right for a small closed world such as scenes.py's, whose captions cover it, not at scale.
 train.py's T2IStage builds its GPT by joint_gpt or frozen_gpt (--init-from: init_from, which
 also starts a text GPT from a class GPT); sample.py draws prompts through PromptCondition.
 """
@@ -16,11 +16,12 @@ import dataclasses
 import os
 
 import torch
+import torch.nn as nn
 
 import codes
 from common import (UserError, check_weights, is_rank0, load_checkpoint, load_weights, say,
                     json_checksum, stored, unwrap_state_dict, weights_file)
-from model import GPT, RUNTIME_BUFFERS, gpt_config, left_pad_caption
+from model import GPT, RUNTIME_BUFFERS, gpt_config, next_token_loss
 from scenes import VOCABULARY
 from text import T5Config, T5Encoder, TextEncoder, UnigramTokenizer, clean_caption, t5_config
 
@@ -32,6 +33,16 @@ def caption_vocabulary(texts):
     seen = {w for t in texts for c in ([t] if isinstance(t, str) else t)
             for w in clean_caption(c).split()}
     return list(VOCABULARY) + sorted(seen - set(VOCABULARY))
+
+
+def left_pad_caption(features, mask):
+    """A right-padded text-encoder output (T5's) -> the left-padded prefix: features (B, N, d) and
+    mask (B, N), valid tokens moved to the end in order, pads zeroed, mask bool (sample_t2i.py).
+    Why the left: the prefix's LAST position predicts code 0, and must be a token that has seen
+    the whole caption; a pad there sees only itself."""
+    mask, order = torch.sort(mask.bool().long(), dim=1, stable=True)  # pads first, order kept
+    features = features.gather(1, order[..., None].expand_as(features))
+    return features * mask[..., None].to(features.dtype), mask.bool()
 
 
 class CaptionedCodes(torch.utils.data.Dataset):
@@ -94,15 +105,82 @@ class JointT2I(GPT):
         return GPT.flops_per_token(self) - 6 * t5 + 6 * t5 * per_code
 
 
+# ------------------------------------------------------------------------------ DALL-E's one stream
+# DALL-E (Ramesh et al. 2021) has no text encoder and no prefix: the caption's tokens are the
+# first N positions of the GPT's own sequence, one causal stream with the image's, and the GPT
+# learns to predict both. A pad is no mask but a token, its own per slot: every position is a
+# real input and attention stays plain causal. DALL-E had no classifier-free guidance; the null
+# caption here is all pads, swapped in for whole captions as LlamaGen drops its prefix.
+class StreamCaption(nn.Module):
+    """The stream's caption side: ids (B, N) -> the table's rows (the words, then slot i's pad at
+    n_words + i) plus a learned position per slot, as DALL-E's; `head` predicts the next id."""
+
+    def __init__(self, n_words, n, dim):
+        super().__init__()
+        self.n_words, self.embedding_table = n_words, nn.Embedding(n_words + n, dim)
+        self.position, self.head = nn.Embedding(n, dim), nn.Linear(dim, n_words + n, bias=False)
+        for m in (self.embedding_table, self.position, self.head):
+            nn.init.normal_(m.weight, std=0.02)  # GPT's init
+
+    def null(self, ids):  # the all-padding caption
+        return stream_ids(ids, torch.zeros_like(ids, dtype=torch.bool), self.n_words)
+
+    def forward(self, ids):
+        return self.embedding_table(ids) + self.position.weight
+
+
+def stream_ids(ids, mask, n_words):
+    """Right-padded caption ids (B, N) and mask -> the stream's ids: slot i's pad is n_words + i."""
+    return torch.where(mask, ids, n_words + torch.arange(ids.shape[1], device=ids.device))
+
+
+class StreamT2I(GPT):
+    """The stream GPT: GPT with StreamCaption for its condition, which is caption ids (B, N),
+    pads included (stream_ids), no mask; GPT.generate, its KV cache and decoding.py run as is."""
+    stream = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        n = config.cls_token_num
+        self.cls_embedding = StreamCaption(config.stream_words, n, config.dim)
+        # the identity rotation (cos 1, sin 0) at the text positions, not the prefix's zero rows:
+        # those make every text q.k zero, and a caption token could not tell where, nor which,
+        # the words before it are; its position comes from the learned table instead
+        self.freqs_cis[:n, :, 0] = 1.0
+
+    def forward(self, idx, ids, targets=None, cond_mask=None, valid=None):
+        """-> GPT.forward's (image logits, loss) for caption ids (B, N), right padded as cond_mask
+        says (None: already stream ids). The loss is DALL-E's (text + 7 * image) / 8, each the
+        mean over its own tokens; text positions 0..N-2 predict caption tokens 1..N-1."""
+        if cond_mask is not None:
+            ids = stream_ids(ids, cond_mask.bool(), self.config.stream_words)
+        if self.training and self.config.class_dropout_prob > 0:  # whole captions -> the null one
+            drop = torch.rand(len(ids), 1, device=ids.device) < self.config.class_dropout_prob
+            ids = torch.where(drop, self.cls_embedding.null(ids), ids)
+        x, n = self.hidden(idx, ids), self.config.cls_token_num
+        logits = self.output(x[:, n - 1:]).float()
+        if targets is None:
+            return logits, None
+        text = next_token_loss(self.cls_embedding.head(x[:, :n - 1]).float(), ids[:, 1:], valid)
+        return logits, (text + 7 * next_token_loss(logits, targets, valid)) / 8
+
+    def _check_condition(self, cond, cond_mask):
+        n, bad = self.config.cls_token_num, cond.is_floating_point() or cond_mask is not None
+        if bad or cond.dim() != 2 or cond.shape[1] != n:
+            raise UserError(f"this GPT is DALL-E's one stream: pass caption ids (B, {n}) with "
+                            f"their pads (t2i.stream_ids), no mask, not a {tuple(cond.shape)} "
+                            f"{cond.dtype} tensor")
+
+
 def joint_gpt(recipe, items, over, was):
-    """--text <T5 config>: a GPT and a T5 of that config trained together, its tokenizer's words
-    from the captions -> (config, JointT2I, CaptionedCodes, the text side for the checkpoint's
-    meta). `was`: a resumed run's text side, whose words and N it keeps (ids keep their meaning)."""
+    """--text <T5 config>: a GPT and a T5 of that config trained together (stream: StreamT2I),
+    the tokenizer's words from the captions -> (config, model, CaptionedCodes, the text side for
+    the checkpoint's meta); `was`: a resumed run's text side, whose words and N it keeps."""
     texts = codes.read_captions(recipe.data)[0]  # per item a caption, or a list to draw from
     if len(texts) != len(items):
         raise UserError(f"{recipe.data}: {len(texts)} captions for {len(items)} images; "
                         "extract the codes again")
-    if was is not None and (was.get("kind"), was.get("encoder")) != ("joint", recipe.text):
+    if was is not None and was.get("encoder") != recipe.text:
         raise UserError(f"the checkpoint's text encoder is {was.get('encoder')!r}, not "
                         f"--text {recipe.text}; resume with the --text it was trained with")
     words = stored(was, "words", "the checkpoint's text encoder") if was else \
@@ -112,15 +190,20 @@ def joint_gpt(recipe, items, over, was):
         raise UserError(f"--caption-len {length} differs from the checkpoint's {was['length']}; "
                         "a resumed run keeps it")
     tokenizer = UnigramTokenizer.from_words(words)
+    data = CaptionedCodes(items, texts, tokenizer, length)
+    if recipe.text == "stream":
+        config = gpt_config(recipe.model, stream_words=len(tokenizer), cls_token_num=length, **over)
+        return config, StreamT2I(config), data, dict(kind="stream", encoder="stream",
+                                                      length=length, words=words,
+                                                      words_checksum=json_checksum(words))
     t5 = dict(vocab_size=len(tokenizer))
     if recipe.dropout is not None:  # --dropout 0 switches every dropout off, T5's too
         t5["dropout_rate"] = recipe.dropout
     text_config = t5_config(recipe.text, **t5)
-    config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length,
-                        **over)
-    return (config, JointT2I(config, text_config), CaptionedCodes(items, texts, tokenizer, length),
-            dict(kind="joint", encoder=recipe.text, length=length, words=words,
-                 words_checksum=json_checksum(words), config=dataclasses.asdict(text_config)))
+    config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length, **over)
+    return config, JointT2I(config, text_config), data, dict(
+        kind="joint", encoder=recipe.text, length=length, words=words,
+        words_checksum=json_checksum(words), config=dataclasses.asdict(text_config))
 
 
 def frozen_gpt(recipe, items, over, was):
@@ -177,13 +260,11 @@ def init_from(model, meta, path, receipt, name):
 
 def condition_of(meta):
     """What a GPT's condition means, from its checkpoint's meta: its class names, or its text side
-    (a jointly-trained T5's words and shape, or the frozen encoder's receipt)."""
+    (the words and shapes of one trained along, a frozen encoder's receipt; not where it lies)."""
     text = meta.get("text")
     if text is None:
         return "class", list(meta.get("classes") or []), meta.get("num_classes")
-    if text.get("kind") == "joint":
-        return "joint", text["words"], text["length"], text["config"]
-    return "frozen", text["receipt"], text["length"], text["width"]
+    return {k: v for k, v in text.items() if k != "features"}
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -232,11 +313,19 @@ def joint_text_encoder(gpt_path, info, device, dtype):
     return TextEncoder(tokenizer, encoder, device, dtype)
 
 
-def joint_condition(gpt, gpt_path, prompts, device):
-    """The PromptCondition of `prompts` for a GPT trained with its own T5, in float32: what the
-    demo's benchmark and bench.py draw from, without sample.py's command line."""
-    encoder = joint_text_encoder(gpt_path, gpt.meta["text"], device, torch.float32)
-    return PromptCondition(prompts, encoder, gpt.config.cls_token_num)
+def joint_condition(gpt, gpt_path, prompts, device, dtype=torch.float32):
+    """The PromptCondition of `prompts` for a GPT trained with its own T5, or for a StreamT2I
+    the same mapping to (caption ids, no mask): what the demo's benchmark and bench.py draw from."""
+    info, n = gpt.meta["text"], gpt.config.cls_token_num
+    if info["kind"] != "stream":
+        return PromptCondition(prompts, joint_text_encoder(gpt_path, info, device, dtype), n)
+    # the stream GPT embeds the words itself
+    tokenizer = UnigramTokenizer.from_words(stored(info, "words", gpt_path))
+
+    def condition(indices):
+        ids, mask = tokenizer([clean_caption(prompts[int(i)]) for i in indices], n)
+        return stream_ids(ids, mask, len(tokenizer)).to(indices.device), None
+    return condition
 
 
 def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):
@@ -262,7 +351,7 @@ def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):
 def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
     """The PromptCondition of `prompts` (--t5: the frozen encoder's folder) for a text GPT; None
     for a class GPT. One line when the condition kinds disagree."""
-    if not gpt.config.caption_dim:
+    if not (gpt.config.caption_dim or gpt.stream):
         if prompts:
             raise UserError(f"the GPT {gpt_path} is class-conditional: draw it with --class, or "
                             "pass a text-to-image GPT for --prompt")
@@ -273,14 +362,17 @@ def text_condition(prompts, t5, gpt, gpt_path, device, dtype):
     info = gpt.meta.get("text")
     # FLAN-T5 overflows float16 (text.py); bf16 has float32's range, as LlamaGen runs it
     text_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-    if info and info.get("kind") == "joint":
+    if info and info.get("kind") in ("joint", "stream"):
         if t5 is not None:
-            raise UserError(f"the GPT {gpt_path} carries its own text encoder "
-                            f"({info.get('encoder')}, trained with it): drop --t5")
-        encoder = joint_text_encoder(gpt_path, info, device, text_dtype)
+            raise UserError(f"the GPT {gpt_path} learned its own text side (--text "
+                            f"{info.get('encoder')}): drop --t5")
+        condition = joint_condition(gpt, gpt_path, prompts, device, text_dtype)
+        tokenizer, clean = UnigramTokenizer.from_words(stored(info, "words", gpt_path)), True
     else:
         encoder = pretrained_text_encoder(t5, gpt, gpt_path, info, device, text_dtype)
-    if unknown := encoder.unknown_words(prompts):
+        condition = PromptCondition(prompts, encoder, gpt.config.cls_token_num)
+        tokenizer, clean = encoder.tokenizer, encoder.clean
+    if unknown := tokenizer.unknown_words(prompts, clean):
         say(f"warning: the text encoder reads {len(unknown)} word(s) of the prompts as <unk>, "
             "unknown to it: " + ", ".join(map(repr, unknown[:10])))
-    return PromptCondition(prompts, encoder, gpt.config.cls_token_num)
+    return condition

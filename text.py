@@ -387,6 +387,12 @@ class UnigramTokenizer:
     def __len__(self):
         return len(self.pieces)
 
+    def unknown_words(self, texts, clean=True):
+        """The words of `texts` read as <unk> (in part), once each: what the GPT cannot follow."""
+        words = dict.fromkeys(w for t in texts
+                              for w in nmt_nfkc(clean_caption(t) if clean else t).split())
+        return [w for w in words if self.unk_id in self.segment(METASPACE + w)]
+
     def segment(self, word):
         """Viterbi: the best cut of word[:i] extends the best of some word[:j] by a piece (or one
         unknown character); ties go to the longest piece, unknown runs merge, as sentencepiece's."""
@@ -603,12 +609,6 @@ class TextEncoder:
             raise UserError(f"the tokenizer of {folder} has {len(tok)} pieces, more than the "
                             f"{rows} rows of its encoder's embedding: they do not fit together")
         return cls(tok, t5, pick_device(device), dtype, clean)
-
-    def unknown_words(self, texts):
-        """The words of `texts` read as <unk> (in part), once each: what the GPT cannot follow."""
-        tok, clean = self.tokenizer, clean_caption if self.clean else str
-        words = dict.fromkeys(w for t in texts for w in nmt_nfkc(clean(t)).split())
-        return [w for w in words if tok.unk_id in tok.segment(METASPACE + w)]
 
     @torch.no_grad()
     def encode_captions(self, texts, length=120, batch_size=32):

@@ -34,7 +34,7 @@ import t2i
 from common import (DTYPES, FRACTION, POSITIVE, SEED, UserError, at_least, between, check_flags,
                     check_weights, cli, first_line, load_checkpoint, os_error_line, progress,
                     json_checksum, rank_world, resolve_precision, save_atomic, setup_device, stored)
-from model import GPT, GPT_CONFIGS, gpt_config, left_pad_caption
+from model import GPT, GPT_CONFIGS, gpt_config
 from text import T5_CONFIGS
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
@@ -128,7 +128,7 @@ class GPTStage(Stage):
 
     def build(self, recipe, items, over, resumed):
         """config, model, dataset, meta: the class GPT on the codes and their labels."""
-        if resumed and resumed["config"].get("caption_dim"):
+        if resumed and any(map(resumed["config"].get, ("caption_dim", "stream_words"))):
             raise UserError(f"{checkpoint_path(recipe.out_dir)} is a text-to-image GPT; resume it "
                             "with the --text it was trained with")
         self.config = gpt_config(recipe.model, num_classes=items.receipt.num_classes, **over)
@@ -137,7 +137,7 @@ class GPTStage(Stage):
     def loss(self, model, batch, step):  # teacher forcing: each code from those before it
         seq, cond, mask, valid = (*batch, None, None)[:4]
         if cond.is_floating_point():  # frozen caption features come right-padded (T5's layout);
-            cond, mask = left_pad_caption(cond, mask)  # JointT2I pads its T5's output itself
+            cond, mask = t2i.left_pad_caption(cond, mask)  # JointT2I pads its T5's output itself
         return model(seq, cond, targets=seq, cond_mask=mask, valid=valid)[1], {}
 
     def val_metric(self, model, batch):
@@ -149,14 +149,15 @@ class T2IStage(GPTStage):
     block 0's position table before block 0 runs, so its blocks stay in FSDP's root unit."""
     name = "text-to-image GPT"
     flags = {**GPTStage.flags,
-             "text": (None, str, "FEATURES_DIR|T5_CONFIG: condition on captions (--data: codes "
-                      "with captions.json), as frozen features from `codes.py features` or "
-                      f"through a T5 trained along ({', '.join(T5_CONFIGS)})"),
-             "caption_len": (None, int, "with a T5 config: caption tokens N (default 120, the "
+             "text": (None, str, "FEATURES_DIR|T5_CONFIG|stream: condition on captions (--data: "
+                      "codes with captions.json), as frozen features from `codes.py features`, "
+                      f"through a T5 trained along ({', '.join(T5_CONFIGS)}), or as DALL-E's one "
+                      "stream, the caption's tokens first in the GPT's own sequence"),
+             "caption_len": (None, int, "with a T5 or stream: caption tokens N (default 120, the "
                              "paper's); longer captions are cut, </s> kept")}
 
     def build(self, recipe, items, over, resumed):  # a resumed run keeps its text side
-        make = t2i.joint_gpt if recipe.text in T5_CONFIGS else t2i.frozen_gpt
+        make = t2i.joint_gpt if recipe.text in (*T5_CONFIGS, "stream") else t2i.frozen_gpt
         was = resumed["meta"].get("text") if resumed else None
         self.config, self.model, self.dataset, text = make(recipe, items, over, was)
         self.meta = {**items.receipt.to_dict(), "text": text}
@@ -410,8 +411,9 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
           **dict.fromkeys(("epochs", "lr"), POSITIVE),
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
           "caption_len": between(2, 1024), "seed": SEED, "image_size": between(1, 4096)}
-ONLY_WITH = [("caption_len", f"a text encoder trained along (--text {'/'.join(T5_CONFIGS)}); "
-              "frozen features keep their own length", lambda r: r.text in T5_CONFIGS)]
+ONLY_WITH = [("caption_len", "a text encoder trained along or DALL-E's stream (--text "
+              f"{'/'.join(T5_CONFIGS)}/stream); frozen features keep their own length",
+              lambda r: r.text in (*T5_CONFIGS, "stream"))]
 
 
 def lr_at(step, r, total):

@@ -16,7 +16,7 @@ import scenes
 from codes import CaptionFeatures, FeaturesReceipt
 from common import UserError, to_uint8
 from conftest import ENV, ROOT, PatchColours, run_cli
-from model import left_pad_caption
+from t2i import left_pad_caption
 from text import T5Encoder, TextEncoder, UnigramTokenizer, t5_config, write_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")

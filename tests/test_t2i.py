@@ -19,7 +19,8 @@ import torch
 
 import model as M
 from common import UserError, load_weights
-from model import GPT, GPTConfig, gpt_config, left_pad_caption, prefix_mask
+from model import GPT, GPTConfig, gpt_config, prefix_mask
+from t2i import left_pad_caption
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "data", "official_gpt_t2i_tiny.pt")
 

@@ -206,7 +206,7 @@ def test_caption_items_are_right_padded_token_ids(vq_world, monkeypatch):
     b = torch.utils.data.default_collate([stage.dataset[i] for i in (0, 5, 9)])
     feats, m = text.TextEncoder(text.UnigramTokenizer.from_words(vocab), model.text_encoder
                                 ).encode_captions([captions[i] for i in (0, 5, 9)], 16)
-    from model import left_pad_caption
+    from t2i import left_pad_caption
     f2, m2 = left_pad_caption(feats, m)
     want = GPT.forward(model, b[0], f2, targets=b[0], cond_mask=m2)[1]
     assert model(b[0], b[1], targets=b[0], cond_mask=b[2], valid=b[3])[1].item() == \
@@ -412,7 +412,7 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
     for flags, message in (
             (["--class", 1, "--prompt", "a star"], "--class is for class-conditional GPTs"),
             (["--class", 1], "is text-conditional: give --prompt"),
-            (["--prompt", "a star", "--t5", tmp_path], "carries its own text encoder"),
+            (["--prompt", "a star", "--t5", tmp_path], "learned its own text side"),
             (["--t5", tmp_path], "--t5 only applies with --prompt"),
             (["--prompt", "a star", "--per-class", 2], "--per-class is for class")):
         code, _, err = run_cli(sample.main, base + flags + ["--out", tmp_path / "r.png"], capsys)
