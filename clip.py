@@ -1,10 +1,8 @@
-"""CLIP (Radford et al. 2021): an image tower and a text tower trained so that a picture and its
-caption land on nearby points of one space. It re-ranks a generator's candidates (DALL-E 2.5: draw
-N, keep the K CLIP likes best) and scores text-image alignment (LlamaGen's t2i table). Contrastive
-pre-training (CLIP paper 2.3): row i of the N x N cosines of a batch's pairs (times a learned
-temperature) asks "which caption is image i's?", column j the same of caption j: a high cosine means
-this caption fits better than the others, what a t2i sampler leaves open. Weight names are Hugging
-Face's CLIPModel (modeling_clip.py): openai/clip-vit-* folders load unchanged."""
+"""CLIP (Radford et al. 2021): an image and a text tower trained so that a picture and its caption
+land on nearby points of one space, to re-rank a generator's candidates (DALL-E 2.5: draw N, keep
+the K CLIP likes best) and score text-image alignment (LlamaGen's t2i table). Contrastive training
+(CLIP paper 2.3): row i of a batch's N x N cosines asks "which caption is image i's?", column j the
+same of caption j. Weight names are Hugging Face's CLIPModel: openai/clip-vit-* folders load."""
 import argparse
 import gzip
 import html
@@ -31,8 +29,7 @@ from common import (UserError, at_least, attention, check_flags, cli, from_uint8
 
 # -------------------------------------------------------------------------------------- transformer
 class EncoderLayer(nn.Module):
-    """Pre-norm residual block of both towers: x + attn(LN(x)), then x + mlp(LN(x)); the attention
-    has biases on all four projections, and is causal in the text tower (GPT-2's design)."""
+    """Pre-norm block of both towers: x + attn(LN(x)), then x + mlp(LN(x)); causal for text."""
 
     def __init__(self, width, heads, hidden, quick, eps):
         super().__init__()
@@ -58,8 +55,7 @@ def encoder(layers, *args):
 
 
 class VisionTransformer(nn.Module):
-    """OpenAI's ViT (Dosovitskiy et al. 2021): patches projected (a conv, kernel = stride), a class
-    token in front, learned positions, pre_layrnorm; the class token's final state is the image."""
+    """OpenAI's ViT (Dosovitskiy et al. 2021): the class token's final state is the image's."""
 
     def __init__(self, c):
         super().__init__()
@@ -140,7 +136,7 @@ class CLIP(nn.Module):
 
     def forward(self, pixels, ids, return_embeddings=False):
         """exp(logit_scale) * cosines (B_img, B_txt), or the embeddings and logit_scale for the loss
-        (training calls forward, where DDP and FSDP do their bookkeeping)."""
+        (through forward: DDP and FSDP's bookkeeping)."""
         if return_embeddings:
             return self.encode_image(pixels), self.encode_text(ids), self.logit_scale
         image = F.normalize(self.encode_image(pixels), dim=-1)
@@ -149,8 +145,7 @@ class CLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path):
-        """A Hugging Face CLIP folder (or a file in it) or one of our checkpoints (its "meta" kept
-        as .meta), in eval mode."""
+        """A Hugging Face CLIP folder (or a file in it) or our checkpoint ("meta" kept as .meta)."""
         if os.path.basename(path) in HF_FILES:
             path = os.path.dirname(path) or "."
         if os.path.isdir(path):
@@ -214,8 +209,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def distributed_contrastive_loss(image_emb, text_emb, logit_scale):
-    """contrastive_loss over the global batch, every rank's embeddings gathered (in rank order):
-    equal, with gradients, to one process's."""
+    """contrastive_loss over the global batch, every rank's embeddings gathered in rank order."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         image_emb, text_emb = _GatherWithGrad.apply(image_emb), _GatherWithGrad.apply(text_emb)
@@ -269,8 +263,8 @@ WHITESPACE = r"[^\S\x1c-\x1f]"
 
 @lru_cache()
 def byte_to_unicode():
-    """Every byte -> one printable character (GPT-2's table; the first 256 ids in this order):
-    printable Latin-1 bytes stand for themselves, the other 68 take code points 256+."""
+    """Every byte -> one printable character (GPT-2's table): printable Latin-1 bytes themselves,
+    the other 68 code points 256+."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
             *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in keep]
@@ -299,8 +293,7 @@ FTFY.update({c: unicodedata.normalize("NFKC", chr(c)) for c in [
 
 
 def clean_text(text):
-    """OpenAI's cleaning: ftfy.fix_text (here NFC and the table above, not its mojibake repair),
-    HTML entities undone twice, whitespace runs -> one space, lower case."""
+    """OpenAI's cleaning: ftfy (NFC and FTFY), HTML entities undone twice, spaces, lower case."""
     text = html.unescape(html.unescape(unicodedata.normalize("NFC", text).translate(FTFY)))
     return re.sub(rf"{WHITESPACE}+", " ", text).strip(" ").lower()
 
@@ -313,6 +306,12 @@ def merge_pair(parts, first, second):
         merged.append(first + second if pair else parts[j])
         j += 2 if pair else 1
     return merged
+
+
+def vocabulary(merges):
+    """simple_tokenizer.py's symbols in id order: bytes, bytes + "</w>", merges, SOT, EOT (top)."""
+    symbols = list(byte_to_unicode().values())
+    return [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
 
 
 class Tokenizer:
@@ -349,24 +348,19 @@ class Tokenizer:
             raise UserError(f"CLIP tokenizer files in {folder!r} are unreadable ({e})") from None
         if not isinstance(encoder, dict) or not all(type(i) is int for i in encoder.values()):
             raise UserError(f"{files[0]}: not a JSON object of symbol -> id; give CLIP's")
-        symbols = list(byte_to_unicode().values())  # every byte, alone or ending a word, and merge
-        made = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
-        if lost := next((s for s in made if s not in encoder), None):
+        # every byte, alone or ending a word, each merge and the specials
+        if lost := next((s for s in vocabulary(merges) if s not in encoder), None):
             raise UserError(f"{files[1]}: the symbol {lost!r} (a byte, a special, or a merge's "
                             "result) is not in vocab.json; the two files do not belong together")
         return cls(encoder, merges)
 
     @classmethod
     def from_merges(cls, merges):
-        """simple_tokenizer.py's vocabulary: bytes, bytes + "</w>", merges, SOT, EOT (top id)."""
-        symbols = list(byte_to_unicode().values())
-        vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in merges), SOT, EOT]
-        return cls({s: i for i, s in enumerate(vocab)}, merges)
+        return cls({s: i for i, s in enumerate(vocabulary(merges))}, merges)
 
     @classmethod
     def from_words(cls, words):
-        """BPE learnt on a closed vocabulary such as scenes.VOCABULARY (merge the most frequent
-        pair, ties by spelling, until every word is one symbol): each word ONE token."""
+        """BPE learnt on a closed vocabulary (scenes.VOCABULARY) until each word is ONE token."""
         to_unicode, spelt = byte_to_unicode(), {}  # word -> its byte symbols, "</w>" on the last
         for caption in words:
             for word in word_pattern().findall(clean_text(caption)):
@@ -413,8 +407,8 @@ class Tokenizer:
         return raw.decode("utf-8", errors="replace").replace("\0", "").strip()
 
     def __call__(self, texts, context_length=77, truncate=True, pad_id=None):
-        """Texts -> LongTensor (B, context_length): SOT, ids, EOT, pad_id (HF's EOT by default;
-        OpenAI's 0); longer texts cut, EOT kept, unless truncate=False."""
+        """Texts -> LongTensor (B, context_length): SOT, ids, EOT, pad_id (default EOT, as HF's);
+        longer texts cut, EOT kept, unless truncate=False."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = torch.full((len(texts), context_length), self.eot if pad_id is None else pad_id,
                          dtype=torch.long)
@@ -506,8 +500,8 @@ class TokenizedCaptions(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------- re-ranking
 @torch.no_grad()
 def rank(clip, images, texts, tokenizer=None, batch_size=64):
-    """100 x cosine (P, N) of float [-1, 1] images (P*N, 3, H, W), prompt p's N together, with P
-    prompts (strings with `tokenizer`, else ids); not calibrated across prompts."""
+    """100 x cosine (P, N) of float [-1, 1] images (P*N, 3, H, W) with P prompts (ids, or strings
+    with `tokenizer`); not calibrated across prompts."""
     ids = tokenizer(texts, context_length=clip.config.context_length) if tokenizer else texts
     if not len(ids) or len(images) % len(ids):
         raise UserError(f"{len(images)} images do not split evenly over {len(ids)} prompts")
@@ -522,8 +516,7 @@ def rank(clip, images, texts, tokenizer=None, batch_size=64):
 
 
 def keep_best(candidates, scores, keep):
-    """Prompt-major candidates (P*N, ...), tensor or array -> each prompt's best (P, keep, ...),
-    best first, ties in drawing order, and their scores (P, keep)."""
+    """Prompt-major candidates (P*N, ...) -> each prompt's best (P, keep, ...), scores (P, keep)."""
     if not 1 <= keep <= scores.shape[1]:
         raise UserError(f"--keep {keep} must be between 1 and the number of candidates "
                         f"{scores.shape[1]}")
@@ -534,8 +527,7 @@ def keep_best(candidates, scores, keep):
 
 
 def rerank_candidates(images, texts, clip_model, keep, tokenizer=None):
-    """DALL-E's best-of-N of uint8 candidates (P*N, H, W, 3) for P prompts, scored on the pixels
-    saved -> (uint8 (P*keep, H, W, 3), scores (P, keep)); tokenizer: clip_model's by default."""
+    """DALL-E's best-of-N: uint8 candidates (P*N, H, W, 3) -> (P*keep, H, W, 3), scores."""
     scores = rank(clip_model, from_uint8(images), list(texts), tokenizer or clip_model.tokenizer)
     kept, best = keep_best(images, scores, keep)
     return kept.reshape(-1, *images.shape[1:]), best
@@ -576,7 +568,6 @@ def clip_score(clip, images, captions, tokenizer, prefix=PHOTO_DEPICTS, w=2.5, b
 
 
 def main(argv=None):
-    """`python clip.py score SAMPLES --clip CLIP --captions FILE`: both CLIP scores of samples."""
     p = argparse.ArgumentParser(description="CLIP scores of text-to-image samples against their "
                                 "captions (LlamaGen's t2i table: openai/clip-vit-base-patch32).")
     p.add_argument("command", choices=["score"])
@@ -651,7 +642,6 @@ CLIP_CONFIGS = {
 
 
 def clip_config(name, **overrides):
-    """CLIPConfig of a registry entry, with any field overridden."""
     if name not in CLIP_CONFIGS:
         raise UserError(f"unknown CLIP config {name!r}; choose one of {', '.join(CLIP_CONFIGS)}")
     return CLIPConfig(**{**CLIP_CONFIGS[name], **overrides})

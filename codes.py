@@ -45,8 +45,8 @@ def _fields(cls, d, where, what):
 
 @dataclasses.dataclass(frozen=True)
 class CodesReceipt:
-    """A codes folder's meta.json (fields in its key order), also kept in every GPT checkpoint
-    ("meta"): codes mean something only to the tokenizer that made them."""
+    """A codes folder's meta.json, also a GPT checkpoint's "meta": codes mean something only to the
+    tokenizer that made them."""
     vocab_size: int  # the tokenizer's codebook size
     grid: tuple  # (h, w) codes per image
     image_size: int  # pixels per side fed to the tokenizer
@@ -90,8 +90,7 @@ class CodesReceipt:
 
 @dataclasses.dataclass(frozen=True)
 class FeaturesReceipt:
-    """A features folder's features.json: features mean something only to a GPT trained on that
-    encoder's output, next to the codes of the images their captions describe."""
+    """A features folder's features.json: what made the features, and of which captions."""
     encoder: str  # a name for people: the T5 folder's name (flan-t5-xl)
     encoder_checksum: str  # encoder_checksum(): weights, vocabulary and caption cleaning
     length: int  # N, the tokens per caption the features were padded or truncated to (120)
@@ -108,8 +107,7 @@ class FeaturesReceipt:
 
 
 def encoder_checksum(text_encoder):
-    """sha256 of what turns a caption into features: the T5 weights hashed as bfloat16 (one model
-    in float32 or bfloat16 has one checksum), the tokenizer's pieces and the caption cleaning."""
+    """sha256 of what turns a caption into features: T5 weights (as bfloat16), pieces, cleaning."""
     tok = text_encoder.tokenizer
     vocab = json.dumps([tok.pieces, tok.vocab, tok.unk_id, tok.eos_id, tok.pad_id,
                         tok.split_any_space, tok.special_ids, bool(text_encoder.clean)],
@@ -123,14 +121,13 @@ def write_json(path, obj):
     save_atomic(lambda f: f.write(json.dumps(obj, indent=1).encode()), path)
 
 
-# captions.json holds a codes folder's captions in row order with their checksum, which the features
-# receipt quotes: codes row i and features item i are checked to describe one image.
-captions_checksum = json_checksum  # of the list of captions
+# captions.json: a codes folder's captions in row order, with the checksum the features receipt
+# quotes, so that codes row i and features item i are checked to describe one image
+captions_checksum = json_checksum
 
 
 def read_captions(folder):
-    """(captions in row order, checksum) of a codes folder made from captioned data; an entry is a
-    caption or the list of an image's captions (COCO), of which training draws one per access."""
+    """(captions in row order, checksum) of a codes folder; an entry: a caption or a list (COCO)."""
     path = os.path.join(str(folder), "captions.json")
     if not os.path.isfile(path):
         raise UserError(f"{folder} holds no captions.json: its codes are not of captioned data; "
@@ -146,8 +143,7 @@ def read_captions(folder):
 # -- The one sharded, resumable writer behind both extractions -------------------------------------
 @contextlib.contextmanager
 def process_group(device):
-    """Under torchrun, the process group (unless the caller has one: train.py, a test); only a
-    barrier crosses processes, so gloo serves CPUs and nccl GPUs alike. Yields (rank, world)."""
+    """(rank, world) under torchrun's process group, made here unless the caller has one."""
     own = rank_world()[1] > 1 and not dist.is_initialized()
     if own:
         dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
@@ -208,8 +204,7 @@ def write_sharded(out, name, receipt, fill, join, what, redo, batch_size=None):
 
 
 def _join(parts, world, name, dst, rows=None):
-    """The ranks' part files `name` ({} for the tag) -> dst: renamed for one process, else copied,
-    byte by byte or, for .npy parts (`rows` in all), row by row into one memory map."""
+    """The ranks' part files `name` ({} for the tag) -> dst: renamed, or joined (.npy: `rows`)."""
     paths = [p for p in (os.path.join(parts, name.format(f"{k}-of-{world}")) for k in range(world))
              if os.path.exists(p)]
     if world == 1 and paths:  # (none if a run renamed it, then stopped)
@@ -234,8 +229,7 @@ def _join(parts, world, name, dst, rows=None):
 
 # -- Codes -----------------------------------------------------------------------------------------
 # codes.npy [N, n_aug, L] (uint16 while the codebook fits, else int32), labels.npy [N]: n_aug views
-# per image (data.code_views): the image and its mirror, or the ten crops of extract_codes_c2i.py,
-# of which training draws one per access; a captioned image has one (extract_codes_t2i.py).
+# per image (data.code_views), training draws one per access; a captioned image has one.
 def _open_part(path, mode, dtype, shape):
     """A memory-mapped .npy file with all its blocks reserved now: on a full disk a memory map
     dies of SIGBUS at write-back with no message; posix_fallocate makes that one ENOSPC line."""
@@ -255,8 +249,7 @@ def _open_part(path, mode, dtype, shape):
 
 def extract_codes(vq, data, out, image_size=256, ten_crop=False, crop_range=1.1, batch_size=64,
                   num_workers=0, device="cpu", overwrite=False):
-    """Encode `data` (an image_dataset spec) with tokenizer `vq` into codes folder `out`, images
-    ADM-centre-cropped to image_size (ten_crop: to int(image_size * crop_range), then ten crops)."""
+    """Encode `data` (an image_dataset spec) with tokenizer `vq` into codes folder `out`."""
     data, out = str(data), str(out)
     with process_group(device) as (rank, world):
         if overwrite and rank == 0:  # meta.json first: the mark of a finished folder
@@ -326,8 +319,7 @@ _STORED = {"bfloat16": "<u2", "float16": "<f2"}  # how each is laid out in featu
 
 def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="bfloat16", data="",
                      name="t5"):
-    """Encode `captions` (an image with several gives its first) with text.TextEncoder `encoder`
-    into features folder `out`, stored as `dtype`; `data` and `name`: what the receipt quotes."""
+    """Encode `captions` (an image's first) with a text.TextEncoder into features folder `out`."""
     captions, out, d = list(captions), str(out), encoder.encoder.config.d_model
     if not captions or not all(isinstance(c, (str, list)) for c in captions):
         raise UserError("extract_features needs a non-empty list of captions")
@@ -374,9 +366,8 @@ def extract_features(encoder, captions, out, length=120, batch_size=64, dtype="b
 
 @torch.no_grad()
 def _encode_valid(encoder, texts, length, dtype, start):
-    """A batch of captions -> (their valid tokens' features as little-endian 16-bit bytes, the
-    tokens of each). The encoder runs at the batch's longest caption rather than at N: with the
-    padding masked, valid tokens do not depend on how many pads follow."""
+    """Captions -> (their valid tokens' features as little-endian 16-bit bytes, tokens of each),
+    encoded at the longest caption, not N: with padding masked, pads change no valid token."""
     _, mask = encoder.tokenizer([clean_caption(t) if encoder.clean else t for t in texts], length)
     feats, mask = encoder.encode_captions(texts, int(mask.sum(1).max()), batch_size=len(texts))
     stored = feats.to(getattr(torch, dtype))  # cast first: an fp16 overflow exists only after
@@ -401,8 +392,8 @@ def load_captions(spec):
 
 
 # -- Reading back ----------------------------------------------------------------------------------
-# Memory maps, which page in only the rows in use, open lazily in each process (a DataLoader worker
-# gets a path, not a copy of the data); the folder is checked at once, in the main process.
+# Memory maps open lazily in each process (a DataLoader worker gets a path, not a copy of the data);
+# the folder is checked at once, in the main process.
 def _receipt(folder, name, kind, flags):
     """The receipt dict of a finished extraction into `folder`, or one line for what is there."""
     fix = f"python codes.py {kind} {flags} --out {folder}"
@@ -419,8 +410,7 @@ def _receipt(folder, name, kind, flags):
 
 
 class CodesDataset(torch.utils.data.Dataset):
-    """A codes folder: item -> (codes int64 [L], label int64), one of the n_aug views drawn with
-    torch's RNG (the official crop-and-flip augmentation, chosen among views made beforehand)."""
+    """A codes folder: item -> (codes int64 [L], label int64), a random one of the n_aug views."""
 
     def __init__(self, folder):
         self.folder = folder = str(folder)
@@ -472,8 +462,8 @@ class CodesDataset(torch.utils.data.Dataset):
 
 
 class MixedCodes(torch.utils.data.Dataset):
-    """Codes folders of the same images made with different crops, a folder drawn per access: the
-    official GPTs mixed ten crops at crop_range 1.1 and 1.05 this way (dataset/imagenet.py)."""
+    """Codes folders of the same images, one drawn per access: the official GPTs mixed ten crops at
+    crop_range 1.1 and 1.05 so (dataset/imagenet.py)."""
 
     def __init__(self, folders):
         self.parts = [CodesDataset(f) for f in folders]
@@ -494,8 +484,7 @@ class MixedCodes(torch.utils.data.Dataset):
 
 
 def codes_dataset(spec):
-    """The GPT's --data: one codes folder, or several joined by commas (MixedCodes); a real folder
-    whose name holds a comma is one folder."""
+    """The GPT's --data: one codes folder, or several joined by commas (MixedCodes)."""
     spec = str(spec)
     folders = [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]
     if not folders:
@@ -504,8 +493,7 @@ def codes_dataset(spec):
 
 
 class CaptionFeatures(torch.utils.data.Dataset):
-    """A features folder: item i -> (features float32 [N, d_model] right-padded with zeros, mask
-    bool [N]), TextEncoder.encode_captions' layout; `.receipt` is its FeaturesReceipt."""
+    """A features folder: item i -> (features float32 [N, d_model], mask bool [N]), right-padded."""
 
     def __init__(self, folder):
         self.folder = folder = str(folder)
@@ -588,7 +576,7 @@ def main(argv=None):
                        "crop_range": at_least(1), "length": between(1, 1024),
                        "image_size": between(1, 4096)},
                 [("crop_range", "--ten-crop", lambda a: a.ten_crop)])
-    rank0 = rank_world()[0] == 0  # one summary, not one per process
+    rank0 = rank_world()[0] == 0
     device = setup_device(args.device, tf32=False)  # fp32: codes are nearest-neighbour decisions
     if args.command == "extract":
         if os.path.isfile(args.out):  # fail before the tokenizer loads

@@ -1,9 +1,6 @@
-"""What every script shares: one-line errors, the flag table check, the output policy, the image
-reader, the pixel rule and PNG grids, device and precision, safe checkpoint I/O, downloads.
-
-One copy of each, so that every script fails, reads, writes and picks its device the same way.
-Nothing here knows about codes or models; fid.py, a leaf, needs nothing else of this project.
-"""
+"""What every script shares, one copy of each: one-line errors, the flag table check, the output
+policy, the image reader, the pixel rule and PNG grids, device and precision, safe checkpoint I/O,
+downloads. Nothing here knows about codes or models; fid.py, a leaf, needs nothing else of ours."""
 import argparse
 import errno
 import glob
@@ -40,8 +37,7 @@ class UserError(ValueError):
 
 
 def rank_world():
-    """(rank, world size) of this process: the process group's once it is up, else torchrun's
-    RANK and WORLD_SIZE, else (0, 1) for a plain `python script.py`."""
+    """(rank, world size): the process group's, else torchrun's RANK and WORLD_SIZE, else (0, 1)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -75,9 +71,8 @@ def os_error_line(e, path=None):
 
 
 def cli(main):
-    """Run `main()`; bad input becomes one line on stderr and exit code 2, never a traceback.
-    Under torchrun only rank 0 prints (every rank sees the same bad input), and the process group
-    is closed so that no rank waits for a dead peer."""
+    """Run `main()`; bad input becomes one line on stderr and exit code 2, never a traceback. Under
+    torchrun only rank 0 prints, and the process group is closed: no rank waits for a dead peer."""
     def leave(line, code):
         if is_rank0():
             say(line)
@@ -105,8 +100,7 @@ def first_line(e):
 
 
 def progress(iterable=None, show=True, **kw):
-    """A tqdm bar for long work, drawn only when stderr is a terminal (in a log file every redraw
-    would be kept) and `show` (rank 0 under torchrun)."""
+    """A tqdm bar, drawn only if `show` (rank 0) and stderr is a terminal (not a log file)."""
     return tqdm(iterable, disable=None if show else True, dynamic_ncols=True, **kw)
 
 
@@ -141,9 +135,8 @@ def check_flags(args, ranges=None, only_with=()):
 
 
 def check_writable(path, overwrite=False, flag="--out"):
-    """The one output policy of every CLI, checked before the work and not after it: a file already
-    there is kept unless --overwrite, and the folder must take a file (a real one, at once deleted:
-    the only test that catches read-only mounts and full quotas)."""
+    """The one output policy of every CLI, checked before the work: a file there is kept unless
+    --overwrite; the folder must take a real file (the one test of read-only mounts)."""
     if os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is a folder; give a file name")
     if os.path.exists(path) and not overwrite:
@@ -161,15 +154,13 @@ def check_writable(path, overwrite=False, flag="--out"):
 # ------------------------------------------------------------------------------------------ images
 # the extensions pytorch-fid's folder reader accepts
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
-# what Pillow raises for a file it cannot decode: corrupt or cut short (OSError, SyntaxError,
-# ValueError), empty or not an image (UnidentifiedImageError, an OSError), or a decompression bomb
-# (a small file declaring billions of pixels)
+# what Pillow raises for a file it cannot decode: corrupt, cut short, empty or not an image, or a
+# decompression bomb (a small file declaring billions of pixels)
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def read_image(path):
-    """The project's one image reader (ImageFolder, fid.py's folders): the file decoded now, as
-    RGB by to_rgb's rules. Raises one of UNREADABLE for a file that cannot be decoded."""
+    """The one image reader: decoded now, RGB by to_rgb's rules, else one of UNREADABLE."""
     with Image.open(path) as im:
         im.load()  # decode now: a truncated file fails here, not later in a crop
         return to_rgb(im)
@@ -209,16 +200,14 @@ def to_uint8(images, resize_to=None):
 
 
 def from_uint8(pixels):
-    """uint8 pixels [..., H, W, 3] (an array, a tensor or an RGB PIL image) -> float32 tensor
-    [..., 3, H, W] in [-1, 1]."""
+    """uint8 pixels [..., H, W, 3] (array, tensor or RGB PIL image) -> float32 [..., 3, H, W]."""
     a = np.asarray(pixels.cpu() if torch.is_tensor(pixels) else pixels)
     channels_first = np.moveaxis(a, -1, -3).astype(np.float32, order="C")
     return torch.from_numpy(channels_first * (1 / 127.5) - 1)
 
 
 def make_grid(images, nrow=8, pad=2, pad_value=0):
-    """Tile [B, 3, H, W] images in [-1, 1] into one PIL image, `nrow` images per row, `pad` pixels
-    apart (black by default; an empty slot at the end stays the padding colour)."""
+    """[B, 3, H, W] images in [-1, 1] -> one PIL image, `nrow` per row, `pad` pixels apart."""
     arr = to_uint8(images)  # the same bytes the .npz files and the metrics see
     b, h, w, _ = arr.shape
     nrow = max(1, min(nrow, b))  # fewer images than nrow: one row, as wide as they are
@@ -231,12 +220,10 @@ def make_grid(images, nrow=8, pad=2, pad_value=0):
 
 
 def save_grid(images, path, nrow=8):
-    """Write a PNG grid of [B, 3, H, W] images in [-1, 1] (a list of [3, H, W] tensors works too);
-    returns the PIL image."""
+    """Write (atomically) and return a PNG grid of [B, 3, H, W] images or a list of [3, H, W]."""
     if isinstance(images, (list, tuple)):
         images = torch.stack(list(images))
     grid = make_grid(images, nrow)
-    # atomic, like every file written here: an interrupted run leaves the old PNG, not half one
     save_atomic(lambda f: grid.save(f, format="PNG"), path)
     return grid
 
@@ -254,15 +241,14 @@ def pick_device(name=None):
         return name
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
 
 
 def setup_device(name=None, tf32=True):
-    """pick_device; under torchrun each process takes the GPU of its LOCAL_RANK, and float32
-    matmuls may use TF32 as in the official recipe. tf32=False keeps full float32 (code
-    extraction: a near-tie between two codes must not flip)."""
+    """pick_device; under torchrun the GPU of LOCAL_RANK; TF32 matmuls as the official recipe unless
+    tf32=False (code extraction: a near-tie between two codes must not flip)."""
     device = pick_device(name)
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -276,9 +262,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision, device):
-    """--precision -> (name, dtype). "auto" is bf16 on GPUs that have it (no loss scaling needed,
-    the official choice), fp16 on older GPUs, and fp32 on CPUs and MPS, where bf16 is mostly
-    emulated; on a CPU with native bf16 (cpu_has_bf16) the demo asks for bf16 itself."""
+    """--precision -> (name, dtype). "auto": bf16 on GPUs that have it (the official choice), fp16
+    on older GPUs, fp32 on CPUs and MPS, where bf16 is mostly emulated."""
     if precision == "auto":
         cuda = str(device).startswith("cuda")
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
@@ -295,10 +280,9 @@ def cpu_has_bf16():
 
 
 def attention(q, k, v, attn_mask=None, **kw):
-    """F.scaled_dot_product_attention, the one call every attention in the project makes. On a CPU
-    PyTorch's bf16 flash attention is slow in two places, so they attend in float32: a training
-    step's backward, and a decode step's few queries against a long cache (which is why the KV cache
-    on a CPU holds float32, see model.KVCache). Everything else keeps its dtype."""
+    """F.scaled_dot_product_attention, every attention's one call. On a CPU, PyTorch's bf16 flash
+    attention is slow in two places, which attend in float32: a training step's backward, and a
+    decode step's few queries against a long cache (why a CPU's KV cache holds float32)."""
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (
             torch.is_grad_enabled() or k.dtype == torch.float32):
         if attn_mask is not None and attn_mask.is_floating_point():
@@ -312,9 +296,8 @@ def attention(q, k, v, attn_mask=None, **kw):
 
 # -------------------------------------------------------------------------------- checkpoint files
 def load_checkpoint(path):
-    """torch.load with weights_only=True. The official LlamaGen files pickle an argparse.Namespace
-    under "args"; it is allow-listed by name instead of turning the safety off. A file that is not
-    a checkpoint is named as such; torch's own advice to load it unsafely is never passed on."""
+    """torch.load with weights_only=True, argparse.Namespace allow-listed (the official files pickle
+    one under "args"); torch's advice to load a bad file unsafely is never passed on."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist; check the path")
     try:
@@ -336,10 +319,8 @@ def load_checkpoint(path):
 
 
 def weights_checksum(module, as_dtype=None):
-    """sha256 of a module's floating-point tensors (names, dtypes, shapes, bytes, in key order):
-    the identity of a set of weights whichever file they came from, so that data made with them
-    (codes, text features) can be matched to them later. as_dtype: hash every tensor cast to it
-    (a frozen text encoder runs in float32 or bfloat16 under one checksum)."""
+    """sha256 of a module's float tensors (names, dtypes, shapes, bytes): the identity of weights
+    whichever file held them, to match data made with them. as_dtype: each cast to it first."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
         if v.is_floating_point():
@@ -395,8 +376,7 @@ def unwrap_state_dict(ckpt):
 
 
 def load_weights(module, state_dict, what, ignore=(), hint=""):
-    """Strict loading with a readable failure: keys containing a string of `ignore` (runtime
-    buffers) are dropped, then check_weights."""
+    """Strict loading, keys containing a string of `ignore` dropped, failures by check_weights."""
     sd = {k: v for k, v in state_dict.items() if not any(s in k for s in ignore)}
     check_weights(module, sd, what, hint)
     module.load_state_dict(sd, strict=True)
@@ -404,8 +384,8 @@ def load_weights(module, state_dict, what, ignore=(), hint=""):
 
 
 def check_weights(module, sd, what, hint=""):
-    """Every tensor of `module` (or of a state dict) in `sd` with its shape, nothing more; else one
-    UserError naming the key, both shapes and `hint` (say, the config that would fit)."""
+    """Every tensor of `module` (or a state dict) in `sd` with its shape, nothing more; else one
+    line naming the key, both shapes and `hint`."""
     own = module if isinstance(module, dict) else module.state_dict()
     hint = f"; {hint}" if hint else ""
     for k, v in own.items():
@@ -421,15 +401,13 @@ def check_weights(module, sd, what, hint=""):
 
 
 def save_atomic(what, path):
-    """Write `path` so that a crash leaves the old file or the new one, never half of one: a
-    temporary file in the same folder, flushed, then renamed over `path` (atomic within one
-    filesystem). `what`: an object for torch.save, or a function writing to a binary file."""
+    """Write `path` so that a crash leaves the old file or the new, never half: a temporary file
+    beside it, flushed, then renamed. `what`: an object for torch.save, or f(binary file)."""
     folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        # a process killed mid-save leaves its temporary file; each path has one writer, so the
-        # leftovers of this very name are dead and can go
+        # a process killed mid-save leaves its temporary file: each path has one writer, so go
         for old in glob.glob(os.path.join(glob.escape(folder), ".tmp-*" + glob.escape(name))):
             # mkstemp's names are .tmp- + 8 random characters + `name`; any other match is not ours
             if len(os.path.basename(old)) == len(".tmp-12345678") + len(name):
@@ -442,8 +420,7 @@ def save_atomic(what, path):
             what(f) if callable(what) else torch.save(what, f)
             f.flush()
             os.fsync(f.fileno())
-        # the umask can only be read by setting it: it is set straight back
-        umask = os.umask(0)
+        umask = os.umask(0)  # read only by setting it: set straight back
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual permissions
         os.replace(tmp, path)
@@ -463,13 +440,9 @@ def save_atomic(what, path):
 
 
 def download(url, path, sha256_prefix=None, fix=""):
-    """`path`, fetched from `url` unless it is already there: streamed under a tqdm bar into a
-    temporary file beside `path`, checked, then renamed, so a cut-off transfer never stays under
-    the final name. Checked: the byte count against the server's Content-Length, and the SHA-256
-    against `sha256_prefix` (the digits published weight files carry in their names: pytorch-fid,
-    torchvision, LPIPS) or else the one the server states (Hugging Face's X-Linked-ETag for large
-    files). A 60 s socket timeout keeps a silent firewall from hanging a run. Failure: one
-    UserError line naming the file, the URL and `fix`."""
+    """`path`, fetched from `url` unless there, atomically (save_atomic). Checked: the byte count
+    against Content-Length, the SHA-256 against `sha256_prefix` (the digits in published weight
+    files' names) or the server's (Hugging Face's X-Linked-ETag). Failure: one line with `fix`."""
     if int(os.environ.get("LOCAL_RANK", 0)) > 0:  # under torchrun one process a machine fetches
         while not os.path.isfile(path):  # (if it fails, torchrun stops this one too)
             time.sleep(1)
@@ -508,11 +481,10 @@ def download(url, path, sha256_prefix=None, fix=""):
 _LLAMAGEN = "https://huggingface.co/FoundationVision/LlamaGen/resolve/main/"
 _LLAMAGEN_T2I = "https://huggingface.co/peizesun/llamagen_t2i/resolve/main/"
 OFFICIAL_WEIGHTS = {
-    **{f"c2i_{m}.pt": _LLAMAGEN for m in ("B_256", "B_384", "L_256", "L_384", "XL_384",
-                                          "XXL_384", "3B_384")},
-    "vq_ds16_c2i.pt": _LLAMAGEN, "vq_ds8_c2i.pt": _LLAMAGEN,
-    **{n: _LLAMAGEN_T2I for n in ("vq_ds16_t2i.pt", "t2i_XL_stage1_256.pt",
-                                  "t2i_XL_stage2_512.pt")}}
+    **dict.fromkeys(["vq_ds16_c2i.pt", "vq_ds8_c2i.pt"] + [f"c2i_{m}.pt" for m in (
+        "B_256", "B_384", "L_256", "L_384", "XL_384", "XXL_384", "3B_384")], _LLAMAGEN),
+    **dict.fromkeys(["vq_ds16_t2i.pt", "t2i_XL_stage1_256.pt", "t2i_XL_stage2_512.pt"],
+                    _LLAMAGEN_T2I)}
 
 
 def weights_file(path):

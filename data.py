@@ -1,10 +1,6 @@
-"""The datasets behind every --data flag: image folders in the ImageNet layout with the two crops of
-the official recipe, the built-in worlds (shapes.py, scenes.py), and captioned images.
-
-Every item is (image float32 [3, S, S] in [-1, 1], label or caption). image_dataset reads a
---data spec for the tokenizer and code extraction; caption_dataset the captioned ones, whose
-captions (captions_of) are read without decoding an image.
-"""
+"""The datasets behind every --data flag: ImageNet-layout folders with the two crops of the official
+recipe, the built-in worlds (shapes.py, scenes.py), and captioned images, whose captions captions_of
+reads without decoding an image. Item: (float32 [3, S, S] in [-1, 1], label or caption)."""
 import json
 import math
 import os
@@ -40,9 +36,8 @@ def center_crop(pil_image, image_size):
 
 
 def random_resize_crop(pil_image, image_size, max_scale=1.25):
-    """The tokenizer's training crop (LlamaGen dataset/augmentation.py, random_crop_arr): shorter
-    side to a random size in [image_size, ceil(image_size * max_scale)], then a random square.
-    Draws from torch's RNG, so the DataLoader's per-worker seeding makes it reproducible."""
+    """The tokenizer's training crop (LlamaGen's random_crop_arr): shorter side to a random size in
+    [image_size, ceil(image_size * max_scale)], then a random square, by torch's seeded RNG."""
     side = int(torch.randint(image_size, math.ceil(image_size * max_scale) + 1, ()))
     pil = _resize_shorter_side(pil_image, side)
     x = int(torch.randint(pil.size[0] - image_size + 1, ()))
@@ -56,8 +51,7 @@ def _check_augment(augment):
 
 
 def crop(pil, image_size, augment, flip):
-    """A decoded image -> float32 [3, S, S]: `augment`'s crop, then a random flip if `flip`
-    (drawn after the crop's draws: the order is fixed)."""
+    """A decoded image -> float32 [3, S, S]: `augment`'s crop, then a random flip if `flip`."""
     x = from_uint8((center_crop if augment == "center" else random_resize_crop)(pil, image_size))
     return x.flip(-1) if flip and torch.rand(()) < 0.5 else x
 
@@ -66,11 +60,9 @@ def crop(pil, image_size, augment, flip):
 # Image folders (root/<class>/<image>) and the --data specs
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Images under root/<class name>/ (any depth), classes numbered in sorted name order, as
-    ImageNet's synsets are; item -> (image, label). augment: "center" or "random_resize_crop";
-    flip: a random horizontal flip. A file that cannot be decoded is replaced by the next readable
-    index, counted in `.skipped` (per process) and warned about once: a bad file costs one
-    substitute image, never a crashed run."""
+    """Images under root/<class name>/ (any depth), classes numbered in sorted name order (as
+    ImageNet's synsets); item -> (image, label). An undecodable file is replaced by the next
+    readable one, counted in `.skipped` (per process), warned about once: never a crashed run."""
 
     def __init__(self, root, image_size, augment="center", flip=True):
         _check_augment(augment)
@@ -80,8 +72,7 @@ class ImageFolder(torch.utils.data.Dataset):
                             "sub-folder per class (the ImageNet layout) or --data synthetic")
         self.classes = sorted(e.name for e in os.scandir(root)
                               if e.is_dir() and not e.name.startswith("."))
-        # sorted at every level, so a sharded extraction's rows are the same on any filesystem;
-        # links followed (a shared ImageNet), hidden files skipped (macOS's ._cat.jpg)
+        # sorted at every level (a sharded extraction's rows on any filesystem); ._cat.jpg skipped
         self.samples = []
         for label, name in enumerate(self.classes):
             for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
@@ -126,10 +117,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
-    """The dataset behind a --data flag: "synthetic" (10,000 SyntheticShapes), "synthetic:N" (from
-    `seed`), an ImageNet-layout folder ("./synthetic" for a folder of that name), a caption spec as
-    Captioned (image, 0) items, or specs joined by "+" (Joined). `augment` and `flip` apply to
-    folders; the built-in worlds are drawn at the final size, already varied in place and size."""
+    """The dataset of a --data spec: "synthetic[:N]" (SyntheticShapes from `seed`, N 10,000), an
+    ImageNet-layout folder ("./synthetic" for one of that name), a caption spec as Captioned, or
+    specs joined by "+" (Joined). `augment` and `flip` apply to folders only."""
     spec = str(spec)
     if "+" in spec and not os.path.isdir(spec):  # a real folder named a+b is one folder
         return Joined([image_dataset(part, image_size, augment, flip, seed)
@@ -166,9 +156,8 @@ class Joined(torch.utils.data.ConcatDataset):
 
 def code_views(x, image_size, ten_crop=False, mirror=True):
     """[3, S, S] image -> [n_aug, 3, image_size, image_size], the views whose codes are extracted
-    once (codes.py), so that the augmentation costs nothing in training: (x, its mirror) with
-    S == image_size, or the ten crops (top-left, top-right, bottom-left, bottom-right, centre;
-    then the same of the mirror), as the official extract_codes_c2i.py; mirror=False: x alone."""
+    once (augmentation free in training): (x, its mirror), x alone (mirror=False), or the ten crops
+    of extract_codes_c2i.py (4 corners and centre, then the same of the mirror)."""
     if not ten_crop:
         return torch.stack([x, x.flip(-1)]) if mirror else x[None]
     h, w = x.shape[-2:]
@@ -195,9 +184,8 @@ class CodeViews(torch.utils.data.Dataset):
 
 
 def check_image_size(image_size, downsample, flag="--image-size"):
-    """One UserError line unless `image_size` is a positive multiple of the tokenizer's
-    downsampling factor, naming the nearest sizes that are. The encoder floors each halving, so
-    30 px through VQ-tiny (4) would give the codes of a 28 px crop, said nowhere."""
+    """One line unless `image_size` is a positive multiple of the tokenizer's downsampling factor:
+    the encoder floors each halving (30 px through VQ-tiny's 4 would code a 28 px crop silently)."""
     if image_size >= downsample and image_size % downsample == 0:
         return
     below = image_size // downsample * downsample
@@ -207,12 +195,7 @@ def check_image_size(image_size, downsample, flag="--image-size"):
 
 
 # ------------------------------------------------------------------------------------------------
-# Captioned images
-#
-# Each caption source is a Dataset of (image, caption str) with `.spec` (how --data names it):
-#   captions:DIR  images anywhere under DIR, each with a same-stem .txt beside it (cat.jpg, cat.txt)
-#   coco:ANNOTATIONS.json:IMAGES_DIR  a COCO captions file: per image, the list of its captions
-#   scenes[:N]    N scenes of the built-in captioned world (scenes.CaptionedScenes; 10,000 if no N)
+# Captioned images: a Dataset of (image, caption str) with `.spec` (how --data names it)
 
 def _read_caption(path, image):
     """The caption file of `image`, every run of white space (line breaks too) one space."""
@@ -233,9 +216,8 @@ def _read_caption(path, image):
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """(image file, caption) pairs -> (image, caption); augment and flip as ImageFolder's (no flip
-    by default: a caption may say "left of"). An undecodable image is an error naming it, not a
-    substitute: another image would then carry this caption."""
+    """(image file, caption) pairs -> (image, caption), no flip by default (a caption may say "left
+    of"); an undecodable image is an error, not a substitute that would carry this caption."""
 
     def __init__(self, samples, image_size, augment="center", flip=False, spec=""):
         _check_augment(augment)
@@ -256,8 +238,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 def caption_folder(root, image_size, augment="center", flip=False):
-    """Images anywhere under `root` (sorted paths), each with its same-stem .txt caption; an image
-    without one is an error, not a silent gap in the data."""
+    """Images anywhere under `root` (sorted), each with a same-stem .txt caption, else an error."""
     root = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isdir(root):
         raise UserError(f"caption folder {root!r} does not exist; pass a folder of images, each "
@@ -275,10 +256,8 @@ def caption_folder(root, image_size, augment="center", flip=False):
 
 
 def coco_captions(annotations, images_dir, image_size, augment="center", flip=False):
-    """A COCO captions file ("images" [{id, file_name}], "annotations" [{image_id, caption}]): one
-    item per image, in the order of "images", with the list of its captions in the file's order
-    (joint training draws one per access, frozen features take the first); images with no caption
-    are left out."""
+    """A COCO captions file: one item per captioned image, in the order of "images", with the list
+    of its captions (joint training draws one per access, frozen features take the first)."""
     annotations = os.path.abspath(os.path.expanduser(annotations))
     images_dir = os.path.abspath(os.path.expanduser(images_dir))
     try:
@@ -327,9 +306,9 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
 
 
 def caption_dataset(spec, image_size, augment="center", flip=False, seed=0):
-    """The captioned dataset a spec names: "scenes[:N]" (drawn at the final size: augment and flip
-    do not apply), "coco:ANN.json:IMAGES" or "captions:DIR" (or a plain folder); `.spec` is the
-    normalised spec (absolute paths, scenes:N without leading zeros: receipts compare them)."""
+    """The captioned dataset of a spec: "scenes[:N]" (scenes.CaptionedScenes, N 10,000),
+    "coco:ANN.json:IMAGES" or "[captions:]DIR" (same-stem .txt captions); `.spec` normalised
+    (absolute paths, no leading zeros: receipts compare them)."""
     spec = str(spec)
     if spec == "scenes" or spec.startswith("scenes:"):
         n = spec.partition(":")[2] or "10000"
@@ -358,8 +337,7 @@ def captions_of(dataset):
 
 
 class Captioned(torch.utils.data.Dataset):
-    """A caption dataset as the labelled dataset that extraction and tokenizer training take: item
-    -> (image, 0), one class (a t2i model is conditioned on its caption, captions_of(self)[i])."""
+    """A caption dataset as a labelled one (extraction, tokenizer training): item -> (image, 0)."""
     num_classes, classes = 1, ("captioned",)
 
     def __init__(self, base):

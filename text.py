@@ -1,9 +1,7 @@
-"""The text side of LlamaGen's t2i model (paper 3.3): the GPT never reads words; a caption is
-cleaned, cut into SentencePiece pieces and run through the frozen encoder of FLAN-T5-XL, whose
-120 x 2048 output is the GPT's prefix. A frozen language model knows far more text than any caption
-set, costs nothing to train, and its features can be computed once per caption and stored. Parity:
-transformers' modeling_t5.py, sentencepiece, LlamaGen's language/t5.py; files as Hugging Face's.
-"""
+"""The text side of LlamaGen's t2i model (paper 3.3): a caption is cleaned, cut into SentencePiece
+pieces and run through the frozen encoder of FLAN-T5-XL, whose 120 x 2048 output is the GPT's
+prefix: it knows far more text than any caption set, costs nothing to train, and is computed once.
+Parity: transformers' modeling_t5.py, sentencepiece, LlamaGen's language/t5.py."""
 import argparse
 import html
 import json
@@ -120,8 +118,8 @@ def write_safetensors(tensors, path, metadata=None):
 
 
 def load_hf_state_dict(path, keep=None, source=None):
-    """{name: tensor} of a Hugging Face folder (the first weight file found) or file, `keep(name)`
-    selecting (a .bin is loaded whole first); the dict `source` gets each tensor's file."""
+    """{name: tensor} of a Hugging Face folder or weight file, `keep(name)` selecting; the dict
+    `source` gets each tensor's file."""
     keep, source = keep or (lambda name: True), {} if source is None else source
     if os.path.isdir(path):
         for name in ("model.safetensors.index.json", "model.safetensors",
@@ -192,7 +190,7 @@ def relative_position_bucket(offset, num_buckets=32, max_distance=128):
 
 class T5Block(nn.Module):
     """x + dropout(f(layer_norm(x))) around self-attention, then around the gated-GELU feed-forward
-    wo(gelu_tanh(wi_0 x) * wi_1 x) (Shazeer 2020); block 0 owns the position bias table."""
+    wo(gelu_tanh(wi_0 x) * wi_1 x) (Shazeer 2020)."""
 
     def __init__(self, c, has_bias):
         super().__init__()
@@ -241,8 +239,8 @@ class T5Config:
 
 
 class T5Encoder(nn.Module):
-    """The encoder half of T5, (ids [B, N], mask [B, N] bool or 0/1) -> [B, N, d_model]: token
-    embedding (not scaled; `shared` with the full model's decoder), blocks, final norm."""
+    """The encoder half of T5, (ids [B, N], mask [B, N]) -> [B, N, d_model]: token embedding (not
+    scaled), blocks, final norm."""
 
     def __init__(self, config):
         super().__init__()
@@ -277,10 +275,8 @@ class T5Encoder(nn.Module):
         n, far = c.relative_attention_num_buckets, c.relative_attention_max_distance
         bucket = relative_position_bucket(pos[None, :] - pos[:, None], n, far)
         bias = table(bucket).permute(2, 0, 1)[None].to(x.dtype)
-        # the most negative finite score, not -inf: padded keys get zero weight, never a NaN
-        if mask is not None:
+        if mask is not None:  # the most negative finite score, not -inf: never a NaN
             bias = bias.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(x.dtype).min)
-        # FLAN-T5's activations overflow float16: run it in float32 or bfloat16, as LlamaGen does
         for block in self.encoder.block:
             x = block(x, bias)
         return self.encoder.dropout(self.encoder.final_layer_norm(x))
@@ -335,10 +331,10 @@ def nmt_nfkc(text):
     return "～".join(unicodedata.normalize("NFKC", p) for p in text.translate(_NMT_TABLE).split("～"))
 
 
-# spiece.model is protobuf: (key, value) records, the key a varint (7 bits a byte, low first) field
-# * 8 + wire type; wire 0: a varint, 2: a varint length and bytes, 5: a float32, 1: eight bytes.
 def _protobuf(buf, where):
-    """[(field number, value)] of one message: ints, floats, or bytes (strings or messages)."""
+    """[(field, value)] of one protobuf message (spiece.model's format): records keyed by a varint
+    (7 bits a byte, low first) field * 8 + wire type; wire 0: a varint, 2: a varint length and
+    bytes (strings or messages), 5: a float32, 1: eight bytes."""
     out, i = [], 0
 
     def varint():
@@ -431,7 +427,7 @@ class UnigramTokenizer:
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids):
-        """The text of piece ids, control pieces dropped (the normalisation is not undone)."""
+        """The text of piece ids, control pieces dropped."""
         keep = [self.pieces[i] for i in ids if i not in (self.pad_id, self.eos_id)]
         return "".join(keep).replace(METASPACE, " ").strip()
 
@@ -594,7 +590,8 @@ def read_lines(path, flag):
 
 # ------------------------------------------------------------------- one call for the GPT, a CLI
 class TextEncoder:
-    """Tokenizer + frozen T5 encoder on one device and dtype: captions in, the GPT's prefix out."""
+    """Tokenizer + frozen T5 encoder on one device and dtype: captions in, the GPT's prefix out.
+    FLAN-T5's activations overflow float16: run it in float32 or bfloat16, as LlamaGen does."""
 
     def __init__(self, tokenizer, encoder, device="cpu", dtype=torch.float32, clean=True):
         self.tokenizer, self.clean, self.dtype = tokenizer, clean, dtype
@@ -625,7 +622,6 @@ class TextEncoder:
 
 
 def main(argv=None):
-    """`text.py tokenize --tokenizer spiece.model "a cat"`, `text.py encode --t5 FOLDER "a cat"`."""
     p = argparse.ArgumentParser(description="T5 text encoding: tokenize, or encode captions.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("encode", help="print token ids and feature shapes of captions")

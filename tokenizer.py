@@ -190,8 +190,7 @@ class VectorQuantizer(nn.Module):
         """The code vectors, re-normalised at every use: the parameter drifts off the sphere."""
         return F.normalize(self.embedding.weight, dim=-1) if self.l2_norm else self.embedding.weight
 
-    def lookup(self, codes):
-        """codes [B, h, w] -> code vectors [B, D, h, w]."""
+    def lookup(self, codes):  # codes [B, h, w] -> code vectors [B, D, h, w]
         return F.embedding(codes, self.codebook()).permute(0, 3, 1, 2)
 
     def nearest(self, z):
@@ -221,7 +220,7 @@ class VectorQuantizer(nn.Module):
 
 
 def codebook_usage_of(codes, codebook_size):
-    """The fraction of the codebook occurring in `codes` (any shape): evaluation's usage."""
+    """The fraction of the codebook occurring in `codes` (any shape)."""
     return torch.unique(codes).numel() / codebook_size
 
 
@@ -264,19 +263,16 @@ class VQModel(nn.Module):
             raise UserError(f"decode expects codes [B, h, w], got shape {tuple(codes.shape)}")
         return self.decoder(self.post_quant_conv(self.quantize.lookup(codes)))
 
-    def forward(self, images):
-        """Training: images -> (reconstruction, unclamped; codebook losses vq/commit/entropy)."""
+    def forward(self, images):  # training: -> (reconstruction, codebook losses)
         z_q, _, losses = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decoder(self.post_quant_conv(z_q)), losses
 
-    def codebook_usage(self):
-        """Share of the codebook in the last 65536 training indices: the official statistic."""
+    def codebook_usage(self):  # share of the codebook in the last 65536 training indices
         return codebook_usage_of(self.quantize.codebook_used, self.config.codebook_size)
 
     @classmethod
     def from_pretrained(cls, path, config=None):
-        """Ours or an official checkpoint, also by its file name (common.weights_file); the
-        topology is read off the shapes unless `config` forces one."""
+        """Ours or an official checkpoint (also by name); topology from the shapes or `config`."""
         ckpt = load_checkpoint(weights_file(path))
         if isinstance(ckpt, dict) and ckpt.get("kind", "vq") != "vq":
             raise UserError(f"{path} is a {ckpt['kind']!r} checkpoint, not a tokenizer; "
@@ -306,7 +302,7 @@ tokenizer_checksum = weights_checksum
 # Training losses (paper 2.2: L2 + LPIPS + PatchGAN + codebook terms)
 class LPIPS(nn.Module):
     """LPIPS v0.1 (Zhang et al. 2018), the perceptual loss: VGG16 features at five depths, each
-    normalised over channels; their squared differences weighted by 1x1 heads, averaged, summed."""
+    normalised over channels; squared differences weighted by 1x1 heads, averaged, summed."""
     vgg_layout = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
     taps = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in features
     # file name -> (address, sha256 prefix); vgg.pth is LPIPS v0.1's, byte-identical to LlamaGen's
@@ -355,8 +351,7 @@ class LPIPS(nn.Module):
         sd.update({k.replace(".model.", "."): v for k, v in lin.items()})  # LPIPS: linN.model.1
         return load_weights(cls(), sd, "LPIPS")
 
-    def forward(self, x, y):
-        """x, y [B,3,H,W] in [-1,1] -> distance per image [B]."""
+    def forward(self, x, y):  # x, y [B,3,H,W] in [-1,1] -> distance per image [B]
         h = (torch.cat([x, y]) - self.shift) / self.scale
         dist = 0
         for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
@@ -502,7 +497,6 @@ def tokenizer_metrics(vq, images, net=None, batch_size=64, device="cpu", num_wor
 
 
 def main(argv=None):
-    """The evaluation command: a tokenizer's figures on --data."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vq-ckpt", required=True, help="ours or the official vq_ds16_c2i.pt")
