@@ -151,7 +151,8 @@ class StreamT2I(GPT):
     def forward(self, idx, ids, targets=None, cond_mask=None, valid=None):
         """-> GPT.forward's (image logits, loss) for caption ids (B, N), right padded as cond_mask
         says (None: already stream ids). The loss is DALL-E's (text + 7 * image) / 8, each the
-        mean over its own tokens; text positions 0..N-2 predict caption tokens 1..N-1."""
+        mean over its own tokens; text positions 0..N-2 predict caption tokens 1..N-1. Out of
+        training the image's alone, the figure a prefix GPT's validation reports."""
         if cond_mask is not None:
             ids = stream_ids(ids, cond_mask.bool(), self.config.stream_words)
         if self.training and self.config.class_dropout_prob > 0:  # whole captions -> the null one
@@ -161,8 +162,11 @@ class StreamT2I(GPT):
         logits = self.output(x[:, n - 1:]).float()
         if targets is None:
             return logits, None
+        image = next_token_loss(logits, targets, valid)
+        if not self.training:
+            return logits, image
         text = next_token_loss(self.cls_embedding.head(x[:, :n - 1]).float(), ids[:, 1:], valid)
-        return logits, (text + 7 * next_token_loss(logits, targets, valid)) / 8
+        return logits, (text + 7 * image) / 8
 
     def _check_condition(self, cond, cond_mask):
         n, bad = self.config.cls_token_num, cond.is_floating_point() or cond_mask is not None

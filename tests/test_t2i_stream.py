@@ -59,10 +59,14 @@ def test_pads_are_a_token_per_slot_and_attention_has_no_mask(monkeypatch):
 
 
 def test_loss_is_text_and_image_weighted_one_and_seven_eighths():
-    """forward's loss = (mean CE of caption tokens 1..N-1 from text positions 0..N-2, by the text
-    head + 7 x mean CE of the codes) / 8, recomputed here from log-softmaxes; right-padded ids
-    with their mask give the same loss as stream ids; training drops whole captions to the pads."""
-    model, ids = tiny_stream(), captions()
+    """Training's loss = (mean CE of caption tokens 1..N-1 from text positions 0..N-2, by the text
+    head + 7 x mean CE of the codes) / 8, recomputed here from log-softmaxes; validation's is the
+    codes' alone; right-padded ids with their mask give the same loss as stream ids; training
+    drops whole captions to the pads."""
+    model, ids = tiny_stream().train(), captions()
+    model.config.class_dropout_prob, model.tok_dropout.p = 0.0, 0.0
+    for layer in model.layers:
+        layer.attention.resid_dropout.p = layer.feed_forward.ffn_dropout.p = 0.0
     codes = torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(1))
     logits, loss = model(codes, ids, targets=codes)
     x = model.hidden(codes, ids)
@@ -73,14 +77,14 @@ def test_loss_is_text_and_image_weighted_one_and_seven_eighths():
     assert loss.item() == pytest.approx((ce_text.item() + 7 * ce_image.item()) / 8, abs=1e-5)
     raw = torch.tensor([[5, 7, 1, 0, 0, 0], [4, 9, 3, 8, 6, 1]])
     assert model(codes, raw, targets=codes, cond_mask=raw > 0)[1].item() == loss.item()
-    model.train()
-    model.config.class_dropout_prob, model.tok_dropout.p = 1.0, 0.0
-    for layer in model.layers:
-        layer.attention.resid_dropout.p = layer.feed_forward.ffn_dropout.p = 0.0
+    assert model.eval()(codes, ids, targets=codes)[1].item() == pytest.approx(ce_image.item(),
+                                                                              abs=1e-5)
+    model.train().config.class_dropout_prob = 1.0
     null = model.cls_embedding.null(ids)
     assert null[0].tolist() == list(range(WORDS, WORDS + N))
     assert model(codes, ids, targets=codes)[1].item() == pytest.approx(
-        model.eval()(codes, null, targets=codes)[1].item(), abs=1e-6)
+        model(codes, null, targets=codes)[1].item(), abs=1e-6)
+    assert model(codes, ids, targets=codes)[1].item() != pytest.approx(loss.item(), abs=1e-3)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
