@@ -114,8 +114,7 @@ def jacobi_generate(model, cond, window=16, cfg_scale=1.0, cfg_interval=-1, temp
     if not isinstance(W, int) or W < 1:
         raise UserError(f"window {window!r} is not a whole number >= 1 (codes scored per pass)")
     c, B = model.config, cond.shape[0]
-    L, V = c.block_size, c.vocab_size
-    N = c.cls_token_num
+    L, V, N = c.block_size, c.vocab_size, c.cls_token_num
     # k/v of accepted codes stay where they were written; a rejected draft's slot is overwritten by
     # the next pass and masked until then. W-1 slots of slack let every window fit.
     prefix, key_ok = model.sampling_prefix(cond, cond_mask, cfg_scale, N + L + W - 1)
@@ -251,8 +250,7 @@ def onednn_weights(model):
             del m.packed
 
 
-def generate(model, cond, sampler="sequential", window=16, static=False, return_passes=False,
-             **kw):
+def generate(model, cond, sampler="sequential", window=16, static=False, return_passes=False, **kw):
     """Codes from GPT.generate (its arguments in kw) by the sampler asked for: "sequential", through
     decode_step if static, or "jacobi" with `window`; on a CPU with oneDNN weight copies.
     return_passes: (codes, forward passes)."""
