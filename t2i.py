@@ -195,19 +195,18 @@ def joint_gpt(recipe, items, over, was):
                         "a resumed run keeps it")
     tokenizer = UnigramTokenizer.from_words(words)
     data = CaptionedCodes(items, texts, tokenizer, length)
+    side = dict(encoder=recipe.text, length=length, words=words,  # the meta either kind records
+                words_checksum=json_checksum(words))
     if recipe.text == "stream":
         config = gpt_config(recipe.model, stream_words=len(tokenizer), cls_token_num=length, **over)
-        return config, StreamT2I(config), data, dict(kind="stream", encoder="stream",
-                                                      length=length, words=words,
-                                                      words_checksum=json_checksum(words))
+        return config, StreamT2I(config), data, dict(kind="stream", **side)
     t5 = dict(vocab_size=len(tokenizer))
     if recipe.dropout is not None:  # --dropout 0 switches every dropout off, T5's too
         t5["dropout_rate"] = recipe.dropout
     text_config = t5_config(recipe.text, **t5)
     config = gpt_config(recipe.model, caption_dim=text_config.d_model, cls_token_num=length, **over)
     return config, JointT2I(config, text_config), data, dict(
-        kind="joint", encoder=recipe.text, length=length, words=words,
-        words_checksum=json_checksum(words), config=dataclasses.asdict(text_config))
+        kind="joint", **side, config=dataclasses.asdict(text_config))
 
 
 def frozen_gpt(recipe, items, over, was):
