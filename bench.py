@@ -391,24 +391,6 @@ def bench_peer(args):
 
 
 # ------------------------------------------------------------------------ re-ranking (DALL-E 2.5)
-def stand_in_generator(success=0.3, image_size=32):
-    """generate(prompts, n, seed) for rerank_sweep without a text-to-image model: each candidate
-    renders the prompt's spec with probability `success`, else a near miss (scenes.wrong_spec),
-    blurred like a ds4 tokenizer's output: the curve then shows the re-ranker, not a model."""
-    def generate(prompts, n, seed):
-        rng, out = np.random.default_rng([seed, 4242]), []  # the same seed, the same draws
-        for p in prompts:
-            avoid = [r["shape"] for r in p["spec"]["include"]]
-            for _ in range(n):
-                spec = p["spec"] if rng.random() < success else \
-                    scenes.wrong_spec(p["task"], p["spec"], rng)
-                img = scenes.render(scenes.scene_for(spec, image_size, rng, avoid=avoid),
-                                    image_size, rng)
-                out.append(scenes.distort(img, "blur", rng))
-        return np.stack(out)
-    return generate
-
-
 def rerank_sweep(generate, clip_model, tokenizer, prompts, ns=(1, 2, 4, 8, 16, 32), seed=0):
     """DALL-E's best-of-N figure: each prompt keeps the CLIP-best of its first N candidates
     (generate(prompts, n, seed) -> uint8 (P*n, H, W, 3), prompt-major, drawn once), graded by
@@ -431,13 +413,14 @@ def rerank_sweep(generate, clip_model, tokenizer, prompts, ns=(1, 2, 4, 8, 16, 3
 
 
 def model_generator(gpt_path, vq_path, cfg_scale, device, batch_size=256):
-    """generate(prompts, n, seed) for rerank_sweep from a text-to-image GPT trained with its own T5
-    (the demo's) and its tokenizer, at cfg_scale, one generator stream, batch_size at a time."""
-    gpt = GPT.from_pretrained(gpt_path).to(device).eval()
-    if (gpt.meta.get("text") or {}).get("kind") != "joint":
-        raise UserError(f"{gpt_path}: re-ranking here needs a text-to-image GPT trained with its "
-                        "own T5 (train.py --text t5-nano), as the demo's")
+    """generate(prompts, n, seed) for rerank_sweep from a text-to-image GPT that learned its own
+    text side (the demo's: --text t5-nano or stream) and its tokenizer, at cfg_scale, one
+    generator stream, batch_size at a time."""
     vq = VQModel.from_pretrained(vq_path).to(device).eval()
+    gpt = sample.load_gpt(gpt_path, None, vq.config.downsample)[0].to(device).eval()
+    if (gpt.meta.get("text") or {}).get("kind") not in ("joint", "stream"):
+        raise UserError(f"{gpt_path}: re-ranking here needs a text-to-image GPT that learned its "
+                        "own text side (train.py --text t5-nano or stream), as the demo's")
 
     def generate(prompts, n, seed):
         # the captions of a batch are encoded when it is drawn, its pictures kept as bytes
@@ -454,7 +437,7 @@ def model_generator(gpt_path, vq_path, cfg_scale, device, batch_size=256):
 def bench_rerank(args):
     """Re-ranking on the built-in benchmark with the demo's CLIP: accuracy against N = 1..32
     candidates, and seconds per kept image; the candidates from the demo's text-to-image GPT at
-    its cfg 3 when it is there, else from a stand-in generator."""
+    its cfg 3."""
     if not os.path.isfile(sample.DEMO_CLIP):
         print(f"skipped: no CLIP at {sample.DEMO_CLIP} (python train.py --model CLIP-tiny --data "
               f"scenes --out-dir runs/clip, then copy runs/clip/ckpt.pt there)")
@@ -462,13 +445,11 @@ def bench_rerank(args):
     model, tokenizer = clip.load(sample.DEMO_CLIP)
     prompts = scenes.benchmark_prompts(2 if args.quick else 50)
     gpt_path, vq_path = t2i.DEMO_T2I_GPT, t2i.DEMO_T2I_VQ
-    if os.path.isfile(gpt_path) and os.path.isfile(vq_path):  # on top of guidance, not instead
-        generate = model_generator(gpt_path, vq_path, 3.0, args.device)
-        print(f"generator: {gpt_path} at cfg 3 (the demo's guided scale)")
-    else:
-        generate = stand_in_generator()
-        print(f"generator: stand_in_generator (no {gpt_path}; true renders 30% of the time, near "
-              "misses otherwise)")
+    if not (os.path.isfile(gpt_path) and os.path.isfile(vq_path)):
+        print(f"skipped: no text-to-image GPT at {gpt_path} (python demo.py writes one)")
+        return
+    generate = model_generator(gpt_path, vq_path, 3.0, args.device)  # on top of guidance
+    print(f"generator: {gpt_path} at cfg 3 (the demo's guided scale)")
     print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")
     for r in rerank_sweep(generate, model, tokenizer, prompts, (1, 2, 4) if args.quick else
                           (1, 2, 4, 8, 16, 32)):

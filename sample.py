@@ -434,6 +434,13 @@ ONLY_WITH = [  # a flag given where it cannot act is refused, never silently ign
     ("per_class", "pictures, not --num-samples", lambda a: a.num_samples is None),
     ("labels", "--num-samples", lambda a: a.num_samples is not None),
     ("progress_frames", "--progress", lambda a: a.progress),
+    ("progress", "pictures drawn without --candidates (it would animate every candidate, kept "
+     "or not)", lambda a: a.candidates is None),
+    ("keep", "pictures; with --num-samples each sample is the best 1 of --candidates",
+     lambda a: a.num_samples is None or a.keep == 1),
+    ("per_class", "class-conditional GPTs (--per-prompt sets pictures per prompt)",
+     lambda a: not (a.prompt or a.prompts)),
+    ("labels", "class-conditional GPTs", lambda a: not (a.prompt or a.prompts)),
     ("window", "--sampler jacobi", lambda a: a.sampler == "jacobi")]
 
 
@@ -517,12 +524,6 @@ def check_args(args):
         if getattr(args, per) is not None:
             raise UserError(f"--{per.replace('_', '-')} and --candidates both set the draws per "
                             "row; with --candidates each row shows its --keep best")
-        if args.progress:
-            raise UserError("--progress animates every candidate, kept or not; drop it with "
-                            "--candidates")
-        if evaluation and args.keep not in (None, 1):
-            raise UserError(f"--keep {args.keep} with --num-samples: each sample is the best 1 "
-                            "of --candidates; drop --keep")
         args.keep = 1 if evaluation else min(4, args.candidates) if args.keep is None else args.keep
         if not evaluation:
             setattr(args, per, args.candidates)  # rerank_grid makes per_class K once ranked
@@ -541,12 +542,8 @@ def check_args(args):
         if args.cfg_scale != 0 and any(not p.strip() for p in args.prompt_list):
             raise UserError("--prompt: an empty prompt; give some words, or --cfg-scale 0 for "
                             "unconditional pictures")
-        for flag, value in (("--class", args.classes), ("--per-class", args.per_class),
-                            ("--labels", args.labels)):
-            if value is not None:
-                raise UserError(f"{flag} is for class-conditional GPTs; with prompts drop it"
-                                + (" (--per-prompt sets pictures per prompt)"
-                                   if flag == "--per-class" else ""))
+        if args.classes is not None:
+            raise UserError("--class is for class-conditional GPTs; with prompts drop it")
         args.classes, args.per_class = list(range(len(args.prompt_list))), args.per_prompt
         args.labels = "prompt indices" if evaluation else None  # gather_parts' summary says so
         if not evaluation:  # the official text-to-image demo: cfg 7.5, top-k 1000

@@ -357,7 +357,10 @@ def test_rerank_sweep_best_of_one_is_the_first_draw(trained):
     drawn; every row has the six tasks, and the cost per kept image grows with N."""
     import bench
     prompts = scenes.benchmark_prompts(1)
-    generate = bench.stand_in_generator()
+    def generate(prompts, n, seed):  # true renders of each prompt, seeded
+        rng = np.random.default_rng(seed)
+        return np.stack([np.asarray(scenes.render(scenes.scene_for(p["spec"], 32, rng), 32, rng))
+                         for p in prompts for _ in range(n)])
     model, tok = clip.load(trained)
     rows = bench.rerank_sweep(generate, model, tok, prompts, ns=(1, 4))
     first = generate(prompts, 4, 0)[::4]  # the same draws: candidate 0 of each prompt

@@ -14,7 +14,8 @@ import train
 from common import UserError, load_checkpoint
 from conftest import run_cli
 from model import GPT, gpt_config
-from test_t2i_train import train_args, train_main, vq_world  # noqa: F401 (a fixture)
+from test_t2i_train import (resumes_exactly, train_args, train_main,  # noqa: F401
+                             vq_world)  # vq_world: a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS, N = 12, 6  # ids 0..11 are words, 12..17 the pads of slots 0..5
@@ -163,12 +164,7 @@ def test_train_stream_records_its_kind_and_resumes_exactly(vq_world, stream_run,
     assert ckpt["config"]["cls_token_num"] == 16 and ckpt["config"]["caption_dim"] == 0
     assert ckpt["model"]["cls_embedding.head.weight"].shape == (3 + len(info["words"]) + 16, 128)
     assert not any(k.startswith("text_encoder.") for k in ckpt["model"])
-    a, b = tmp_path / "a", tmp_path / "b"
-    train_main(stream_args(vq_world["codes"], a, 2, "--dropout", 0))
-    train_main(stream_args(vq_world["codes"], a, 4, "--dropout", 0, "--resume"))
-    train_main(stream_args(vq_world["codes"], b, 4, "--dropout", 0))
-    wa, wb = load_checkpoint(a / "ckpt.pt")["model"], load_checkpoint(b / "ckpt.pt")["model"]
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    a = resumes_exactly(stream_args, vq_world["codes"], tmp_path)
     code, _, err = run_cli(train.main, [*train_args(vq_world["codes"], a, 5), "--resume"], capsys)
     assert code == 2 and "--text t5-nano differs from the checkpoint's stream" in err
     c2i = tmp_path / "c2i"

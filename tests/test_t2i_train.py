@@ -298,15 +298,22 @@ def test_text_flags_that_do_not_apply_are_refused(flags, message, vq_world, tmp_
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+def resumes_exactly(args_of, codes, tmp_path):
+    """Asserts 2 + 2 resumed steps end with the weights of 4 straight ones (dropout off); returns
+    the resumed run's folder."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_main(args_of(codes, a, 2, "--dropout", 0))
+    train_main(args_of(codes, a, 4, "--dropout", 0, "--resume"))
+    train_main(args_of(codes, b, 4, "--dropout", 0))
+    wa, wb = load_checkpoint(a / "ckpt.pt")["model"], load_checkpoint(b / "ckpt.pt")["model"]
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    return a
+
+
 def test_resume_keeps_the_text_encoder(vq_world, tmp_path, capsys):
     """A t2i checkpoint resumes only as one (with its --text); a resumed run continues exactly:
     2 + 2 steps end with the weights of 4 straight ones (dropout off)."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    train_main(train_args(vq_world["codes"], a, 2, "--dropout", 0))
-    train_main(train_args(vq_world["codes"], a, 4, "--dropout", 0, "--resume"))
-    train_main(train_args(vq_world["codes"], b, 4, "--dropout", 0))
-    wa, wb = load_checkpoint(a / "ckpt.pt")["model"], load_checkpoint(b / "ckpt.pt")["model"]
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    a = resumes_exactly(train_args, vq_world["codes"], tmp_path)
     code, _, err = run_cli(train.main, ["--model", "nano", "--data", vq_world["codes"],
                                         "--num-workers", 0, "--out-dir", a, "--max-steps", 5,
                                         "--resume"], capsys)
@@ -414,7 +421,7 @@ def test_prompts_draw_a_grid_an_npz_and_refuse_the_wrong_condition(vq_world, tmp
             (["--class", 1], "is text-conditional: give --prompt"),
             (["--prompt", "a star", "--t5", tmp_path], "learned its own text side"),
             (["--t5", tmp_path], "--t5 only applies with --prompt"),
-            (["--prompt", "a star", "--per-class", 2], "--per-class is for class")):
+            (["--prompt", "a star", "--per-class", 2], "--per-class only applies with class-conditional GPTs")):
         code, _, err = run_cli(sample.main, base + flags + ["--out", tmp_path / "r.png"], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (flags, err)
     c2i = tmp_path / "c2i"
@@ -503,7 +510,7 @@ def test_bench_model_generator_draws_candidates_prompt_major(vq_world):
     c2i = vq_world["root"] / "c2i_for_bench"
     train_main(["--model", "nano", "--data", vq_world["codes"], "--batch-size", 8, "--max-steps",
                 1, "--val-size", 16, "--num-workers", 0, "--out-dir", c2i])
-    with pytest.raises(Exception, match="needs a text-to-image GPT trained with its own T5"):
+    with pytest.raises(Exception, match="needs a text-to-image GPT that learned its own text side"):
         bench.model_generator(str(c2i / "ckpt.pt"), vq_world["vq"], 3.0, "cpu")
 
 
