@@ -284,12 +284,13 @@ class GPT(nn.Module):
         """[prefix ; idx[:, :-1]] -> T float32 logits (t predicting idx[:, t]) and the cross-entropy
         (weighted per sample by valid, as the official t2i trainer). cond: labels (B,) or caption
         features (B, N, caption_dim) left padded as cond_mask (B, N) says (None: no padding)."""
-        logits = self.output(self.hidden(idx, cond, cond_mask)[:, self.config.cls_token_num - 1:])
-        logits = logits.float()  # the prefix's last position predicts code 0
+        x = self.hidden(idx, cond, cond_mask)[:, self.config.cls_token_num - 1:]
+        logits = self.output(self.norm(x)).float()  # the prefix's last position predicts code 0
         return logits, None if targets is None else next_token_loss(logits, targets, valid)
 
     def hidden(self, idx, cond, cond_mask=None):
-        """The final norm's output (B, N + T - 1, dim) at each position of [prefix ; codes]."""
+        """The last block's output (B, N + T - 1, dim) at each position of [prefix ; codes]; the
+        caller applies the final norm to the rows it reads."""
         self._check_condition(cond, cond_mask)
         L = self.config.block_size
         assert idx.shape[1] <= L, f"{idx.shape[1]} codes, but block_size is {L}"
@@ -300,7 +301,7 @@ class GPT(nn.Module):
             F.pad(cond_mask.bool(), (0, idx.shape[1] - 1), value=True), 0, x.shape[1])
         for layer in self.layers:
             x = layer(x, rope, 0, mask)
-        return self.norm(x)
+        return x
 
     def rope_table(self, device):  # moved to the device once
         if self.freqs_cis.device != device:

@@ -159,13 +159,14 @@ class StreamT2I(GPT):
             drop = torch.rand(len(ids), 1, device=ids.device) < self.config.class_dropout_prob
             ids = torch.where(drop, self.cls_embedding.null(ids), ids)
         x, n = self.hidden(idx, ids), self.config.cls_token_num
-        logits = self.output(x[:, n - 1:]).float()
+        logits = self.output(self.norm(x[:, n - 1:])).float()
         if targets is None:
             return logits, None
         image = next_token_loss(logits, targets, valid)
         if not self.training:
             return logits, image
-        text = next_token_loss(self.cls_embedding.head(x[:, :n - 1]).float(), ids[:, 1:], valid)
+        text = self.cls_embedding.head(self.norm(x[:, :n - 1])).float()
+        text = next_token_loss(text, ids[:, 1:], valid)
         return logits, (text + 7 * image) / 8
 
     def _check_condition(self, cond, cond_mask):

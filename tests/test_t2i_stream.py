@@ -71,7 +71,7 @@ def test_loss_is_text_and_image_weighted_one_and_seven_eighths():
     codes = torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(1))
     logits, loss = model(codes, ids, targets=codes)
     x = model.hidden(codes, ids)
-    text_logp = model.cls_embedding.head(x[:, :N - 1]).log_softmax(-1)
+    text_logp = model.cls_embedding.head(model.norm(x[:, :N - 1])).log_softmax(-1)
     ce_text = -text_logp.gather(-1, ids[:, 1:, None]).sum() / (2 * (N - 1))
     ce_image = -logits.log_softmax(-1).gather(-1, codes[..., None]).sum() / (2 * 16)
     assert ce_text.item() > 0.5 and abs(ce_text.item() - ce_image.item()) > 0.01
