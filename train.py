@@ -38,6 +38,8 @@ from model import GPT, GPT_CONFIGS, gpt_config
 from text import T5_CONFIGS
 from tokenizer import VQ_CONFIGS, VQLoss, VQModel, psnr, vq_config
 
+LEARNED_TEXT = (*T5_CONFIGS, "stream")  # --text sides learnt with the GPT from the captions
+
 
 # -------------------------------------------------------------------------------------------- data
 def global_batches(n, batch, accum, rank, world, seed, start_step):
@@ -157,7 +159,7 @@ class T2IStage(GPTStage):
                              "paper's); longer captions are cut, </s> kept")}
 
     def build(self, recipe, items, over, resumed):  # a resumed run keeps its text side
-        make = t2i.joint_gpt if recipe.text in (*T5_CONFIGS, "stream") else t2i.frozen_gpt
+        make = t2i.joint_gpt if recipe.text in LEARNED_TEXT else t2i.frozen_gpt
         was = resumed["meta"].get("text") if resumed else None
         self.config, self.model, self.dataset, text = make(recipe, items, over, was)
         self.meta = {**items.receipt.to_dict(), "text": text}
@@ -412,8 +414,8 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
           "caption_len": between(2, 1024), "seed": SEED, "image_size": between(1, 4096)}
 ONLY_WITH = [("caption_len", "a text encoder trained along or DALL-E's stream (--text "
-              f"{'/'.join(T5_CONFIGS)}/stream); frozen features keep their own length",
-              lambda r: r.text in (*T5_CONFIGS, "stream"))]
+              f"{'/'.join(LEARNED_TEXT)}); frozen features keep their own length",
+              lambda r: r.text in LEARNED_TEXT)]
 
 
 def lr_at(step, r, total):
