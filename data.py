@@ -116,16 +116,17 @@ class ImageFolder(torch.utils.data.Dataset):
         return crop(pil, self.image_size, self.augment, self.flip), label
 
 
-def image_dataset(spec, image_size, augment="center", flip=True, seed=0):
+def image_dataset(spec, image_size, augment="center", flip=True, seed=0, heldout=True):
     """The dataset of a --data spec: "synthetic[:N]" (SyntheticShapes from `seed`, N 10,000), an
     ImageNet-layout folder ("./synthetic" for one of that name), a caption spec as Captioned, or
-    specs joined by "+" (Joined). `augment` and `flip` apply to folders only."""
+    specs joined by "+" (Joined). `augment` and `flip` apply to folders only, `heldout` to
+    scenes."""
     spec = str(spec)
     if "+" in spec and not os.path.isdir(spec):  # a real folder named a+b is one folder
-        return Joined([image_dataset(part, image_size, augment, flip, seed)
+        return Joined([image_dataset(part, image_size, augment, flip, seed, heldout)
                        for part in spec.split("+")], spec)
     if spec.startswith(("captions:", "coco:", "scenes:")) or spec == "scenes":  # captioned images
-        return Captioned(caption_dataset(spec, image_size, augment, flip, seed))
+        return Captioned(caption_dataset(spec, image_size, augment, flip, seed, heldout))
     if spec == "synthetic" or spec.startswith("synthetic:"):
         if os.path.isdir(spec):  # a real folder of that name: neither reading may be guessed
             raise UserError(f"--data {spec!r} is ambiguous: a folder of that name is here too; "
@@ -305,17 +306,18 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
                            spec=f"coco:{annotations}:{images_dir}")
 
 
-def caption_dataset(spec, image_size, augment="center", flip=False, seed=0):
-    """The captioned dataset of a spec: "scenes[:N]" (scenes.CaptionedScenes, N 10,000),
-    "coco:ANN.json:IMAGES" or "[captions:]DIR" (same-stem .txt captions); `.spec` normalised
-    (absolute paths, no leading zeros: receipts compare them)."""
+def caption_dataset(spec, image_size, augment="center", flip=False, seed=0, heldout=True):
+    """The captioned dataset of a spec: "scenes[:N]" (scenes.CaptionedScenes, N 10,000, without
+    the held-out pairs unless heldout=False), "coco:ANN.json:IMAGES" or "[captions:]DIR"
+    (same-stem .txt captions); `.spec` normalised (absolute paths, no leading zeros: receipts
+    compare them)."""
     spec = str(spec)
     if spec == "scenes" or spec.startswith("scenes:"):
         n = spec.partition(":")[2] or "10000"
         if not n.isdigit() or int(n) < 1:
             raise UserError(f"--data {spec!r}: write scenes:N with N a positive number of scenes, "
                             "e.g. scenes:2000")
-        ds = CaptionedScenes(int(n), image_size, seed)
+        ds = CaptionedScenes(int(n), image_size, seed, heldout)
         ds.spec = f"scenes:{int(n)}"
         return ds
     if spec.startswith("coco:"):

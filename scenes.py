@@ -1,8 +1,8 @@
 """A captioned world for text-to-image, and a compositional benchmark scored by an exact checker.
 
 CaptionedScenes, the text-conditional sibling of shapes.SyntheticShapes: one to three objects, each
-of a shape, colour, size and place drawn independently, captioned by a small grammar ("a green
-square to the left of a blue star"); a few colour-shape pairs never occur in training. The
+of a shape, colour and cell of a 2x2 grid drawn independently, captioned by a small grammar ("a
+green square to the left of a blue star"); a few colour-shape pairs never occur in training. The
 benchmark follows GenEval (Ghosh et al. 2023), six tasks of prompts judged by fixed rules; where
 GenEval runs a detector and CLIP, the checker here reads the known world off the picture, and its
 own error rate on true renders is measured (checker_accuracy).
@@ -22,11 +22,12 @@ from scipy import ndimage
 
 from common import (SEED, UserError, at_least, between, check_flags, check_writable, cli,
                     from_uint8, save_grid)
-from shapes import POLYGONS, SS, background, disk, polygon, star
+from shapes import POLYGONS, SS, disk, polygon, star
 
 # -- The world: palette, shapes, the held-out pairs and the words ----------------------------------
-# Six colours 40+ degrees apart in hue, each with a channel above 190 (the background stays below
-# 90): blurring in the dark background hardly moves hue, so hue names a colour even when blurred.
+# Six colours 40+ degrees apart in hue, each with a channel above 190, on a dark grey: blurring in
+# the background hardly moves hue, so hue names a colour even when blurred.
+BACKGROUND = (40, 40, 40)
 COLOURS = {"red": (245, 45, 45), "yellow": (250, 225, 35), "green": (45, 210, 60),
            "cyan": (35, 225, 230), "blue": (45, 95, 255), "magenta": (235, 45, 235)}
 
@@ -51,21 +52,20 @@ HELDOUT_PAIRS = (("red", "square"), ("blue", "triangle"), ("yellow", "star"))
 ALL_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELDOUT_PAIRS)
 
-SIZES = {"small": (9.0, 10.5), "large": (12.5, 14.0)}  # box side in px at 32 px (scaled)
 NUMBERS = {1: "a", 2: "two", 3: "three"}
 RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above",
              "below": "below"}  # GenEval's names -> a caption's words
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-PLACES = (("at the top left", "at the top", "at the top right"),  # the 3x3 cells, row by row
-          ("on the left", "in the middle", "on the right"),
-          ("at the bottom left", "at the bottom", "at the bottom right"))
+PLACES = (("at the top left", "at the top right"),  # the cells, row by row
+          ("at the bottom left", "at the bottom right"))
+GRID = len(PLACES)
 # every word a caption or prompt can use (lower case, no punctuation), to build a tokenizer from
 VOCABULARY = tuple(sorted(set(" ".join(
-    [*NUMBERS.values(), *SIZES, *COLOURS, *SHAPES, *PLURALS.values(), "and", *RELATIONS.values(),
+    [*NUMBERS.values(), *COLOURS, *SHAPES, *PLURALS.values(), "and", *RELATIONS.values(),
      *(p for row in PLACES for p in row)]).split())))
 
 
-# -- Geometry: GenEval's relation rule, the non-overlapping layout ---------------------------------
+# -- Geometry: GenEval's relation rule, the layout ---------------------------------
 def relative_position(box_a, box_b, threshold=0.1, cut=0.5):
     """GenEval's rule for where box A (x0, y0, x1, y1; y down) lies relative to box B: the centre
     offset, shrunk on each axis by threshold x (side of A + side of B), over its length; a
@@ -87,44 +87,25 @@ _HALF = {s: (1.0, 1.0) if OUTLINES[s] is None else  # each outline's half width 
          tuple(float(v) for v in np.abs(np.array(OUTLINES[s])).max(0)) for s in SHAPES}
 
 
-def _layout(objects, image_size, rng):
-    """Give each object a box side, a 3x3 cell of its own and a centre 1 px inside it, its box 2 px
-    from every other and 1 px from the border; False when this draw does not fit."""
-    s = image_size / 32  # the scale of 32 px sizes
-    cell, gap, border = image_size / 3, 2 * s, 1 * s
-
-    def centres(k, h):  # along an axis: the centres in its k-th third that keep the margins
-        return max(k * cell + s, h + border), min((k + 1) * cell - s, image_size - h - border)
-    placed = []
-    for obj in objects:
-        lo_side, hi_side = SIZES[obj["size"]]
-        side = s * (lo_side + (hi_side - lo_side) * rng.random())
-        hx, hy = (side / 2 * e for e in _HALF[obj["shape"]])
-        ranges = [(row, col, *centres(col, hx), *centres(row, hy)) for row in range(3)
-                  for col in range(3) if (row, col) not in [o["cell"] for o in placed]]
-        ranges = [r for r in ranges if r[2] <= r[3] and r[4] <= r[5]]  # the free cells it fits in
-        for _ in range(30 if ranges else 0):
-            row, col, x0, x1, y0, y1 = ranges[int(rng.random() * len(ranges))]
-            cx, cy = x0 + (x1 - x0) * rng.random(), y0 + (y1 - y0) * rng.random()
-            box = (cx - hx, cy - hy, cx + hx, cy + hy)
-            if all(max(box[0] - o["box"][2], o["box"][0] - box[2],
-                       box[1] - o["box"][3], o["box"][1] - box[3]) >= gap for o in placed):
-                obj.update(cell=(row, col), centre=(cx, cy), box=box, side=side)
-                placed.append(obj)
-                break
-        else:
-            return False
-    return True
+# Why a grid, each object centred in its cell at one size, in its palette colour on a flat
+# background: a scene is then its cells' contents and nothing else, so every code the GPT predicts
+# is about the caption, and the tokenizer's 4x4 codes of a cell (paper 2.2) are the same wherever
+# that object appears. Free placement, sizes and textured backgrounds (SyntheticShapes') are
+# images the GPT must also learn to draw; this world keeps only what the six tasks test.
+FILL = 0.8  # an object's box side over its cell's: gaps of 0.2 cells keep objects apart
 
 
-def _arrange(pairs, image_size, rng):  # (colour, shape) pairs -> objects without overlap
-    for _ in range(200):
-        objs = [{"shape": s, "colour": c, "size": ("small", "large")[rng.random() < 0.5],
-                 "rgb": tuple(min(max(int(v + 30 * rng.random() - 15), 0), 255)  # +-15 a channel
-                              for v in COLOURS[c])} for c, s in pairs]
-        if _layout(objs, image_size, rng):
-            return objs
-    raise RuntimeError(f"no layout found for {pairs} at {image_size} px")  # not at >= 24 px
+def _arrange(pairs, image_size, rng):
+    """(colour, shape) pairs -> objects (shape, colour, rgb, cell, centre, side, box), each centred
+    in a cell of its own, drawn at random."""
+    side, objs = FILL * image_size / GRID, []
+    for (colour, shape), k in zip(pairs, rng.permutation(GRID * GRID)):
+        row, col = divmod(int(k), GRID)
+        cx, cy = ((col + 0.5) * image_size / GRID, (row + 0.5) * image_size / GRID)
+        hx, hy = (side / 2 * e for e in _HALF[shape])
+        objs.append({"shape": shape, "colour": colour, "rgb": COLOURS[colour], "cell": (row, col),
+                     "centre": (cx, cy), "side": side, "box": (cx - hx, cy - hy, cx + hx, cy + hy)})
+    return objs
 
 
 # -- Drawing, at 4x and box-filtered down as in SyntheticShapes; captions from a small grammar -----
@@ -135,10 +116,10 @@ def _draw_shape(draw, shape, r, cx, cy, fill):
         draw.polygon(polygon(OUTLINES[shape], 0.0, r, cx, cy), fill=fill)
 
 
-def render(objects, image_size, rng):
-    """Scene (objects with "shape", "rgb", "centre", "side") -> RGB PIL image on the SyntheticShapes
-    background drawn from `rng`: one 4x RGBA layer of all objects, box-reduced, then blended."""
-    bg = np.asarray(background(image_size, rng), np.float32)
+def render(objects, image_size):
+    """Scene (objects with "shape", "rgb", "centre", "side") -> RGB PIL image: one 4x RGBA layer of
+    all objects, box-reduced, then blended over the background."""
+    bg = np.array(BACKGROUND, np.float32)
     layer = Image.new("RGBA", (image_size * SS, image_size * SS))
     draw = ImageDraw.Draw(layer)
     for o in objects:
@@ -149,41 +130,40 @@ def render(objects, image_size, rng):
                            .astype(np.uint8))
 
 
-def _phrase(obj, colour=True, size=False, count=1):
-    """'a large red circle', 'two green crosses', 'a star'."""
-    words = [NUMBERS[count]] + ([obj["size"]] if size else []) + ([obj["colour"]] if colour else [])
+def _phrase(obj, colour=True, count=1):
+    """'a red circle', 'two green crosses', 'a star'."""
+    words = [NUMBERS[count]] + ([obj["colour"]] if colour else [])
     return " ".join(words + [obj["shape"] if count == 1 else PLURALS[obj["shape"]]])
 
 
 def _scene_and_caption(rng, image_size, pairs):
     """One scene and its caption: one object 30%, two 40%, three 10%, two or three alike 20%; the
-    caption names colours 3 times in 4, sizes 3 in 10, a lone object's place or a clear relation
-    of two half the time; all of it true."""
+    caption names colours 3 times in 4, a lone object's place or a clear relation of two half the
+    time; all of it true."""
     kind = rng.choice(4, p=[0.3, 0.4, 0.1, 0.2])
-    with_colour, with_size = rng.random() < 0.75, rng.random() < 0.3
+    with_colour = rng.random() < 0.75
     if kind == 3:  # a group: "three yellow triangles"
         objs = _arrange([_pick(pairs, rng)] * int(rng.integers(2, 4)), image_size, rng)
-        same_size = len({o["size"] for o in objs}) == 1
-        return objs, _phrase(objs[0], with_colour, with_size and same_size, len(objs))
+        return objs, _phrase(objs[0], with_colour, len(objs))
     n = int(kind) + 1
     objs = _arrange([pairs[k] for k in rng.choice(len(pairs), n, replace=False)], image_size, rng)
     if n == 1:
         place = " " + PLACES[objs[0]["cell"][0]][objs[0]["cell"][1]] if rng.random() < 0.5 else ""
-        return objs, _phrase(objs[0], with_colour, with_size) + place
+        return objs, _phrase(objs[0], with_colour) + place
     with_colour = with_colour or len({o["shape"] for o in objs}) < n  # not "a star by a star"
     order = [int(k) for k in rng.permutation(n)]
     if n == 2 and rng.random() < 0.5:
         a, b = objs[order[0]], objs[order[1]]
         clear = sorted(_clear_relations(a["box"], b["box"]))
         if clear:
-            pa, pb = (_phrase(o, with_colour, with_size) for o in (a, b))
+            pa, pb = (_phrase(o, with_colour) for o in (a, b))
             return objs, f"{pa} {RELATIONS[_pick(clear, rng)]} {pb}"
-    return objs, " and ".join(_phrase(objs[k], with_colour, with_size) for k in order)
+    return objs, " and ".join(_phrase(objs[k], with_colour) for k in order)
 
 
 class CaptionedScenes(torch.utils.data.Dataset):
     """Item i -> (float32 [3, H, W] in [-1, 1], caption), a pure function of (seed, i); scene(i):
-    its objects (shape, colour, size, rgb, cell, centre, side, box). heldout: no HELDOUT_PAIRS."""
+    its objects (shape, colour, rgb, cell, centre, side, box). heldout: no HELDOUT_PAIRS."""
 
     def __init__(self, num_images, image_size=32, seed=0, heldout=True):
         if num_images < 1 or image_size < 24:
@@ -198,8 +178,8 @@ class CaptionedScenes(torch.utils.data.Dataset):
     def _draw(self, index):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} scenes")
-        rng = np.random.default_rng([self.seed, index])
-        return (*_scene_and_caption(rng, self.image_size, self.pairs), rng)  # on to the background
+        return _scene_and_caption(np.random.default_rng([self.seed, index]), self.image_size,
+                                  self.pairs)
 
     def scene(self, index):
         return self._draw(index)[0]
@@ -208,8 +188,8 @@ class CaptionedScenes(torch.utils.data.Dataset):
         return self._draw(index)[1]
 
     def __getitem__(self, index):
-        objs, caption, rng = self._draw(index)
-        return from_uint8(render(objs, self.image_size, rng)), caption
+        objs, caption = self._draw(index)
+        return from_uint8(render(objs, self.image_size)), caption
 
 
 # -- The benchmark: GenEval's six tasks over this world --------------------------------------------
@@ -317,7 +297,7 @@ def _blur_matrices(n, s):
 
 
 def detect(image):
-    """The objects in an image of this world (dicts of shape, colour, size, box, centre, area),
+    """The objects in an image of this world (dicts of shape, colour, box, centre, area),
     largest first: 4-connected components of pixels half way from the background (the median) to
     210; colour: the nearest palette hue; shape: blur keeps an object's coverage mass and
     centroid, so templates of that area about that centroid, blurred, are matched."""
@@ -350,9 +330,7 @@ def detect(image):
         centroid = ((xx * pos).sum() / pos.sum() - wx0, (yy * pos).sum() / pos.sum() - wy0)
         err = {sh: float(((_templates(sh, mass, centroid, cov.shape, s) - cov) ** 2)
                          .sum(axis=(1, 2)).min()) for sh in SHAPES}
-        side = 2 * math.sqrt(max(mass, 1.0) / _MOMENTS[min(err, key=err.get)][0])
-        found.append({"shape": min(err, key=err.get), "colour": colour,
-                      "size": "small" if side < 11.5 * s else "large", "box": (x0, y0, x1, y1),
+        found.append({"shape": min(err, key=err.get), "colour": colour, "box": (x0, y0, x1, y1),
                       "centre": ((x0 + x1) / 2, (y0 + y1) / 2), "area": area})
     return sorted(found, key=lambda o: -o["area"])
 
@@ -448,7 +426,7 @@ def checker_accuracy(per_task=200, image_size=32, seed=0, distortion=None, negat
     for p in prompts:
         spec = wrong_spec(p["task"], p["spec"], rng) if negatives else p["spec"]
         avoid = [r["shape"] for r in p["spec"]["include"]]  # a distractor must not fix a near miss
-        img = render(scene_for(spec, image_size, rng, avoid=avoid), image_size, rng)
+        img = render(scene_for(spec, image_size, rng, avoid=avoid), image_size)
         images.append(distort(img, distortion, rng) if distortion else np.asarray(img))
     res = score(images, prompts)
     if negatives:  # accepted -> rejected

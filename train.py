@@ -184,7 +184,8 @@ class VQStage(Stage):
         over = {k: getattr(recipe, k) for k in ("codebook_size", "entropy_loss_ratio")}
         self.config = vq_config(recipe.model, **{k: v for k, v in over.items() if v is not None})
         self.model, self.meta = VQModel(self.config), {}
-        images = partial(data.image_dataset, recipe.data, recipe.image_size)
+        images = partial(data.image_dataset, recipe.data, recipe.image_size,
+                         heldout=not recipe.with_heldout)
         self.train_set = split(images(augment="random_resize_crop"), recipe.val_size)[0]
         self.val_set = split(images(augment="center", flip=False), recipe.val_size)[1]
         self.crit = VQLoss(disc_start=recipe.disc_start, disc_weight=recipe.disc_weight,
@@ -217,8 +218,7 @@ class ClipStage(Stage):
     configs = {k: v for k, v in clip.CLIP_CONFIGS.items() if k.startswith("CLIP-")}
     # the CLIP paper's weight decay 0.2, and a peak rate for a small batch (its 5e-4 was at 32k)
     defaults = dict(epochs=30, batch_size=128, weight_decay=0.2, lr=1e-3)
-    flags = {"with_heldout": (False, bool, "--data scenes[:N]: also train on the held-out "
-                              "colour-shape pairs (default: never shown, as to the text GPT)")}
+    flags = {}
     val_label, val_group = "validation accuracy of an image picking its caption among 10", 10
 
     def __init__(self, recipe, resumed):
@@ -245,7 +245,7 @@ class ClipStage(Stage):
         self.model = clip.CLIP(self.config)
         self.meta = {"bpe_merges": (m := [list(p) for p in self.tokenizer.merges]),
                      "bpe_merges_checksum": json_checksum(m), "data": recipe.data}
-        # held-out pairs stay unseen (as by the text GPT); no flips or crops: "on the left" holds
+        # held-out pairs stay unseen (as by the text GPT); no flips or crops: "at the top left" holds
         world = scenes.CaptionedScenes(int(n or 20000), self.config.image_size, seed=recipe.seed,
                                        heldout=not recipe.with_heldout)
         items = clip.TokenizedCaptions(world, self.tokenizer, self.config.context_length)
@@ -313,6 +313,8 @@ def get_args(argv=None):
     a("--num-workers", type=int, default=2, help="data-loading processes per rank")
     a("--seed", type=int, default=0, help="global seed; rank r seeds dropout with seed*world+r")
     a("--device", default="auto", help="cuda, mps or cpu (default: the best available)")
+    a("--with-heldout", action="store_true", help="--data scenes[:N]: also the colour-shape pairs "
+      "held out of the text GPT's captions (a tokenizer reads no captions; default: never shown)")
     for i, stage in enumerate(STAGES):
         g = p.add_argument_group(f"the {stage.name} stage only")
         for name, (default, kind, text) in stage.flags.items():
@@ -413,7 +415,9 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
           **dict.fromkeys(("epochs", "lr"), POSITIVE),
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
           "caption_len": between(2, 1024), "seed": SEED, "image_size": between(1, 4096)}
-ONLY_WITH = [("caption_len", "a text encoder trained along or DALL-E's stream (--text "
+ONLY_WITH = [("with_heldout", "--data scenes[:N], the built-in captioned world",
+              lambda r: str(r.data).partition(":")[0] == "scenes"),
+             ("caption_len", "a text encoder trained along or DALL-E's stream (--text "
               f"{'/'.join(LEARNED_TEXT)}); frozen features keep their own length",
               lambda r: r.text in LEARNED_TEXT)]
 

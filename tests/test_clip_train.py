@@ -31,7 +31,7 @@ def test_word_level_bpe_of_the_built_in_world():
     assert len(tok.encoder) == 512 + len(tok.merges) + 2 and tok.eot == len(tok.encoder) - 1
     for word in scenes.VOCABULARY:  # every word of the world is one token
         assert len(tok.encode(word)) == 1, word
-    caption = "a large red circle to the left of three yellow triangles"
+    caption = "a red circle to the left of three yellow triangles at the top right"
     assert len(tok.encode(caption)) == len(caption.split())
     odd = "A photo depicts: 2 Purple hexagons!"  # outside the vocabulary: byte pieces, not errors
     assert tok.decode(tok.encode(odd)) == "a photo depicts : 2 purple hexagons !"
@@ -106,7 +106,7 @@ def test_clip_stage_refuses_other_data_and_flags(tmp_path, capsys):
              (["--model", "CLIP-tiny", "--data", "scenes", "--image-size", "32"],
               "--image-size only applies to the tokenizer stage"),
              (["--model", "VQ-tiny", "--data", "synthetic:100", "--with-heldout"],
-              "--with-heldout only applies to the CLIP stage"),
+              "--with-heldout only applies with --data scenes[:N]"),
              (["--model", "CLIP-tiny", "--data", "scenes", "--fsdp"], "drop --fsdp")]
     for argv, message in cases:
         code, _, err = run_cli(train.main, [*argv, "--out-dir", tmp_path / "o"], capsys)
@@ -359,7 +359,7 @@ def test_rerank_sweep_best_of_one_is_the_first_draw(trained):
     prompts = scenes.benchmark_prompts(1)
     def generate(prompts, n, seed):  # true renders of each prompt, seeded
         rng = np.random.default_rng(seed)
-        return np.stack([np.asarray(scenes.render(scenes.scene_for(p["spec"], 32, rng), 32, rng))
+        return np.stack([np.asarray(scenes.render(scenes.scene_for(p["spec"], 32, rng), 32))
                          for p in prompts for _ in range(n)])
     model, tok = clip.load(trained)
     rows = bench.rerank_sweep(generate, model, tok, prompts, ns=(1, 4))

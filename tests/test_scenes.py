@@ -18,8 +18,7 @@ SINGULAR = {**{s: s for s in SHAPES}, **{scenes.PLURALS[s]: s for s in SHAPES}}
 
 def parse(caption):
     """A second reading of the grammar, written from the captions' English and not from scenes.py's
-    generator: -> (phrases [(count, size or None, colour or None, shape)], relation or None,
-    place)."""
+    generator: -> (phrases [(count, colour or None, shape)], relation or None, place)."""
     place, rest = next(((rc, caption[:-len(t) - 1]) for t, rc in PLACES.items()
                         if caption.endswith(" " + t)), (None, caption))
     relation = next((rel for rel, text in RELATIONS.items() if f" {text} " in rest), None)
@@ -28,11 +27,10 @@ def parse(caption):
     for part in parts:
         w = part.split()
         count = {"a": 1, "two": 2, "three": 3}[w[0]]
-        size = w[1] if w[1] in ("small", "large") else None
         colour = w[-2] if w[-2] in COLOURS else None
-        assert len(w) == 2 + (size is not None) + (colour is not None), caption
+        assert len(w) == 2 + (colour is not None), caption
         assert (w[-1] in SHAPES) == (count == 1), caption  # plural exactly when more than one
-        phrases.append((count, size, colour, SINGULAR[w[-1]]))
+        phrases.append((count, colour, SINGULAR[w[-1]]))
     return phrases, relation, place
 
 
@@ -46,8 +44,8 @@ def test_deterministic_per_seed_and_index():
     assert a.scene(42) == b.scene(42) and a.caption(42) == a[42][1]
     assert not torch.equal(a[42][0], CaptionedScenes(100, seed=1)[42][0])
     x, _ = a[3]
-    objs, _, rng = a._draw(3)  # the dataset's array path equals render() + common.from_uint8
-    assert torch.equal(x, from_uint8(scenes.render(objs, 32, rng)))
+    # the dataset's array path equals render() + common.from_uint8
+    assert torch.equal(x, from_uint8(scenes.render(a.scene(3), 32)))
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() < x.max() <= 1
     assert CaptionedScenes(5, image_size=48)[0][0].shape == (3, 48, 48)
 
@@ -79,47 +77,40 @@ def test_captions_use_the_vocabulary_and_are_true_of_their_scene():
         phrases, relation, place = parse(caption)
         assert sum(n for n, *_ in phrases) == len(objs), caption  # every object is named
         remaining = list(objs)
-        for n, size, colour, shape in phrases:
+        for n, colour, shape in phrases:
             for _ in range(n):
                 o = next(o for o in remaining if o["shape"] == shape
-                         and colour in (None, o["colour"]) and size in (None, o["size"]))
+                         and colour in (None, o["colour"]))
                 remaining.remove(o)
         if place:
             assert objs[0]["cell"] == place, caption
         if relation:  # "A rel B": GenEval's rule agrees on the true boxes
-            (_, sa, ca, a), (_, sb, cb, b) = phrases
+            (_, ca, a), (_, cb, b) = phrases
             oa = next(o for o in objs if o["shape"] == a and ca in (None, o["colour"]))
             ob = next(o for o in objs if o is not oa)
             assert relation in relative_position(oa["box"], ob["box"]), caption
         forms[("group" if phrases[0][0] > 1 else "relation" if relation else "place" if place
                else f"{len(phrases)} listed")] += 1
-        forms["no colour"] += phrases[0][2] is None
-        forms["size"] += phrases[0][1] is not None
+        forms["no colour"] += phrases[0][1] is None
     assert all(forms[f] > 50 for f in ("group", "relation", "place", "1 listed", "2 listed",
-                                       "3 listed", "no colour", "size")), forms
+                                       "3 listed", "no colour")), forms
 
 
-def test_objects_do_not_overlap_and_sit_in_their_cells():
-    ds = CaptionedScenes(1000, seed=4)
+def test_objects_sit_centred_in_cells_of_their_own_on_a_flat_background():
+    ds, cells = CaptionedScenes(1000, seed=4), collections.Counter()
     for i in range(len(ds)):
         objs = ds.scene(i)
         assert 1 <= len(objs) <= 3 and len({o["cell"] for o in objs}) == len(objs)
-        for k, o in enumerate(objs):
-            x0, y0, x1, y1 = o["box"]
-            assert 1 - 1e-9 <= min(x0, y0) and max(x1, y1) <= 31 + 1e-9  # 1 px from the border
-            lo, hi = (9, 10.5) if o["size"] == "small" else (12.5, 14)
-            assert lo <= max(x1 - x0, y1 - y0) <= hi
+        for o in objs:  # a 16 px cell, its centre at 8 or 24, a box 0.8 x 16 wide or high
             row, col = o["cell"]
-            assert col * 32 / 3 < o["centre"][0] < (col + 1) * 32 / 3
-            assert row * 32 / 3 < o["centre"][1] < (row + 1) * 32 / 3
-            for p in objs[k + 1:]:  # boxes 2 px apart along at least one axis
-                gx = max(p["box"][0] - x1, x0 - p["box"][2])
-                gy = max(p["box"][1] - y1, y0 - p["box"][3])
-                assert max(gx, gy) >= 2 - 1e-9
-    # the pixels: dark outside the boxes (background channels stay below 90), and each object's
-    # shade is reached inside its box
+            cells[row, col] += 1
+            assert o["centre"] == (16 * col + 8, 16 * row + 8) and o["side"] == 12.8
+            x0, y0, x1, y1 = o["box"]
+            assert max(x1 - x0, y1 - y0) == pytest.approx(12.8) and o["rgb"] == COLOURS[o["colour"]]
+    assert len(cells) == 4 and min(cells.values()) > 300  # every cell used
+    # the pixels: the background outside the boxes, each object's colour reached inside its box
     for i in range(50):
-        img = ((ds[i][0].permute(1, 2, 0) + 1) * 127.5).numpy()
+        img = ((ds[i][0].permute(1, 2, 0) + 1) * 127.5).round().numpy()
         outside = np.ones((32, 32), bool)
         for o in ds.scene(i):
             x0, y0, x1, y1 = (int(np.floor(o["box"][0])), int(np.floor(o["box"][1])),
@@ -127,12 +118,12 @@ def test_objects_do_not_overlap_and_sit_in_their_cells():
             outside[y0:y1, x0:x1] = False
             inside = img[y0:y1, x0:x1].reshape(-1, 3)
             assert np.abs(inside - np.array(o["rgb"])).max(1).min() <= 1
-        assert img[outside].max() < 90
+        assert (img[outside] == scenes.BACKGROUND).all()
 
 
 def test_vocabulary_is_small_and_complete():
-    assert len(VOCABULARY) == 35 and list(VOCABULARY) == sorted(set(VOCABULARY))
-    assert {"crosses", "above", "middle", "magenta", "three"} <= set(VOCABULARY)
+    assert len(VOCABULARY) == 30 and list(VOCABULARY) == sorted(set(VOCABULARY))
+    assert {"crosses", "above", "bottom", "magenta", "three"} <= set(VOCABULARY)
     with pytest.raises(UserError):
         CaptionedScenes(10, image_size=16)
     with pytest.raises(UserError):
@@ -181,21 +172,16 @@ def test_evaluate_follows_genevals_decisions():
 
 
 def test_detect_reads_a_known_scene_from_uint8_and_float_images():
-    jitter = [np.random.default_rng(k).random(3) for k in range(3)]  # shades as _arrange draws them
-    objs = [{"shape": s, "colour": c, "size": z, "rgb": tuple(min(max(int(v + 30 * r - 15), 0), 255)
-                                                             for v, r in zip(COLOURS[c], j))}
-            for j, (s, c, z) in zip(jitter, [("star", "yellow", "large"), ("cross", "cyan", "small"),
-                                              ("triangle", "magenta", "small")])]
-    for o, (cx, cy, side) in zip(objs, [(8, 8, 13), (24, 9, 9), (16, 25, 8.5)]):
-        hx, hy = (side / 2 * e for e in scenes._HALF[o["shape"]])
-        o.update(centre=(cx, cy), side=side, box=(cx - hx, cy - hy, cx + hx, cy + hy))
-    pil = scenes.render(objs, 32, np.random.default_rng(0))
+    objs = scenes._arrange([("yellow", "star"), ("cyan", "cross"), ("magenta", "triangle")], 32,
+                           np.random.default_rng(1))
+    assert [o["cell"] for o in objs] == [(0, 0), (0, 1), (1, 0)]  # the star left of the cross
+    pil = scenes.render(objs, 32)
     found = detect(np.asarray(pil))
     assert detect(from_uint8(pil)) == found  # a [-1, 1] tensor reads the same
-    assert [(d["shape"], d["colour"], d["size"]) for d in found] == [
-        ("star", "yellow", "large"), ("cross", "cyan", "small"), ("triangle", "magenta", "small")]
-    for d, o in zip(found, objs):  # pixel boxes within a pixel of the true ones
-        assert np.abs(np.array(d["box"]) - np.array(o["box"])).max() <= 1
+    truth = {(o["shape"], o["colour"]): o["box"] for o in objs}
+    assert {(d["shape"], d["colour"]) for d in found} == set(truth) and len(found) == 3
+    for d in found:  # pixel boxes within a pixel of the true ones
+        assert np.abs(np.array(d["box"]) - np.array(truth[d["shape"], d["colour"]])).max() <= 1
     spec = {"include": [{"shape": "cross", "count": 1, "colour": "cyan"},
                         {"shape": "star", "count": 1, "colour": "yellow",
                          "position": ["left of", 0]}]}
@@ -214,7 +200,7 @@ def test_score_aggregates_tasks_and_splits():
     prompts = benchmark_prompts(2)
     rng = np.random.default_rng(0)
     blank = np.full((32, 32, 3), 30, np.uint8)
-    images = [np.asarray(scenes.render(scenes.scene_for(p["spec"], 32, rng), 32, rng))
+    images = [np.asarray(scenes.render(scenes.scene_for(p["spec"], 32, rng), 32))
               if (k % 2 == 1) == (p["task"] not in ("single_object", "two_objects")) else blank
               for k, p in enumerate(prompts)]
     r = scenes.score(images, prompts)
@@ -239,3 +225,16 @@ def test_checker_accuracy_on_true_renders():
         assert all(soft[t] >= 0.95 for t in TASKS), (kind, soft)
     wrong = checker_accuracy(per_task=20, seed=2, negatives=True)
     assert all(wrong[t] >= 0.97 for t in TASKS), wrong
+
+
+def test_a_tokenizer_may_see_the_heldout_pairs():
+    """train.py --with-heldout: the images of scenes:N with every colour-shape pair (a tokenizer
+    reads no captions); without it, or for captions, the held-out pairs stay out."""
+    import data
+
+    def pairs(ds):
+        return {(o["colour"], o["shape"]) for i in range(len(ds)) for o in ds.scene(i)}
+    every = data.image_dataset("scenes:400", 32, heldout=False).base
+    assert set(HELDOUT_PAIRS) <= pairs(every)
+    assert not set(HELDOUT_PAIRS) & pairs(data.image_dataset("scenes:400", 32).base)
+    assert not set(HELDOUT_PAIRS) & pairs(data.caption_dataset("scenes:400", 32))

@@ -486,9 +486,9 @@ def test_prompt_condition_is_the_trained_models_left_padded_t5_output(vq_world):
     """PromptCondition: the checkpoint's own T5 and words, captions left padded to N = 16."""
     gpt = GPT.from_pretrained(vq_world["gpt"])
     enc = t2i.joint_text_encoder(vq_world["gpt"], gpt.meta["text"], "cpu", torch.float32)
-    condition = t2i.PromptCondition(["a red circle", "three green crosses at the top"], enc, 16)
+    condition = t2i.PromptCondition(["a red circle", "three green crosses at the top left"], enc, 16)
     feats, mask = condition(torch.tensor([1, 0]))
-    assert feats.shape == (2, 16, 64) and mask.sum(1).tolist() == [6 + 1, 3 + 1]
+    assert feats.shape == (2, 16, 64) and mask.sum(1).tolist() == [7 + 1, 3 + 1]
     assert mask[:, -1].all() and not mask[:, 0].any()  # valid tokens last
     assert (feats[~mask] == 0).all() and (feats[mask].abs().sum(-1) > 0).all()
 
