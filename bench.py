@@ -437,7 +437,7 @@ def model_generator(gpt_path, vq_path, cfg_scale, device, batch_size=256):
 def bench_rerank(args):
     """Re-ranking on the built-in benchmark with the demo's CLIP: accuracy against N = 1..32
     candidates, and seconds per kept image; the candidates from the demo's text-to-image GPT at
-    its cfg 3."""
+    its guided scale, cfg 1.5."""
     if not os.path.isfile(sample.DEMO_CLIP):
         print(f"skipped: no CLIP at {sample.DEMO_CLIP} (python train.py --model CLIP-tiny --data "
               f"scenes --out-dir runs/clip, then copy runs/clip/ckpt.pt there)")
@@ -448,8 +448,8 @@ def bench_rerank(args):
     if not (os.path.isfile(gpt_path) and os.path.isfile(vq_path)):
         print(f"skipped: no text-to-image GPT at {gpt_path} (python demo.py writes one)")
         return
-    generate = model_generator(gpt_path, vq_path, 3.0, args.device)  # on top of guidance
-    print(f"generator: {gpt_path} at cfg 3 (the demo's guided scale)")
+    generate = model_generator(gpt_path, vq_path, 1.5, args.device)  # on top of guidance
+    print(f"generator: {gpt_path} at cfg 1.5 (the demo's guided scale)")
     print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")
     for r in rerank_sweep(generate, model, tokenizer, prompts, (1, 2, 4) if args.quick else
                           (1, 2, 4, 8, 16, 32)):

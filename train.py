@@ -245,7 +245,7 @@ class ClipStage(Stage):
         self.model = clip.CLIP(self.config)
         self.meta = {"bpe_merges": (m := [list(p) for p in self.tokenizer.merges]),
                      "bpe_merges_checksum": json_checksum(m), "data": recipe.data}
-        # held-out pairs stay unseen (as by the text GPT); no flips or crops: "at the top left" holds
+        # held-out pairs stay unseen (as by the text GPT); no flips or crops: "top left" holds
         world = scenes.CaptionedScenes(int(n or 20000), self.config.image_size, seed=recipe.seed,
                                        heldout=not recipe.with_heldout)
         items = clip.TokenizedCaptions(world, self.tokenizer, self.config.context_length)
