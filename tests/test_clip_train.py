@@ -53,9 +53,8 @@ def trained(tmp_path_factory):
 
 def test_trained_clip_picks_the_right_caption_among_ten(trained):
     """Fresh scenes (another seed), in 20 groups of 10: the image's most similar caption of its
-    group is its own (or spelt the same) for at least 30% of them, three times chance (10%).
-    Measured 47% with this recipe (45-62% in tuning runs of 150-300 steps); captions such as "a
-    star" fit several scenes, so the ceiling is well under 100%."""
+    group is its own (or spelt the same) for at least 30% of them, three times chance (10%);
+    captions such as "a star" fit several scenes, so the ceiling is well under 100%."""
     model, tok = clip.load(trained)
     world = scenes.CaptionedScenes(200, 32, seed=123)
     images = torch.stack([world[i][0] for i in range(200)])
