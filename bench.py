@@ -446,7 +446,7 @@ def bench_rerank(args):
     prompts = scenes.benchmark_prompts(2 if args.quick else 50)
     gpt_path, vq_path = t2i.DEMO_T2I_GPT, t2i.DEMO_T2I_VQ
     if not (os.path.isfile(gpt_path) and os.path.isfile(vq_path)):
-        print(f"skipped: no text-to-image GPT at {gpt_path} (python demo.py writes one)")
+        print(f"skipped: no text-to-image GPT at {gpt_path} (python demo.py --only t2i writes one)")
         return
     generate = model_generator(gpt_path, vq_path, 1.5, args.device)  # on top of guidance
     print(f"generator: {gpt_path} at cfg 1.5 (the demo's guided scale)")

@@ -15,8 +15,8 @@ The class-conditional half (c2i, paper 3.1-3.2), on coloured shapes at 32 px:
 
 The text-conditional half (t2i, paper 3.3), on captioned scenes (scenes.py) at 32 px:
 
-6. its own tokenizer, as step 1, and the benchmark's checker on reconstructed scenes: the most
-   the text GPT can score through it
+6. its own tokenizer (no entropy loss, 24 codes, every colour-shape pair) and the benchmark's
+   checker on reconstructed scenes: the most the text GPT can score through it
 7. the codes of the captioned scenes, their captions beside them
 8. train a small GPT on them: DALL-E's one stream of caption and image tokens (train.py --text
    stream), or LlamaGen's caption prefix from a small T5 trained along (--t2i-text t5-nano)
@@ -31,8 +31,8 @@ Everything lands in results/demo/ (sample.py then uses these models by default).
 Each step calls the project's own entry points (train.main, codes.extract_codes, sample.main) with
 the flags a user would type, so the demo is also the end-to-end test of the pipeline: with the
 same seed it prints the same figures (timings aside) and writes the same pictures on every run on
-one machine. The sizes are chosen for a CPU: 32 px images cut into 8x8 codes, GPT-nano; each half
-takes at most 10 minutes on two cores.
+one machine with as many threads. The sizes are chosen for a CPU: 32 px images cut into 8x8 codes,
+GPT-nano; each half takes under 10 minutes on two cores with bf16 units (BENCHMARKS.md).
 """
 import argparse
 import json
@@ -187,7 +187,7 @@ def checker_on_reconstructions(args, vq, device, figures):
     res = scenes.score(list(recon), prompts)
     figures["checker_on_reconstructed_scenes"] = res["overall"]
     print(f"the benchmark's checker on reconstructed scenes: {100 * res['overall']:.0f}% "
-          f"({per_task(res)}; 100% on the renders themselves)")
+          f"({per_task(res)})")
 
 
 def train_gpt(args, vq, codes_dir, shared, figures):
@@ -335,7 +335,7 @@ def benchmark(args, vq, device, figures):
     gpt = sample.load_gpt(path, None, 4)[0].to(device).eval()
     prompts = scenes.benchmark_prompts(args.per_task, seed=args.seed)
     condition = t2i.joint_condition(gpt, path, [p["prompt"] for p in prompts], device)
-    checker = scenes.checker_accuracy(per_task=args.per_task, seed=args.seed)
+    checker = scenes.checker_accuracy(args.per_task, args.image_size, args.seed)
     figures["t2i_checker_accuracy_on_renders"] = checker
     for cfg in (1.0, args.t2i_cfg):
         gen = torch.Generator(device).manual_seed(args.seed)
@@ -391,7 +391,7 @@ def text_half(args, device, shared, figures, phase):
     """The text-conditional half: steps 6-10 on the captioned world, with its own tokenizer."""
     spec = f"scenes:{args.scenes}"
     # No entropy loss: on this flat world it would spread one background over many codes, each
-    # a choice the GPT must learn; without it about ten of 24 codes draw every scene. And every
+    # a choice the GPT must learn; without it a few of 24 codes draw every scene. And every
     # colour-shape pair: a tokenizer reads no captions, the pairs are held out of the GPT's.
     vq = train_tokenizer(args, device, spec, shared, "t2i_vq", 6, "--lr", "2e-3",
                          "--entropy-loss-ratio", "0", "--codebook-size", "24", "--with-heldout")

@@ -1,11 +1,11 @@
 """A captioned world for text-to-image, and a compositional benchmark scored by an exact checker.
 
-CaptionedScenes, the text-conditional sibling of shapes.SyntheticShapes: one to three objects, each
-of a shape, colour and cell of a 2x2 grid drawn independently, captioned by a small grammar ("a
-green square to the left of a blue star"); a few colour-shape pairs never occur in training. The
-benchmark follows GenEval (Ghosh et al. 2023), six tasks of prompts judged by fixed rules; where
-GenEval runs a detector and CLIP, the checker here reads the known world off the picture, and its
-own error rate on true renders is measured (checker_accuracy).
+CaptionedScenes, the text-conditional sibling of shapes.SyntheticShapes: one to three objects of a
+shape and colour drawn at random, each in a cell of its own of a 2x2 grid, captioned by a small
+grammar ("a green square to the left of a blue star"); a few colour-shape pairs never occur in
+training. The benchmark follows GenEval (Ghosh et al. 2023), six tasks of prompts judged by fixed
+rules; where GenEval runs a detector and CLIP, the checker here reads the known world off the
+picture, and its own error rate on true renders is measured (checker_accuracy).
 
     python scenes.py preview --out /tmp/scenes.png       # 4x-upscaled examples, captions printed
     python scenes.py check --per-task 200                # the checker's accuracy on renders
@@ -39,7 +39,7 @@ def _unit(points):
     return [tuple(q) for q in (p - (lo + hi) / 2) / ((hi - lo).max() / 2)]
 
 
-# Five bold shapes that survive a ds4 tokenizer at 8 px, upright so the checker can match templates
+# Five bold shapes that survive a ds4 tokenizer, upright so the checker can match templates
 # (a fatter star than SyntheticShapes': its arms stay visible). None is a disk.
 OUTLINES = {"circle": None, "square": _unit(POLYGONS["square"]),
             "triangle": _unit(POLYGONS["triangle"]), "star": _unit(star(5, 0.55)),
@@ -138,8 +138,8 @@ def _phrase(obj, colour=True, count=1):
 
 def _scene_and_caption(rng, image_size, pairs):
     """One scene and its caption: one object 30%, two 40%, three 10%, two or three alike 20%; the
-    caption names colours 3 times in 4, a lone object's place or a clear relation of two half the
-    time; all of it true."""
+    caption names colours 3 times in 4, a lone object's place half the time, and a clear relation
+    of two, where one holds, half the time; all of it true."""
     kind = rng.choice(4, p=[0.3, 0.4, 0.1, 0.2])
     with_colour = rng.random() < 0.75
     if kind == 3:  # a group: "three yellow triangles"
@@ -387,7 +387,7 @@ def scene_for(spec, image_size, rng, avoid=()):
                for j, req in enumerate(spec["include"]) if "position" in req
                for rel, target in [req["position"]]):
             return objs
-    raise RuntimeError(f"no scene found for {spec}")  # not reached: a relation holds 1 time in 4+
+    raise RuntimeError(f"no scene found for {spec}")  # not reached: a relation holds 1 draw in 6
 
 
 def wrong_spec(task, spec, rng):

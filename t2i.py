@@ -278,11 +278,12 @@ def condition_of(meta):
 DEMO_T2I_GPT = "results/demo/t2i_gpt.pt"  # the demo's text-to-image half writes these
 DEMO_T2I_VQ = "results/demo/t2i_vq.pt"
 NO_T2I_WEIGHTS = (f"no --gpt-ckpt/--vq-ckpt given and no demo models at {DEMO_T2I_GPT}, "
-                  f"{DEMO_T2I_VQ} (demo.py trains them); or fetch the official pair once (about "
-                  "3.4 GB: GPT-XL 775M and VQ-16 72M parameters in float32), with FLAN-T5-XL "
-                  "cloned by hand (git clone https://huggingface.co/google/flan-t5-xl): python "
-                  "sample.py --gpt-ckpt t2i_XL_stage1_256.pt --vq-ckpt vq_ds16_t2i.pt --t5 "
-                  "flan-t5-xl --prompt \"a red apple on a wooden table\"")
+                  f"{DEMO_T2I_VQ} (python demo.py --only t2i trains them); or fetch the "
+                  "official pair once (about 3.4 GB: GPT-XL 775M and VQ-16 72M parameters in "
+                  "float32), with FLAN-T5-XL cloned by hand (git clone "
+                  "https://huggingface.co/google/flan-t5-xl): python sample.py --gpt-ckpt "
+                  "t2i_XL_stage1_256.pt --vq-ckpt vq_ds16_t2i.pt --t5 flan-t5-xl --prompt "
+                  "\"a red apple on a wooden table\"")
 
 
 class PromptCondition:

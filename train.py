@@ -416,7 +416,7 @@ RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", 
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
           "caption_len": between(2, 1024), "seed": SEED, "image_size": between(1, 4096)}
 ONLY_WITH = [("with_heldout", "--data scenes[:N], the built-in captioned world",
-              lambda r: str(r.data).partition(":")[0] == "scenes"),
+              lambda r: any(p.partition(":")[0] == "scenes" for p in str(r.data).split("+"))),
              ("caption_len", "a text encoder trained along or DALL-E's stream (--text "
               f"{'/'.join(LEARNED_TEXT)}); frozen features keep their own length",
               lambda r: r.text in LEARNED_TEXT)]
