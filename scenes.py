@@ -65,7 +65,7 @@ VOCABULARY = tuple(sorted(set(" ".join(
      *(p for row in PLACES for p in row)]).split())))
 
 
-# -- Geometry: GenEval's relation rule, the layout ---------------------------------
+# -- Geometry: GenEval's relation rule, the layout -------------------------------------------------
 def relative_position(box_a, box_b, threshold=0.1, cut=0.5):
     """GenEval's rule for where box A (x0, y0, x1, y1; y down) lies relative to box B: the centre
     offset, shrunk on each axis by threshold x (side of A + side of B), over its length; a
@@ -98,10 +98,10 @@ FILL = 0.8  # an object's box side over its cell's: gaps of 0.2 cells keep objec
 def _arrange(pairs, image_size, rng):
     """(colour, shape) pairs -> objects (shape, colour, rgb, cell, centre, side, box), each centred
     in a cell of its own, drawn at random."""
-    side, objs = FILL * image_size / GRID, []
+    cell, objs = image_size / GRID, []
     for (colour, shape), k in zip(pairs, rng.permutation(GRID * GRID)):
         row, col = divmod(int(k), GRID)
-        cx, cy = ((col + 0.5) * image_size / GRID, (row + 0.5) * image_size / GRID)
+        cx, cy, side = (col + 0.5) * cell, (row + 0.5) * cell, FILL * cell
         hx, hy = (side / 2 * e for e in _HALF[shape])
         objs.append({"shape": shape, "colour": colour, "rgb": COLOURS[colour], "cell": (row, col),
                      "centre": (cx, cy), "side": side, "box": (cx - hx, cy - hy, cx + hx, cy + hy)})

@@ -89,6 +89,7 @@ class Stage:
     and val_metric(model, batch) get the wrapped model. A GAN adds discriminator(_active, _loss)."""
     units_per_item, discriminator, mfu = 1, None, None  # mfu(units/s, device): FLOPs utilisation
     val_group = 1  # val_metric scores whole groups of this many items (CLIP: among 10)
+    flags = {}
     blocks = ()  # the repeated layers: FSDP shards them one by one, --grad-ckpt recomputes them
 
     def to(self, device):  # every network of the stage: the model and any loss networks
@@ -218,7 +219,6 @@ class ClipStage(Stage):
     configs = {k: v for k, v in clip.CLIP_CONFIGS.items() if k.startswith("CLIP-")}
     # the CLIP paper's weight decay 0.2, and a peak rate for a small batch (its 5e-4 was at 32k)
     defaults = dict(epochs=30, batch_size=128, weight_decay=0.2, lr=1e-3)
-    flags = {}
     val_label, val_group = "validation accuracy of an image picking its caption among 10", 10
 
     def __init__(self, recipe, resumed):
