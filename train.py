@@ -253,14 +253,21 @@ class ClipStage(Stage):
         self.blocks = [*self.model.vision_model.encoder.layers,
                        *self.model.text_model.encoder.layers]
 
+    def embed(self, model, batch):
+        """(image, text embeddings, logit scale) of a batch, from the pixels rank() and clip score
+        give CLIP: preprocess_tensor's, with its normalisation, not the loader's [-1, 1]."""
+        images, ids = batch
+        return model(clip.preprocess_tensor(images, self.config.image_size), ids,
+                     return_embeddings=True)
+
     def loss(self, model, batch, step):
-        image, text, scale = model(*batch, return_embeddings=True)  # all ranks' negatives
+        image, text, scale = self.embed(model, batch)  # all ranks' negatives
         return (clip.distributed_contrastive_loss(image, text, scale),
                 {"temperature": scale.detach().float().exp().clamp(max=100)})
 
     def val_metric(self, model, batch):
         # retrieval among 10: unlike the loss (chance ln B) it does not move with the batch size
-        image, text, _ = model(*batch, return_embeddings=True)
+        image, text, _ = self.embed(model, batch)
         return clip.retrieval_accuracy(image, text, batch[1], group=10)
 
 
