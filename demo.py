@@ -107,7 +107,7 @@ def get_args():
                    help="benchmark prompts per task (6 tasks), one image each per cfg")
     p.add_argument("--t2i-cfg", type=float, default=1.5,
                    help="the guided scale of the text half's benchmark and grid")
-    p.add_argument("--clip-steps", type=int, default=400,
+    p.add_argument("--clip-steps", type=int, default=800,
                    help="CLIP-tiny training steps for re-ranking (x --scale)")
     p.add_argument("--candidates", type=int, default=4,
                    help="benchmark candidates per prompt that CLIP re-ranks (1 = none)")
@@ -360,8 +360,8 @@ def rerank(args, vq, device, shared, figures, gpt, prompts, condition):
     print("== 10. CLIP-tiny on the captioned scenes, and re-ranking by it")
     run, steps = fresh(os.path.join(out, "clip_run")), str(int(args.clip_steps * args.scale))
     train.main(["--model", "CLIP-tiny", "--data", f"scenes:{args.scenes}", "--batch-size", "64",
-                "--lr-schedule", "cosine", "--warmup-steps", "50", "--max-steps", steps,
-                "--eval-interval", steps, "--out-dir", run, *shared])
+                "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", "50",
+                "--max-steps", steps, "--eval-interval", steps, "--out-dir", run, *shared])
     clip_path = os.path.join(out, "clip.pt")  # where sample.py looks for the demo's CLIP
     shutil.copy(os.path.join(run, "ckpt.pt"), clip_path)
     figures["clip_val_right_caption_among_10"] = last_val(run)
