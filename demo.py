@@ -273,8 +273,8 @@ def extract(args, vq, device, spec, name, step):
 def class_half(args, device, shared, figures, phase):
     """The class-conditional half: steps 1-5, each timed into figures["minutes_<step>"]."""
     spec = f"synthetic:{args.images}"
-    # the entropy loss spreads use over the codebook in a few 100 steps; 6,000 captioned scenes
-    # mixed in: flat colours with crisp edges, from which the class GPT draws its classes better
+    # the entropy loss spreads use over the codebook in a few 100 steps; with 6,000 captioned
+    # scenes mixed in, the class GPT draws its classes better from the codebook (BENCHMARKS.md)
     vq = train_tokenizer(args, device, spec + "+scenes:6000", shared, "vq", 1, "--lr", "1e-3",
                          "--entropy-loss-ratio", "0.1")
     phase("tokenizer")
