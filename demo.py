@@ -6,7 +6,7 @@
 
 The class-conditional half (c2i, paper 3.1-3.2), on coloured shapes at 32 px:
 
-1. train a small VQ tokenizer on them (train.py, stage 1)
+1. train a small VQ tokenizer on them, 6,000 captioned scenes mixed in (train.py, stage 1)
 2. measure it on held-out images: PSNR, SSIM, codebook usage; reconstructions beside the originals
 3. turn every training image into codes (codes.py extract)
 4. train a small GPT on those codes (train.py, stage 2)
@@ -32,7 +32,7 @@ Each step calls the project's own entry points (train.main, codes.extract_codes,
 the flags a user would type, so the demo is also the end-to-end test of the pipeline: with the
 same seed it prints the same figures (timings aside) and writes the same pictures on every run on
 one machine with as many threads. The sizes are chosen for a CPU: 32 px images cut into 8x8 codes,
-GPT-nano; each half takes under 10 minutes on two cores with bf16 units (BENCHMARKS.md).
+GPT-nano; each half takes under 10 minutes on a fast 2-core CPU with bf16 units (BENCHMARKS.md).
 """
 import argparse
 import json
@@ -273,8 +273,8 @@ def extract(args, vq, device, spec, name, step):
 def class_half(args, device, shared, figures, phase):
     """The class-conditional half: steps 1-5, each timed into figures["minutes_<step>"]."""
     spec = f"synthetic:{args.images}"
-    # the entropy loss spreads use over the codebook in a few 100 steps; with 6,000 captioned
-    # scenes mixed in, the class GPT draws its classes better from the codebook (BENCHMARKS.md)
+    # the entropy loss spreads use over the codebook in a few 100 steps; 6,000 captioned scenes
+    # mixed in (BENCHMARKS.md, "Figures", compares the class GPT's draws with and without them)
     vq = train_tokenizer(args, device, spec + "+scenes:6000", shared, "vq", 1, "--lr", "1e-3",
                          "--entropy-loss-ratio", "0.1")
     phase("tokenizer")

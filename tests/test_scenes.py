@@ -89,7 +89,7 @@ def test_captions_use_the_vocabulary_and_are_true_of_their_scene():
             oa = next(o for o in objs if o["shape"] == a and ca in (None, o["colour"]))
             ob = next(o for o in objs if o is not oa)
             assert relation in relative_position(oa["box"], ob["box"]), caption
-        if len(objs) == 2 and len(phrases) == 2:  # two told apart: a relation whenever one is clear
+        if len(objs) == 2 and len(phrases) == 2:  # two told apart
             clear = scenes._clear_relations(objs[0]["box"], objs[1]["box"])
             assert bool(relation) == bool(clear), caption
         forms[("group" if phrases[0][0] > 1 else "relation" if relation else "place" if place
