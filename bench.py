@@ -448,8 +448,9 @@ def bench_rerank(args):
     if not (os.path.isfile(gpt_path) and os.path.isfile(vq_path)):
         print(f"skipped: no text-to-image GPT at {gpt_path} (python demo.py --only t2i writes one)")
         return
-    generate = model_generator(gpt_path, vq_path, 1.5, args.device)  # on top of guidance
-    print(f"generator: {gpt_path} at cfg 1.5 (the demo's guided scale)")
+    cfg = 1.5  # the demo's --t2i-cfg: re-ranking on top of guidance
+    generate = model_generator(gpt_path, vq_path, cfg, args.device)
+    print(f"generator: {gpt_path} at cfg {cfg:g} (the demo's guided scale)")
     print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")
     for r in rerank_sweep(generate, model, tokenizer, prompts, (1, 2, 4) if args.quick else
                           (1, 2, 4, 8, 16, 32)):
