@@ -88,45 +88,52 @@ def get_args():
     p.add_argument("--scale", type=float, default=1.0, help="multiply every step count by this")
     p.add_argument("--image-size", type=int, default=32,
                    help="pixels; the tokenizer makes (size/4)^2 codes")
-    p.add_argument("--vq-steps", type=int, default=600, help="tokenizer training steps (x --scale)")
-    p.add_argument("--gpt-steps", type=int, default=1800, help="GPT training steps (x --scale)")
-    p.add_argument("--gpt", default="nano", help="GPT config (model.py)")
-    p.add_argument("--images", type=int, default=12000,
-                   help="training images of the embedded dataset")
-    # 50: from 10 samples a class's accuracy moves 10 points with one sample, too coarse
-    p.add_argument("--per-class", type=int, default=50,
-                   help="samples per class and cfg for the accuracy (the grids show 10)")
-    p.add_argument("--scenes", type=int, default=30000,
-                   help="training scenes of the captioned world (text half)")
-    p.add_argument("--t2i-steps", type=int, default=T2I_STEPS,
-                   help="text-to-image GPT training steps (x --scale)")
-    p.add_argument("--t2i-text", choices=["stream", "t5-nano"], default="stream",
-                   help="the text GPT: DALL-E's one stream, or LlamaGen's caption prefix from a "
-                        "T5-nano trained along (train.py --text)")
-    p.add_argument("--per-task", type=int, default=50,
-                   help="benchmark prompts per task (6 tasks), one image each per cfg")
-    p.add_argument("--t2i-cfg", type=float, default=1.5,
-                   help="the guided scale of the text half's benchmark and grid")
-    p.add_argument("--clip-steps", type=int, default=800,
-                   help="CLIP-tiny training steps for re-ranking (x --scale)")
-    p.add_argument("--candidates", type=int, default=4,
-                   help="benchmark candidates per prompt that CLIP re-ranks (1 = none)")
+    p.add_argument("--gpt", default="nano", help="GPT config (model.py), both halves")
+    # each half's own knobs: None until parsed, then HALF_DEFAULTS of the half that runs
+    p.add_argument("--vq-steps", type=int, help="c2i: tokenizer training steps (x --scale)")
+    p.add_argument("--gpt-steps", type=int, help="c2i: GPT training steps (x --scale)")
+    p.add_argument("--images", type=int, help="c2i: training images of the embedded dataset")
+    p.add_argument("--per-class", type=int,
+                   help="c2i: samples per class and cfg for the accuracy (the grids show 10)")
+    p.add_argument("--t2i-vq-steps", type=int, help="t2i: tokenizer training steps (x --scale)")
+    p.add_argument("--scenes", type=int, help="t2i: training scenes of the captioned world")
+    p.add_argument("--t2i-steps", type=int, help="t2i: GPT training steps (x --scale)")
+    p.add_argument("--t2i-text", choices=["stream", "t5-nano"],
+                   help="t2i: the GPT's text side: DALL-E's one stream, or LlamaGen's caption "
+                        "prefix from a T5-nano trained along (train.py --text)")
+    p.add_argument("--per-task", type=int,
+                   help="t2i: benchmark prompts per task (6 tasks), one image each per cfg")
+    p.add_argument("--t2i-cfg", type=float, help="t2i: the guided scale of benchmark and grid")
+    p.add_argument("--clip-steps", type=int,
+                   help="t2i: CLIP-tiny training steps for re-ranking (x --scale)")
+    p.add_argument("--candidates", type=int,
+                   help="t2i: benchmark candidates per prompt that CLIP re-ranks (1 = none)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="training precision (auto: train.py's on GPUs, bf16 on CPUs that "
                         "multiply bf16 natively, e.g. avx512_bf16, fp32 on other CPUs; the "
                         "tokenizer always trains in fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything")
-    p.add_argument("--only", choices=HALVES, default="c2i",
+    p.add_argument("--only", choices=list(HALF_DEFAULTS), default="c2i",
                    help="the half to run: c2i (class-conditional, the default) or t2i "
                         "(text-conditional); each trains its own tokenizer")
+    p.epilog = "defaults: " + "; ".join(f"{h}: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in d.items()) for h, d in HALF_DEFAULTS.items())
     args = p.parse_args()
-    check_flags(args, RANGES)  # a count of 0 would only fail minutes later, inside a step
+    # a count of 0 would only fail minutes later, inside a step; the other half's knob, never
+    check_flags(args, RANGES, [(k, f"--only {h}", lambda a, h=h: a.only == h)
+                               for h, d in HALF_DEFAULTS.items() for k in d])
+    for k, v in HALF_DEFAULTS[args.only].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     return args
 
 
-RANGES = {"scale": POSITIVE, "t2i_cfg": at_least(0), "seed": SEED, **{k: at_least(1) for k in (
-    "image_size", "vq_steps", "gpt_steps", "images", "per_class", "scenes", "t2i_steps",
-    "per_task", "clip_steps", "candidates")}}
+# per_class 50: from 10 samples a class's accuracy moves 10 points with one sample, too coarse
+HALF_DEFAULTS = {"c2i": dict(vq_steps=600, gpt_steps=1800, images=12000, per_class=50),
+                 "t2i": dict(t2i_vq_steps=600, scenes=30000, t2i_steps=1000, t2i_text="stream",
+                             per_task=50, t2i_cfg=1.5, clip_steps=800, candidates=4)}
+RANGES = {"scale": POSITIVE, "t2i_cfg": at_least(0), "seed": SEED, "image_size": at_least(1),
+          **{k: at_least(1) for half in HALF_DEFAULTS.values() for k, v in half.items()
+             if type(v) is int}}
 
 
 def fresh(folder):
@@ -141,7 +148,7 @@ def last_val(run):
         return [json.loads(line) for line in f][-1]["val"]
 
 
-def train_tokenizer(args, device, spec, shared, name, step, *flags):
+def train_tokenizer(args, device, spec, shared, name, step, steps, *flags):
     """Steps 1 and 6: VQ-tiny trained by train.py on `spec` (and `flags`) into out/<name>.pt;
     returns it loaded from its checkpoint, as a user would load it."""
     out, size = args.out, args.image_size
@@ -151,7 +158,7 @@ def train_tokenizer(args, device, spec, shared, name, step, *flags):
     # these flat-coloured shapes is enough; a 10-20x higher lr than the paper's for a short run,
     # small batches, and always float32 (BENCHMARKS.md, "the demo's settings", has the ablations)
     train.main(["--model", "VQ-tiny", "--data", spec, "--image-size", str(size),
-                "--batch-size", "16", "--max-steps", str(int(args.vq_steps * args.scale)),
+                "--batch-size", "16", "--max-steps", str(int(steps * args.scale)),
                 "--perceptual-weight", "0", "--disc-weight", "0", "--eval-interval", "100",
                 "--out-dir", vq_dir, *shared, "--precision", "fp32", *flags])
     shutil.copy(os.path.join(vq_dir, "ckpt.pt"), os.path.join(out, f"{name}.pt"))
@@ -256,10 +263,6 @@ def draw_pictures(args, vq, device, figures):
                  "--vq-ckpt", os.path.join(out, "vq.pt")])
 
 
-HALVES = ("c2i", "t2i")
-T2I_STEPS, T2I_BATCH = 1000, 64  # the text GPT's recipe: BENCHMARKS.md, "the text half"
-
-
 def extract(args, vq, device, spec, name, step):
     """Steps 3 and 7: the codes of every training image, computed once: the GPT then trains on
     integers, not on pixels. Returns the codes folder."""
@@ -275,8 +278,8 @@ def class_half(args, device, shared, figures, phase):
     spec = f"synthetic:{args.images}"
     # the entropy loss spreads use over the codebook in a few 100 steps; 6,000 captioned scenes
     # mixed in (BENCHMARKS.md, "Figures", compares the class GPT's draws with and without them)
-    vq = train_tokenizer(args, device, spec + "+scenes:6000", shared, "vq", 1, "--lr", "1e-3",
-                         "--entropy-loss-ratio", "0.1")
+    vq = train_tokenizer(args, device, spec + "+scenes:6000", shared, "vq", 1, args.vq_steps,
+                         "--lr", "1e-3", "--entropy-loss-ratio", "0.1")
     phase("tokenizer")
     measure_tokenizer(args, vq, device, figures)
     codes_dir = extract(args, vq, device, spec, "codes", 3)
@@ -300,9 +303,9 @@ def train_t2i(args, codes_dir, shared, figures):
         "DALL-E's one stream" if args.t2i_text == "stream" else "a T5-nano trained along"))
     run = fresh(os.path.join(args.out, "t2i_run"))
     # either way the words are learnt from these captions (no pretrained encoder knows them);
-    # 16 tokens hold the longest caption of the grammar
+    # 16 tokens hold the longest caption of the grammar; the recipe: BENCHMARKS.md, "the text half"
     train.main(["--model", args.gpt, "--data", codes_dir, "--text", args.t2i_text,
-                "--caption-len", "16", "--batch-size", str(T2I_BATCH), "--lr", "2e-3",
+                "--caption-len", "16", "--batch-size", "64", "--lr", "2e-3",
                 "--lr-schedule", "cosine", "--warmup-steps", "50", "--dropout", "0",
                 "--max-steps", str(int(args.t2i_steps * args.scale)),
                 "--eval-interval", "250", "--out-dir", run, *shared])
@@ -394,8 +397,9 @@ def text_half(args, device, shared, figures, phase):
     # No entropy loss: on this flat world it would spread one background over many codes, each
     # a choice the GPT must learn; without it a few of 24 codes draw every scene. And every
     # colour-shape pair: a tokenizer reads no captions, the pairs are held out of the GPT's.
-    vq = train_tokenizer(args, device, spec, shared, "t2i_vq", 6, "--lr", "2e-3",
-                         "--entropy-loss-ratio", "0", "--codebook-size", "24", "--with-heldout")
+    vq = train_tokenizer(args, device, spec, shared, "t2i_vq", 6, args.t2i_vq_steps, "--lr",
+                         "2e-3", "--entropy-loss-ratio", "0", "--codebook-size", "24",
+                         "--with-heldout")
     checker_on_reconstructions(args, vq, device, figures)
     phase("t2i_tokenizer")
     codes_dir = extract(args, vq, device, spec, "scene_codes", 7)

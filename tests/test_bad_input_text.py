@@ -398,6 +398,17 @@ def test_every_numeric_flag_has_a_range(name, main, argv, tmp_path, monkeypatch)
     assert numeric and not numeric - set(ranges), numeric - set(ranges)
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["--scenes", "5"], "--scenes only applies with --only t2i; drop it"),
+    (["--only", "t2i", "--per-class", "3"], "--per-class only applies with --only c2i; drop it"),
+])
+def test_demo_refuses_the_other_halfs_knobs(argv, line, monkeypatch, capsys):
+    """Each half's knobs only with that half: one line before anything trains."""
+    monkeypatch.setattr("sys.argv", ["demo.py", *argv])
+    code, out, err = run_cli(lambda _: demo.main(), [], capsys)
+    assert (code, out, err) == (2, "", f"error: {line}\n")
+
+
 def test_clip_validation_groups_are_exactly_ten(tmp_path, monkeypatch):
     """The CLIP figure "picks its caption among 10" is computed over groups of exactly ten: with
     15 held-out items and batches of 12, one group of ten is scored (the 5 others cannot be)."""
