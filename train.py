@@ -178,7 +178,8 @@ class VQStage(Stage):
         "perceptual_weight": (1.0, float, "LPIPS weight, 0 = off"),
         "lpips": (None, str, "folder with vgg16-397923af.pth and LPIPS vgg.pth"),
         "codebook_size": (None, int, "codes in the codebook (default: the config's)"),
-        "entropy_loss_ratio": (None, float, "weight of the entropy loss (default 0, the paper's)")}
+        "entropy_loss_ratio": (None, float, "weight of the entropy loss (default 0, the paper's; "
+                               "below 0 it gathers near-tied vectors on the more used code)")}
     val_label = "validation PSNR (dB)"
 
     def __init__(self, recipe, resumed):
@@ -418,10 +419,11 @@ PER_INVOCATION = {"resume", "overwrite", "out_dir", "device", "num_workers", "pr
 RANGES = {**dict.fromkeys(("max_steps", "batch_size", "grad_accum", "val_size", "log_interval",
                            "eval_interval", "ckpt_interval", "codebook_size"), at_least(1)),
           **dict.fromkeys(("warmup_steps", "num_workers", "disc_start", "weight_decay", "grad_clip",
-                           "disc_weight", "perceptual_weight", "entropy_loss_ratio"), at_least(0)),
+                           "disc_weight", "perceptual_weight"), at_least(0)),
           **dict.fromkeys(("epochs", "lr"), POSITIVE),
           **dict.fromkeys(("ema", "dropout", "class_dropout"), FRACTION),
-          "caption_len": between(2, 1024), "seed": SEED, "image_size": between(1, 4096)}
+          "caption_len": between(2, 1024), "entropy_loss_ratio": between(-1, 1), "seed": SEED,
+          "image_size": between(1, 4096)}
 ONLY_WITH = [("with_heldout", "--data scenes[:N], the built-in captioned world",
               lambda r: any(p.partition(":")[0] == "scenes" for p in str(r.data).split("+"))),
              ("caption_len", "a text encoder trained along or DALL-E's stream (--text "

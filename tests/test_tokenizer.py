@@ -168,6 +168,22 @@ def test_entropy_loss_by_hand():
     assert losses["entropy"].item() == pytest.approx(0.5 * (0 - h_avg), abs=1e-6)
 
 
+@pytest.mark.parametrize("ratio, toward", [(0.1, 1), (-0.002, 0)])
+def test_entropy_ratio_sign_spreads_or_gathers_a_tie(ratio, toward):
+    """Seven vectors on code 0 and one torn between codes 0 and 1 (by 0.2 degrees): a step down
+    the entropy loss turns the torn one toward the unused code (spread, as MaskGIT's) at a
+    positive ratio, toward the used one at a negative (BENCHMARKS.md: one code for a flat
+    background, not two by chance)."""
+    q = quantizer([[1.0, 0.0], [0.0, 1.0]], entropy_loss_ratio=ratio)
+    a = math.radians(45.2)  # nearer code 1 by a hair
+    z = torch.tensor([[1.0, 0.0]] * 7 + [[math.cos(a), math.sin(a)]]).t().reshape(1, 2, 1, 8)
+    z.requires_grad_(True)
+    q(z)[2]["entropy"].backward()
+    step = -z.grad[0, :, 0, 7]  # the torn vector's descent direction
+    tangent = torch.tensor([-math.sin(a), math.cos(a)])  # along the circle toward code 1
+    assert (step @ tangent > 0) == (toward == 1) and abs(step @ tangent) > 1e-3
+
+
 def test_codebook_usage_fifo():
     q = quantizer([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     z = torch.tensor([[0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]]).t().reshape(1, 2, 1, 3)
