@@ -21,6 +21,7 @@ import torch
 
 import clip
 import decoding
+import demo
 import fid
 import sample
 import scenes
@@ -448,7 +449,7 @@ def bench_rerank(args):
     if not (os.path.isfile(gpt_path) and os.path.isfile(vq_path)):
         print(f"skipped: no text-to-image GPT at {gpt_path} (python demo.py --only t2i writes one)")
         return
-    cfg = 1.5  # the demo's --t2i-cfg: re-ranking on top of guidance
+    cfg = demo.HALF_DEFAULTS["t2i"]["t2i_cfg"]  # re-ranking on top of the demo's guidance
     generate = model_generator(gpt_path, vq_path, cfg, args.device)
     print(f"generator: {gpt_path} at cfg {cfg:g} (the demo's guided scale)")
     print("N   overall " + " ".join(f"{t[:10]:>10}" for t in scenes.TASKS) + "  s/kept image")

@@ -122,8 +122,8 @@ def get_args():
     # a count of 0 would only fail minutes later, inside a step; the other half's knob, never
     check_flags(args, RANGES, [(k, f"--only {h}", lambda a, h=h: a.only == h)
                                for h, d in HALF_DEFAULTS.items() for k in d])
-    for k, v in HALF_DEFAULTS[args.only].items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    vars(args).update({k: v for k, v in HALF_DEFAULTS[args.only].items()
+                       if getattr(args, k) is None})
     return args
 
 
@@ -303,7 +303,7 @@ def train_t2i(args, codes_dir, shared, figures):
         "DALL-E's one stream" if args.t2i_text == "stream" else "a T5-nano trained along"))
     run = fresh(os.path.join(args.out, "t2i_run"))
     # either way the words are learnt from these captions (no pretrained encoder knows them);
-    # 16 tokens hold the longest caption of the grammar; the recipe: BENCHMARKS.md, "the text half"
+    # 16 tokens hold the longest caption; the recipe: BENCHMARKS.md, "How the text half learns"
     train.main(["--model", args.gpt, "--data", codes_dir, "--text", args.t2i_text,
                 "--caption-len", "16", "--batch-size", "64", "--lr", "2e-3",
                 "--lr-schedule", "cosine", "--warmup-steps", "50", "--dropout", "0",
