@@ -309,8 +309,7 @@ def load_peer(path):
     """The checkout's PEER_FILES as modules (llamagen_gpt, ...). gpt.py imports `utils.drop_path`
     from the checkout's root: on sys.path while they load, any `utils` of ours put back after."""
     import importlib.util
-    missing = [f for f in PEER_FILES.values() if not os.path.isfile(os.path.join(path, f))]
-    if missing:
+    if missing := [f for f in PEER_FILES.values() if not os.path.isfile(os.path.join(path, f))]:
         raise UserError(f"--peer {path}: no {missing[0]} there; pass a checkout of "
                         "github.com/FoundationVision/LlamaGen")
     is_utils = lambda name: name == "utils" or name.startswith("utils.")  # noqa: E731
@@ -493,8 +492,7 @@ def main(argv=None):
         raise UserError("--only peer needs --peer PATH, a checkout of "
                         "github.com/FoundationVision/LlamaGen")
     check_flags(args, RANGES, ONLY_WITH)
-    unknown = [n for n in args.names if n not in BENCHES]
-    if unknown:
+    if unknown := [n for n in args.names if n not in BENCHES]:
         raise UserError(f"--only {unknown[0]!r} is not a benchmark; choose from {list(BENCHES)}")
     args.repeat = (1 if args.quick else 3) if args.repeat is None else args.repeat
     args.window = 16 if args.window is None else args.window

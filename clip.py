@@ -159,8 +159,7 @@ class CLIP(nn.Module):
                                         "format), which cannot be loaded safely; use the Hugging "
                                         "Face folder of the same model (e.g. openai/clip-vit-base-"
                                         "patch32: config.json + model.safetensors)")
-            ckpt = load_checkpoint(path)
-            if not isinstance(ckpt, dict):
+            if not isinstance(ckpt := load_checkpoint(path), dict):
                 raise UserError(f"{path} holds a {type(ckpt).__name__}, not a CLIP checkpoint dict")
             if ckpt.get("kind") != "clip" or not isinstance(ckpt.get("config"), dict):
                 what = f"a {ckpt['kind']!r} checkpoint" if "kind" in ckpt else "no CLIP checkpoint"
@@ -413,8 +412,7 @@ class Tokenizer:
         out = torch.full((len(texts), context_length), self.eot if pad_id is None else pad_id,
                          dtype=torch.long)
         for row, caption in enumerate(texts):
-            ids = self.encode(caption)
-            if len(ids) > context_length - 2:
+            if len(ids := self.encode(caption)) > context_length - 2:
                 if not truncate:
                     raise UserError(f"text {caption[:40]!r}... is {len(ids) + 2} tokens, over "
                                     f"CLIP's context of {context_length}; shorten it or allow "

@@ -36,8 +36,7 @@ from tokenizer import VQModel, tokenizer_checksum, vq_config
 def _fields(cls, d, where, what):
     """A receipt's fields from its JSON dict (unknown keys ignored); a missing one is one line."""
     names = [f.name for f in dataclasses.fields(cls)]
-    missing = [k for k in names if not isinstance(d, dict) or k not in d]
-    if missing:
+    if missing := [k for k in names if not isinstance(d, dict) or k not in d]:
         raise UserError(f"{where}: the {what} receipt lacks {missing[0]!r}; it was not written by "
                         "codes.py (or is damaged): extract them again")
     return {k: d[k] for k in names}
@@ -128,8 +127,7 @@ captions_checksum = json_checksum
 
 def read_captions(folder):
     """(captions in row order, checksum) of a codes folder; an entry: a caption or a list (COCO)."""
-    path = os.path.join(str(folder), "captions.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path := os.path.join(str(folder), "captions.json")):
         raise UserError(f"{folder} holds no captions.json: its codes are not of captioned data; "
                         "extract them with --data scenes:N, coco:... or captions:DIR")
     raw = read_json(path)
@@ -161,8 +159,7 @@ def write_sharded(out, name, receipt, fill, join, what, redo, batch_size=None):
     rank, world = rank_world()
     meta, path, parts = receipt.to_dict(), os.path.join(out, name), os.path.join(out, "parts")
     if os.path.exists(path):
-        found = read_json(path)
-        if found != meta:
+        if (found := read_json(path)) != meta:
             key = next((k for k in meta if found.get(k) != meta[k]), "data")
             raise UserError(f"{out} already holds finished {what} with {key}={found.get(key)!r} "
                             f"(this run: {meta[key]!r}); {redo} to replace them, or choose "
@@ -486,8 +483,7 @@ class MixedCodes(torch.utils.data.Dataset):
 def codes_dataset(spec):
     """The GPT's --data: one codes folder, or several joined by commas (MixedCodes)."""
     spec = str(spec)
-    folders = [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]
-    if not folders:
+    if not (folders := [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]):
         raise UserError(f"--data {spec!r} names no codes folder; pass one, or several as A,B")
     return CodesDataset(folders[0]) if len(folders) == 1 else MixedCodes(folders)
 
@@ -596,8 +592,7 @@ def main(argv=None):
                   f"{r.tokenizer_checksum[:12]})")
         return
     captions, data = load_captions(args.data)
-    t5 = os.path.expanduser(args.t5)
-    if not os.path.isdir(t5):
+    if not os.path.isdir(t5 := os.path.expanduser(args.t5)):
         raise UserError(f"--t5 {args.t5!r} is not a folder; pass a Hugging Face T5 folder "
                         "(google/flan-t5-xl: config.json, spiece.model, model.safetensors)")
     precision = args.precision if args.precision != "auto" else "bf16" if \

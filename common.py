@@ -239,11 +239,8 @@ def pick_device(name=None):
             raise UserError("--device mps asked for, but MPS is not available here; "
                             "use --device cpu")
         return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return ("cuda" if torch.cuda.is_available() else
+            "mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def setup_device(name=None, tf32=True):
@@ -394,8 +391,7 @@ def check_weights(module, sd, what, hint=""):
         if sd[k].shape != v.shape:
             raise UserError(f"{what}: {k!r} expected shape {tuple(v.shape)}, "
                             f"found {tuple(sd[k].shape)}{hint}")
-    extra = sorted(set(sd) - set(own))
-    if extra:
+    if extra := sorted(set(sd) - set(own)):
         raise UserError(f"{what}: unexpected weight {extra[0]!r} (+{len(extra) - 1} more) "
                         f"in the checkpoint{hint}")
 
@@ -403,8 +399,7 @@ def check_weights(module, sd, what, hint=""):
 def save_atomic(what, path):
     """Write `path` so that a crash leaves the old file or the new, never half: a temporary file
     beside it, flushed, then renamed. `what`: an object for torch.save, or f(binary file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     try:
         os.makedirs(folder, exist_ok=True)
         # a process killed mid-save leaves its temporary file: each path has one writer, so go
@@ -448,8 +443,7 @@ def download(url, path, sha256_prefix=None, fix=""):
             time.sleep(1)
     if os.path.isfile(path):
         return path
-    name = os.path.basename(path)
-    fix = fix or f"download {url} by hand to {path}"
+    name, fix = os.path.basename(path), fix or f"download {url} by hand to {path}"
     say(f"downloading {name} to {path}")
 
     def write(f):

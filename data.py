@@ -14,9 +14,7 @@ from scenes import CaptionedScenes
 from shapes import SyntheticShapes
 
 
-# ------------------------------------------------------------------------------------------------
-# The two crops of the official recipe
-
+# ------------------------------------------------------------- The two crops of the official recipe
 def _resize_shorter_side(pil, side):
     """Shorter side -> `side`: BOX-halve while it is at least twice `side`, then one BICUBIC
     resize. The halving is ADM's anti-aliasing (guided-diffusion's center_crop_arr, which LlamaGen
@@ -56,9 +54,7 @@ def crop(pil, image_size, augment, flip):
     return x.flip(-1) if flip and torch.rand(()) < 0.5 else x
 
 
-# ------------------------------------------------------------------------------------------------
-# Image folders (root/<class>/<image>) and the --data specs
-
+# ---------------------------------------- Image folders (root/<class>/<image>) and the --data specs
 class ImageFolder(torch.utils.data.Dataset):
     """Images under root/<class name>/ (any depth), classes numbered in sorted name order (as
     ImageNet's synsets); item -> (image, label). An undecodable file is replaced by the next
@@ -132,8 +128,7 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0, heldout
             raise UserError(f"--data {spec!r} is ambiguous: a folder of that name is here too; "
                             f"write ./{spec} for the folder, or synthetic:N (e.g. synthetic:10000)"
                             " for the built-in shapes")
-        n = spec.partition(":")[2] or "10000"
-        if not n.isdigit() or int(n) < 1:
+        if not (n := spec.partition(":")[2] or "10000").isdigit() or int(n) < 1:
             raise UserError(f"--data {spec!r}: write synthetic:N with N a positive number of "
                             "images, e.g. synthetic:5000")
         ds = SyntheticShapes(int(n), image_size, seed)
@@ -195,9 +190,7 @@ def check_image_size(image_size, downsample, flag="--image-size"):
                     f"factor {downsample}; use {sizes}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Captioned images: a Dataset of (image, caption str) with `.spec` (how --data names it)
-
+# ----------- Captioned images: a Dataset of (image, caption str) with `.spec` (how --data names it)
 def _read_caption(path, image):
     """The caption file of `image`, every run of white space (line breaks too) one space."""
     try:
@@ -292,11 +285,9 @@ def coco_captions(annotations, images_dir, image_size, augment="center", flip=Fa
         raise UserError(f"{annotations}: image id {twice} is listed twice in 'images'; fix it")
     samples = [(os.path.join(images_dir, str(name)), every[i]) for i, name in names.items()
                if i in every]
-    empty = next((i for i, name in names.items() if "" in every.get(i, ())), None)
-    if empty is not None:
+    if (empty := next((i for i in names if "" in every.get(i, ())), None)) is not None:
         raise UserError(f"{annotations}: image {empty} has an empty caption; fix the file")
-    missing = [path for path, _ in samples if not os.path.isfile(path)]
-    if missing:
+    if missing := [path for path, _ in samples if not os.path.isfile(path)]:
         raise UserError(f"{missing[0]} (named in {os.path.basename(annotations)}) does not exist"
                         f"{f', nor {len(missing) - 1} more' if len(missing) > 1 else ''}; is "
                         f"{images_dir} the image folder of these annotations?")
@@ -313,8 +304,7 @@ def caption_dataset(spec, image_size, augment="center", flip=False, seed=0, held
     compare them)."""
     spec = str(spec)
     if spec == "scenes" or spec.startswith("scenes:"):
-        n = spec.partition(":")[2] or "10000"
-        if not n.isdigit() or int(n) < 1:
+        if not (n := spec.partition(":")[2] or "10000").isdigit() or int(n) < 1:
             raise UserError(f"--data {spec!r}: write scenes:N with N a positive number of scenes, "
                             "e.g. scenes:2000")
         ds = CaptionedScenes(int(n), image_size, seed, heldout)
@@ -333,9 +323,8 @@ def caption_dataset(spec, image_size, augment="center", flip=False, seed=0, held
 def captions_of(dataset):
     """Every caption of a caption_dataset (or its Captioned view) in item order, no image read."""
     dataset = getattr(dataset, "base", dataset)
-    if hasattr(dataset, "captions"):
-        return list(dataset.captions)
-    return [dataset.caption(i) for i in range(len(dataset))]
+    return (list(dataset.captions) if hasattr(dataset, "captions") else
+            [dataset.caption(i) for i in range(len(dataset))])
 
 
 class Captioned(torch.utils.data.Dataset):

@@ -202,8 +202,7 @@ def download_weights(url=WEIGHTS_URL, cache_dir=None):
                     fix=f"fetch {url} by hand and pass --inception PATH or place it at {path}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Inputs -> batches of images -> features
+# ---------------------------------------------------------- Inputs -> batches of images -> features
 def to_float_images(batch, what="images"):
     """uint8 N x H x W x 3 (ADM's) or float N x 3 x H x W -> float N x 3 x H x W in [0, 1]."""
     batch = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
@@ -246,8 +245,7 @@ def _npz_images(path, batch_size, sizes):
         with archive, member:
             for start in range(0, shape[0], batch_size):
                 n = min(batch_size, shape[0] - start)
-                data = member.read(n * per_image)
-                if len(data) != n * per_image:
+                if len(data := member.read(n * per_image)) != n * per_image:
                     raise UserError(f"{path!r} is truncated at image {start}; re-save it")
                 # a bytearray, so the array is writable (torch.from_numpy warns on read-only)
                 yield np.frombuffer(bytearray(data), np.uint8).reshape(n, *shape[1:])
@@ -319,8 +317,7 @@ def batch_features(net, count, batches, device="cpu", progress=True):
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-# ------------------------------------------------------------------------------------------------
-# Metrics
+# ------------------------------------------------------------------------------------------ Metrics
 def statistics(features):
     """Mean and covariance (float64, N - 1 as ADM's np.cov) of N x D features: FID's Gaussian."""
     features = np.asarray(features, dtype=np.float64)  # before the sums: the mean keeps its digits
@@ -401,8 +398,7 @@ def _squared_distances(a, b):
 
 def manifold_radii(features, k=3, block_rows=None):
     """Squared distance of each vector to its k-th nearest neighbour in the set: its k-NN ball."""
-    n = len(features)
-    if n <= k:
+    if (n := len(features)) <= k:
         raise UserError(f"precision/recall need more than k={k} images per set, got {n}")
     rows = block_rows or max(1, (1 << 26) // n)  # blocks of 2^26 distances: 256 MB
     # the (k+1)-th smallest: the smallest is the point to itself, as in ADM (a duplicate counts)
@@ -425,8 +421,7 @@ def precision_recall(real, fake, k=3, block_rows=None, device="cpu"):
     return fake_in.float().mean().item(), real_in.float().mean().item()
 
 
-# ------------------------------------------------------------------------------------------------
-# Statistics files and the command line
+# ------------------------------------------------------------ Statistics files and the command line
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "pool")  # ADM's reference-batch names, plus pool
 
 

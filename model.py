@@ -494,7 +494,6 @@ GPT_CONFIGS = {name: dict(n_layer=n, n_head=h, dim=d) for name, n, h, d in [
 
 def gpt_config(name, **overrides):
     """GPTConfig of a registry entry ("B" or "GPT-B"), with any field overridden."""
-    key = name.removeprefix("GPT-")
-    if key not in GPT_CONFIGS:
+    if (key := name.removeprefix("GPT-")) not in GPT_CONFIGS:
         raise UserError(f"unknown GPT config {name!r}; choose one of {', '.join(GPT_CONFIGS)}")
     return GPTConfig(**{**GPT_CONFIGS[key], **overrides})

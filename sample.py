@@ -181,9 +181,8 @@ def resume_stamp(args, parts, rank, gpt, vq, condition):
                                                   reranker.tokenizer.encoder])}
     path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
-        old = read_json(path, f"the samples in {parts} cannot be matched to these settings; "
-                        "delete that folder to start over")
-        if old != stamp:
+        if (old := read_json(path, f"the samples in {parts} cannot be matched to these "
+                             "settings; delete that folder to start over")) != stamp:
             diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
                              if old.get(k) != v)
             raise UserError(f"{parts} holds samples made with other settings ({diff}); rerun with "
@@ -245,8 +244,7 @@ def checked_parts(parts, n, bs, rank):
     """The finished batches whose parts are whole: a damaged one is drawn again, not gathered."""
     good, done = set(), {int(f[:6]) for f in os.listdir(parts) if re.fullmatch(r"\d{6}\.npz", f)}
     for b in sorted(b for b in done if b * bs < n):
-        why = part_damage(os.path.join(parts, f"{b:06d}.npz"), min(bs, n - b * bs))
-        if why is None:
+        if (why := part_damage(os.path.join(parts, f"{b:06d}.npz"), min(bs, n - b * bs))) is None:
             good.add(b)
         elif rank == 0:  # every rank checks (each picks its share of the rest); one reports
             say(f"{parts}/{b:06d}.npz is damaged ({why}); sampling that batch again")
@@ -258,8 +256,7 @@ def gather_parts(args, parts, n_batches):
     n, bs = args.num_samples, args.batch_size
     out, out_labels = None, np.empty(n, np.int64)  # images: allocated once their size is known
     for b in progress(range(n_batches), show=n_batches >= 100, desc="gathering", unit="batch"):
-        path = os.path.join(parts, f"{b:06d}.npz")
-        if not os.path.isfile(path):
+        if not os.path.isfile(path := os.path.join(parts, f"{b:06d}.npz")):
             raise UserError(f"{path} is missing (did a process fail?); rerun the same command to "
                             "finish it")
         with np.load(path) as z:
@@ -585,8 +582,7 @@ def main(argv=None):
     if args.classes is None:  # evaluation: every class; pictures: the official demo's, if known
         demo = max(DEMO_CLASSES) < n_classes and not args.num_samples
         args.classes = DEMO_CLASSES if demo else list(range(n_classes))
-    bad = [k for k in args.classes if not 0 <= k < n_classes]
-    if bad:
+    if bad := [k for k in args.classes if not 0 <= k < n_classes]:
         raise UserError(f"class {bad[0]} is outside [0, {n_classes}): this GPT knows {n_classes} "
                         f"classes; pick ids 0..{n_classes - 1}")
     if args.out is None:

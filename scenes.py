@@ -156,8 +156,7 @@ def _scene_and_caption(rng, image_size, pairs):
     order = [int(k) for k in rng.permutation(n)]
     if n == 2:
         a, b = objs[order[0]], objs[order[1]]
-        clear = sorted(_clear_relations(a["box"], b["box"]))
-        if clear:
+        if clear := sorted(_clear_relations(a["box"], b["box"])):
             pa, pb = (_phrase(o, with_colour) for o in (a, b))
             return objs, f"{pa} {RELATIONS[_pick(clear, rng)]} {pb}"
     return objs, " and ".join(_phrase(objs[k], with_colour) for k in order)
@@ -310,8 +309,7 @@ def detect(image):
     found = []
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
         blob = labels[sl] == k
-        area = int(blob.sum())
-        if area < 8 * s * s:
+        if (area := int(blob.sum())) < 8 * s * s:
             continue
         y0, x0, y1, x1 = sl[0].start, sl[1].start, sl[0].stop, sl[1].stop
         pix = a[sl][blob]

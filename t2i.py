@@ -55,9 +55,8 @@ class CaptionedCodes(torch.utils.data.Dataset):
 
     def __init__(self, items, texts=None, tokenizer=None, length=120, features=None):
         self.items, self.texts, self.tokenizer = items, texts, tokenizer
-        self.length, self.features = length, features
-        # caption -> (ids, mask), tokenized once; at most 2^14 kept (all of the built-in world's)
-        self.memo = {}
+        # memo: caption -> (ids, mask), tokenized once; at most 2^14 kept (all the built-in world's)
+        self.length, self.features, self.memo = length, features, {}
 
     def __len__(self):
         return len(self.items)
@@ -71,8 +70,7 @@ class CaptionedCodes(torch.utils.data.Dataset):
             text = self.texts[index]
             if not isinstance(text, str):  # several captions: one per access (Seeded's RNG)
                 text = text[int(torch.randint(len(text), ()))]
-            row = self.memo.get(text)
-            if row is None:
+            if (row := self.memo.get(text)) is None:
                 ids, mask = self.tokenizer(clean_caption(text), self.length)
                 row = ids[0], mask[0]
                 if len(self.memo) < 1 << 14:
@@ -265,8 +263,7 @@ def init_from(model, meta, path, receipt, name):
 def condition_of(meta):
     """What a GPT's condition means, from its checkpoint's meta: its class names, or its text side
     (the words and shapes of one trained along, a frozen encoder's receipt; not where it lies)."""
-    text = meta.get("text")
-    if text is None:
+    if (text := meta.get("text")) is None:
         return "class", list(meta.get("classes") or []), meta.get("num_classes")
     return {k: v for k, v in text.items() if k != "features"}
 
@@ -342,8 +339,7 @@ def pretrained_text_encoder(t5, gpt, gpt_path, info, device, dtype):
         raise UserError(f"the GPT {gpt_path} reads the features of a frozen text encoder "
                         f"({name}): pass its folder with --t5")
     encoder = TextEncoder.from_pretrained(t5, device, dtype)
-    width = encoder.encoder.config.d_model
-    if width != gpt.config.caption_dim:
+    if (width := encoder.encoder.config.d_model) != gpt.config.caption_dim:
         raise UserError(f"--t5 {t5} makes {width}-d features, the GPT {gpt_path} reads "
                         f"{gpt.config.caption_dim}-d ones: pass the encoder it was trained on")
     stamp = receipt.get("encoder_checksum")  # of the whole encoder: weights, pieces, cleaning

@@ -39,8 +39,7 @@ def read_safetensors_header(path):
         raise UserError(f"{path}: no such safetensors file; check the path")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+        if len(head := f.read(8)) < 8:
             raise UserError(f"{path}: truncated safetensors file ({size} bytes, no header "
                             "length); re-download it")
         n = struct.unpack("<Q", head)[0]
@@ -67,8 +66,7 @@ def read_safetensors_header(path):
             raise UserError(f"{where} has a bad header entry {info!r}; the file is damaged")
         if dtype is None:
             raise UserError(f"{where} has dtype {info['dtype']!r}, which torch does not have here")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes:
+        if end - begin != (nbytes := math.prod(shape) * dtype.itemsize):
             raise UserError(f"{where}: header says {info['dtype']} {shape} ({nbytes} bytes) but "
                             f"data_offsets span {end - begin} bytes; the header lies about the "
                             "shape")
@@ -139,8 +137,7 @@ def load_hf_state_dict(path, keep=None, source=None):
                 from None
         folder, out = os.path.dirname(path), {}
         for shard in sorted({v for k, v in weight_map.items() if keep(k)}):  # only those needed
-            file = os.path.join(folder, shard)
-            if not os.path.isfile(file):
+            if not os.path.isfile(file := os.path.join(folder, shard)):
                 raise UserError(f"{path} names shard {shard!r}, which is missing from {folder}; "
                                 "download every shard")
             wanted = {k for k, v in weight_map.items() if v == shard and keep(k)}
@@ -437,8 +434,7 @@ class UnigramTokenizer:
         ids = torch.full((len(texts), length), self.pad_id, dtype=torch.int64)
         mask = torch.zeros(len(texts), length, dtype=torch.bool)
         for b, text in enumerate(texts):
-            row = self.encode(text)
-            if len(row) > length:  # truncation keeps </s> as the last token
+            if len(row := self.encode(text)) > length:  # truncation keeps </s> as the last token
                 row = row[: length - 1] + [self.eos_id]
             ids[b, : len(row)] = torch.tensor(row)
             mask[b, : len(row)] = True

@@ -72,8 +72,7 @@ class Seeded(torch.utils.data.Dataset):
 
 def split(ds, val_size):
     """(train, val): every (n / val_size)-th item held out, across a class-sorted folder."""
-    n = len(ds)
-    if n <= val_size:
+    if (n := len(ds)) <= val_size:
         raise UserError(f"--data has {n} items, not more than --val-size {val_size}; lower it")
     val = {i * n // val_size for i in range(val_size)}
     return (torch.utils.data.Subset(ds, [i for i in range(n) if i not in val]),
@@ -277,8 +276,7 @@ STAGES = [GPTStage, VQStage, ClipStage, T2IStage]
 
 def stage_for(model, text=None):
     """The Stage class whose configs hold --model; a GPT with --text is the text-to-image stage."""
-    stage = next((s for s in STAGES if model in s.configs), None)
-    if stage is not None:
+    if stage := next((s for s in STAGES if model in s.configs), None):
         return T2IStage if stage is GPTStage and text is not None else stage
     known = "; ".join(f"{s.name} configs: {', '.join(s.configs)}" for s in STAGES)
     raise UserError(f"unknown --model {model!r}; {known}")
@@ -385,8 +383,7 @@ def resolve_recipe(args, stage, out_dir, ckpt, world, device):
                             f"--model {args.model} trains the {stage.name}: drop it")
     saved = ckpt["args"] if ckpt else {}
     for name in ("batch_size", "weight_decay", "init_from", "text"):
-        given = getattr(args, name)
-        if saved and given is not None and given != saved.get(name):
+        if saved and (given := getattr(args, name)) is not None and given != saved.get(name):
             raise UserError(f"--{name.replace('_', '-')} {given} differs from the checkpoint's "
                             f"{saved.get(name)}: a resumed run keeps it; start a new --out-dir")
     recipe = {k: v for k, v in vars(args).items() if k != "typed"}
