@@ -110,7 +110,8 @@ def jacobi_generate(model, cond, window=16, cfg_scale=1.0, cfg_interval=-1, temp
     rows, cache writes and masks cost no more than shared ones), so no row waits for the slowest
     one, and a row's test involves only its own p, q and coins: every row is exactly distributed.
     Rows that finish early idle, writing only to slots past the image, until the last is done."""
-    if not isinstance(W := window, int) or W < 1:
+    W = window
+    if not isinstance(W, int) or W < 1:
         raise UserError(f"window {window!r} is not a whole number >= 1 (codes scored per pass)")
     c, B = model.config, cond.shape[0]
     L, V, N = c.block_size, c.vocab_size, c.cls_token_num

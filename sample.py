@@ -181,8 +181,9 @@ def resume_stamp(args, parts, rank, gpt, vq, condition):
                                                   reranker.tokenizer.encoder])}
     path = os.path.join(parts, "settings.json")
     if os.path.isfile(path):
-        if (old := read_json(path, f"the samples in {parts} cannot be matched to these "
-                             "settings; delete that folder to start over")) != stamp:
+        old = read_json(path, f"the samples in {parts} cannot be matched to these settings; "
+                        "delete that folder to start over")
+        if old != stamp:
             diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in stamp.items()
                              if old.get(k) != v)
             raise UserError(f"{parts} holds samples made with other settings ({diff}); rerun with "
