@@ -148,16 +148,16 @@ def last_val(run):
         return [json.loads(line) for line in f][-1]["val"]
 
 
-def train_tokenizer(args, device, spec, shared, name, step, steps, *flags):
-    """Steps 1 and 6: VQ-tiny trained by train.py on `spec` (and `flags`) into out/<name>.pt;
+def train_tokenizer(args, device, model, spec, shared, name, step, steps, *flags):
+    """Steps 1 and 6: `model` trained by train.py on `spec` (and `flags`) into out/<name>.pt;
     returns it loaded from its checkpoint, as a user would load it."""
     out, size = args.out, args.image_size
-    print(f"== {step}. tokenizer: VQ-tiny on {spec} at {size} px")
+    print(f"== {step}. tokenizer: {model} on {spec} at {size} px")
     vq_dir = fresh(os.path.join(out, f"{name}_run"))
     # no LPIPS and no discriminator: both need downloads or many steps to help, and plain L2 on
     # these flat-coloured shapes is enough; a 10-20x higher lr than the paper's for a short run,
     # small batches, and always float32 (BENCHMARKS.md, "the demo's settings", has the ablations)
-    train.main(["--model", "VQ-tiny", "--data", spec, "--image-size", str(size),
+    train.main(["--model", model, "--data", spec, "--image-size", str(size),
                 "--batch-size", "16", "--max-steps", str(int(steps * args.scale)),
                 "--perceptual-weight", "0", "--disc-weight", "0", "--eval-interval", "100",
                 "--out-dir", vq_dir, *shared, "--precision", "fp32", *flags])
@@ -278,8 +278,8 @@ def class_half(args, device, shared, figures, phase):
     spec = f"synthetic:{args.images}"
     # the entropy loss spreads use over the codebook in a few 100 steps; 6,000 captioned scenes
     # mixed in (BENCHMARKS.md, "Figures", compares the class GPT's draws with and without them)
-    vq = train_tokenizer(args, device, spec + "+scenes:6000", shared, "vq", 1, args.vq_steps,
-                         "--lr", "1e-3", "--entropy-loss-ratio", "0.1")
+    vq = train_tokenizer(args, device, "VQ-tiny", spec + "+scenes:6000", shared, "vq", 1,
+                         args.vq_steps, "--lr", "1e-3", "--entropy-loss-ratio", "0.1")
     phase("tokenizer")
     measure_tokenizer(args, vq, device, figures)
     codes_dir = extract(args, vq, device, spec, "codes", 3)
@@ -394,12 +394,12 @@ def rerank(args, vq, device, shared, figures, gpt, prompts, condition):
 def text_half(args, device, shared, figures, phase):
     """The text-conditional half: steps 6-10 on the captioned world, with its own tokenizer."""
     spec = f"scenes:{args.scenes}"
-    # No entropy loss: on this flat world it would spread one background over many codes, each
-    # a choice the GPT must learn; without it a few of 24 codes draw every scene. And every
-    # colour-shape pair: a tokenizer reads no captions, the pairs are held out of the GPT's.
-    vq = train_tokenizer(args, device, spec, shared, "t2i_vq", 6, args.t2i_vq_steps, "--lr",
-                         "2e-3", "--entropy-loss-ratio", "0", "--codebook-size", "24",
-                         "--with-heldout")
+    # The local tokenizer: VQ-tiny's codes settle differently in every training, and the text
+    # half's score with them (BENCHMARKS.md, "The tokenizer's lottery"). No entropy loss: it
+    # would spread one background over many codes. Every colour-shape pair: a tokenizer reads no
+    # captions, the pairs are held out of the GPT's.
+    vq = train_tokenizer(args, device, "VQ-patch", spec, shared, "t2i_vq", 6, args.t2i_vq_steps,
+                         "--lr", "2e-3", "--entropy-loss-ratio", "0", "--with-heldout")
     checker_on_reconstructions(args, vq, device, figures)
     phase("t2i_tokenizer")
     codes_dir = extract(args, vq, device, spec, "scene_codes", 7)

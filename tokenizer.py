@@ -36,6 +36,7 @@ class VQConfig:
     enc_num_res_blocks: int = 2
     dec_num_res_blocks: int = 3
     dropout: float = 0.0
+    local: bool = False  # ours: patch MLPs (local_halves) in place of the VQGAN encoder/decoder
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)  # also given as a list (the official ModelArgs)
@@ -158,6 +159,38 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
+# A local tokenizer (ours, not in LlamaGen): a code sees its own ds x ds patch and nothing else.
+# Through VQGAN's 3x3 convs, GroupNorm statistics and attention a code's meaning depends on the
+# whole picture: on a flat world one background takes different codes in different trainings, and
+# a red patch's colour may be read from its neighbours' codes. With 1x1 convs between a ds-strided
+# patch embedding and its transpose, equal patches get equal codes and a code draws the same patch
+# wherever it stands: a code names a colour and an edge, in place.
+class PatchMLP(nn.Module):
+    """conv_in, residual blocks of two 1x1 convs, conv_out: either half of the local tokenizer."""
+    def __init__(self, conv_in, width, blocks, conv_out):
+        super().__init__()
+        self.conv_in, self.conv_out = conv_in, conv_out
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.SiLU(), nn.Conv2d(width, width, 1), nn.SiLU(), nn.Conv2d(width, width, 1))
+            for _ in range(blocks))
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.conv_out(F.silu(h))
+
+
+def local_halves(cfg):
+    """(encoder, decoder) of the local tokenizer, width ch * ch_mult[-1]."""
+    width, ds, z = cfg.ch * cfg.ch_mult[-1], cfg.downsample, cfg.z_channels
+    return (PatchMLP(nn.Conv2d(3, width, ds, ds), width, cfg.enc_num_res_blocks,
+                     nn.Conv2d(width, z, 1)),
+            PatchMLP(nn.Conv2d(z, width, 1), width, cfg.dec_num_res_blocks,
+                     nn.ConvTranspose2d(width, 3, ds, ds)))
+
+
+# ------------------------------------------------------------------------------------------------
 # Vector quantizer (paper 2.2). In the classic VQ-VAE codebook (256-d, Euclidean lookup) most codes
 # are never any encoder output's nearest, get no gradient and die (paper Table 2: 0.29% used). In 8
 # dimensions on the unit sphere, a cosine lookup over a small, densely covered space: 97% used.
@@ -232,12 +265,17 @@ def config_from_state_dict(sd):
         return 1 + max(int(k.split(".")[part]) for k in sd if k.startswith(prefix))
     try:
         size, dim = sd["quantize.embedding.weight"].shape
-        ch = sd["encoder.conv_in.weight"].shape[0]
+        ch, z = sd["encoder.conv_in.weight"].shape[0], sd["quant_conv.weight"].shape[1]
+        if "encoder.blocks.0.1.weight" in sd:  # local_halves: a ds x ds patch embedding
+            ds = sd["encoder.conv_in.weight"].shape[-1]
+            return VQConfig(codebook_size=size, codebook_embed_dim=dim, ch=ch, z_channels=z,
+                            ch_mult=(1,) * ds.bit_length(), local=True,
+                            enc_num_res_blocks=count("encoder.blocks.", 2),
+                            dec_num_res_blocks=count("decoder.blocks.", 2))
         mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch
                      for i in range(count("encoder.conv_blocks.", 2)))
         return VQConfig(codebook_size=size, codebook_embed_dim=dim, ch=ch, ch_mult=mult,
-                        z_channels=sd["quant_conv.weight"].shape[1],
-                        enc_num_res_blocks=count("encoder.conv_blocks.0.res.", 4),
+                        z_channels=z, enc_num_res_blocks=count("encoder.conv_blocks.0.res.", 4),
                         dec_num_res_blocks=count("decoder.conv_blocks.0.res.", 4))
     except (KeyError, ValueError, IndexError):  # a missing weight name, or no levels at all
         raise UserError("not a VQ tokenizer state dict (its weight names lack the "
@@ -247,7 +285,9 @@ def config_from_state_dict(sd):
 class VQModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config, self.encoder, self.decoder = config, Encoder(config), Decoder(config)
+        self.config = config
+        self.encoder, self.decoder = (local_halves(config) if config.local else
+                                      (Encoder(config), Decoder(config)))
         self.quantize = VectorQuantizer(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
@@ -541,6 +581,8 @@ VQ_CONFIGS = {
                     enc_num_res_blocks=1, dec_num_res_blocks=2),
     "VQ-small": dict(ch=64, ch_mult=(1, 1, 2, 2), z_channels=128, codebook_size=1024,  # -> 8x8
                      enc_num_res_blocks=1, dec_num_res_blocks=2),
+    "VQ-patch": dict(local=True, ch=64, ch_mult=(1, 1, 1), z_channels=64, codebook_size=256,
+                     enc_num_res_blocks=1, dec_num_res_blocks=2),  # 4x4 px patches, the scenes'
 }
 
 

@@ -89,8 +89,31 @@ def test_vq16_state_dict_equals_reference():
 
 
 def test_topology_read_back_from_shapes():
-    for name in ("VQ-16", "VQ-8", "VQ-tiny", "VQ-small"):
+    for name in ("VQ-16", "VQ-8", "VQ-tiny", "VQ-small", "VQ-patch"):
         assert T.config_from_state_dict(meta_model(name).state_dict()) == T.vq_config(name)
+    local = T.vq_config("VQ-patch", ch=32, ch_mult=(1, 1, 1, 1), enc_num_res_blocks=3)
+    assert T.config_from_state_dict(T.VQModel(local).state_dict()) == local  # 8x8 patches
+
+
+def test_local_tokenizer_codes_see_their_own_patch():
+    """VQ-patch: a pixel changed in one 4x4 patch moves that patch's encoder output only; a code
+    changed moves its own decoded patch only; equal patches anywhere get equal codes."""
+    torch.manual_seed(0)
+    m = T.VQModel(T.vq_config("VQ-patch", codebook_size=16)).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    y = x.clone()
+    y[0, :, 5, 10] = 1.0  # in patch row 1, column 2
+    with torch.no_grad():
+        moved = (m.encoder(x) - m.encoder(y)).abs().sum(1)[0] > 0
+        codes = torch.randint(16, (1, 4, 4))
+        other = codes.clone()
+        other[0, 3, 0] = (codes[0, 3, 0] + 1) % 16
+        drawn = (m.decode(codes) - m.decode(other)).abs().sum(1)[0] > 0
+        tiled = m.encode(torch.rand(1, 3, 4, 4).repeat(2, 1, 4, 4) * 2 - 1)
+    assert moved.nonzero().tolist() == [[1, 2]]
+    assert drawn.nonzero()[:, 0].unique().tolist() == [12, 13, 14, 15]
+    assert drawn.nonzero()[:, 1].unique().tolist() == [0, 1, 2, 3] and drawn[12:, :4].all()
+    assert (tiled == tiled[0, 0, 0]).all()
 
 
 @pytest.mark.parametrize("name,ds", [("VQ-16", 16), ("VQ-8", 8)])
