@@ -483,7 +483,8 @@ class MixedCodes(torch.utils.data.Dataset):
 def codes_dataset(spec):
     """The GPT's --data: one codes folder, or several joined by commas (MixedCodes)."""
     spec = str(spec)
-    if not (folders := [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]):
+    folders = [spec] if os.path.isdir(spec) else [f for f in spec.split(",") if f]
+    if not folders:
         raise UserError(f"--data {spec!r} names no codes folder; pass one, or several as A,B")
     return CodesDataset(folders[0]) if len(folders) == 1 else MixedCodes(folders)
 

@@ -128,7 +128,8 @@ def image_dataset(spec, image_size, augment="center", flip=True, seed=0, heldout
             raise UserError(f"--data {spec!r} is ambiguous: a folder of that name is here too; "
                             f"write ./{spec} for the folder, or synthetic:N (e.g. synthetic:10000)"
                             " for the built-in shapes")
-        if not (n := spec.partition(":")[2] or "10000").isdigit() or int(n) < 1:
+        n = spec.partition(":")[2] or "10000"
+        if not n.isdigit() or int(n) < 1:
             raise UserError(f"--data {spec!r}: write synthetic:N with N a positive number of "
                             "images, e.g. synthetic:5000")
         ds = SyntheticShapes(int(n), image_size, seed)
@@ -304,7 +305,8 @@ def caption_dataset(spec, image_size, augment="center", flip=False, seed=0, held
     compare them)."""
     spec = str(spec)
     if spec == "scenes" or spec.startswith("scenes:"):
-        if not (n := spec.partition(":")[2] or "10000").isdigit() or int(n) < 1:
+        n = spec.partition(":")[2] or "10000"
+        if not n.isdigit() or int(n) < 1:
             raise UserError(f"--data {spec!r}: write scenes:N with N a positive number of scenes, "
                             "e.g. scenes:2000")
         ds = CaptionedScenes(int(n), image_size, seed, heldout)
