@@ -15,7 +15,7 @@ The class-conditional half (c2i, paper 3.1-3.2), on coloured shapes at 32 px:
 
 The text-conditional half (t2i, paper 3.3), on captioned scenes (scenes.py) at 32 px:
 
-6. its own tokenizer (no entropy loss, 24 codes, every colour-shape pair) and the benchmark's
+6. its own tokenizer (VQ-patch: a code per 4x4 patch, every colour-shape pair) and the benchmark's
    checker on reconstructed scenes: the most the text GPT can score through it
 7. the codes of the captioned scenes, their captions beside them
 8. train a small GPT on them: DALL-E's one stream of caption and image tokens (train.py --text
@@ -395,9 +395,9 @@ def text_half(args, device, shared, figures, phase):
     """The text-conditional half: steps 6-10 on the captioned world, with its own tokenizer."""
     spec = f"scenes:{args.scenes}"
     # The local tokenizer: VQ-tiny's codes settle differently in every training, and the text
-    # half's score with them (BENCHMARKS.md, "The tokenizer's lottery"). No entropy loss: it
-    # would spread one background over many codes. Every colour-shape pair: a tokenizer reads no
-    # captions, the pairs are held out of the GPT's.
+    # half's score with them (BENCHMARKS.md, "The tokenizer's lottery"). No entropy loss: equal
+    # patches share a code anyway; more codes in use only widen the GPT's choice. Every colour-
+    # shape pair: a tokenizer reads no captions, the pairs are held out of the GPT's.
     vq = train_tokenizer(args, device, "VQ-patch", spec, shared, "t2i_vq", 6, args.t2i_vq_steps,
                          "--lr", "2e-3", "--entropy-loss-ratio", "0", "--with-heldout")
     checker_on_reconstructions(args, vq, device, figures)
